@@ -1,0 +1,713 @@
+/* config.c: one table of every key: its type, default, bounds and check; INI, env and --set feed it. */
+#include "config.h"
+#include "buf.h"
+#include "log.h"
+#include "text.h"
+
+#include <amqp.h>
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+enum key_type { T_STR, T_INT, T_BOOL };
+
+/* A check returns NULL when the value is fine, else the reason (a static string). */
+typedef const char *(*check_fn)(const char *value);
+
+struct key_def {
+	const char *section;
+	const char *key;
+	enum key_type type;
+	size_t offset;
+	const char *def; /* default as text; NULL = derived after loading */
+	long min, max;   /* T_INT bounds */
+	check_fn check;  /* T_STR check */
+	bool secret;
+};
+
+static const char *check_amqp_url(const char *v);
+static const char *check_http_url(const char *v);
+static const char *check_amqp_name(const char *v);
+static const char *check_safe_id(const char *v);
+static const char *check_abs_path(const char *v);
+static const char *check_ip(const char *v);
+static const char *check_host(const char *v);
+static const char *check_program(const char *v);
+static const char *check_token(const char *v);
+static const char *check_log_level(const char *v);
+
+#define OFF(f) offsetof(struct bw_config, f)
+
+static const struct key_def keys[] = {
+	{"amqp", "url", T_STR, OFF(amqp_url), "amqp://guest:guest@127.0.0.1:5672", 0, 0,
+	 check_amqp_url, false},
+	{"amqp", "queue", T_STR, OFF(amqp_queue), "backup.start", 0, 0, check_amqp_name, false},
+	{"amqp", "jobs_exchange", T_STR, OFF(amqp_jobs_exchange), "backup.jobs", 0, 0,
+	 check_amqp_name, false},
+	{"amqp", "events_exchange", T_STR, OFF(amqp_events_exchange), "backup.events", 0, 0,
+	 check_amqp_name, false},
+	{"amqp", "dlx", T_STR, OFF(amqp_dlx), "backup.dlx", 0, 0, check_amqp_name, false},
+	{"amqp", "dlq", T_STR, OFF(amqp_dlq), "backup.start.dlq", 0, 0, check_amqp_name, false},
+	{"amqp", "heartbeat_s", T_INT, OFF(amqp_heartbeat_s), "30", 1, 600, NULL, false},
+	{"amqp", "prefetch", T_INT, OFF(amqp_prefetch), NULL, 1, 65535, NULL, false},
+	{"amqp", "delivery_limit", T_INT, OFF(amqp_delivery_limit), "5", 1, 1000, NULL, false},
+
+	{"worker", "id", T_STR, OFF(worker_id), NULL, 0, 0, check_safe_id, false},
+	{"worker", "max_jobs", T_INT, OFF(worker_max_jobs), "4", 1, 1024, NULL, false},
+	{"worker", "state_dir", T_STR, OFF(worker_state_dir), "/var/lib/bw-worker", 0, 0,
+	 check_abs_path, false},
+
+	{"ledger", "path", T_STR, OFF(ledger_path), NULL, 0, 0, check_abs_path, false},
+
+	{"nbd", "port_min", T_INT, OFF(nbd_port_min), "10100", 1, 65535, NULL, false},
+	{"nbd", "port_max", T_INT, OFF(nbd_port_max), "10200", 1, 65535, NULL, false},
+	{"nbd", "bind_address", T_STR, OFF(nbd_bind_address), "127.0.0.1", 0, 0, check_ip, false},
+	{"nbd", "advertise_host", T_STR, OFF(nbd_advertise_host), "127.0.0.1", 0, 0, check_host,
+	 false},
+	{"nbd", "shared", T_INT, OFF(nbd_shared), "8", 1, 1024, NULL, false},
+	{"nbd", "qemu_nbd", T_STR, OFF(nbd_qemu_nbd), "qemu-nbd", 0, 0, check_program, false},
+	{"nbd", "qemu_img", T_STR, OFF(nbd_qemu_img), "qemu-img", 0, 0, check_program, false},
+
+	{"sna", "url", T_STR, OFF(sna_url), "http://127.0.0.1:8081", 0, 0, check_http_url, false},
+	{"sna", "token", T_STR, OFF(sna_token), "", 0, 0, check_token, true},
+	{"sna", "connect_timeout_s", T_INT, OFF(sna_connect_timeout_s), "5", 1, 300, NULL, false},
+	{"sna", "timeout_s", T_INT, OFF(sna_timeout_s), "30", 1, 3600, NULL, false},
+	{"sna", "max_attempts", T_INT, OFF(sna_max_attempts), "5", 1, 100, NULL, false},
+	{"sna", "backoff_base_ms", T_INT, OFF(sna_backoff_base_ms), "1000", 1, 600000, NULL,
+	 false},
+	{"sna", "backoff_cap_s", T_INT, OFF(sna_backoff_cap_s), "60", 1, 3600, NULL, false},
+	{"sna", "poll_interval_s", T_INT, OFF(sna_poll_interval_s), "5", 1, 3600, NULL, false},
+	{"sna", "lost_after", T_INT, OFF(sna_lost_after), "3", 1, 1000, NULL, false},
+
+	{"credentials", "dir", T_STR, OFF(credentials_dir), "/etc/bw-worker/credentials", 0, 0,
+	 check_abs_path, false},
+
+	{"job", "max_duration_s", T_INT, OFF(job_max_duration_s), "86400", 60, 2592000, NULL,
+	 false},
+	{"job", "port_wait_s", T_INT, OFF(job_port_wait_s), "600", 0, 86400, NULL, false},
+	{"job", "max_message_bytes", T_INT, OFF(job_max_message_bytes), "262144", 1024,
+	 16777216, NULL, false},
+
+	{"log", "level", T_STR, OFF(log_level), "info", 0, 0, check_log_level, false},
+	{"log", "timestamps", T_BOOL, OFF(log_timestamps), "true", 0, 0, NULL, false},
+};
+
+#define NKEYS (sizeof(keys) / sizeof(keys[0]))
+#define ORIGIN_MAX 300
+
+/* Loading state: where each value came from, and the problems found. */
+struct loader {
+	struct bw_config *cfg;
+	char origin[NKEYS][ORIGIN_MAX]; /* "FILE:LINE" / "BW_X_Y" / "--set"; "" = default */
+	struct bw_buf errors;
+	int nerrors;
+	bool oom;
+};
+
+static void problem(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...) BW_PRINTF(5, 6);
+
+static void problem(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...)
+{
+	char reason[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
+	bw_buf_printf(&ld->errors, "%s: %s%s%s: %s\n", origin, section, key ? "." : "",
+		      key ? key : "", reason);
+	ld->nerrors++;
+}
+
+/* ---- value checks --------------------------------------------------------------------- */
+
+static const char *check_amqp_url(const char *v)
+{
+	if (strncmp(v, "amqp://", 7) != 0 && strncmp(v, "amqps://", 8) != 0)
+		return "must start with amqp:// or amqps://";
+	char *copy = strdup(v);
+	if (copy == NULL)
+		return "out of memory";
+	struct amqp_connection_info info;
+	int rc = amqp_parse_url(copy, &info);
+	bool empty_host = rc == AMQP_STATUS_OK && info.host[0] == '\0';
+	free(copy);
+	if (rc != AMQP_STATUS_OK)
+		return "is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)";
+	if (empty_host)
+		return "has no host";
+	return NULL;
+}
+
+static const char *check_http_url(const char *v)
+{
+	const char *rest;
+	if (strncmp(v, "http://", 7) == 0)
+		rest = v + 7;
+	else if (strncmp(v, "https://", 8) == 0)
+		rest = v + 8;
+	else
+		return "must start with http:// or https://";
+	if (*rest == '\0' || *rest == '/' || *rest == ':')
+		return "has no host";
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p <= 0x20 || *p == 0x7f)
+			return "must not contain spaces or control characters";
+	return NULL;
+}
+
+static const char *check_amqp_name(const char *v)
+{
+	size_t n = strlen(v);
+	if (n == 0 || n > 255)
+		return "must be 1-255 characters";
+	for (const char *p = v; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr("._:-", *p))
+			return "may only contain letters, digits, '.', '_', ':' and '-'";
+	return NULL;
+}
+
+static const char *check_safe_id(const char *v)
+{
+	size_t n = strlen(v);
+	if (n == 0 || n > 128)
+		return "must be 1-128 characters";
+	if (!bw_text_is_safe_id(v, n))
+		return "must start with a letter or digit and contain only [A-Za-z0-9._-]";
+	return NULL;
+}
+
+static const char *check_abs_path(const char *v)
+{
+	if (v[0] != '/')
+		return "must be an absolute path";
+	if (strlen(v) >= PATH_MAX)
+		return "is too long";
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return "must not contain control characters";
+	return NULL;
+}
+
+static const char *check_ip(const char *v)
+{
+	unsigned char addr[16];
+	if (inet_pton(AF_INET, v, addr) == 1 || inet_pton(AF_INET6, v, addr) == 1)
+		return NULL;
+	return "must be a numeric IPv4 or IPv6 address";
+}
+
+static const char *check_host(const char *v)
+{
+	unsigned char addr[16];
+	if (inet_pton(AF_INET6, v, addr) == 1)
+		return NULL;
+	size_t n = strlen(v);
+	if (n == 0 || n > 253)
+		return "must be a host name or an IP address";
+	for (const char *p = v; *p; p++)
+		if (!isalnum((unsigned char)*p) && *p != '.' && *p != '-')
+			return "must be a host name or an IP address";
+	return NULL;
+}
+
+static const char *check_program(const char *v)
+{
+	if (v[0] == '\0')
+		return "must not be empty";
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p <= 0x20 || *p == 0x7f)
+			return "must be a program name or path without spaces";
+	return NULL;
+}
+
+static const char *check_token(const char *v)
+{
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f || *p == ' ')
+			return "must not contain spaces or control characters";
+	return NULL;
+}
+
+static const char *check_log_level(const char *v)
+{
+	if (strcmp(v, "warn") && strcmp(v, "info") && strcmp(v, "debug"))
+		return "must be warn, info or debug";
+	return NULL;
+}
+
+/* ---- setting values ------------------------------------------------------------------- */
+
+static int find_key(const char *section, const char *key)
+{
+	for (size_t i = 0; i < NKEYS; i++)
+		if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].key, key) == 0)
+			return (int)i;
+	return -1;
+}
+
+static bool parse_long(const char *v, long *out)
+{
+	char *end;
+	errno = 0;
+	long n = strtol(v, &end, 10);
+	if (errno || end == v || *end != '\0' || isspace((unsigned char)*v))
+		return false;
+	*out = n;
+	return true;
+}
+
+static bool parse_bool(const char *v, bool *out)
+{
+	static const char *yes[] = {"true", "yes", "on", "1"};
+	static const char *no[] = {"false", "no", "off", "0"};
+	for (unsigned i = 0; i < 4; i++) {
+		if (strcasecmp(v, yes[i]) == 0) {
+			*out = true;
+			return true;
+		}
+		if (strcasecmp(v, no[i]) == 0) {
+			*out = false;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Stores value into key k, or records why it cannot; origin names where it came from. */
+static void set_value(struct loader *ld, size_t k, const char *value, const char *origin)
+{
+	const struct key_def *d = &keys[k];
+	char *field = (char *)ld->cfg + d->offset;
+	char num[32];
+
+	switch (d->type) {
+	case T_INT: {
+		long n;
+		if (!parse_long(value, &n)) {
+			problem(ld, origin, d->section, d->key, "not an integer: \"%s\"", value);
+			return;
+		}
+		if (n < d->min || n > d->max) {
+			snprintf(num, sizeof(num), "%ld-%ld", d->min, d->max);
+			problem(ld, origin, d->section, d->key, "out of range (allowed %s)", num);
+			return;
+		}
+		*(int *)field = (int)n;
+		break;
+	}
+	case T_BOOL:
+		if (!parse_bool(value, (bool *)field)) {
+			problem(ld, origin, d->section, d->key,
+				"not a boolean (true/false, yes/no, on/off, 1/0): \"%s\"", value);
+			return;
+		}
+		break;
+	case T_STR: {
+		const char *why = d->check ? d->check(value) : NULL;
+		if (why) {
+			problem(ld, origin, d->section, d->key, "%s", why);
+			return;
+		}
+		char *copy = strdup(value);
+		if (copy == NULL) {
+			ld->oom = true;
+			return;
+		}
+		free(*(char **)field);
+		*(char **)field = copy;
+		break;
+	}
+	}
+	snprintf(ld->origin[k], ORIGIN_MAX, "%s", origin);
+}
+
+static int repo_index(const struct bw_config *cfg, const char *id)
+{
+	for (size_t i = 0; i < cfg->n_repositories; i++)
+		if (strcmp(cfg->repositories[i].id, id) == 0)
+			return (int)i;
+	return -1;
+}
+
+static void set_repository(struct loader *ld, const char *id, const char *path, const char *origin)
+{
+	struct bw_config *cfg = ld->cfg;
+	const char *why = check_safe_id(id);
+	if (why) {
+		problem(ld, origin, "repositories", id, "repository id %s", why);
+		return;
+	}
+	if ((why = check_abs_path(path)) != NULL) {
+		problem(ld, origin, "repositories", id, "%s", why);
+		return;
+	}
+	char *copy = strdup(path);
+	if (copy == NULL) {
+		ld->oom = true;
+		return;
+	}
+	int i = repo_index(cfg, id);
+	if (i >= 0) {
+		free(cfg->repositories[i].path);
+		cfg->repositories[i].path = copy;
+		return;
+	}
+	struct bw_repository *r =
+		realloc(cfg->repositories, (cfg->n_repositories + 1) * sizeof(*r));
+	char *idc = strdup(id);
+	if (r == NULL || idc == NULL) {
+		if (r)
+			cfg->repositories = r;
+		free(idc);
+		free(copy);
+		ld->oom = true;
+		return;
+	}
+	cfg->repositories = r;
+	r[cfg->n_repositories].id = idc;
+	r[cfg->n_repositories].path = copy;
+	cfg->n_repositories++;
+}
+
+/* One "section.key = value" from any source. */
+static void assign(struct loader *ld, const char *section, const char *key, const char *value,
+		   const char *origin)
+{
+	if (strcmp(section, "repositories") == 0) {
+		set_repository(ld, key, value, origin);
+		return;
+	}
+	int k = find_key(section, key);
+	if (k < 0) {
+		bool known_section = false;
+		for (size_t i = 0; i < NKEYS; i++)
+			known_section |= strcmp(keys[i].section, section) == 0;
+		problem(ld, origin, section, key, "%s",
+			known_section ? "unknown key" : "unknown section");
+		return;
+	}
+	set_value(ld, (size_t)k, value, origin);
+}
+
+/* ---- the INI file --------------------------------------------------------------------- */
+
+static char *trim(char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	char *e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+static int read_file(struct loader *ld, const char *path)
+{
+	FILE *f = fopen(path, "re");
+	if (f == NULL) {
+		int err = errno;
+		bw_buf_printf(&ld->errors, "%s: cannot open: %s\n", path, strerror(err));
+		ld->nerrors++;
+		return bw_err_from_errno(err);
+	}
+
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+	unsigned lineno = 0;
+	char section[128] = "";
+	char origin[ORIGIN_MAX];
+	/* Lines of every key set in the file, to refuse a key given twice. */
+	unsigned seen_line[NKEYS] = {0};
+
+	while ((n = getline(&line, &cap, f)) >= 0) {
+		lineno++;
+		snprintf(origin, sizeof(origin), "%s:%u", path, lineno);
+		if (memchr(line, '\0', (size_t)n) != NULL) {
+			problem(ld, origin, "", NULL, "%s", "NUL byte in line");
+			continue;
+		}
+		char *s = trim(line);
+		if (*s == '\0' || *s == '#' || *s == ';')
+			continue;
+		if (*s == '[') {
+			char *end = strchr(s, ']');
+			if (end == NULL || end[1] != '\0' || end - s - 1 <= 0 ||
+			    (size_t)(end - s) >= sizeof(section)) {
+				problem(ld, origin, s, NULL, "%s", "malformed section header");
+				section[0] = '\0';
+				continue;
+			}
+			*end = '\0';
+			snprintf(section, sizeof(section), "%s", trim(s + 1));
+			continue;
+		}
+		char *eq = strchr(s, '=');
+		if (eq == NULL) {
+			problem(ld, origin, s, NULL, "%s", "expected \"key = value\"");
+			continue;
+		}
+		*eq = '\0';
+		char *key = trim(s);
+		char *value = trim(eq + 1);
+		size_t vlen = strlen(value);
+		if (vlen >= 2 && value[0] == '"' && value[vlen - 1] == '"') {
+			value[vlen - 1] = '\0';
+			value++;
+		}
+		if (section[0] == '\0') {
+			problem(ld, origin, key, NULL, "%s", "key outside of any [section]");
+			continue;
+		}
+		if (*key == '\0') {
+			problem(ld, origin, section, NULL, "%s", "empty key");
+			continue;
+		}
+		int k = find_key(section, key);
+		if (k >= 0 && seen_line[k]) {
+			char first[32];
+			snprintf(first, sizeof(first), "%u", seen_line[k]);
+			problem(ld, origin, section, key, "set twice (first on line %s)", first);
+			continue;
+		}
+		if (k >= 0)
+			seen_line[k] = lineno;
+		if (strcmp(section, "repositories") == 0 && repo_index(ld->cfg, key) >= 0) {
+			problem(ld, origin, section, key, "%s", "repository defined twice");
+			continue;
+		}
+		assign(ld, section, key, value, origin);
+	}
+	int err = ferror(f) ? errno : 0;
+	free(line);
+	fclose(f);
+	if (err) {
+		bw_buf_printf(&ld->errors, "%s: read error: %s\n", path, strerror(err));
+		ld->nerrors++;
+		return BW_EIO;
+	}
+	return 0;
+}
+
+/* ---- environment and --set ------------------------------------------------------------ */
+
+/* BW_<SECTION>_<KEY>: upper case, every character outside [A-Za-z0-9] becomes '_'. */
+static void env_name(char *out, size_t size, const char *section, const char *key)
+{
+	snprintf(out, size, "BW_%s_%s", section, key);
+	for (char *p = out; *p; p++)
+		*p = isalnum((unsigned char)*p) ? (char)toupper((unsigned char)*p) : '_';
+}
+
+static void apply_env(struct loader *ld)
+{
+	char name[300];
+	for (size_t k = 0; k < NKEYS; k++) {
+		env_name(name, sizeof(name), keys[k].section, keys[k].key);
+		const char *v = getenv(name);
+		if (v)
+			set_value(ld, k, v, name);
+	}
+	/* Repositories named in the file may be overridden too (their id upper-cased). */
+	for (size_t i = 0; i < ld->cfg->n_repositories; i++) {
+		env_name(name, sizeof(name), "repositories", ld->cfg->repositories[i].id);
+		const char *v = getenv(name);
+		if (v)
+			set_repository(ld, ld->cfg->repositories[i].id, v, name);
+	}
+}
+
+static void apply_set(struct loader *ld, const char *arg)
+{
+	char *copy = strdup(arg);
+	if (copy == NULL) {
+		ld->oom = true;
+		return;
+	}
+	char *eq = strchr(copy, '=');
+	char *dot = strchr(copy, '.');
+	if (eq == NULL || dot == NULL || dot > eq || dot == copy || dot + 1 == eq) {
+		problem(ld, "--set", arg, NULL, "%s", "expected section.key=value");
+		free(copy);
+		return;
+	}
+	*eq = '\0';
+	*dot = '\0';
+	assign(ld, copy, dot + 1, eq + 1, "--set");
+	free(copy);
+}
+
+/* ---- derived defaults and cross-key checks --------------------------------------------- */
+
+static const char *origin_of(struct loader *ld, const char *section, const char *key)
+{
+	int k = find_key(section, key);
+	return ld->origin[k][0] ? ld->origin[k] : "default";
+}
+
+static void finish(struct loader *ld)
+{
+	struct bw_config *cfg = ld->cfg;
+	char tmp[PATH_MAX + 32];
+
+	if (cfg->worker_id == NULL) {
+		char host[256] = "localhost";
+		if (gethostname(host, sizeof(host) - 1) != 0)
+			snprintf(host, sizeof(host), "localhost");
+		host[sizeof(host) - 1] = '\0';
+		for (char *p = host; *p; p++)
+			if (!isalnum((unsigned char)*p) && *p != '.' && *p != '-')
+				*p = '_';
+		snprintf(tmp, sizeof(tmp), "%.100s-%ld", host, (long)getpid());
+		if (!isalnum((unsigned char)tmp[0]))
+			tmp[0] = 'w';
+		cfg->worker_id = strdup(tmp);
+	}
+	if (cfg->ledger_path == NULL) {
+		snprintf(tmp, sizeof(tmp), "%s/ledger.db", cfg->worker_state_dir);
+		cfg->ledger_path = strdup(tmp);
+	}
+	if (cfg->amqp_prefetch == 0)
+		cfg->amqp_prefetch = cfg->worker_max_jobs;
+	if (cfg->worker_id == NULL || cfg->ledger_path == NULL)
+		ld->oom = true;
+
+	if (cfg->nbd_port_min > cfg->nbd_port_max) {
+		char lo[16];
+		snprintf(lo, sizeof(lo), "%d", cfg->nbd_port_min);
+		problem(ld, origin_of(ld, "nbd", "port_max"), "nbd", "port_max",
+			"must not be below nbd.port_min (%s)", lo);
+	}
+	if (cfg->sna_backoff_base_ms > cfg->sna_backoff_cap_s * 1000)
+		problem(ld, origin_of(ld, "sna", "backoff_base_ms"), "sna", "backoff_base_ms", "%s",
+			"must not exceed sna.backoff_cap_s");
+	if (cfg->sna_connect_timeout_s > cfg->sna_timeout_s)
+		problem(ld, origin_of(ld, "sna", "connect_timeout_s"), "sna", "connect_timeout_s",
+			"%s", "must not exceed sna.timeout_s (which bounds the whole exchange)");
+}
+
+/* ---- public ----------------------------------------------------------------------------- */
+
+int bw_config_load(struct bw_config **out, const char *path, char *const *sets, size_t nsets,
+		   char **errors)
+{
+	struct loader *ld = NULL;
+	struct bw_config *cfg = NULL;
+	int rc = BW_ENOMEM;
+
+	ld = calloc(1, sizeof(*ld));
+	cfg = calloc(1, sizeof(*cfg));
+	if (ld == NULL || cfg == NULL)
+		goto out;
+	ld->cfg = cfg;
+
+	for (size_t k = 0; k < NKEYS; k++)
+		if (keys[k].def)
+			set_value(ld, k, keys[k].def, "default");
+	memset(ld->origin, 0, sizeof(ld->origin));
+
+	rc = 0;
+	if (path)
+		rc = read_file(ld, path);
+	if (rc == 0) {
+		apply_env(ld);
+		for (size_t i = 0; i < nsets; i++)
+			apply_set(ld, sets[i]);
+		finish(ld);
+	}
+
+	if (ld->oom || ld->errors.failed)
+		rc = BW_ENOMEM;
+	else if (rc == 0 && ld->nerrors)
+		rc = BW_ECONFIG;
+	if (rc == 0) {
+		*out = cfg;
+		cfg = NULL;
+	} else if (errors && bw_buf_steal(&ld->errors, errors) != 0) {
+		*errors = NULL;
+	}
+out:
+	if (ld)
+		bw_buf_free(&ld->errors);
+	free(ld);
+	bw_config_free(cfg);
+	return rc;
+}
+
+void bw_config_free(struct bw_config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	for (size_t k = 0; k < NKEYS; k++)
+		if (keys[k].type == T_STR)
+			free(*(char **)((char *)cfg + keys[k].offset));
+	for (size_t i = 0; i < cfg->n_repositories; i++) {
+		free(cfg->repositories[i].id);
+		free(cfg->repositories[i].path);
+	}
+	free(cfg->repositories);
+	free(cfg);
+}
+
+const char *bw_config_repository(const struct bw_config *cfg, const char *id)
+{
+	int i = repo_index(cfg, id);
+	return i >= 0 ? cfg->repositories[i].path : NULL;
+}
+
+/* amqp://user:secret@host → amqp://user:***@host */
+static void put_masked_url(struct bw_buf *b, const char *url)
+{
+	const char *scheme_end = strstr(url, "://");
+	const char *at = scheme_end ? strchr(scheme_end + 3, '@') : NULL;
+	const char *colon = at ? memchr(scheme_end + 3, ':', (size_t)(at - scheme_end - 3)) : NULL;
+	if (colon == NULL) {
+		bw_buf_puts(b, url);
+		return;
+	}
+	bw_buf_append(b, url, (size_t)(colon + 1 - url));
+	bw_buf_puts(b, "***");
+	bw_buf_puts(b, at);
+}
+
+int bw_config_format(const struct bw_config *cfg, char **out)
+{
+	struct bw_buf b = BW_BUF_INIT;
+	for (size_t k = 0; k < NKEYS; k++) {
+		const struct key_def *d = &keys[k];
+		const char *field = (const char *)cfg + d->offset;
+		bw_buf_printf(&b, "%s.%s = ", d->section, d->key);
+		switch (d->type) {
+		case T_INT:
+			bw_buf_printf(&b, "%d", *(const int *)field);
+			break;
+		case T_BOOL:
+			bw_buf_puts(&b, *(const bool *)field ? "true" : "false");
+			break;
+		case T_STR: {
+			const char *v = *(char *const *)field;
+			if (d->secret)
+				bw_buf_puts(&b, v && v[0] ? "***" : "(unset)");
+			else if (d->check == check_amqp_url)
+				put_masked_url(&b, v);
+			else
+				bw_buf_puts(&b, v ? v : "");
+			break;
+		}
+		}
+		bw_buf_puts(&b, "\n");
+	}
+	for (size_t i = 0; i < cfg->n_repositories; i++)
+		bw_buf_printf(&b, "repositories.%s = %s\n", cfg->repositories[i].id,
+			      cfg->repositories[i].path);
+	return bw_buf_steal(&b, out);
+}

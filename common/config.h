@@ -1,0 +1,91 @@
+/* config.h: the worker's configuration: INI file, then BW_<SECTION>_<KEY>, then --set. */
+#ifndef BW_CONFIG_H
+#define BW_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "error.h"
+
+struct bw_repository {
+	char *id;   /* [A-Za-z0-9][A-Za-z0-9._-]* */
+	char *path; /* absolute */
+};
+
+/* Plain data: read it anywhere, change it only through bw_config_load. */
+struct bw_config {
+	char *amqp_url;
+	char *amqp_queue;
+	char *amqp_jobs_exchange;
+	char *amqp_events_exchange;
+	char *amqp_dlx;
+	char *amqp_dlq;
+	int amqp_heartbeat_s;
+	int amqp_prefetch;
+	int amqp_delivery_limit;
+
+	char *worker_id;
+	int worker_max_jobs;
+	char *worker_state_dir;
+
+	char *ledger_path;
+
+	int nbd_port_min;
+	int nbd_port_max;
+	char *nbd_bind_address;
+	char *nbd_advertise_host;
+	int nbd_shared;
+	char *nbd_qemu_nbd;
+	char *nbd_qemu_img;
+
+	char *sna_url;
+	char *sna_token; /* secret: never logged */
+	int sna_connect_timeout_s;
+	int sna_timeout_s;
+	int sna_max_attempts;
+	int sna_backoff_base_ms;
+	int sna_backoff_cap_s;
+	int sna_poll_interval_s;
+	int sna_lost_after;
+
+	char *credentials_dir;
+
+	int job_max_duration_s;
+	int job_port_wait_s;
+	int job_max_message_bytes;
+
+	char *log_level;
+	bool log_timestamps;
+
+	struct bw_repository *repositories;
+	size_t n_repositories;
+};
+
+/*
+ * Loads the configuration: defaults, then the INI file at path (NULL: none), then every
+ * BW_<SECTION>_<KEY> environment variable, then each "section.key=value" of sets, in that
+ * order; then derived defaults and cross-key checks.
+ * On success stores a new config in *out (free with bw_config_free) and returns 0.
+ * On failure returns BW_ECONFIG (or BW_ENOMEM, BW_ENOENT/BW_EPERM/BW_EIO for an unreadable
+ * file) and, when errors is not NULL, stores in *errors a malloc'd text of one line per
+ * problem, "FILE:LINE: key: reason" (env: "BW_X_Y: key: reason"; --set: "--set: key: reason");
+ * the caller frees it.
+ */
+int bw_config_load(struct bw_config **out, const char *path, char *const *sets, size_t nsets,
+		   char **errors) BW_MUST_CHECK;
+
+void bw_config_free(struct bw_config *cfg);
+
+/* Returns the path configured for repository id, or NULL (borrowed from cfg). */
+const char *bw_config_repository(const struct bw_config *cfg, const char *id);
+
+/*
+ * Writes the effective configuration, one "section.key = value" line each, with
+ * secrets masked (sna.token, the password in amqp.url), to a malloc'd text in *out.
+ */
+int bw_config_format(const struct bw_config *cfg, char **out) BW_MUST_CHECK;
+
+/* The default config file of bw-ctl and bw-worker. */
+#define BW_CONFIG_DEFAULT_PATH "/etc/bw-worker/bw-worker.conf"
+
+#endif

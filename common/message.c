@@ -1,0 +1,692 @@
+/* message.c: checks a backup.start rule by rule, collecting one violation per broken rule. */
+#include "message.h"
+#include "buf.h"
+#include "json.h"
+#include "text.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define KEY_MAX 2147483647LL
+#define PATH_DISPLAY_MAX 300 /* a longer tag key is shown truncated in a path */
+
+static const char *const reason_names[] = {
+	[BW_REJECT_NONE] = "none",
+	[BW_REJECT_INVALID_JSON] = "invalid_json",
+	[BW_REJECT_TOO_LARGE] = "too_large",
+	[BW_REJECT_INVALID_MESSAGE] = "invalid_message",
+	[BW_REJECT_UNKNOWN_REPOSITORY] = "unknown_repository",
+	[BW_REJECT_UNKNOWN_CREDENTIAL] = "unknown_credential",
+	[BW_REJECT_INVALID_PARENT] = "invalid_parent",
+};
+
+const char *bw_reject_reason_name(enum bw_reject_reason reason)
+{
+	if ((unsigned)reason >= sizeof(reason_names) / sizeof(reason_names[0]))
+		return "unknown";
+	return reason_names[reason];
+}
+
+/* The validation pass: the verdict being built and the spec being filled. */
+struct check {
+	struct bw_verdict *vd;
+	struct bw_job_spec *spec;
+	struct bw_buf unknown;
+	bool oom;
+};
+
+static void violate(struct check *c, enum bw_reject_reason reason, const char *path,
+		    const char *rule, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void violate(struct check *c, enum bw_reject_reason reason, const char *path,
+		    const char *rule, const char *fmt, ...)
+{
+	struct bw_verdict *vd = c->vd;
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+
+	struct bw_violation *v = realloc(vd->v, (vd->n + 1) * sizeof(*v));
+	if (v == NULL) {
+		c->oom = true;
+		return;
+	}
+	vd->v = v;
+	v[vd->n].path = strdup(path);
+	v[vd->n].message = strdup(msg);
+	v[vd->n].rule = rule;
+	if (v[vd->n].path == NULL || v[vd->n].message == NULL) {
+		free(v[vd->n].path);
+		free(v[vd->n].message);
+		c->oom = true;
+		return;
+	}
+	vd->n++;
+	if (vd->reason == BW_REJECT_NONE || reason < vd->reason)
+		vd->reason = reason;
+}
+
+#define INVALID(c, path, rule, ...) violate(c, BW_REJECT_INVALID_MESSAGE, path, rule, __VA_ARGS__)
+
+static const char *type_name(struct json_object *o)
+{
+	switch (json_object_get_type(o)) {
+	case json_type_null:
+		return "null";
+	case json_type_boolean:
+		return "a boolean";
+	case json_type_double:
+	case json_type_int:
+		return "a number";
+	case json_type_object:
+		return "an object";
+	case json_type_array:
+		return "an array";
+	case json_type_string:
+		return "a string";
+	}
+	return "?";
+}
+
+static void join(char *out, size_t size, const char *parent, const char *name)
+{
+	snprintf(out, size, "%s%s%s", parent, parent[0] ? "." : "", name);
+}
+
+/* ---- strings ---------------------------------------------------------------------------- */
+
+enum str_kind {
+	STR_ID,   /* [A-Za-z0-9][A-Za-z0-9._-]* */
+	STR_TEXT, /* any text without control characters */
+	STR_PATH, /* text, relative, no ".." component */
+};
+
+static bool has_dotdot_component(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n;) {
+		size_t j = i;
+		while (j < n && s[j] != '/')
+			j++;
+		if (j - i == 2 && s[i] == '.' && s[i + 1] == '.')
+			return true;
+		i = j + 1;
+	}
+	return false;
+}
+
+/*
+ * Checks a string field; returns a malloc'd copy when every rule holds (NULL otherwise,
+ * the violations recorded). min/max count code points.
+ */
+static char *check_string(struct check *c, const char *path, struct json_object *o,
+			  enum str_kind kind, size_t min, size_t max)
+{
+	if (!json_object_is_type(o, json_type_string)) {
+		INVALID(c, path, "type", "must be a string, not %s", type_name(o));
+		return NULL;
+	}
+	const char *s = json_object_get_string(o);
+	size_t n = (size_t)json_object_get_string_len(o);
+	size_t cps = bw_utf8_length(s, n);
+	bool ok = true;
+
+	if (cps < min) {
+		INVALID(c, path, "min_length", "must not be empty");
+		return NULL; /* nothing else to say about an empty string */
+	}
+	if (cps > max) {
+		INVALID(c, path, "max_length", "is %zu characters long, at most %zu allowed", cps,
+			max);
+		ok = false;
+	}
+	if (kind == STR_ID) {
+		if (!bw_text_is_safe_id(s, n)) {
+			INVALID(c, path, "charset",
+				"must start with a letter or digit and contain only A-Z a-z 0-9 . _ -");
+			ok = false;
+		}
+	} else if (bw_text_has_control(s, n)) {
+		INVALID(c, path, "control_chars", "must not contain control characters");
+		ok = false;
+	}
+	if (kind == STR_PATH && (s[0] == '/' || has_dotdot_component(s, n))) {
+		INVALID(c, path, "relative_path",
+			"must be relative to the repository root, without '..' components");
+		ok = false;
+	}
+	if (!ok)
+		return NULL;
+	char *copy = strdup(s);
+	if (copy == NULL)
+		c->oom = true;
+	return copy;
+}
+
+/* ---- integers --------------------------------------------------------------------------- */
+
+static bool check_integer(struct check *c, const char *path, struct json_object *o, int64_t min,
+			  int64_t max, int64_t multiple, int64_t *out)
+{
+	int64_t v;
+	if (!bw_json_get_integer(o, &v)) {
+		INVALID(c, path, "type", "must be an integer, not %s", type_name(o));
+		return false;
+	}
+	bool ok = true;
+	if (v < min) {
+		INVALID(c, path, "minimum", "is %" PRId64 ", at least %" PRId64 " required", v, min);
+		ok = false;
+	}
+	if (v > max) {
+		INVALID(c, path, "maximum", "is %" PRId64 ", at most %" PRId64 " allowed", v, max);
+		ok = false;
+	}
+	if (multiple > 1 && v % multiple != 0) {
+		INVALID(c, path, "multiple_of", "must be a multiple of %" PRId64, multiple);
+		ok = false;
+	}
+	if (ok)
+		*out = v;
+	return ok;
+}
+
+/* ---- objects ---------------------------------------------------------------------------- */
+
+static struct json_object *member(struct json_object *obj, const char *name)
+{
+	struct json_object *v = NULL;
+	return json_object_object_get_ex(obj, name, &v) ? v : NULL;
+}
+
+static bool has(struct json_object *obj, const char *name)
+{
+	return json_object_object_get_ex(obj, name, NULL);
+}
+
+static struct json_object *required(struct check *c, struct json_object *obj, const char *parent,
+				    const char *name)
+{
+	char path[128];
+	if (has(obj, name))
+		return member(obj, name);
+	join(path, sizeof(path), parent, name);
+	INVALID(c, path, "required", "is required");
+	return NULL;
+}
+
+/* Records the members of obj not named in known[] as ignored fields. */
+static void note_unknown(struct check *c, struct json_object *obj, const char *parent,
+			 const char *const *known)
+{
+	json_object_object_foreach(obj, k, v)
+	{
+		(void)v;
+		bool found = false;
+		for (const char *const *p = known; *p && !found; p++)
+			found = strcmp(*p, k) == 0;
+		if (found)
+			continue;
+		if (c->unknown.len)
+			bw_buf_puts(&c->unknown, ", ");
+		bw_buf_puts(&c->unknown, parent);
+		if (parent[0])
+			bw_buf_puts(&c->unknown, ".");
+		bw_text_json_quote(&c->unknown, k, strlen(k));
+	}
+}
+
+static bool is_simple_key(const char *k, size_t n)
+{
+	if (n == 0)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)k[i];
+		if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') ||
+		      (ch >= 'A' && ch <= 'Z') || ch == '_' || ch == '-'))
+			return false;
+	}
+	return true;
+}
+
+/* tags.key, or tags["k e y"] JSON-escaped (pure ASCII; truncated past PATH_DISPLAY_MAX). */
+static void tag_path(char *out, size_t size, const char *k, size_t n)
+{
+	if (is_simple_key(k, n) && n < PATH_DISPLAY_MAX) {
+		snprintf(out, size, "tags.%s", k);
+		return;
+	}
+	struct bw_buf b = BW_BUF_INIT;
+	bw_text_json_quote(&b, k, n);
+	if (b.failed || b.data == NULL) {
+		snprintf(out, size, "tags[?]");
+	} else if (b.len > PATH_DISPLAY_MAX) {
+		snprintf(out, size, "tags[%.*s...\"]", PATH_DISPLAY_MAX - 5, b.data);
+	} else {
+		snprintf(out, size, "tags[%s]", b.data);
+	}
+	bw_buf_free(&b);
+}
+
+static void check_tags(struct check *c, struct json_object *tags)
+{
+	char path[PATH_DISPLAY_MAX + 32];
+	bool ok = true;
+
+	if (!json_object_is_type(tags, json_type_object)) {
+		INVALID(c, "tags", "type", "must be an object, not %s", type_name(tags));
+		return;
+	}
+	int count = json_object_object_length(tags);
+	if (count > 32) {
+		INVALID(c, "tags", "max_properties", "has %d entries, at most 32 allowed", count);
+		ok = false;
+	}
+	struct lh_entry *e;
+	for (e = json_object_get_object(tags)->head; e; e = e->next) {
+		const char *k = (const char *)lh_entry_k(e);
+		struct json_object *v = (struct json_object *)lh_entry_v(e);
+		size_t kn = strlen(k); /* json-c keys are NUL-terminated: a \u0000 cuts them */
+		size_t kcp = bw_utf8_length(k, kn);
+		tag_path(path, sizeof(path), k, kn);
+		if (kcp == 0) {
+			INVALID(c, path, "key_min_length", "tag keys must not be empty");
+			ok = false;
+		} else if (kcp > 64) {
+			INVALID(c, path, "key_max_length",
+				"tag key is %zu characters long, at most 64 allowed", kcp);
+			ok = false;
+		}
+		if (bw_text_has_control(k, kn)) {
+			INVALID(c, path, "key_control_chars",
+				"tag keys must not contain control characters");
+			ok = false;
+		}
+		char *s = check_string(c, path, v, STR_TEXT, 0, 256);
+		ok &= s != NULL;
+		free(s);
+	}
+	if (ok)
+		c->spec->tags = json_object_get(tags);
+	c->vd->tags_valid = ok;
+}
+
+static void check_vm(struct check *c, struct json_object *vm)
+{
+	static const char *const known[] = {"name", "path", "id", NULL};
+	struct bw_job_spec *spec = c->spec;
+	struct json_object *v;
+
+	if (!json_object_is_type(vm, json_type_object)) {
+		INVALID(c, "vm", "type", "must be an object, not %s", type_name(vm));
+		return;
+	}
+	size_t before = c->vd->n;
+	if ((v = required(c, vm, "vm", "name")))
+		spec->vm_name = check_string(c, "vm.name", v, STR_TEXT, 1, 255);
+	if ((v = required(c, vm, "vm", "path")))
+		spec->vm_path = check_string(c, "vm.path", v, STR_TEXT, 1, 1024);
+	if (has(vm, "id"))
+		spec->vm_id = check_string(c, "vm.id", member(vm, "id"), STR_TEXT, 1, 128);
+	note_unknown(c, vm, "vm", known);
+	c->vd->vm_valid = c->vd->n == before;
+}
+
+/* The disks[] of a job whose backup_type is type (NULL when it is itself invalid). */
+static void check_disks(struct check *c, struct json_object *disks, const char *type)
+{
+	static const char *const known[] = {"key",	   "size_bytes", "label", "parent_path",
+					    "previous_change_id", NULL};
+	bool full = type && strcmp(type, "full") == 0;
+	bool incremental = type && strcmp(type, "incremental") == 0;
+	char path[64], field[96];
+
+	if (!json_object_is_type(disks, json_type_array)) {
+		INVALID(c, "disks", "type", "must be an array, not %s", type_name(disks));
+		return;
+	}
+	size_t n = json_object_array_length(disks);
+	if (n == 0)
+		INVALID(c, "disks", "min_items", "must list every disk of the VM (at least one)");
+	if (n > BW_MESSAGE_MAX_DISKS)
+		INVALID(c, "disks", "max_items", "has %zu disks, at most %d allowed", n,
+			BW_MESSAGE_MAX_DISKS);
+
+	struct bw_disk_spec *specs = calloc(n ? n : 1, sizeof(*specs));
+	if (specs == NULL) {
+		c->oom = true;
+		return;
+	}
+	c->spec->disks = specs;
+	c->spec->n_disks = n;
+
+	bool have_base = false;
+	for (size_t i = 0; i < n; i++) {
+		struct json_object *d = json_object_array_get_idx(disks, i);
+		struct bw_disk_spec *ds = &specs[i];
+		struct json_object *v;
+		snprintf(path, sizeof(path), "disks[%zu]", i);
+
+		if (!json_object_is_type(d, json_type_object)) {
+			INVALID(c, path, "type", "must be an object, not %s", type_name(d));
+			continue;
+		}
+		if ((v = required(c, d, path, "key"))) {
+			join(field, sizeof(field), path, "key");
+			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key)) {
+				for (size_t j = 0; j < i; j++) {
+					if (specs[j].key == ds->key) {
+						INVALID(c, field, "unique",
+							"disk key %" PRId64
+							" is already used by disks[%zu]",
+							ds->key, j);
+						break;
+					}
+				}
+			} else {
+				ds->key = 0; /* never equal to a valid key */
+			}
+		}
+		if ((v = required(c, d, path, "size_bytes"))) {
+			join(field, sizeof(field), path, "size_bytes");
+			check_integer(c, field, v, 512, BW_DISK_SIZE_MAX, 512, &ds->size_bytes);
+		}
+		if (has(d, "label")) {
+			join(field, sizeof(field), path, "label");
+			ds->label = check_string(c, field, member(d, "label"), STR_TEXT, 0, 255);
+		}
+
+		bool has_parent = has(d, "parent_path");
+		bool has_change = has(d, "previous_change_id");
+		have_base |= has_parent && has_change;
+		if (full) {
+			if (has_parent) {
+				join(field, sizeof(field), path, "parent_path");
+				INVALID(c, field, "forbidden_in_full",
+					"only incremental jobs name a parent image");
+			}
+			if (has_change) {
+				join(field, sizeof(field), path, "previous_change_id");
+				INVALID(c, field, "forbidden_in_full",
+					"only incremental jobs carry a change id");
+			}
+		} else {
+			if (has_parent) {
+				join(field, sizeof(field), path, "parent_path");
+				ds->parent_path = check_string(c, field, member(d, "parent_path"),
+							       STR_PATH, 1, 4096);
+			}
+			if (has_change) {
+				join(field, sizeof(field), path, "previous_change_id");
+				ds->previous_change_id = check_string(
+					c, field, member(d, "previous_change_id"), STR_TEXT, 1, 1024);
+			}
+			if (incremental && has_parent != has_change) {
+				join(field, sizeof(field), path,
+				     has_parent ? "previous_change_id" : "parent_path");
+				INVALID(c, field, "required",
+					"parent_path and previous_change_id go together");
+			}
+		}
+		note_unknown(c, d, path, known);
+	}
+	if (incremental && !have_base)
+		INVALID(c, "disks", "incremental_base",
+			"an incremental job needs at least one disk with parent_path and "
+			"previous_change_id");
+}
+
+static void check_document(struct check *c, struct json_object *doc)
+{
+	static const char *const known[] = {"schema_version", "job_id",	    "vm",
+					    "backup_type",    "repository_id", "credential_id",
+					    "policy_id",      "tags",	    "disks",
+					    "max_duration_s", NULL};
+	struct bw_job_spec *spec = c->spec;
+	struct json_object *v;
+	int64_t n;
+
+	if ((v = required(c, doc, "", "schema_version"))) {
+		if (!bw_json_get_integer(v, &n))
+			INVALID(c, "schema_version", "type", "must be the integer 1, not %s",
+				type_name(v));
+		else if (n != 1)
+			INVALID(c, "schema_version", "const", "must be 1 (this worker speaks v1)");
+	}
+	if ((v = required(c, doc, "", "job_id"))) {
+		spec->job_id = check_string(c, "job_id", v, STR_ID, 1, 128);
+		if (spec->job_id && (c->vd->job_id = strdup(spec->job_id)) == NULL)
+			c->oom = true;
+	}
+	if ((v = required(c, doc, "", "vm")))
+		check_vm(c, v);
+
+	const char *type = NULL;
+	if ((v = required(c, doc, "", "backup_type"))) {
+		if (!json_object_is_type(v, json_type_string)) {
+			INVALID(c, "backup_type", "type", "must be a string, not %s", type_name(v));
+		} else {
+			type = json_object_get_string(v);
+			if (strcmp(type, "full") == 0) {
+				spec->backup_type = BW_BACKUP_FULL;
+			} else if (strcmp(type, "incremental") == 0) {
+				spec->backup_type = BW_BACKUP_INCREMENTAL;
+			} else {
+				INVALID(c, "backup_type", "enum", "must be \"full\" or \"incremental\"");
+				type = NULL;
+			}
+		}
+	}
+	if ((v = required(c, doc, "", "repository_id")))
+		spec->repository_id = check_string(c, "repository_id", v, STR_ID, 1, 128);
+	if ((v = required(c, doc, "", "credential_id")))
+		spec->credential_id = check_string(c, "credential_id", v, STR_ID, 1, 128);
+	if (has(doc, "policy_id")) {
+		size_t before = c->vd->n;
+		spec->policy_id =
+			check_string(c, "policy_id", member(doc, "policy_id"), STR_TEXT, 1, 128);
+		c->vd->policy_valid = c->vd->n == before;
+	} else {
+		c->vd->policy_valid = true;
+	}
+	if (has(doc, "tags"))
+		check_tags(c, member(doc, "tags"));
+	else
+		c->vd->tags_valid = true;
+	if ((v = required(c, doc, "", "disks")))
+		check_disks(c, v, type);
+	if (has(doc, "max_duration_s"))
+		check_integer(c, "max_duration_s", member(doc, "max_duration_s"), 60, 2592000, 1,
+			      &spec->max_duration_s);
+	note_unknown(c, doc, "", known);
+}
+
+static struct bw_verdict *verdict_new(void)
+{
+	return calloc(1, sizeof(struct bw_verdict));
+}
+
+int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_job_spec **spec,
+		     struct bw_verdict **verdict)
+{
+	struct check c = {NULL, NULL, BW_BUF_INIT, false};
+	struct json_object *doc = NULL;
+	char why[160];
+	int rc = BW_ENOMEM;
+
+	c.vd = verdict_new();
+	c.spec = calloc(1, sizeof(*c.spec));
+	if (c.vd == NULL || c.spec == NULL)
+		goto out;
+
+	if (len > max_bytes) {
+		violate(&c, BW_REJECT_TOO_LARGE, "$", "too_large",
+			"the message is %zu bytes, at most %zu allowed", len, max_bytes);
+		goto decided;
+	}
+	rc = bw_json_parse_strict(body, len, &doc, why, sizeof(why));
+	if (rc == BW_ENOMEM)
+		goto out;
+	if (rc != 0) {
+		violate(&c, BW_REJECT_INVALID_JSON, "$", "invalid_json", "%s", why);
+		goto decided;
+	}
+	c.vd->doc = doc;
+	if (!json_object_is_type(doc, json_type_object)) {
+		INVALID(&c, "$", "type", "the message must be a JSON object, not %s",
+			type_name(doc));
+		goto decided;
+	}
+	check_document(&c, doc);
+
+decided:
+	rc = BW_ENOMEM;
+	if (c.oom || c.unknown.failed)
+		goto out;
+	if (c.vd->n > 0) {
+		*verdict = c.vd;
+		c.vd = NULL;
+		rc = BW_EMESSAGE;
+		goto out;
+	}
+	if (c.unknown.len && bw_buf_steal(&c.unknown, &c.spec->unknown_fields) != 0)
+		goto out;
+	*spec = c.spec;
+	c.spec = NULL;
+	rc = 0;
+out:
+	bw_buf_free(&c.unknown);
+	bw_job_spec_free(c.spec);
+	bw_verdict_free(c.vd);
+	return rc;
+}
+
+/* ---- host rules ------------------------------------------------------------------------- */
+
+/* NULL when repo/rel is a qcow2 file inside repo, else the rule it breaks. */
+static const char *parent_rule(const char *repo, const char *rel, char *detail, size_t size)
+{
+	char joined[PATH_MAX], real_repo[PATH_MAX], real[PATH_MAX];
+	if ((size_t)snprintf(joined, sizeof(joined), "%s/%s", repo, rel) >= sizeof(joined)) {
+		snprintf(detail, size, "path too long");
+		return "not_found";
+	}
+	if (realpath(repo, real_repo) == NULL) {
+		snprintf(detail, size, "repository %s: %s", repo, strerror(errno));
+		return "not_found";
+	}
+	if (realpath(joined, real) == NULL) {
+		snprintf(detail, size, "%s", strerror(errno));
+		return "not_found";
+	}
+	size_t rn = strlen(real_repo);
+	if (strncmp(real, real_repo, rn) != 0 || (real[rn] != '/' && strcmp(real_repo, "/") != 0)) {
+		snprintf(detail, size, "it resolves outside the repository");
+		return "outside_repository";
+	}
+	int fd = open(real, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	if (fd < 0) {
+		snprintf(detail, size, "%s", strerror(errno));
+		return "not_found";
+	}
+	struct stat st;
+	unsigned char magic[4] = {0};
+	bool regular = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+	bool qcow2 = regular && read(fd, magic, 4) == 4 && memcmp(magic, "QFI\xfb", 4) == 0;
+	close(fd);
+	if (!regular) {
+		snprintf(detail, size, "not a regular file");
+		return "not_found";
+	}
+	if (!qcow2) {
+		snprintf(detail, size, "not a qcow2 image");
+		return "not_qcow2";
+	}
+	return NULL;
+}
+
+int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config *cfg,
+			  struct bw_verdict **verdict)
+{
+	struct check c = {verdict_new(), NULL, BW_BUF_INIT, false};
+	char path[PATH_MAX + 64], detail[PATH_MAX];
+
+	if (c.vd == NULL)
+		return BW_ENOMEM;
+	const char *repo = bw_config_repository(cfg, spec->repository_id);
+	if (repo == NULL)
+		violate(&c, BW_REJECT_UNKNOWN_REPOSITORY, "repository_id", "unknown_repository",
+			"no repository \"%s\" is configured on this host", spec->repository_id);
+
+	snprintf(path, sizeof(path), "%s/%s.json", cfg->credentials_dir, spec->credential_id);
+	if (access(path, F_OK) != 0)
+		violate(&c, BW_REJECT_UNKNOWN_CREDENTIAL, "credential_id", "unknown_credential",
+			"no credential \"%s\" in %s", spec->credential_id, cfg->credentials_dir);
+
+	for (size_t i = 0; repo && i < spec->n_disks; i++) {
+		if (spec->disks[i].parent_path == NULL)
+			continue;
+		const char *rule = parent_rule(repo, spec->disks[i].parent_path, detail,
+					       sizeof(detail));
+		if (rule == NULL)
+			continue;
+		snprintf(path, sizeof(path), "disks[%zu].parent_path", i);
+		violate(&c, BW_REJECT_INVALID_PARENT, path, rule, "parent image unusable: %s",
+			detail);
+	}
+	if (c.oom) {
+		bw_verdict_free(c.vd);
+		return BW_ENOMEM;
+	}
+	if (c.vd->n == 0) {
+		bw_verdict_free(c.vd);
+		return 0;
+	}
+	*verdict = c.vd;
+	return BW_EMESSAGE;
+}
+
+void bw_job_spec_free(struct bw_job_spec *spec)
+{
+	if (spec == NULL)
+		return;
+	free(spec->job_id);
+	free(spec->vm_name);
+	free(spec->vm_path);
+	free(spec->vm_id);
+	free(spec->repository_id);
+	free(spec->credential_id);
+	free(spec->policy_id);
+	json_object_put(spec->tags);
+	for (size_t i = 0; spec->disks && i < spec->n_disks; i++) {
+		free(spec->disks[i].label);
+		free(spec->disks[i].parent_path);
+		free(spec->disks[i].previous_change_id);
+	}
+	free(spec->disks);
+	free(spec->unknown_fields);
+	free(spec);
+}
+
+void bw_verdict_free(struct bw_verdict *vd)
+{
+	if (vd == NULL)
+		return;
+	for (size_t i = 0; i < vd->n; i++) {
+		free(vd->v[i].path);
+		free(vd->v[i].message);
+	}
+	free(vd->v);
+	free(vd->job_id);
+	json_object_put(vd->doc);
+	free(vd);
+}

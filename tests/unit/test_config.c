@@ -1,0 +1,240 @@
+/* test_config.c: defaults, the INI file, env and --set precedence, errors with their lines. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+
+static char conf_path[] = "/tmp/bw-test-config-XXXXXX";
+
+static void write_conf(const char *text)
+{
+	FILE *f = fopen(conf_path, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	int fd = mkstemp(conf_path);
+	if (fd < 0)
+		return -1;
+	close(fd);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	unlink(conf_path);
+	return 0;
+}
+
+static void test_defaults(void **state)
+{
+	(void)state;
+	struct bw_config *cfg = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, NULL, 0, NULL), 0);
+	assert_string_equal(cfg->amqp_url, "amqp://guest:guest@127.0.0.1:5672");
+	assert_string_equal(cfg->amqp_queue, "backup.start");
+	assert_string_equal(cfg->amqp_jobs_exchange, "backup.jobs");
+	assert_string_equal(cfg->amqp_events_exchange, "backup.events");
+	assert_string_equal(cfg->amqp_dlx, "backup.dlx");
+	assert_int_equal(cfg->amqp_heartbeat_s, 30);
+	assert_int_equal(cfg->worker_max_jobs, 4);
+	assert_int_equal(cfg->amqp_prefetch, 4); /* = worker.max_jobs */
+	assert_string_equal(cfg->worker_state_dir, "/var/lib/bw-worker");
+	assert_string_equal(cfg->ledger_path, "/var/lib/bw-worker/ledger.db");
+	assert_int_equal(cfg->nbd_port_min, 10100);
+	assert_int_equal(cfg->nbd_port_max, 10200);
+	assert_string_equal(cfg->nbd_bind_address, "127.0.0.1");
+	assert_string_equal(cfg->nbd_advertise_host, "127.0.0.1");
+	assert_int_equal(cfg->nbd_shared, 8);
+	assert_string_equal(cfg->nbd_qemu_nbd, "qemu-nbd");
+	assert_string_equal(cfg->nbd_qemu_img, "qemu-img");
+	assert_string_equal(cfg->sna_url, "http://127.0.0.1:8081");
+	assert_int_equal(cfg->sna_connect_timeout_s, 5);
+	assert_int_equal(cfg->sna_timeout_s, 30);
+	assert_int_equal(cfg->sna_max_attempts, 5);
+	assert_int_equal(cfg->sna_backoff_base_ms, 1000);
+	assert_int_equal(cfg->sna_backoff_cap_s, 60);
+	assert_int_equal(cfg->sna_poll_interval_s, 5);
+	assert_int_equal(cfg->sna_lost_after, 3);
+	assert_int_equal(cfg->job_max_duration_s, 86400);
+	assert_int_equal(cfg->job_port_wait_s, 600);
+	assert_int_equal(cfg->job_max_message_bytes, 262144);
+	assert_non_null(strchr(cfg->worker_id, '-'));
+	assert_int_equal(cfg->n_repositories, 0);
+	bw_config_free(cfg);
+}
+
+static void test_file_env_set_order(void **state)
+{
+	(void)state;
+	write_conf("# comment\n"
+		   "[worker]\n"
+		   "max_jobs = 7\n"
+		   "state_dir = /srv/bw\n"
+		   "\n"
+		   "[nbd]\n"
+		   "port_min = 20000\n"
+		   "port_max = 20010\n"
+		   "shared = 3\n"
+		   "[repositories]\n"
+		   "repo-001 = /srv/repo1\n"
+		   "repo.two = \"/srv/repo 2\"\n");
+	setenv("BW_NBD_PORT_MAX", "20020", 1);
+	setenv("BW_NBD_SHARED", "4", 1);
+	setenv("BW_REPOSITORIES_REPO_001", "/srv/env-repo1", 1);
+	char set1[] = "nbd.shared=5";
+	char set2[] = "repositories.repo-003=/srv/r3";
+	char *sets[] = {set1, set2};
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 2, &errors), 0);
+	unsetenv("BW_NBD_PORT_MAX");
+	unsetenv("BW_NBD_SHARED");
+	unsetenv("BW_REPOSITORIES_REPO_001");
+	assert_int_equal(cfg->worker_max_jobs, 7);
+	assert_int_equal(cfg->amqp_prefetch, 7);
+	assert_string_equal(cfg->ledger_path, "/srv/bw/ledger.db");
+	assert_int_equal(cfg->nbd_port_min, 20000);
+	assert_int_equal(cfg->nbd_port_max, 20020); /* env over file */
+	assert_int_equal(cfg->nbd_shared, 5);       /* --set over env */
+	assert_string_equal(bw_config_repository(cfg, "repo-001"), "/srv/env-repo1");
+	assert_string_equal(bw_config_repository(cfg, "repo.two"), "/srv/repo 2");
+	assert_string_equal(bw_config_repository(cfg, "repo-003"), "/srv/r3");
+	assert_null(bw_config_repository(cfg, "repo-004"));
+	bw_config_free(cfg);
+}
+
+static void test_errors_name_file_line_key(void **state)
+{
+	(void)state;
+	write_conf("[amqp]\n"
+		   "url = http://wrong\n"
+		   "heartbeat_s = 0\n"
+		   "[nbd]\n"
+		   "port_min = 300\n"
+		   "port_max = 200\n"
+		   "bind_address = localhost\n"
+		   "shared = many\n"
+		   "colour = blue\n"
+		   "port_min = 301\n"
+		   "[bogus]\n"
+		   "x = 1\n"
+		   "just text\n"
+		   "[repositories]\n"
+		   "bad:id = /x\n"
+		   "relative = x/y\n"
+		   "[log]\n"
+		   "timestamps = perhaps\n");
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	assert_null(cfg);
+	assert_non_null(errors);
+	char want[4096];
+	snprintf(want, sizeof(want),
+		 "%1$s:2: amqp.url: must start with amqp:// or amqps://\n"
+		 "%1$s:3: amqp.heartbeat_s: out of range (allowed 1-600)\n"
+		 "%1$s:7: nbd.bind_address: must be a numeric IPv4 or IPv6 address\n"
+		 "%1$s:8: nbd.shared: not an integer: \"many\"\n"
+		 "%1$s:9: nbd.colour: unknown key\n"
+		 "%1$s:10: nbd.port_min: set twice (first on line 5)\n"
+		 "%1$s:12: bogus.x: unknown section\n"
+		 "%1$s:13: just text: expected \"key = value\"\n"
+		 "%1$s:15: repositories.bad:id: repository id must start with a letter or digit "
+		 "and contain only [A-Za-z0-9._-]\n"
+		 "%1$s:16: repositories.relative: must be an absolute path\n"
+		 "%1$s:18: log.timestamps: not a boolean (true/false, yes/no, on/off, 1/0): "
+		 "\"perhaps\"\n"
+		 "%1$s:6: nbd.port_max: must not be below nbd.port_min (300)\n",
+		 conf_path);
+	assert_string_equal(errors, want);
+	free(errors);
+}
+
+static void test_env_and_set_errors(void **state)
+{
+	(void)state;
+	setenv("BW_SNA_TIMEOUT_S", "0", 1);
+	char set1[] = "sna.max_attempts=101";
+	char set2[] = "nonsense";
+	char set3[] = "sna.nope=1";
+	char *sets[] = {set1, set2, set3};
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 3, &errors), BW_ECONFIG);
+	unsetenv("BW_SNA_TIMEOUT_S");
+	assert_string_equal(errors,
+			    "BW_SNA_TIMEOUT_S: sna.timeout_s: out of range (allowed 1-3600)\n"
+			    "--set: sna.max_attempts: out of range (allowed 1-100)\n"
+			    "--set: nonsense: expected section.key=value\n"
+			    "--set: sna.nope: unknown key\n");
+	free(errors);
+}
+
+static void test_missing_file(void **state)
+{
+	(void)state;
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, "/nonexistent/bw.conf", NULL, 0, &errors), BW_ENOENT);
+	assert_string_equal(errors, "/nonexistent/bw.conf: cannot open: No such file or directory\n");
+	free(errors);
+}
+
+static void test_format_masks_secrets(void **state)
+{
+	(void)state;
+	char set1[] = "sna.token=s3cr3t-token";
+	char set2[] = "amqp.url=amqps://bw:hunter2@mq.example:5671/prod";
+	char *sets[] = {set1, set2};
+	struct bw_config *cfg = NULL;
+	char *text = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, NULL), 0);
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, "s3cr3t"));
+	assert_null(strstr(text, "hunter2"));
+	assert_non_null(strstr(text, "sna.token = ***\n"));
+	assert_non_null(strstr(text, "amqp.url = amqps://bw:***@mq.example:5671/prod\n"));
+	assert_non_null(strstr(text, "nbd.port_min = 10100\n"));
+	free(text);
+	bw_config_free(cfg);
+}
+
+static void test_sample_config_is_valid(void **state)
+{
+	(void)state;
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, BW_SOURCE_DIR "/deploy/bw-worker.conf", NULL, 0, &errors);
+	if (rc != 0)
+		fprintf(stderr, "%s", errors ? errors : "");
+	assert_int_equal(rc, 0);
+	assert_true(cfg->n_repositories >= 1);
+	bw_config_free(cfg);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_defaults),
+		cmocka_unit_test(test_file_env_set_order),
+		cmocka_unit_test(test_errors_name_file_line_key),
+		cmocka_unit_test(test_env_and_set_errors),
+		cmocka_unit_test(test_missing_file),
+		cmocka_unit_test(test_format_masks_secrets),
+		cmocka_unit_test(test_sample_config_is_valid),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}

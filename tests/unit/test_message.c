@@ -1,0 +1,258 @@
+/* test_message.c: backup.start validation: the spec it yields, the rules it names, host rules. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "message.h"
+
+static const char example[] =
+	"{\"schema_version\":1,\"job_id\":\"bk-2026-11-22-0001\","
+	"\"vm\":{\"name\":\"db, \\\"prod\\\" / shard 1\",\"path\":\"/DatabanxDC/vm/pgtest1\","
+	"\"id\":\"vm-1234\"},\"backup_type\":\"full\",\"repository_id\":\"repo-001\","
+	"\"credential_id\":\"vcenter-main\",\"policy_id\":\"gold\",\"tags\":{\"team\":\"db\"},"
+	"\"disks\":[{\"key\":2000,\"size_bytes\":107374182400,\"label\":\"Hard disk 1\"},"
+	"{\"key\":2001,\"size_bytes\":5368709120},{\"key\":16000,\"size_bytes\":1073741824}],"
+	"\"extra\":{\"x\":1}}";
+
+static struct bw_verdict *reject(const char *body, size_t max)
+{
+	struct bw_job_spec *spec = NULL;
+	struct bw_verdict *vd = NULL;
+	assert_int_equal(bw_message_parse(body, strlen(body), max, &spec, &vd), BW_EMESSAGE);
+	assert_null(spec);
+	assert_non_null(vd);
+	return vd;
+}
+
+/* The verdict has exactly the given "path: rule" lines, in order. */
+static void assert_rules(const struct bw_verdict *vd, const char *const *want)
+{
+	size_t n = 0;
+	for (; want[n]; n++) {
+		char got[512];
+		assert_true(n < vd->n);
+		snprintf(got, sizeof(got), "%s: %s", vd->v[n].path, vd->v[n].rule);
+		assert_string_equal(got, want[n]);
+	}
+	assert_int_equal(vd->n, n);
+}
+
+static void test_contract_example(void **state)
+{
+	(void)state;
+	struct bw_job_spec *spec = NULL;
+	struct bw_verdict *vd = NULL;
+	assert_int_equal(bw_message_parse(example, strlen(example), 262144, &spec, &vd), 0);
+	assert_null(vd);
+	assert_string_equal(spec->job_id, "bk-2026-11-22-0001");
+	assert_string_equal(spec->vm_name, "db, \"prod\" / shard 1");
+	assert_string_equal(spec->vm_id, "vm-1234");
+	assert_int_equal(spec->backup_type, BW_BACKUP_FULL);
+	assert_int_equal(spec->n_disks, 3);
+	assert_int_equal(spec->disks[0].key, 2000);
+	assert_true(spec->disks[0].size_bytes == 107374182400LL);
+	assert_string_equal(spec->disks[0].label, "Hard disk 1");
+	assert_null(spec->disks[1].label);
+	assert_int_equal(spec->disks[2].key, 16000);
+	assert_non_null(spec->tags);
+	assert_string_equal(spec->unknown_fields, "\"extra\"");
+	assert_int_equal(spec->max_duration_s, 0);
+	bw_job_spec_free(spec);
+}
+
+static void test_every_rule_reported(void **state)
+{
+	(void)state;
+	const char *body =
+		"{\"schema_version\":2,\"job_id\":\"-bad:id\",\"vm\":{\"name\":\"a\\u0000\"},"
+		"\"backup_type\":\"full\",\"repository_id\":\"\",\"credential_id\":5,"
+		"\"tags\":{\"\":\"x\",\"ok\":7},"
+		"\"disks\":[{\"key\":2000,\"size_bytes\":1},{\"key\":2000.0,\"size_bytes\":512,"
+		"\"parent_path\":\"p.qcow2\"},{\"key\":1.5,\"size_bytes\":512}],\"max_duration_s\":59}";
+	struct bw_verdict *vd = reject(body, 262144);
+	const char *want[] = {"schema_version: const",
+			      "job_id: charset",
+			      "vm.name: control_chars",
+			      "vm.path: required",
+			      "repository_id: min_length",
+			      "credential_id: type",
+			      "tags[\"\"]: key_min_length",
+			      "tags.ok: type",
+			      "disks[0].size_bytes: minimum",
+			      "disks[0].size_bytes: multiple_of",
+			      "disks[1].key: unique",
+			      "disks[1].parent_path: forbidden_in_full",
+			      "disks[2].key: type",
+			      "max_duration_s: minimum",
+			      NULL};
+	assert_rules(vd, want);
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_MESSAGE);
+	assert_null(vd->job_id);
+	assert_false(vd->vm_valid);
+	assert_false(vd->tags_valid);
+	assert_true(vd->policy_valid);
+	bw_verdict_free(vd);
+}
+
+static void test_incremental_rules(void **state)
+{
+	(void)state;
+	const char *body =
+		"{\"schema_version\":1,\"job_id\":\"j1\",\"vm\":{\"name\":\"n\",\"path\":\"/p\"},"
+		"\"backup_type\":\"incremental\",\"repository_id\":\"r\",\"credential_id\":\"c\","
+		"\"disks\":[{\"key\":1,\"size_bytes\":512,\"parent_path\":\"/abs.qcow2\"},"
+		"{\"key\":2,\"size_bytes\":512,\"previous_change_id\":\"52 3c/1\"},"
+		"{\"key\":3,\"size_bytes\":512,\"parent_path\":\"a/../b\",\"previous_change_id\":\"\"}]}";
+	struct bw_verdict *vd = reject(body, 262144);
+	const char *want[] = {"disks[0].parent_path: relative_path",
+			      "disks[0].previous_change_id: required",
+			      "disks[1].parent_path: required",
+			      "disks[2].parent_path: relative_path",
+			      "disks[2].previous_change_id: min_length",
+			      NULL};
+	assert_rules(vd, want);
+	assert_string_equal(vd->job_id, "j1");
+	bw_verdict_free(vd);
+
+	const char *none = "{\"schema_version\":1,\"job_id\":\"j1\",\"vm\":{\"name\":\"n\","
+			   "\"path\":\"/p\"},\"backup_type\":\"incremental\",\"repository_id\":"
+			   "\"r\",\"credential_id\":\"c\",\"disks\":[{\"key\":1,\"size_bytes\":512}]}";
+	vd = reject(none, 262144);
+	const char *want2[] = {"disks: incremental_base", NULL};
+	assert_rules(vd, want2);
+	bw_verdict_free(vd);
+}
+
+static void test_document_level(void **state)
+{
+	(void)state;
+	struct bw_verdict *vd = reject(example, 100);
+	const char *too_large[] = {"$: too_large", NULL};
+	assert_rules(vd, too_large);
+	assert_int_equal(vd->reason, BW_REJECT_TOO_LARGE);
+	bw_verdict_free(vd);
+
+	vd = reject("{\"job_id\":\"x\",", 262144);
+	const char *invalid[] = {"$: invalid_json", NULL};
+	assert_rules(vd, invalid);
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_JSON);
+	assert_null(vd->doc);
+	bw_verdict_free(vd);
+
+	vd = reject("[1]", 262144);
+	const char *type[] = {"$: type", NULL};
+	assert_rules(vd, type);
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_MESSAGE);
+	bw_verdict_free(vd);
+}
+
+static void write_file(const char *path, const void *data, size_t n, mode_t mode)
+{
+	FILE *f = fopen(path, "wb");
+	assert_non_null(f);
+	assert_int_equal(fwrite(data, 1, n, f), n);
+	fclose(f);
+	chmod(path, mode);
+}
+
+static void test_host_rules(void **state)
+{
+	(void)state;
+	char dir[] = "/tmp/bw-test-host-XXXXXX";
+	char path[PATH_MAX], conf[PATH_MAX], set_repo[PATH_MAX], set_cred[PATH_MAX];
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/repo", dir);
+	assert_int_equal(mkdir(path, 0700), 0);
+	snprintf(path, sizeof(path), "%s/repo/vm", dir);
+	assert_int_equal(mkdir(path, 0700), 0);
+	snprintf(path, sizeof(path), "%s/creds", dir);
+	assert_int_equal(mkdir(path, 0700), 0);
+	snprintf(path, sizeof(path), "%s/creds/vc.json", dir);
+	write_file(path, "{}", 2, 0600);
+	snprintf(path, sizeof(path), "%s/repo/vm/parent.qcow2", dir);
+	write_file(path, "QFI\xfb\0\0\0\3", 8, 0640);
+	snprintf(path, sizeof(path), "%s/repo/vm/raw.img", dir);
+	write_file(path, "RAW!", 4, 0640);
+	snprintf(path, sizeof(path), "%s/outside.qcow2", dir);
+	write_file(path, "QFI\xfb\0\0\0\3", 8, 0640);
+	snprintf(path, sizeof(path), "%s/repo/vm/escape.qcow2", dir);
+	assert_int_equal(symlink("../../outside.qcow2", path), 0);
+
+	snprintf(set_repo, sizeof(set_repo), "repositories.repo-001=%s/repo", dir);
+	snprintf(set_cred, sizeof(set_cred), "credentials.dir=%s/creds", dir);
+	char *sets[] = {set_repo, set_cred};
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, &errors), 0);
+	(void)conf;
+
+	const char *fmt = "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\","
+			  "\"path\":\"/p\"},\"backup_type\":\"incremental\",\"repository_id\":"
+			  "\"%s\",\"credential_id\":\"%s\",\"disks\":["
+			  "{\"key\":1,\"size_bytes\":512,\"parent_path\":\"vm/parent.qcow2\","
+			  "\"previous_change_id\":\"c\"},"
+			  "{\"key\":2,\"size_bytes\":512,\"parent_path\":\"%s\","
+			  "\"previous_change_id\":\"c\"}]}";
+	struct {
+		const char *repo, *cred, *parent;
+		enum bw_reject_reason reason;
+		const char *rule;
+	} cases[] = {
+		{"repo-001", "vc", "vm/parent.qcow2", BW_REJECT_NONE, NULL},
+		{"repo-002", "vc", "vm/parent.qcow2", BW_REJECT_UNKNOWN_REPOSITORY,
+		 "repository_id: unknown_repository"},
+		{"repo-001", "nope", "vm/parent.qcow2", BW_REJECT_UNKNOWN_CREDENTIAL,
+		 "credential_id: unknown_credential"},
+		{"repo-001", "vc", "vm/missing.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: not_found"},
+		{"repo-001", "vc", "vm/raw.img", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: not_qcow2"},
+		{"repo-001", "vc", "vm/escape.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: outside_repository"},
+		{"repo-001", "vc", "vm", BW_REJECT_INVALID_PARENT, "disks[1].parent_path: not_found"},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char body[1024];
+		snprintf(body, sizeof(body), fmt, cases[i].repo, cases[i].cred, cases[i].parent);
+		struct bw_job_spec *spec = NULL;
+		struct bw_verdict *vd = NULL;
+		assert_int_equal(bw_message_parse(body, strlen(body), 262144, &spec, &vd), 0);
+		int rc = bw_message_check_host(spec, cfg, &vd);
+		if (cases[i].reason == BW_REJECT_NONE) {
+			assert_int_equal(rc, 0);
+		} else {
+			assert_int_equal(rc, BW_EMESSAGE);
+			assert_int_equal(vd->reason, cases[i].reason);
+			assert_int_equal(vd->n, 1);
+			char got[256];
+			snprintf(got, sizeof(got), "%s: %s", vd->v[0].path, vd->v[0].rule);
+			assert_string_equal(got, cases[i].rule);
+		}
+		bw_verdict_free(vd);
+		bw_job_spec_free(spec);
+	}
+	bw_config_free(cfg);
+	char cmd[PATH_MAX + 16];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	assert_int_equal(system(cmd), 0);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_contract_example),
+		cmocka_unit_test(test_every_rule_reported),
+		cmocka_unit_test(test_incremental_rules),
+		cmocka_unit_test(test_document_level),
+		cmocka_unit_test(test_host_rules),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
