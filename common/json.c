@@ -277,3 +277,18 @@ bool bw_json_get_integer(struct json_object *o, int64_t *out)
 		*out = (int64_t)d;
 	return true;
 }
+
+bool bw_json_integer_multiple_of(struct json_object *o, int64_t m)
+{
+	if (json_object_get_type(o) == json_type_double)
+		return fmod(json_object_get_double(o), (double)m) == 0.0;
+	int64_t v = json_object_get_int64(o);
+	if (v == INT64_MIN)
+		return true; /* saturated: unknown */
+	if (v == INT64_MAX) {
+		/* json-c keeps 2^63..2^64-1 exactly as unsigned, and saturates beyond that */
+		uint64_t u = json_object_get_uint64(o);
+		return u == UINT64_MAX || u % (uint64_t)m == 0;
+	}
+	return v % m == 0;
+}

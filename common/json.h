@@ -31,4 +31,11 @@ int bw_json_parse_strict(const char *buf, size_t len, struct json_object **out, 
  */
 bool bw_json_get_integer(struct json_object *o, int64_t *out);
 
+/*
+ * For an integer o (see bw_json_get_integer): false when it is certainly not a multiple of
+ * m (> 0), computed on the exact value; true otherwise, including values beyond what json-c
+ * keeps exactly (above 2^64-1 or below -2^63), whose remainder is unknown.
+ */
+bool bw_json_integer_multiple_of(struct json_object *o, int64_t m);
+
 #endif

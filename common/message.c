@@ -191,7 +191,7 @@ static bool check_integer(struct check *c, const char *path, struct json_object 
 		INVALID(c, path, "maximum", "is %" PRId64 ", at most %" PRId64 " allowed", v, max);
 		ok = false;
 	}
-	if (multiple > 1 && v % multiple != 0) {
+	if (multiple > 1 && !bw_json_integer_multiple_of(o, multiple)) {
 		INVALID(c, path, "multiple_of", "must be a multiple of %" PRId64, multiple);
 		ok = false;
 	}
@@ -213,15 +213,16 @@ static bool has(struct json_object *obj, const char *name)
 	return json_object_object_get_ex(obj, name, NULL);
 }
 
-static struct json_object *required(struct check *c, struct json_object *obj, const char *parent,
-				    const char *name)
+/* True when obj has the member (its value, which may be JSON null, in *out); else reports it. */
+static bool required(struct check *c, struct json_object *obj, const char *parent, const char *name,
+		     struct json_object **out)
 {
 	char path[128];
-	if (has(obj, name))
-		return member(obj, name);
+	if (json_object_object_get_ex(obj, name, out))
+		return true;
 	join(path, sizeof(path), parent, name);
 	INVALID(c, path, "required", "is required");
-	return NULL;
+	return false;
 }
 
 /* Records the members of obj not named in known[] as ignored fields. */
@@ -331,9 +332,9 @@ static void check_vm(struct check *c, struct json_object *vm)
 		return;
 	}
 	size_t before = c->vd->n;
-	if ((v = required(c, vm, "vm", "name")))
+	if (required(c, vm, "vm", "name", &v))
 		spec->vm_name = check_string(c, "vm.name", v, STR_TEXT, 1, 255);
-	if ((v = required(c, vm, "vm", "path")))
+	if (required(c, vm, "vm", "path", &v))
 		spec->vm_path = check_string(c, "vm.path", v, STR_TEXT, 1, 1024);
 	if (has(vm, "id"))
 		spec->vm_id = check_string(c, "vm.id", member(vm, "id"), STR_TEXT, 1, 128);
@@ -380,7 +381,7 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 			INVALID(c, path, "type", "must be an object, not %s", type_name(d));
 			continue;
 		}
-		if ((v = required(c, d, path, "key"))) {
+		if (required(c, d, path, "key", &v)) {
 			join(field, sizeof(field), path, "key");
 			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key)) {
 				for (size_t j = 0; j < i; j++) {
@@ -396,7 +397,7 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 				ds->key = 0; /* never equal to a valid key */
 			}
 		}
-		if ((v = required(c, d, path, "size_bytes"))) {
+		if (required(c, d, path, "size_bytes", &v)) {
 			join(field, sizeof(field), path, "size_bytes");
 			check_integer(c, field, v, 512, BW_DISK_SIZE_MAX, 512, &ds->size_bytes);
 		}
@@ -455,23 +456,23 @@ static void check_document(struct check *c, struct json_object *doc)
 	struct json_object *v;
 	int64_t n;
 
-	if ((v = required(c, doc, "", "schema_version"))) {
+	if (required(c, doc, "", "schema_version", &v)) {
 		if (!bw_json_get_integer(v, &n))
 			INVALID(c, "schema_version", "type", "must be the integer 1, not %s",
 				type_name(v));
 		else if (n != 1)
 			INVALID(c, "schema_version", "const", "must be 1 (this worker speaks v1)");
 	}
-	if ((v = required(c, doc, "", "job_id"))) {
+	if (required(c, doc, "", "job_id", &v)) {
 		spec->job_id = check_string(c, "job_id", v, STR_ID, 1, 128);
 		if (spec->job_id && (c->vd->job_id = strdup(spec->job_id)) == NULL)
 			c->oom = true;
 	}
-	if ((v = required(c, doc, "", "vm")))
+	if (required(c, doc, "", "vm", &v))
 		check_vm(c, v);
 
 	const char *type = NULL;
-	if ((v = required(c, doc, "", "backup_type"))) {
+	if (required(c, doc, "", "backup_type", &v)) {
 		if (!json_object_is_type(v, json_type_string)) {
 			INVALID(c, "backup_type", "type", "must be a string, not %s", type_name(v));
 		} else {
@@ -486,9 +487,9 @@ static void check_document(struct check *c, struct json_object *doc)
 			}
 		}
 	}
-	if ((v = required(c, doc, "", "repository_id")))
+	if (required(c, doc, "", "repository_id", &v))
 		spec->repository_id = check_string(c, "repository_id", v, STR_ID, 1, 128);
-	if ((v = required(c, doc, "", "credential_id")))
+	if (required(c, doc, "", "credential_id", &v))
 		spec->credential_id = check_string(c, "credential_id", v, STR_ID, 1, 128);
 	if (has(doc, "policy_id")) {
 		size_t before = c->vd->n;
@@ -502,7 +503,7 @@ static void check_document(struct check *c, struct json_object *doc)
 		check_tags(c, member(doc, "tags"));
 	else
 		c->vd->tags_valid = true;
-	if ((v = required(c, doc, "", "disks")))
+	if (required(c, doc, "", "disks", &v))
 		check_disks(c, v, type);
 	if (has(doc, "max_duration_s"))
 		check_integer(c, "max_duration_s", member(doc, "max_duration_s"), 60, 2592000, 1,

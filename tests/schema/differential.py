@@ -1,0 +1,345 @@
+#!/usr/bin/python3
+"""Differential test: bw-ctl validate against schemas/backup.start.json over the message corpus.
+
+Usage: differential.py BW_CTL CORPUS_DIR
+
+For every CORPUS_DIR/*.json, runs `BW_CTL validate FILE` (exit 0 = valid, 1 = invalid,
+anything else = a failure) and compares its verdict with check() below (the schema plus the
+document-level rules) and with the file's name (valid-* / invalid-*). For an invalid file the
+set of `path: rule` lines bw-ctl prints (`FILE: path: rule`) must equal the file's .expect.
+Prints every disagreement, then `N passed, M failed`; exits 1 on any failure, 2 on usage errors.
+
+Importable: check(raw_bytes) -> (valid, reason) is the reference validator that
+tests/schema/corpus_check.py also uses. Needs Debian's python3-jsonschema (4.10+).
+"""
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from decimal import Decimal
+
+import jsonschema
+import jsonschema.validators
+from jsonschema.exceptions import ValidationError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_PATH = os.path.normpath(os.path.join(HERE, "..", "..", "schemas", "backup.start.json"))
+
+MAX_BODY = 262144   # CONTRACT.md §2: config default 256 KiB
+MAX_DEPTH = 64      # arrays + objects, the top-level object counting as 1
+BW_CTL_TIMEOUT_S = 30
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InvalidJSON(Exception):
+    """The body is not strict RFC 8259 JSON in strict UTF-8 (reason invalid_json)."""
+
+
+# --- ECMA-262 patterns on Python's re -----------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _ecma_regex(pattern):
+    """Compile an ECMA-262 pattern (as JSON Schema requires) with Python's re.
+
+    The two differences that matter for our schemas are translated: ECMA '$' (no multiline)
+    matches only at the end of input, Python's also before a final newline; ECMA '.' excludes
+    \\n \\r U+2028 U+2029, Python's only \\n. The Unicode-dependent classes (\\d \\w \\s \\b)
+    differ too and are refused rather than silently mistranslated."""
+    out = []
+    i = 0
+    in_class = False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1:i + 2]
+            if nxt in ("d", "D", "w", "W", "s", "S", "b", "B"):
+                raise ValueError("pattern %r: \\%s is not translated to ECMA-262 semantics" % (pattern, nxt))
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+            out.append(c)
+        elif c == "[":
+            in_class = True
+            out.append(c)
+            # A ']' right after '[' or '[^' is literal in Python but ends the class in ECMA.
+            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
+                raise ValueError("pattern %r: empty class is not translated" % pattern)
+        elif c == "$":
+            out.append(r"\Z")
+        elif c == ".":
+            out.append("[^\n\r\u2028\u2029]")
+        else:
+            out.append(c)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern_keyword(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield ValidationError("%r does not match %r" % (instance, pattern))
+
+
+def _canonical(value):
+    """A hashable form under JSON equality (2000 == 2000.0, but true != 1)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return ("number", value)
+    if isinstance(value, str):
+        return ("string", value)
+    if value is None:
+        return ("null",)
+    return ("json", json.dumps(value, sort_keys=True))
+
+
+def _unique_key_keyword(validator, member, instance, schema):
+    """x-uniqueKey: MEMBER on an array: no two object items have equal values of MEMBER.
+    Reported on every later duplicate, not on the first occurrence."""
+    if not validator.is_type(instance, "array"):
+        return
+    first = {}
+    for index, item in enumerate(instance):
+        if not isinstance(item, dict) or member not in item:
+            continue
+        try:
+            canon = _canonical(item[member])
+        except (TypeError, ValueError):
+            continue
+        if canon in first:
+            yield ValidationError("%s %r of item %d duplicates item %d"
+                                  % (member, item[member], index, first[canon]),
+                                  path=[index, member])
+        else:
+            first[canon] = index
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    {"pattern": _pattern_keyword, "x-uniqueKey": _unique_key_keyword},
+)
+
+
+@functools.lru_cache(maxsize=None)
+def load_validator(schema_path=SCHEMA_PATH):
+    with open(schema_path, "rb") as f:
+        schema = json.loads(f.read().decode("utf-8"))
+    Validator.check_schema(schema)
+    for p in _all_patterns(schema):
+        _ecma_regex(p)  # refuse untranslatable patterns up front
+    return Validator(schema)
+
+
+def _all_patterns(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "pattern" and isinstance(v, str):
+                yield v
+            else:
+                yield from _all_patterns(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _all_patterns(v)
+
+
+# --- strict decoding ---------------------------------------------------------------------
+
+def _reject_constant(name):
+    raise InvalidJSON("%s is not JSON" % name)
+
+
+def _parse_int(text):
+    # Python 3.11 refuses int() of more than 4300 digits; JSON has no such limit.
+    if len(text) > 4000:
+        return int(Decimal(text))
+    return int(text)
+
+
+def decode_strict(raw):
+    """Decode a backup.start body under the document-level rules; raises InvalidJSON."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise InvalidJSON("byte-order mark")
+    try:
+        text = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise InvalidJSON("invalid UTF-8: %s" % e)
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise InvalidJSON("nesting too deep for the parser")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise InvalidJSON(str(e))
+    # Walk iteratively: depth, and lone surrogates from \u escapes (in keys too).
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_DEPTH:
+                raise InvalidJSON("nesting depth over %d" % MAX_DEPTH)
+            for k, v in node.items():
+                if _SURROGATE.search(k):
+                    raise InvalidJSON("lone surrogate in an object key")
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            if depth > MAX_DEPTH:
+                raise InvalidJSON("nesting depth over %d" % MAX_DEPTH)
+            for v in node:
+                stack.append((v, depth + 1))
+        elif isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise InvalidJSON("lone surrogate in a string")
+    return doc
+
+
+def _json_path(error):
+    path = "$"
+    for p in error.absolute_path:
+        path += "[%d]" % p if isinstance(p, int) else "." + str(p)
+    return path
+
+
+def schema_errors(doc, schema_path=SCHEMA_PATH):
+    """Every schema violation of a decoded document, as jsonschema errors."""
+    return sorted(load_validator(schema_path).iter_errors(doc),
+                  key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+
+
+def check(raw_bytes, schema_path=SCHEMA_PATH):
+    """Validate one raw backup.start body exactly as CONTRACT.md §2 says.
+
+    Returns (True, None) or (False, reason) where reason starts with the rejection code:
+    'too_large', 'invalid_json' or 'invalid_message', then ': ' and a human detail."""
+    if len(raw_bytes) > MAX_BODY:
+        return False, "too_large: %d bytes > %d" % (len(raw_bytes), MAX_BODY)
+    try:
+        doc = decode_strict(raw_bytes)
+    except InvalidJSON as e:
+        return False, "invalid_json: %s" % e
+    errors = schema_errors(doc, schema_path)
+    if errors:
+        e = errors[0]
+        more = " (+%d more)" % (len(errors) - 1) if len(errors) > 1 else ""
+        return False, "invalid_message: %s: %s%s" % (_json_path(e), e.message[:200], more)
+    return True, None
+
+
+# --- the differential run ----------------------------------------------------------------
+
+def read_expect(path):
+    with open(path, "r", encoding="utf-8") as f:
+        return [line for line in f.read().split("\n") if line != ""]
+
+
+def parse_bw_ctl_output(stdout, file_arg):
+    """Split `FILE: path: rule` lines; returns (list of 'path: rule', list of bad lines)."""
+    prefix = file_arg + ": "
+    got, bad = [], []
+    for line in stdout.split("\n"):
+        if line == "":
+            continue
+        if not line.startswith(prefix):
+            bad.append(line)
+            continue
+        rest = line[len(prefix):]
+        path, sep, rule = rest.rpartition(": ")
+        if not sep or not path or not rule:
+            bad.append(line)
+            continue
+        got.append("%s: %s" % (path, rule))
+    return got, bad
+
+
+def run_one(bw_ctl, file_arg, name):
+    """Returns a list of disagreement strings (empty = passed)."""
+    problems = []
+    with open(file_arg, "rb") as f:
+        raw = f.read()
+    named_valid = name.startswith("valid-")
+    if not named_valid and not name.startswith("invalid-"):
+        return ["corpus: name is neither valid-* nor invalid-*"]
+    ref_valid, ref_reason = check(raw)
+    if ref_valid != named_valid:
+        problems.append("corpus: check() says %s (%s) but the file is named %s"
+                        % ("valid" if ref_valid else "invalid", ref_reason, name))
+    try:
+        proc = subprocess.run([bw_ctl, "validate", file_arg], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=BW_CTL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return problems + ["bw-ctl: no answer within %d s" % BW_CTL_TIMEOUT_S]
+    except OSError as e:
+        return problems + ["bw-ctl: cannot run: %s" % e]
+    stdout = proc.stdout.decode("utf-8", errors="backslashreplace")
+    stderr = proc.stderr.decode("utf-8", errors="backslashreplace").strip()
+    if proc.returncode not in (0, 1):
+        how = ("killed by signal %d" % -proc.returncode) if proc.returncode < 0 \
+            else "exit %d" % proc.returncode
+        problems.append("bw-ctl: %s (0 or 1 expected)%s" % (how, (": " + stderr[:500]) if stderr else ""))
+        return problems
+    got_valid = proc.returncode == 0
+    if got_valid != ref_valid:
+        problems.append("verdict: bw-ctl says %s, the schema says %s%s"
+                        % ("valid" if got_valid else "invalid", "valid" if ref_valid else "invalid",
+                           "" if ref_valid else " (%s)" % ref_reason))
+    got, bad = parse_bw_ctl_output(stdout, file_arg)
+    for line in bad:
+        problems.append("bw-ctl: unparsable line (want '%s: path: rule'): %r" % (file_arg, line))
+    dups = sorted({g for g in got if got.count(g) > 1})
+    for d in dups:
+        problems.append("bw-ctl: line printed more than once (one per violated rule): %s" % d)
+    expect_path = file_arg[:-len(".json")] + ".expect"
+    if named_valid:
+        if got:
+            problems.append("bw-ctl: violations printed for a valid file: %s" % "; ".join(got))
+        if os.path.exists(expect_path):
+            problems.append("corpus: a valid file has an .expect")
+    else:
+        if not os.path.exists(expect_path):
+            problems.append("corpus: %s is missing" % os.path.basename(expect_path))
+            return problems
+        want = set(read_expect(expect_path))
+        have = set(got)
+        for line in sorted(want - have):
+            problems.append("missing  %s" % line)
+        for line in sorted(have - want):
+            problems.append("extra    %s" % line)
+    if problems and stderr:
+        problems.append("bw-ctl stderr: %s" % stderr[:500])
+    return problems
+
+
+def main(argv):
+    if len(argv) != 3:
+        print("usage: %s BW_CTL CORPUS_DIR" % os.path.basename(argv[0]), file=sys.stderr)
+        return 2
+    bw_ctl, corpus = argv[1], argv[2]
+    if not os.path.isdir(corpus):
+        print("%s: not a directory" % corpus, file=sys.stderr)
+        return 2
+    names = sorted(n for n in os.listdir(corpus) if n.endswith(".json"))
+    if not names:
+        print("%s: no *.json files" % corpus, file=sys.stderr)
+        return 2
+    passed = failed = 0
+    for name in names:
+        problems = run_one(bw_ctl, os.path.join(corpus, name), name)
+        if problems:
+            failed += 1
+            print("FAIL %s" % name)
+            for p in problems:
+                print("     %s" % p)
+        else:
+            passed += 1
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
