@@ -1,6 +1,7 @@
-/* ctl.c: bw-ctl, the operator's tool: validate backup.start messages (ledger commands follow). */
+/* ctl.c: bw-ctl, the operator's tool: validate backup.start messages, read the host's ledger. */
 #include "config.h"
 #include "error.h"
+#include "ledger.h"
 #include "log.h"
 #include "message.h"
 
@@ -26,7 +27,14 @@ static void usage(FILE *f)
 		   "                          Without --config only the message rules are checked;\n"
 		   "                          with it also the host's (repository, credential,\n"
 		   "                          parent images). Exit 0 all valid, 1 any invalid,\n"
-		   "                          2 usage or I/O error.\n");
+		   "                          2 usage or I/O error.\n"
+		   "  jobs [--json]           the jobs in the host's ledger, newest first\n"
+		   "  ports [--json]          reserved and quarantined NBD ports\n"
+		   "  workers [--json]        worker processes of this host and whether they live\n"
+		   "  show [--json] JOB       one job: disks, every state with its time, events\n"
+		   "\n"
+		   "The ledger commands read the ledger named by the config (default "
+		   BW_CONFIG_DEFAULT_PATH ").\n");
 }
 
 /* Reads a whole file (or stdin for "-") into a malloc'd buffer; returns 0 or an errno value. */
@@ -141,6 +149,156 @@ static int cmd_validate(int argc, char **argv, const struct bw_config *cfg)
 	return worst;
 }
 
+/* ---- ledger views ------------------------------------------------------------------------- */
+
+struct column {
+	const char *key;
+	const char *header;
+};
+
+static const char *cell(struct json_object *row, const char *key, char *buf, size_t size)
+{
+	struct json_object *v = NULL;
+	if (!json_object_object_get_ex(row, key, &v) || v == NULL)
+		return "-";
+	if (json_object_is_type(v, json_type_string))
+		return json_object_get_string(v);
+	snprintf(buf, size, "%s", json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN));
+	return buf;
+}
+
+/* Prints rows as an aligned table with the given columns. */
+static void print_table(struct json_object *rows, const struct column *cols, size_t ncols)
+{
+	size_t width[16] = {0};
+	char buf[64];
+	size_t n = json_object_array_length(rows);
+	for (size_t c = 0; c < ncols; c++) {
+		width[c] = strlen(cols[c].header);
+		for (size_t r = 0; r < n; r++) {
+			size_t w = strlen(cell(json_object_array_get_idx(rows, r), cols[c].key, buf,
+					       sizeof(buf)));
+			if (w > width[c])
+				width[c] = w;
+		}
+	}
+	for (size_t c = 0; c < ncols; c++)
+		printf("%-*s%s", c + 1 < ncols ? (int)width[c] : 0, cols[c].header,
+		       c + 1 < ncols ? "  " : "\n");
+	for (size_t r = 0; r < n; r++) {
+		struct json_object *row = json_object_array_get_idx(rows, r);
+		for (size_t c = 0; c < ncols; c++)
+			printf("%-*s%s", c + 1 < ncols ? (int)width[c] : 0,
+			       cell(row, cols[c].key, buf, sizeof(buf)), c + 1 < ncols ? "  " : "\n");
+	}
+}
+
+static void print_json(struct json_object *o)
+{
+	printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+							     JSON_C_TO_STRING_NOSLASHESCAPE));
+}
+
+static void print_job(struct json_object *job)
+{
+	static const char *const fields[] = {"job_id",	"state",      "owner",	    "generation",
+					     "attempt", "created_at", "updated_at", "last_error"};
+	static const struct column disk_cols[] = {
+		{"key", "DISK"},	  {"state", "STATE"},	     {"port", "PORT"},
+		{"nbd_pid", "QEMU-NBD"}, {"export_name", "EXPORT"}, {"qcow2_path", "QCOW2"}};
+	static const struct column history_cols[] = {
+		{"at", "AT"}, {"state", "STATE"}, {"owner", "WORKER"}, {"generation", "GEN"}};
+	static const struct column event_cols[] = {{"seq", "SEQ"},
+						   {"routing_key", "EVENT"},
+						   {"created_at", "CREATED"},
+						   {"published_at", "PUBLISHED"},
+						   {"attempts", "ATTEMPTS"}};
+	char buf[64];
+	struct json_object *v;
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+		printf("%-11s %s\n", fields[i], cell(job, fields[i], buf, sizeof(buf)));
+	if (json_object_object_get_ex(job, "disks", &v)) {
+		printf("\n");
+		print_table(v, disk_cols, 6);
+	}
+	if (json_object_object_get_ex(job, "history", &v)) {
+		printf("\n");
+		print_table(v, history_cols, 4);
+	}
+	if (json_object_object_get_ex(job, "events", &v)) {
+		printf("\n");
+		print_table(v, event_cols, 5);
+	}
+}
+
+static int cmd_ledger(const char *cmd, int argc, char **argv, const struct bw_config *cfg)
+{
+	static const struct column job_cols[] = {
+		{"job_id", "JOB"},	   {"state", "STATE"},	     {"disk_count", "DISKS"},
+		{"owner", "WORKER"},	   {"generation", "GEN"},    {"created_at", "CREATED"},
+		{"updated_at", "UPDATED"}, {"last_error", "ERROR"}};
+	static const struct column port_cols[] = {
+		{"port", "PORT"},   {"state", "STATE"},	 {"job_id", "JOB"},
+		{"disk_key", "DISK"}, {"owner", "WORKER"}, {"until", "UNTIL"}};
+	static const struct column worker_cols[] = {
+		{"worker_id", "WORKER"}, {"pid", "PID"},	      {"alive", "ALIVE"},
+		{"started_at", "STARTED"}, {"heartbeat_at", "HEARTBEAT"}, {"lock_path", "LOCK"}};
+	bool json = false;
+	const char *job_id = NULL;
+	struct bw_ledger *l = NULL;
+	struct json_object *out = NULL;
+	int rc;
+
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--json") == 0)
+			json = true;
+		else if (strcmp(cmd, "show") == 0 && job_id == NULL && argv[i][0] != '-')
+			job_id = argv[i];
+		else {
+			fprintf(stderr, "bw-ctl: %s: unexpected argument \"%s\"\n", cmd, argv[i]);
+			return EXIT_USAGE;
+		}
+	}
+	if (strcmp(cmd, "show") == 0 && job_id == NULL) {
+		fprintf(stderr, "bw-ctl: show: no JOB given\n");
+		return EXIT_USAGE;
+	}
+	rc = bw_ledger_open_readonly(&l, cfg->ledger_path);
+	if (rc != 0) {
+		fprintf(stderr, "bw-ctl: %s: %s\n", cfg->ledger_path,
+			rc == BW_ENOENT ? "no ledger here (no worker has run on this host)"
+					: bw_strerror(rc));
+		return EXIT_USAGE;
+	}
+	if (strcmp(cmd, "jobs") == 0)
+		rc = bw_ledger_list_jobs(l, &out);
+	else if (strcmp(cmd, "ports") == 0)
+		rc = bw_ledger_list_ports(l, &out);
+	else if (strcmp(cmd, "workers") == 0)
+		rc = bw_ledger_list_workers(l, &out);
+	else
+		rc = bw_ledger_show_job(l, job_id, &out);
+	if (rc == BW_ENOENT) {
+		fprintf(stderr, "bw-ctl: no job \"%s\" in %s\n", job_id, cfg->ledger_path);
+	} else if (rc != 0) {
+		fprintf(stderr, "bw-ctl: %s: %s (%s)\n", cfg->ledger_path, bw_strerror(rc),
+			bw_ledger_errmsg(l));
+	} else if (json) {
+		print_json(out);
+	} else if (strcmp(cmd, "jobs") == 0) {
+		print_table(out, job_cols, 8);
+	} else if (strcmp(cmd, "ports") == 0) {
+		print_table(out, port_cols, 6);
+	} else if (strcmp(cmd, "workers") == 0) {
+		print_table(out, worker_cols, 6);
+	} else {
+		print_job(out);
+	}
+	json_object_put(out);
+	bw_ledger_close(l);
+	return rc == 0 ? 0 : rc == BW_ENOENT ? EXIT_INVALID : EXIT_USAGE;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -183,6 +341,10 @@ int main(int argc, char **argv)
 	}
 	const char *cmd = argv[optind];
 
+	bool ledger_cmd = strcmp(cmd, "jobs") == 0 || strcmp(cmd, "ports") == 0 ||
+			  strcmp(cmd, "workers") == 0 || strcmp(cmd, "show") == 0;
+	if (ledger_cmd && config_path == NULL)
+		config_path = BW_CONFIG_DEFAULT_PATH;
 	if (config_path || nsets) {
 		char *errors = NULL;
 		int rc = bw_config_load(&cfg, config_path, sets, nsets, &errors);
@@ -195,6 +357,8 @@ int main(int argc, char **argv)
 
 	if (strcmp(cmd, "validate") == 0) {
 		status = cmd_validate(argc - optind, argv + optind, cfg);
+	} else if (ledger_cmd) {
+		status = cmd_ledger(cmd, argc - optind, argv + optind, cfg);
 	} else {
 		fprintf(stderr, "bw-ctl: unknown command \"%s\"\n", cmd);
 		usage(stderr);

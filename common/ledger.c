@@ -1,0 +1,1629 @@
+/* ledger.c: the host's SQLite ledger: short fenced transactions, flock-proven liveness, the outbox. */
+#include "ledger.h"
+#include "proc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/*
+ * Schema, version 1 (PRAGMA user_version).
+ *
+ * Migration procedure: never edit a released version's DDL. To change the schema, add
+ * schema_v<N+1>[] with the ALTER/CREATE statements that take a version N ledger to N+1,
+ * append it to migrations[], and bump LEDGER_SCHEMA_VERSION. bw_ledger_open applies the
+ * missing steps in order inside one BEGIN IMMEDIATE transaction, so a host's workers can
+ * be upgraded one by one: an older worker refuses a newer ledger (BW_ENOTSUP) instead of
+ * misreading it. Invariants live in the schema (keys, UNIQUE, CHECK), not only in code.
+ */
+#define LEDGER_SCHEMA_VERSION 1
+
+static const char schema_v1[] =
+	"CREATE TABLE meta ("
+	"  key TEXT PRIMARY KEY,"
+	"  value INTEGER NOT NULL);"
+	"CREATE TABLE workers ("
+	"  incarnation INTEGER PRIMARY KEY AUTOINCREMENT,"
+	"  worker_id TEXT NOT NULL UNIQUE CHECK (length(worker_id) BETWEEN 1 AND 128),"
+	"  pid INTEGER NOT NULL CHECK (pid > 0),"
+	"  start_time INTEGER NOT NULL,"
+	"  boot_id TEXT NOT NULL,"
+	"  lock_path TEXT NOT NULL UNIQUE,"
+	"  started_at INTEGER NOT NULL,"
+	"  heartbeat_at INTEGER NOT NULL);"
+	"CREATE TABLE jobs ("
+	"  job_id TEXT PRIMARY KEY CHECK (length(job_id) BETWEEN 1 AND 128),"
+	"  state TEXT NOT NULL CHECK (state IN ('claimed','waiting_ports','reserved',"
+	"    'targets_created','serving','sna_requested','transferring','finalizing',"
+	"    'completed','failed','compensated')),"
+	"  owner TEXT NOT NULL,"
+	"  owner_incarnation INTEGER NOT NULL,"
+	"  owner_boot_id TEXT NOT NULL,"
+	"  generation INTEGER NOT NULL CHECK (generation >= 1),"
+	"  attempt INTEGER NOT NULL CHECK (attempt >= 1),"
+	"  seq INTEGER NOT NULL CHECK (seq >= 1),"
+	"  message TEXT NOT NULL,"
+	"  last_error TEXT,"
+	"  created_at INTEGER NOT NULL,"
+	"  updated_at INTEGER NOT NULL);"
+	"CREATE INDEX jobs_owner ON jobs(owner_incarnation)"
+	"  WHERE state NOT IN ('completed','compensated');"
+	"CREATE TABLE job_history ("
+	"  id INTEGER PRIMARY KEY,"
+	"  job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,"
+	"  state TEXT NOT NULL,"
+	"  owner TEXT NOT NULL,"
+	"  generation INTEGER NOT NULL,"
+	"  at INTEGER NOT NULL);"
+	"CREATE INDEX job_history_job ON job_history(job_id, id);"
+	"CREATE TABLE job_disks ("
+	"  job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,"
+	"  disk_key INTEGER NOT NULL CHECK (disk_key BETWEEN 1 AND 2147483647),"
+	"  port INTEGER CHECK (port BETWEEN 1 AND 65535),"
+	"  export_name TEXT NOT NULL,"
+	"  qcow2_path TEXT NOT NULL,"
+	"  qcow2_created INTEGER NOT NULL DEFAULT 0 CHECK (qcow2_created IN (0, 1)),"
+	"  nbd_pid INTEGER NOT NULL DEFAULT 0 CHECK (nbd_pid >= 0),"
+	"  nbd_start_time INTEGER NOT NULL DEFAULT 0,"
+	"  state TEXT NOT NULL,"
+	"  PRIMARY KEY (job_id, disk_key));"
+	/* A port has at most one live holder: the primary key. A disk holds at most one. */
+	"CREATE TABLE port_pool ("
+	"  port INTEGER PRIMARY KEY CHECK (port BETWEEN 1 AND 65535));"
+	"CREATE TABLE ports ("
+	"  port INTEGER PRIMARY KEY CHECK (port BETWEEN 1 AND 65535),"
+	"  state TEXT NOT NULL CHECK (state IN ('reserved','quarantined')),"
+	"  job_id TEXT,"
+	"  disk_key INTEGER,"
+	"  owner TEXT,"
+	"  generation INTEGER,"
+	"  until INTEGER,"
+	"  since INTEGER NOT NULL,"
+	"  UNIQUE (job_id, disk_key),"
+	"  CHECK ((state = 'reserved' AND job_id IS NOT NULL AND disk_key IS NOT NULL"
+	"          AND owner IS NOT NULL AND generation IS NOT NULL AND until IS NULL)"
+	"      OR (state = 'quarantined' AND job_id IS NULL AND disk_key IS NULL"
+	"          AND until IS NOT NULL)));"
+	"CREATE TABLE outbox ("
+	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+	"  event_id TEXT NOT NULL UNIQUE,"
+	"  job_id TEXT,"
+	"  seq INTEGER NOT NULL CHECK (seq >= 0),"
+	"  routing_key TEXT NOT NULL,"
+	"  body TEXT NOT NULL,"
+	"  created_at INTEGER NOT NULL,"
+	"  published_at INTEGER,"
+	"  attempts INTEGER NOT NULL DEFAULT 0,"
+	"  last_error TEXT,"
+	"  UNIQUE (job_id, seq));"
+	"CREATE INDEX outbox_unpublished ON outbox(id) WHERE published_at IS NULL;";
+
+static const char *const migrations[] = {schema_v1};
+
+/* Where a job is done with: nothing left to do for anybody. */
+#define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
+
+#define BUSY_BOUND_NS (2 * 1000000000LL) /* one busy wait before the transaction is retried */
+#define TXN_ATTEMPTS 5
+
+enum stmt_id {
+	ST_FENCE,
+	ST_JOB_STATE,
+	ST_JOB_INSERT,
+	ST_DISK_INSERT,
+	ST_HISTORY,
+	ST_OUTBOX_INSERT,
+	ST_JOB_UPDATE,
+	ST_DISK_UPDATE,
+	ST_QUARANTINE_EXPIRE,
+	ST_CURSOR_GET,
+	ST_CURSOR_SET,
+	ST_FREE_PORTS,
+	ST_PORT_HELD_BY_DISK,
+	ST_PORT_INSERT,
+	ST_DISK_SET_PORT,
+	ST_PORT_RELEASE,
+	ST_DISK_CLEAR_PORT,
+	ST_PORT_RELEASE_ALL,
+	ST_DISK_CLEAR_PORTS,
+	ST_PORT_DISK,
+	ST_PORT_QUARANTINE,
+	ST_OUTBOX_NEXT,
+	ST_OUTBOX_PUBLISHED,
+	ST_OUTBOX_FAILED,
+	ST_OUTBOX_APPEND,
+	ST_HEARTBEAT,
+	ST__COUNT
+};
+
+static const char *const stmt_sql[ST__COUNT] = {
+	[ST_FENCE] = "SELECT generation, seq FROM jobs WHERE job_id = ?1",
+	[ST_JOB_STATE] = "SELECT state FROM jobs WHERE job_id = ?1",
+	[ST_JOB_INSERT] = "INSERT INTO jobs (job_id, state, owner, owner_incarnation, owner_boot_id,"
+			  " generation, attempt, seq, message, created_at, updated_at)"
+			  " VALUES (?1, 'claimed', ?2, ?3, ?4, 1, 1, 1, ?5, ?6, ?6)",
+	[ST_DISK_INSERT] = "INSERT INTO job_disks (job_id, disk_key, export_name, qcow2_path, state)"
+			   " VALUES (?1, ?2, ?3, ?4, 'pending')",
+	[ST_HISTORY] = "INSERT INTO job_history (job_id, state, owner, generation, at)"
+		       " VALUES (?1, ?2, ?3, ?4, ?5)",
+	[ST_OUTBOX_INSERT] = "INSERT INTO outbox (event_id, job_id, seq, routing_key, body, created_at)"
+			     " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+	[ST_JOB_UPDATE] = "UPDATE jobs SET state = ?3, seq = ?4, updated_at = ?5,"
+			  " last_error = coalesce(?6, last_error)"
+			  " WHERE job_id = ?1 AND generation = ?2",
+	[ST_DISK_UPDATE] = "UPDATE job_disks SET state = ?3, nbd_pid = ?4, nbd_start_time = ?5,"
+			   " qcow2_created = ?6 WHERE job_id = ?1 AND disk_key = ?2",
+	[ST_QUARANTINE_EXPIRE] = "DELETE FROM ports WHERE state = 'quarantined' AND until <= ?1",
+	[ST_CURSOR_GET] = "SELECT value FROM meta WHERE key = 'next_port'",
+	[ST_CURSOR_SET] = "UPDATE meta SET value = ?1 WHERE key = 'next_port'",
+	/* Free ports from the cursor on; the caller wraps around with ?1 = 0. */
+	[ST_FREE_PORTS] = "SELECT port FROM port_pool p WHERE port >= ?1 AND port < ?2"
+			  " AND NOT EXISTS (SELECT 1 FROM ports r WHERE r.port = p.port)"
+			  " ORDER BY port LIMIT ?3",
+	[ST_PORT_HELD_BY_DISK] = "SELECT port FROM ports WHERE job_id = ?1 AND disk_key = ?2",
+	[ST_PORT_INSERT] = "INSERT INTO ports (port, state, job_id, disk_key, owner, generation, since)"
+			   " VALUES (?1, 'reserved', ?2, ?3, ?4, ?5, ?6)",
+	[ST_DISK_SET_PORT] = "UPDATE job_disks SET port = ?3 WHERE job_id = ?1 AND disk_key = ?2",
+	[ST_PORT_RELEASE] = "DELETE FROM ports WHERE port = ?1 AND job_id = ?2 AND state = 'reserved'",
+	[ST_DISK_CLEAR_PORT] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1 AND port = ?2",
+	[ST_PORT_RELEASE_ALL] = "DELETE FROM ports WHERE job_id = ?1 AND state = 'reserved'",
+	[ST_DISK_CLEAR_PORTS] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1",
+	[ST_PORT_DISK] = "SELECT disk_key FROM ports WHERE port = ?1 AND job_id = ?2"
+			 " AND state = 'reserved'",
+	[ST_PORT_QUARANTINE] = "UPDATE ports SET state = 'quarantined', job_id = NULL,"
+			       " disk_key = NULL, owner = NULL, generation = NULL, until = ?2,"
+			       " since = ?3 WHERE port = ?1",
+	[ST_OUTBOX_NEXT] = "SELECT id, event_id, routing_key, body, attempts FROM outbox"
+			   " WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+	[ST_OUTBOX_PUBLISHED] = "UPDATE outbox SET published_at = ?2, attempts = attempts + 1"
+				" WHERE id = ?1 AND published_at IS NULL",
+	[ST_OUTBOX_FAILED] = "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+	[ST_OUTBOX_APPEND] = "INSERT OR IGNORE INTO outbox (event_id, job_id, seq, routing_key, body,"
+			     " created_at) VALUES (?1, NULL, ?2, ?3, ?4, ?5)",
+	[ST_HEARTBEAT] = "UPDATE workers SET heartbeat_at = ?2 WHERE incarnation = ?1",
+};
+
+struct bw_ledger {
+	sqlite3 *db;
+	bool readonly;
+	int port_min, port_max;
+	sqlite3_stmt *st[ST__COUNT];
+	uint64_t rng;
+	int64_t busy_since_ns;
+
+	/* Set by bw_ledger_register. */
+	char *worker_id;
+	int64_t incarnation;
+	char *lock_path;
+	int lock_fd;
+	char boot_id[BW_BOOT_ID_LEN + 1];
+};
+
+/* ---- small helpers ---------------------------------------------------------------------- */
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static uint64_t rnd(struct bw_ledger *l)
+{
+	/* xorshift64*: jitter only, not security */
+	l->rng ^= l->rng >> 12;
+	l->rng ^= l->rng << 25;
+	l->rng ^= l->rng >> 27;
+	return l->rng * 2685821657736338717ULL;
+}
+
+static void sleep_us(uint64_t us)
+{
+	struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+/* Translates a SQLite result into a BW code (0 for OK/ROW/DONE). */
+static int sql_err(struct bw_ledger *l, int rc)
+{
+	switch (rc) {
+	case SQLITE_OK:
+	case SQLITE_ROW:
+	case SQLITE_DONE:
+		return 0;
+	case SQLITE_BUSY:
+	case SQLITE_LOCKED:
+		return BW_EBUSY;
+	case SQLITE_NOMEM:
+		return BW_ENOMEM;
+	case SQLITE_CONSTRAINT: {
+		int ext = sqlite3_extended_errcode(l->db);
+		if (ext == SQLITE_CONSTRAINT_PRIMARYKEY || ext == SQLITE_CONSTRAINT_UNIQUE)
+			return BW_EEXIST;
+		return BW_EINVAL;
+	}
+	case SQLITE_PERM:
+	case SQLITE_READONLY:
+	case SQLITE_AUTH:
+		return BW_EPERM;
+	case SQLITE_CANTOPEN:
+		return BW_ENOENT;
+	default:
+		return BW_EIO;
+	}
+}
+
+/* The prepared statement id, reset and unbound, ready for binding. */
+static sqlite3_stmt *stmt(struct bw_ledger *l, enum stmt_id id)
+{
+	sqlite3_stmt *s = l->st[id];
+	if (s == NULL) {
+		if (sqlite3_prepare_v3(l->db, stmt_sql[id], -1, SQLITE_PREPARE_PERSISTENT, &l->st[id],
+				       NULL) != SQLITE_OK)
+			return NULL;
+		return l->st[id];
+	}
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	return s;
+}
+
+/* Binds by format: 't' text, 'i' int64, 'n' NULL-able text; runs to completion. */
+static int run(struct bw_ledger *l, enum stmt_id id, const char *types, ...)
+	__attribute__((warn_unused_result));
+
+static int bind_va(sqlite3_stmt *s, const char *types, va_list ap)
+{
+	int rc = SQLITE_OK;
+	for (int i = 0; types[i] && rc == SQLITE_OK; i++) {
+		if (types[i] == 'i') {
+			rc = sqlite3_bind_int64(s, i + 1, va_arg(ap, int64_t));
+		} else {
+			const char *t = va_arg(ap, const char *);
+			rc = t ? sqlite3_bind_text(s, i + 1, t, -1, SQLITE_STATIC)
+			       : sqlite3_bind_null(s, i + 1);
+		}
+	}
+	return rc;
+}
+
+static int run(struct bw_ledger *l, enum stmt_id id, const char *types, ...)
+{
+	sqlite3_stmt *s = stmt(l, id);
+	if (s == NULL)
+		return sql_err(l, sqlite3_errcode(l->db));
+	va_list ap;
+	va_start(ap, types);
+	int rc = bind_va(s, types, ap);
+	va_end(ap);
+	if (rc == SQLITE_OK)
+		rc = sqlite3_step(s);
+	int err = sql_err(l, rc);
+	sqlite3_reset(s);
+	return err;
+}
+
+/* Prepares and binds id; the caller steps it. NULL on failure (*err set). */
+static sqlite3_stmt *query(struct bw_ledger *l, enum stmt_id id, int *err, const char *types, ...)
+{
+	sqlite3_stmt *s = stmt(l, id);
+	if (s == NULL) {
+		*err = sql_err(l, sqlite3_errcode(l->db));
+		return NULL;
+	}
+	va_list ap;
+	va_start(ap, types);
+	int rc = bind_va(s, types, ap);
+	va_end(ap);
+	if (rc != SQLITE_OK) {
+		*err = sql_err(l, rc);
+		return NULL;
+	}
+	return s;
+}
+
+static char *dup_col(sqlite3_stmt *s, int col)
+{
+	const unsigned char *t = sqlite3_column_text(s, col);
+	return strdup(t ? (const char *)t : "");
+}
+
+/* ---- transactions ----------------------------------------------------------------------- */
+
+/*
+ * Busy handler: short random sleeps (20 us to 1 ms) instead of SQLite's backoff that grows
+ * to 100 ms, so a waiting process keeps trying while the lock is released thousands of
+ * times a second and is not starved by newcomers; bounded by BUSY_BOUND_NS.
+ */
+static int busy_cb(void *arg, int count)
+{
+	struct bw_ledger *l = arg;
+	int64_t now = mono_ns();
+	if (count == 0)
+		l->busy_since_ns = now;
+	if (now - l->busy_since_ns > BUSY_BOUND_NS)
+		return 0;
+	uint64_t cap = count < 50 ? 200 : 1000;
+	sleep_us(20 + rnd(l) % cap);
+	return 1;
+}
+
+static int exec(struct bw_ledger *l, const char *sql)
+{
+	return sql_err(l, sqlite3_exec(l->db, sql, NULL, NULL, NULL));
+}
+
+typedef int (*txn_fn)(struct bw_ledger *l, void *ctx);
+
+/*
+ * Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back when fn fails. A transaction that
+ * stays busy is retried TXN_ATTEMPTS times with jitter, then BW_EBUSY. fn must do SQL only
+ * (no I/O, no waiting) and be safe to run again from the start.
+ */
+static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
+{
+	int rc = BW_EBUSY;
+	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
+		if (attempt > 0)
+			sleep_us(1000 + rnd(l) % (2000u << attempt));
+		rc = exec(l, "BEGIN IMMEDIATE");
+		if (rc == BW_EBUSY)
+			continue;
+		if (rc != 0)
+			return rc;
+		rc = fn(l, ctx);
+		if (rc == 0)
+			rc = exec(l, "COMMIT");
+		if (rc != 0)
+			(void)exec(l, "ROLLBACK");
+		if (rc != BW_EBUSY)
+			return rc;
+	}
+	return rc;
+}
+
+/* Checks the fence; stores the job's current seq. */
+static int fence(struct bw_ledger *l, const struct bw_fence *f, int64_t *seq)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, ST_FENCE, &err, "t", f->job_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc != SQLITE_ROW) {
+		err = rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+	} else if (sqlite3_column_int64(s, 0) != f->generation) {
+		err = BW_EFENCED;
+	} else if (seq) {
+		*seq = sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+	return err;
+}
+
+static int history(struct bw_ledger *l, const char *job_id, const char *state, int64_t gen)
+{
+	return run(l, ST_HISTORY, "tttii", job_id, state, l->worker_id, gen, now_ms());
+}
+
+static int append_events(struct bw_ledger *l, const char *job_id, int64_t seq,
+			 const struct bw_event *events, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (events[i].seq != seq + 1 + (int64_t)i)
+			return BW_EINVAL;
+		int rc = run(l, ST_OUTBOX_INSERT, "ttitti", events[i].event_id, job_id,
+			     events[i].seq, events[i].routing_key, events[i].body, now_ms());
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+/* ---- states ----------------------------------------------------------------------------- */
+
+static const char *const state_names[] = {
+#define BW__STATE_NAME(name, text) text,
+	BW_JOB_STATE_MAP(BW__STATE_NAME)
+#undef BW__STATE_NAME
+};
+
+const char *bw_job_state_name(enum bw_job_state state)
+{
+	if ((unsigned)state >= sizeof(state_names) / sizeof(state_names[0]))
+		return "?";
+	return state_names[state];
+}
+
+int bw_job_state_parse(const char *name, enum bw_job_state *out)
+{
+	for (unsigned i = 0; i < sizeof(state_names) / sizeof(state_names[0]); i++) {
+		if (strcmp(state_names[i], name) == 0) {
+			*out = (enum bw_job_state)i;
+			return 0;
+		}
+	}
+	return BW_EINVAL;
+}
+
+bool bw_job_state_terminal(enum bw_job_state state)
+{
+	return state == BW_JOB_COMPLETED || state == BW_JOB_FAILED || state == BW_JOB_COMPENSATED;
+}
+
+/* ---- open and migrate ------------------------------------------------------------------- */
+
+struct migrate_ctx {
+	int port_min, port_max;
+};
+
+static int get_meta(struct bw_ledger *l, const char *key, int64_t *out)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db, "SELECT value FROM meta WHERE key = ?1", -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*out = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+}
+
+static int set_meta(struct bw_ledger *l, const char *key, int64_t value)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db, "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, value);
+	int rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	return sql_err(l, rc);
+}
+
+static int user_version(struct bw_ledger *l, int64_t *out)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db, "PRAGMA user_version", -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*out = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+}
+
+static int migrate_txn(struct bw_ledger *l, void *arg)
+{
+	struct migrate_ctx *m = arg;
+	int64_t version = 0, lo = 0, hi = 0;
+	char sql[160];
+	int rc = user_version(l, &version);
+	if (rc != 0)
+		return rc;
+	if (version > LEDGER_SCHEMA_VERSION)
+		return BW_ENOTSUP;
+	for (int64_t v = version; v < LEDGER_SCHEMA_VERSION; v++)
+		if ((rc = exec(l, migrations[v])) != 0)
+			return rc;
+	if (version < LEDGER_SCHEMA_VERSION) {
+		snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", LEDGER_SCHEMA_VERSION);
+		if ((rc = exec(l, sql)) != 0)
+			return rc;
+	}
+
+	/* The port pool is the configured range; rebuilt only when the range changed. */
+	if (get_meta(l, "port_min", &lo) == 0 && get_meta(l, "port_max", &hi) == 0 &&
+	    lo == m->port_min && hi == m->port_max)
+		return 0;
+	snprintf(sql, sizeof(sql),
+		 "DELETE FROM port_pool;"
+		 "WITH RECURSIVE r(p) AS (SELECT %d UNION ALL SELECT p + 1 FROM r WHERE p < %d)"
+		 " INSERT INTO port_pool SELECT p FROM r;",
+		 m->port_min, m->port_max);
+	if ((rc = exec(l, sql)) != 0)
+		return rc;
+	if ((rc = set_meta(l, "port_min", m->port_min)) != 0 ||
+	    (rc = set_meta(l, "port_max", m->port_max)) != 0 ||
+	    (rc = set_meta(l, "next_port", m->port_min)) != 0)
+		return rc;
+	return 0;
+}
+
+static int open_db(struct bw_ledger **out, const char *path, bool readonly)
+{
+	struct bw_ledger *l = calloc(1, sizeof(*l));
+	if (l == NULL)
+		return BW_ENOMEM;
+	l->lock_fd = -1;
+	l->readonly = readonly;
+	l->rng = (uint64_t)mono_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9e3779b97f4a7c15ULL;
+	if (l->rng == 0)
+		l->rng = 1;
+
+	int flags = readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+	int rc = sqlite3_open_v2(path, &l->db, flags | SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc != SQLITE_OK) {
+		rc = l->db ? sql_err(l, rc) : BW_ENOMEM;
+		bw_ledger_close(l);
+		return rc;
+	}
+	sqlite3_extended_result_codes(l->db, 1);
+	sqlite3_busy_handler(l->db, busy_cb, l);
+	*out = l;
+	return 0;
+}
+
+int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int port_max)
+{
+	struct bw_ledger *l = NULL;
+	struct migrate_ctx m = {port_min, port_max};
+	int rc;
+
+	if (port_min < 1 || port_max > 65535 || port_min > port_max)
+		return BW_EINVAL;
+	/* Create the file 0600 ourselves: SQLite gives its -wal and -shm the same mode. */
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return bw_err_from_errno(errno);
+	close(fd);
+
+	if ((rc = open_db(&l, path, false)) != 0)
+		return rc;
+	l->port_min = port_min;
+	l->port_max = port_max;
+	/* journal_mode=WAL needs a moment of exclusive access the first time: retry on busy. */
+	for (int i = 0; i < 50; i++) {
+		rc = exec(l, "PRAGMA journal_mode = WAL");
+		if (rc != BW_EBUSY)
+			break;
+		sleep_us(10000 + rnd(l) % 10000);
+	}
+	if (rc == 0)
+		rc = exec(l, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
+	if (rc == 0)
+		rc = with_txn(l, migrate_txn, &m);
+	if (rc != 0) {
+		bw_ledger_close(l);
+		return rc;
+	}
+	*out = l;
+	return 0;
+}
+
+int bw_ledger_open_readonly(struct bw_ledger **out, const char *path)
+{
+	struct bw_ledger *l = NULL;
+	int64_t version = 0;
+	if (access(path, F_OK) != 0)
+		return BW_ENOENT;
+	int rc = open_db(&l, path, true);
+	if (rc == 0)
+		rc = user_version(l, &version);
+	if (rc == 0 && version > LEDGER_SCHEMA_VERSION)
+		rc = BW_ENOTSUP;
+	if (rc == 0 && version < 1)
+		rc = BW_ENOENT; /* an empty file is not a ledger */
+	if (rc != 0) {
+		bw_ledger_close(l);
+		return rc;
+	}
+	*out = l;
+	return 0;
+}
+
+void bw_ledger_close(struct bw_ledger *l)
+{
+	if (l == NULL)
+		return;
+	for (int i = 0; i < ST__COUNT; i++)
+		sqlite3_finalize(l->st[i]);
+	sqlite3_close_v2(l->db);
+	if (l->lock_fd >= 0)
+		close(l->lock_fd);
+	free(l->worker_id);
+	free(l->lock_path);
+	free(l);
+}
+
+const char *bw_ledger_errmsg(const struct bw_ledger *l)
+{
+	return l && l->db ? sqlite3_errmsg(l->db) : "no ledger";
+}
+
+/* ---- workers ---------------------------------------------------------------------------- */
+
+struct register_ctx {
+	const char *worker_id;
+	const char *lock_path;
+	uint64_t start_time;
+	int64_t incarnation;
+};
+
+static int register_txn(struct bw_ledger *l, void *arg)
+{
+	struct register_ctx *r = arg;
+	sqlite3_stmt *s;
+	int64_t now = now_ms();
+	int rc;
+
+	/* A previous incarnation of this id is dead: we hold its lock. Its jobs stay for reap. */
+	if (sqlite3_prepare_v2(l->db, "DELETE FROM workers WHERE worker_id = ?1", -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, r->worker_id, -1, SQLITE_STATIC);
+	rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	if (rc != SQLITE_DONE)
+		return sql_err(l, rc);
+
+	if (sqlite3_prepare_v2(l->db,
+			       "INSERT INTO workers (worker_id, pid, start_time, boot_id, lock_path,"
+			       " started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, r->worker_id, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 2, getpid());
+	sqlite3_bind_int64(s, 3, (int64_t)r->start_time);
+	sqlite3_bind_text(s, 4, l->boot_id, -1, SQLITE_STATIC);
+	sqlite3_bind_text(s, 5, r->lock_path, -1, SQLITE_STATIC);
+	sqlite3_bind_int64(s, 6, now);
+	rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	if (rc != SQLITE_DONE)
+		return sql_err(l, rc);
+	r->incarnation = sqlite3_last_insert_rowid(l->db);
+	return 0;
+}
+
+int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *lock_dir)
+{
+	char path[PATH_MAX];
+	struct register_ctx r = {worker_id, path, 0, 0};
+	int rc;
+
+	if (l->readonly || l->worker_id)
+		return BW_EINVAL;
+	if ((size_t)snprintf(path, sizeof(path), "%s/%s.lock", lock_dir, worker_id) >= sizeof(path))
+		return BW_ERANGE;
+	if ((rc = bw_proc_boot_id(l->boot_id)) != 0 ||
+	    (rc = bw_proc_start_time(getpid(), &r.start_time)) != 0)
+		return rc;
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return bw_err_from_errno(errno);
+	if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+		int err = errno;
+		close(fd);
+		return err == EWOULDBLOCK ? BW_EEXIST : bw_err_from_errno(err);
+	}
+	rc = with_txn(l, register_txn, &r);
+	if (rc != 0) {
+		close(fd);
+		return rc;
+	}
+	l->worker_id = strdup(worker_id);
+	l->lock_path = strdup(path);
+	if (l->worker_id == NULL || l->lock_path == NULL) {
+		close(fd);
+		return BW_ENOMEM;
+	}
+	l->lock_fd = fd;
+	l->incarnation = r.incarnation;
+	return 0;
+}
+
+int bw_ledger_heartbeat(struct bw_ledger *l)
+{
+	if (l->worker_id == NULL)
+		return BW_EINVAL;
+	return run(l, ST_HEARTBEAT, "ii", l->incarnation, now_ms());
+}
+
+static int unregister_txn(struct bw_ledger *l, void *arg)
+{
+	bool *removed = arg;
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db,
+			       "DELETE FROM workers WHERE incarnation = ?1 AND NOT EXISTS"
+			       " (SELECT 1 FROM jobs WHERE owner_incarnation = ?1 AND " SQL_UNFINISHED
+			       ")",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_int64(s, 1, l->incarnation);
+	int rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	*removed = sqlite3_changes(l->db) > 0;
+	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+}
+
+int bw_ledger_unregister(struct bw_ledger *l)
+{
+	bool removed = false;
+	if (l->worker_id == NULL)
+		return BW_EINVAL;
+	int rc = with_txn(l, unregister_txn, &removed);
+	if (rc != 0)
+		return rc;
+	if (removed)
+		unlink(l->lock_path); /* while still holding the lock */
+	close(l->lock_fd);
+	l->lock_fd = -1;
+	free(l->worker_id);
+	l->worker_id = NULL;
+	return 0;
+}
+
+/* ---- jobs ------------------------------------------------------------------------------- */
+
+struct claim_ctx {
+	const char *job_id;
+	const char *message;
+	const struct bw_job_disk_new *disks;
+	size_t n_disks;
+	const struct bw_event *accepted;
+	enum bw_job_state existing;
+	bool exists;
+};
+
+static int claim_txn(struct bw_ledger *l, void *arg)
+{
+	struct claim_ctx *c = arg;
+	int err = 0, rc;
+	int64_t now = now_ms();
+
+	c->exists = false;
+	sqlite3_stmt *s = query(l, ST_JOB_STATE, &err, "t", c->job_id);
+	if (s == NULL)
+		return err;
+	rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		c->exists = true;
+		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 0), &c->existing) != 0)
+			c->existing = BW_JOB_FAILED;
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return sql_err(l, rc);
+	if (c->exists)
+		return 0; /* nothing changes */
+
+	if ((rc = run(l, ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
+		      l->boot_id, c->message, now)) != 0)
+		return rc;
+	for (size_t i = 0; i < c->n_disks; i++)
+		if ((rc = run(l, ST_DISK_INSERT, "titt", c->job_id, c->disks[i].key,
+			      c->disks[i].export_name, c->disks[i].qcow2_path)) != 0)
+			return rc;
+	if ((rc = history(l, c->job_id, "claimed", 1)) != 0)
+		return rc;
+	return append_events(l, c->job_id, 0, c->accepted, 1);
+}
+
+int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message,
+		    const struct bw_job_disk_new *disks, size_t n_disks,
+		    const struct bw_event *accepted, int64_t *generation,
+		    enum bw_job_state *existing)
+{
+	struct claim_ctx c = {job_id, message, disks, n_disks, accepted, BW_JOB_CLAIMED, false};
+	if (l->worker_id == NULL || accepted == NULL || accepted->seq != 1)
+		return BW_EINVAL;
+	int rc = with_txn(l, claim_txn, &c);
+	if (rc != 0)
+		return rc;
+	if (c.exists) {
+		if (existing)
+			*existing = c.existing;
+		return BW_EEXIST;
+	}
+	*generation = 1;
+	return 0;
+}
+
+struct transition_ctx {
+	const struct bw_fence *f;
+	enum bw_job_state state;
+	const char *last_error;
+	const struct bw_event *events;
+	size_t n;
+};
+
+static int transition_txn(struct bw_ledger *l, void *arg)
+{
+	struct transition_ctx *t = arg;
+	int64_t seq = 0;
+	int rc = fence(l, t->f, &seq);
+	if (rc != 0)
+		return rc;
+	if ((rc = append_events(l, t->f->job_id, seq, t->events, t->n)) != 0)
+		return rc;
+	const char *name = bw_job_state_name(t->state);
+	if ((rc = run(l, ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
+		      seq + (int64_t)t->n, now_ms(), t->last_error)) != 0)
+		return rc;
+	return history(l, t->f->job_id, name, t->f->generation);
+}
+
+int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_job_state state,
+			 const char *last_error, const struct bw_event *events, size_t n)
+{
+	struct transition_ctx t = {f, state, last_error, events, n};
+	if ((unsigned)state > BW_JOB_COMPENSATED)
+		return BW_EINVAL;
+	return with_txn(l, transition_txn, &t);
+}
+
+struct disk_update_ctx {
+	const struct bw_fence *f;
+	int64_t key;
+	const char *state;
+	pid_t pid;
+	uint64_t start_time;
+	bool created;
+};
+
+static int disk_update_txn(struct bw_ledger *l, void *arg)
+{
+	struct disk_update_ctx *d = arg;
+	int rc = fence(l, d->f, NULL);
+	if (rc == 0)
+		rc = run(l, ST_DISK_UPDATE, "titiii", d->f->job_id, d->key, d->state, (int64_t)d->pid,
+			 (int64_t)d->start_time, (int64_t)d->created);
+	if (rc == 0 && sqlite3_changes(l->db) == 0)
+		rc = BW_ENOENT;
+	return rc;
+}
+
+int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
+			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
+			  bool qcow2_created)
+{
+	struct disk_update_ctx d = {f, key, state, nbd_pid, nbd_start_time, qcow2_created};
+	return with_txn(l, disk_update_txn, &d);
+}
+
+/* ---- ports ------------------------------------------------------------------------------ */
+
+/* Finds up to n free ports in [from, to); appends them to out[*got]. */
+static int free_ports(struct bw_ledger *l, int from, int to, size_t n, int *out, size_t *got)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, ST_FREE_PORTS, &err, "iii", (int64_t)from, (int64_t)to,
+				(int64_t)(n - *got));
+	if (s == NULL)
+		return err;
+	int rc;
+	while (*got < n && (rc = sqlite3_step(s)) == SQLITE_ROW)
+		out[(*got)++] = sqlite3_column_int(s, 0);
+	sqlite3_reset(s);
+	return 0;
+}
+
+/*
+ * Picks n free ports in rotating order and gives them to keys[] of the fenced job; moves
+ * the cursor past the last one. Must run inside a transaction.
+ */
+static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
+		      size_t n, int *ports)
+{
+	int err = 0, rc;
+	int64_t cursor = l->port_min, now = now_ms();
+	size_t got = 0;
+
+	if ((rc = run(l, ST_QUARANTINE_EXPIRE, "i", now)) != 0)
+		return rc;
+	sqlite3_stmt *s = query(l, ST_CURSOR_GET, &err, "");
+	if (s == NULL)
+		return err;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		cursor = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+
+	if ((rc = free_ports(l, (int)cursor, 65536, n, ports, &got)) != 0 ||
+	    (got < n && (rc = free_ports(l, 0, (int)cursor, n, ports, &got)) != 0))
+		return rc;
+	if (got < n)
+		return BW_ENOPORTS;
+	for (size_t i = 0; i < n; i++) {
+		if ((rc = run(l, ST_PORT_INSERT, "ititii", (int64_t)ports[i], f->job_id, keys[i],
+			      l->worker_id ? l->worker_id : "-", f->generation, now)) != 0 ||
+		    (rc = run(l, ST_DISK_SET_PORT, "tii", f->job_id, keys[i], (int64_t)ports[i])) !=
+			    0)
+			return rc;
+	}
+	int next = ports[n - 1] + 1;
+	if (next > l->port_max)
+		next = l->port_min;
+	return run(l, ST_CURSOR_SET, "i", (int64_t)next);
+}
+
+struct reserve_ctx {
+	const struct bw_fence *f;
+	const int64_t *keys;
+	size_t n;
+	int *ports;
+};
+
+static int reserve_txn(struct bw_ledger *l, void *arg)
+{
+	struct reserve_ctx *r = arg;
+	int err = 0;
+	int rc = fence(l, r->f, NULL);
+	if (rc != 0)
+		return rc;
+	for (size_t i = 0; i < r->n; i++) {
+		sqlite3_stmt *s = query(l, ST_PORT_HELD_BY_DISK, &err, "ti", r->f->job_id, r->keys[i]);
+		if (s == NULL)
+			return err;
+		rc = sqlite3_step(s);
+		sqlite3_reset(s);
+		if (rc == SQLITE_ROW)
+			return BW_EEXIST;
+		if (rc != SQLITE_DONE)
+			return sql_err(l, rc);
+	}
+	return take_ports(l, r->f, r->keys, r->n, r->ports);
+}
+
+int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
+		      size_t n, int *ports)
+{
+	int *tmp = NULL;
+	if (n == 0 || n > 65535)
+		return BW_EINVAL;
+	tmp = malloc(n * sizeof(*tmp));
+	if (tmp == NULL)
+		return BW_ENOMEM;
+	struct reserve_ctx r = {f, keys, n, tmp};
+	int rc = with_txn(l, reserve_txn, &r);
+	if (rc == 0)
+		memcpy(ports, tmp, n * sizeof(*tmp));
+	free(tmp);
+	return rc;
+}
+
+struct release_ctx {
+	const struct bw_fence *f;
+	int port;
+	size_t released;
+};
+
+static int release_txn(struct bw_ledger *l, void *arg)
+{
+	struct release_ctx *r = arg;
+	int rc = fence(l, r->f, NULL);
+	if (rc == 0)
+		rc = run(l, ST_PORT_RELEASE, "it", (int64_t)r->port, r->f->job_id);
+	if (rc != 0)
+		return rc;
+	r->released = (size_t)sqlite3_changes(l->db);
+	return run(l, ST_DISK_CLEAR_PORT, "ti", r->f->job_id, (int64_t)r->port);
+}
+
+int bw_ledger_release(struct bw_ledger *l, const struct bw_fence *f, int port)
+{
+	struct release_ctx r = {f, port, 0};
+	int rc = with_txn(l, release_txn, &r);
+	if (rc == 0 && r.released == 0)
+		rc = BW_ENOENT;
+	return rc;
+}
+
+static int release_all_txn(struct bw_ledger *l, void *arg)
+{
+	struct release_ctx *r = arg;
+	int rc = fence(l, r->f, NULL);
+	if (rc == 0)
+		rc = run(l, ST_PORT_RELEASE_ALL, "t", r->f->job_id);
+	if (rc != 0)
+		return rc;
+	r->released = (size_t)sqlite3_changes(l->db);
+	return run(l, ST_DISK_CLEAR_PORTS, "t", r->f->job_id);
+}
+
+int bw_ledger_release_all(struct bw_ledger *l, const struct bw_fence *f, size_t *released)
+{
+	struct release_ctx r = {f, 0, 0};
+	int rc = with_txn(l, release_all_txn, &r);
+	if (rc == 0 && released)
+		*released = r.released;
+	return rc;
+}
+
+struct quarantine_ctx {
+	const struct bw_fence *f;
+	int port;
+	int seconds;
+	int replacement;
+	bool no_ports;
+};
+
+static int quarantine_txn(struct bw_ledger *l, void *arg)
+{
+	struct quarantine_ctx *q = arg;
+	int err = 0;
+	int64_t now = now_ms(), key;
+	int rc = fence(l, q->f, NULL);
+	if (rc != 0)
+		return rc;
+	sqlite3_stmt *s = query(l, ST_PORT_DISK, &err, "it", (int64_t)q->port, q->f->job_id);
+	if (s == NULL)
+		return err;
+	rc = sqlite3_step(s);
+	key = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (rc == SQLITE_DONE)
+		return BW_ENOENT;
+	if (rc != SQLITE_ROW)
+		return sql_err(l, rc);
+	if ((rc = run(l, ST_PORT_QUARANTINE, "iii", (int64_t)q->port,
+		      now + (int64_t)q->seconds * 1000, now)) != 0 ||
+	    (rc = run(l, ST_DISK_CLEAR_PORT, "ti", q->f->job_id, (int64_t)q->port)) != 0)
+		return rc;
+	q->no_ports = false;
+	rc = take_ports(l, q->f, &key, 1, &q->replacement);
+	if (rc == BW_ENOPORTS) {
+		q->no_ports = true; /* keep the quarantine all the same */
+		return 0;
+	}
+	return rc;
+}
+
+int bw_ledger_quarantine(struct bw_ledger *l, const struct bw_fence *f, int port, int seconds,
+			 int *replacement)
+{
+	struct quarantine_ctx q = {f, port, seconds, 0, false};
+	if (seconds < 1)
+		return BW_EINVAL;
+	int rc = with_txn(l, quarantine_txn, &q);
+	if (rc != 0)
+		return rc;
+	if (q.no_ports)
+		return BW_ENOPORTS;
+	*replacement = q.replacement;
+	return 0;
+}
+
+/* ---- recovery --------------------------------------------------------------------------- */
+
+/* A worker row found dead, with the lock we took on its file (or -1). */
+struct dead_worker {
+	int64_t incarnation;
+	char *lock_path;
+	int lock_fd;
+};
+
+/*
+ * Is the worker of this row dead? Its lock decides: we can take it, or the lock file is
+ * gone and its pid no longer names the same process. A different boot id means it ran
+ * before this boot. Stores the taken lock's fd in *fd (-1 if none).
+ */
+static bool worker_dead(struct bw_ledger *l, const char *lock_path, const char *boot_id, pid_t pid,
+			uint64_t start_time, int *fd)
+{
+	*fd = -1;
+	if (strcmp(boot_id, l->boot_id) != 0)
+		return true;
+	int lfd = open(lock_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (lfd < 0)
+		return errno == ENOENT && !bw_proc_same(pid, start_time);
+	if (flock(lfd, LOCK_EX | LOCK_NB) != 0) {
+		close(lfd);
+		return false; /* held: alive */
+	}
+	*fd = lfd;
+	return true;
+}
+
+static void dead_free(struct dead_worker *d, size_t n, bool unlink_locks)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (unlink_locks && d[i].lock_fd >= 0)
+			unlink(d[i].lock_path); /* while we still hold it */
+		if (d[i].lock_fd >= 0)
+			close(d[i].lock_fd);
+		free(d[i].lock_path);
+	}
+	free(d);
+}
+
+struct reap_ctx {
+	struct dead_worker *dead;
+	size_t n_dead;
+	struct bw_reaped_job *jobs;
+	size_t n_jobs;
+};
+
+static void reaped_clear(struct reap_ctx *r)
+{
+	bw_reaped_free(r->jobs, r->n_jobs);
+	r->jobs = NULL;
+	r->n_jobs = 0;
+}
+
+static int load_disks(struct bw_ledger *l, struct bw_reaped_job *j)
+{
+	sqlite3_stmt *s;
+	int rc;
+	if (sqlite3_prepare_v2(l->db,
+			       "SELECT disk_key, coalesce(port, 0), nbd_pid, nbd_start_time, state,"
+			       " export_name, qcow2_path, qcow2_created FROM job_disks"
+			       " WHERE job_id = ?1 ORDER BY rowid",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct bw_reaped_disk *d = realloc(j->disks, (j->n_disks + 1) * sizeof(*d));
+		if (d == NULL) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+		j->disks = d;
+		d = &d[j->n_disks++];
+		memset(d, 0, sizeof(*d));
+		d->key = sqlite3_column_int64(s, 0);
+		d->port = sqlite3_column_int(s, 1);
+		d->nbd_pid = (pid_t)sqlite3_column_int64(s, 2);
+		d->nbd_start_time = (uint64_t)sqlite3_column_int64(s, 3);
+		d->state = dup_col(s, 4);
+		d->export_name = dup_col(s, 5);
+		d->qcow2_path = dup_col(s, 6);
+		d->qcow2_created = sqlite3_column_int(s, 7) != 0;
+		if (!d->state || !d->export_name || !d->qcow2_path) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+	}
+	sqlite3_finalize(s);
+	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+}
+
+static int reap_txn(struct bw_ledger *l, void *arg)
+{
+	struct reap_ctx *r = arg;
+	sqlite3_stmt *s = NULL;
+	int rc;
+
+	reaped_clear(r); /* a retried transaction starts over */
+	for (size_t i = 0; i < r->n_dead; i++) {
+		if (sqlite3_prepare_v2(l->db, "DELETE FROM workers WHERE incarnation = ?1", -1, &s,
+				       NULL))
+			return sql_err(l, sqlite3_errcode(l->db));
+		sqlite3_bind_int64(s, 1, r->dead[i].incarnation);
+		rc = sqlite3_step(s);
+		sqlite3_finalize(s);
+		if (rc != SQLITE_DONE)
+			return sql_err(l, rc);
+	}
+
+	/* Every unfinished job whose owner incarnation has no row is an orphan: ours now. */
+	if (sqlite3_prepare_v2(l->db,
+			       "SELECT job_id, state, generation, owner, owner_boot_id, message, seq"
+			       " FROM jobs WHERE " SQL_UNFINISHED " AND owner_incarnation NOT IN"
+			       " (SELECT incarnation FROM workers) ORDER BY created_at",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct bw_reaped_job *j = realloc(r->jobs, (r->n_jobs + 1) * sizeof(*j));
+		if (j == NULL) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+		r->jobs = j;
+		j = &j[r->n_jobs++];
+		memset(j, 0, sizeof(*j));
+		j->job_id = dup_col(s, 0);
+		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 1), &j->state) != 0)
+			j->state = BW_JOB_FAILED;
+		j->generation = sqlite3_column_int64(s, 2) + 1;
+		j->previous_owner = dup_col(s, 3);
+		j->boot_changed = strcmp((const char *)sqlite3_column_text(s, 4), l->boot_id) != 0;
+		j->message = dup_col(s, 5);
+		j->seq = sqlite3_column_int64(s, 6);
+		if (!j->job_id || !j->previous_owner || !j->message) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+	}
+	sqlite3_finalize(s);
+	if (rc != SQLITE_DONE)
+		return sql_err(l, rc);
+
+	int64_t now = now_ms();
+	for (size_t i = 0; i < r->n_jobs; i++) {
+		struct bw_reaped_job *j = &r->jobs[i];
+		if (sqlite3_prepare_v2(l->db,
+				       "UPDATE jobs SET generation = ?2, owner = ?3,"
+				       " owner_incarnation = ?4, owner_boot_id = ?5,"
+				       " attempt = attempt + 1, updated_at = ?6 WHERE job_id = ?1;",
+				       -1, &s, NULL))
+			return sql_err(l, sqlite3_errcode(l->db));
+		sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 2, j->generation);
+		sqlite3_bind_text(s, 3, l->worker_id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 4, l->incarnation);
+		sqlite3_bind_text(s, 5, l->boot_id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 6, now);
+		rc = sqlite3_step(s);
+		sqlite3_finalize(s);
+		if (rc != SQLITE_DONE)
+			return sql_err(l, rc);
+		if (sqlite3_prepare_v2(l->db,
+				       "UPDATE ports SET owner = ?2, generation = ?3 WHERE job_id = ?1",
+				       -1, &s, NULL))
+			return sql_err(l, sqlite3_errcode(l->db));
+		sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
+		sqlite3_bind_text(s, 2, l->worker_id, -1, SQLITE_STATIC);
+		sqlite3_bind_int64(s, 3, j->generation);
+		rc = sqlite3_step(s);
+		sqlite3_finalize(s);
+		if (rc != SQLITE_DONE)
+			return sql_err(l, rc);
+		if ((rc = history(l, j->job_id, bw_job_state_name(j->state), j->generation)) != 0 ||
+		    (rc = load_disks(l, j)) != 0)
+			return rc;
+	}
+	return 0;
+}
+
+int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
+{
+	struct reap_ctx r = {NULL, 0, NULL, 0};
+	sqlite3_stmt *s = NULL;
+	int rc;
+
+	if (l->worker_id == NULL)
+		return BW_EINVAL;
+	/* Probe the locks outside any transaction: flock does not wait, SQL does not either. */
+	if (sqlite3_prepare_v2(l->db,
+			       "SELECT incarnation, lock_path, boot_id, pid, start_time FROM workers"
+			       " WHERE incarnation != ?1",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_int64(s, 1, l->incarnation);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		int fd;
+		const char *lock_path = (const char *)sqlite3_column_text(s, 1);
+		if (!worker_dead(l, lock_path, (const char *)sqlite3_column_text(s, 2),
+				 (pid_t)sqlite3_column_int64(s, 3),
+				 (uint64_t)sqlite3_column_int64(s, 4), &fd))
+			continue;
+		struct dead_worker *d = realloc(r.dead, (r.n_dead + 1) * sizeof(*d));
+		if (d == NULL) {
+			if (fd >= 0)
+				close(fd);
+			rc = SQLITE_NOMEM;
+			break;
+		}
+		r.dead = d;
+		d[r.n_dead].incarnation = sqlite3_column_int64(s, 0);
+		d[r.n_dead].lock_path = strdup(lock_path);
+		d[r.n_dead].lock_fd = fd;
+		r.n_dead++;
+	}
+	sqlite3_finalize(s);
+	rc = rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+
+	if (rc == 0)
+		rc = with_txn(l, reap_txn, &r);
+	/* The dead workers' rows are gone: remove their lock files, then let go of the locks. */
+	dead_free(r.dead, r.n_dead, rc == 0);
+	if (rc != 0) {
+		reaped_clear(&r);
+		return rc;
+	}
+	*jobs = r.jobs;
+	*n = r.n_jobs;
+	return 0;
+}
+
+void bw_reaped_free(struct bw_reaped_job *jobs, size_t n)
+{
+	for (size_t i = 0; jobs && i < n; i++) {
+		for (size_t k = 0; k < jobs[i].n_disks; k++) {
+			free(jobs[i].disks[k].state);
+			free(jobs[i].disks[k].export_name);
+			free(jobs[i].disks[k].qcow2_path);
+		}
+		free(jobs[i].disks);
+		free(jobs[i].job_id);
+		free(jobs[i].previous_owner);
+		free(jobs[i].message);
+	}
+	free(jobs);
+}
+
+/* ---- outbox ----------------------------------------------------------------------------- */
+
+static int outbox_append_txn(struct bw_ledger *l, void *arg)
+{
+	const struct bw_event *e = arg;
+	return run(l, ST_OUTBOX_APPEND, "titti", e->event_id, e->seq, e->routing_key, e->body,
+		   now_ms());
+}
+
+int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event)
+{
+	return with_txn(l, outbox_append_txn, (void *)event);
+}
+
+int bw_ledger_outbox_next(struct bw_ledger *l, size_t max, struct bw_outbox_row **rows, size_t *n)
+{
+	int err = 0, rc;
+	struct bw_outbox_row *out = NULL;
+	size_t got = 0;
+	sqlite3_stmt *s = query(l, ST_OUTBOX_NEXT, &err, "i", (int64_t)max);
+	if (s == NULL)
+		return err;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct bw_outbox_row *o = realloc(out, (got + 1) * sizeof(*o));
+		if (o == NULL) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+		out = o;
+		o = &o[got++];
+		o->id = sqlite3_column_int64(s, 0);
+		o->event_id = dup_col(s, 1);
+		o->routing_key = dup_col(s, 2);
+		o->body = dup_col(s, 3);
+		o->attempts = sqlite3_column_int(s, 4);
+		if (!o->event_id || !o->routing_key || !o->body) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_DONE) {
+		bw_outbox_free(out, got);
+		return sql_err(l, rc);
+	}
+	*rows = out;
+	*n = got;
+	return 0;
+}
+
+struct published_ctx {
+	const int64_t *ids;
+	size_t n;
+};
+
+static int published_txn(struct bw_ledger *l, void *arg)
+{
+	struct published_ctx *p = arg;
+	int64_t now = now_ms();
+	for (size_t i = 0; i < p->n; i++) {
+		int rc = run(l, ST_OUTBOX_PUBLISHED, "ii", p->ids[i], now);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+int bw_ledger_outbox_published(struct bw_ledger *l, const int64_t *ids, size_t n)
+{
+	struct published_ctx p = {ids, n};
+	return n ? with_txn(l, published_txn, &p) : 0;
+}
+
+struct failed_ctx {
+	int64_t id;
+	const char *error;
+};
+
+static int failed_txn(struct bw_ledger *l, void *arg)
+{
+	struct failed_ctx *f = arg;
+	return run(l, ST_OUTBOX_FAILED, "it", f->id, f->error);
+}
+
+int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error)
+{
+	struct failed_ctx f = {id, error};
+	return with_txn(l, failed_txn, &f);
+}
+
+void bw_outbox_free(struct bw_outbox_row *rows, size_t n)
+{
+	for (size_t i = 0; rows && i < n; i++) {
+		free(rows[i].event_id);
+		free(rows[i].routing_key);
+		free(rows[i].body);
+	}
+	free(rows);
+}
+
+/* ---- maintenance ------------------------------------------------------------------------- */
+
+static int expire_txn(struct bw_ledger *l, void *arg)
+{
+	(void)arg;
+	return run(l, ST_QUARANTINE_EXPIRE, "i", now_ms());
+}
+
+int bw_ledger_maintain(struct bw_ledger *l)
+{
+	int rc = with_txn(l, expire_txn, NULL);
+	if (rc != 0)
+		return rc;
+	/* Busy here only means a reader still needs the WAL: try again next time. */
+	rc = exec(l, "PRAGMA wal_checkpoint(TRUNCATE)");
+	return rc == BW_EBUSY ? 0 : rc;
+}
+
+/* ---- reading ----------------------------------------------------------------------------- */
+
+static struct json_object *time_json(int64_t ms)
+{
+	char buf[40];
+	time_t t = (time_t)(ms / 1000);
+	struct tm tm;
+	if (ms <= 0 || gmtime_r(&t, &tm) == NULL)
+		return NULL;
+	size_t n = strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(buf + n, sizeof(buf) - n, ".%03dZ", (int)(ms % 1000));
+	return json_object_new_string(buf);
+}
+
+/* Turns every row of sql (bound with one optional text ?1) into an object; kinds per column:
+ * 's' string (NULL stays null), 'i' integer, 't' time (ms → RFC 3339), 'b' boolean. */
+static int rows_json(struct bw_ledger *l, const char *sql, const char *arg, const char *kinds,
+		     struct json_object **out)
+{
+	sqlite3_stmt *s;
+	int rc;
+	struct json_object *arr = json_object_new_array();
+	if (arr == NULL)
+		return BW_ENOMEM;
+	if (sqlite3_prepare_v2(l->db, sql, -1, &s, NULL)) {
+		json_object_put(arr);
+		return sql_err(l, sqlite3_errcode(l->db));
+	}
+	if (arg)
+		sqlite3_bind_text(s, 1, arg, -1, SQLITE_STATIC);
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		struct json_object *o = json_object_new_object();
+		for (int c = 0; kinds[c]; c++) {
+			struct json_object *v = NULL;
+			bool null = sqlite3_column_type(s, c) == SQLITE_NULL;
+			if (!null && kinds[c] == 's')
+				v = json_object_new_string((const char *)sqlite3_column_text(s, c));
+			else if (!null && kinds[c] == 'i')
+				v = json_object_new_int64(sqlite3_column_int64(s, c));
+			else if (!null && kinds[c] == 't')
+				v = time_json(sqlite3_column_int64(s, c));
+			else if (!null && kinds[c] == 'b')
+				v = json_object_new_boolean(sqlite3_column_int(s, c) != 0);
+			json_object_object_add(o, sqlite3_column_name(s, c), v);
+		}
+		json_object_array_add(arr, o);
+	}
+	sqlite3_finalize(s);
+	if (rc != SQLITE_DONE) {
+		json_object_put(arr);
+		return sql_err(l, rc);
+	}
+	*out = arr;
+	return 0;
+}
+
+int bw_ledger_list_jobs(struct bw_ledger *l, struct json_object **out)
+{
+	return rows_json(l,
+			 "SELECT job_id, state, owner, generation, attempt,"
+			 " (SELECT count(*) FROM job_disks d WHERE d.job_id = j.job_id) AS disk_count,"
+			 " created_at, updated_at, last_error FROM jobs j"
+			 " ORDER BY created_at DESC, job_id",
+			 NULL, "sssiiitts", out);
+}
+
+int bw_ledger_list_ports(struct bw_ledger *l, struct json_object **out)
+{
+	char sql[400];
+	/* An expired quarantine is free: it is not listed even before maintenance drops it. */
+	snprintf(sql, sizeof(sql),
+		 "SELECT port, state, job_id, disk_key, owner, until FROM ports"
+		 " WHERE state = 'reserved' OR until > %lld ORDER BY port",
+		 (long long)now_ms());
+	return rows_json(l, sql, NULL, "issist", out);
+}
+
+int bw_ledger_list_workers(struct bw_ledger *l, struct json_object **out)
+{
+	struct json_object *arr = NULL;
+	char boot[BW_BOOT_ID_LEN + 1] = "";
+	int rc = rows_json(l,
+			   "SELECT worker_id, incarnation, pid, start_time, boot_id, lock_path,"
+			   " started_at, heartbeat_at FROM workers ORDER BY worker_id",
+			   NULL, "siiisstt", &arr);
+	if (rc != 0)
+		return rc;
+	if (bw_proc_boot_id(boot) != 0)
+		boot[0] = '\0';
+	/* alive: the same test the reaper makes (never the heartbeat age). */
+	for (size_t i = 0; i < json_object_array_length(arr); i++) {
+		struct json_object *w = json_object_array_get_idx(arr, i), *v;
+		const char *lock = json_object_object_get_ex(w, "lock_path", &v)
+					   ? json_object_get_string(v)
+					   : "";
+		const char *b = json_object_object_get_ex(w, "boot_id", &v) ? json_object_get_string(v)
+									    : "";
+		pid_t pid = json_object_object_get_ex(w, "pid", &v) ? json_object_get_int(v) : 0;
+		uint64_t st = json_object_object_get_ex(w, "start_time", &v)
+				      ? (uint64_t)json_object_get_int64(v)
+				      : 0;
+		bool alive = strcmp(b, boot) == 0;
+		if (alive) {
+			int fd = open(lock, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+			if (fd < 0) {
+				alive = bw_proc_same(pid, st);
+			} else {
+				alive = flock(fd, LOCK_SH | LOCK_NB) != 0;
+				close(fd);
+			}
+		}
+		json_object_object_add(w, "alive", json_object_new_boolean(alive));
+	}
+	*out = arr;
+	return 0;
+}
+
+int bw_ledger_show_job(struct bw_ledger *l, const char *job_id, struct json_object **out)
+{
+	struct json_object *job = NULL, *part = NULL;
+	int rc = rows_json(l,
+			   "SELECT job_id, state, owner, generation, attempt, seq, created_at,"
+			   " updated_at, last_error, message FROM jobs WHERE job_id = ?1",
+			   job_id, "sssiiittss", &part);
+	if (rc != 0)
+		return rc;
+	if (json_object_array_length(part) == 0) {
+		json_object_put(part);
+		return BW_ENOENT;
+	}
+	job = json_object_get(json_object_array_get_idx(part, 0));
+	json_object_put(part);
+
+	static const struct {
+		const char *name, *sql, *kinds;
+	} parts[] = {
+		{"disks",
+		 "SELECT disk_key AS key, state, port, export_name, qcow2_path, qcow2_created,"
+		 " nbd_pid, nbd_start_time FROM job_disks WHERE job_id = ?1 ORDER BY rowid",
+		 "isissbii"},
+		{"history",
+		 "SELECT state, owner, generation, at FROM job_history WHERE job_id = ?1 ORDER BY id",
+		 "ssit"},
+		{"events",
+		 "SELECT seq, event_id, routing_key, created_at, published_at, attempts, last_error"
+		 " FROM outbox WHERE job_id = ?1 ORDER BY seq",
+		 "issttis"},
+	};
+	for (size_t i = 0; i < sizeof(parts) / sizeof(parts[0]); i++) {
+		if ((rc = rows_json(l, parts[i].sql, job_id, parts[i].kinds, &part)) != 0) {
+			json_object_put(job);
+			return rc;
+		}
+		json_object_object_add(job, parts[i].name, part);
+	}
+	*out = job;
+	return 0;
+}

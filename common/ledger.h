@@ -1,0 +1,274 @@
+/* ledger.h: the host's SQLite ledger: workers, jobs, disks, NBD ports and the event outbox. */
+#ifndef BW_LEDGER_H
+#define BW_LEDGER_H
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "error.h"
+
+/*
+ * One ledger per host, shared by every worker process on it (SQLite in WAL mode). Every
+ * write is one short BEGIN IMMEDIATE transaction that does no work but SQL; a transaction
+ * that stays SQLITE_BUSY past the busy handler's bound is retried with jitter a few times
+ * and then fails with BW_EBUSY (transient).
+ *
+ * Ownership and fencing. A job row names its owner (a worker id and that worker process's
+ * incarnation) and a generation. Every write about a job carries a struct bw_fence; a
+ * write whose generation is not the job's current one fails with BW_EFENCED and changes
+ * nothing, so a worker that lost its job (it was reaped while frozen) cannot touch it.
+ *
+ * Liveness. A worker holds an exclusive flock on <lock_dir>/<worker id>.lock for its whole
+ * life. It is dead when that lock can be taken or when the host's boot id changed; the
+ * heartbeat time is for monitoring only and never decides anything.
+ */
+struct bw_ledger;
+
+/* The job states of DESIGN.md decision 4, in order. */
+#define BW_JOB_STATE_MAP(X)                                                                        \
+	X(CLAIMED, "claimed")                                                                      \
+	X(WAITING_PORTS, "waiting_ports")                                                          \
+	X(RESERVED, "reserved")                                                                    \
+	X(TARGETS_CREATED, "targets_created")                                                      \
+	X(SERVING, "serving")                                                                      \
+	X(SNA_REQUESTED, "sna_requested")                                                          \
+	X(TRANSFERRING, "transferring")                                                            \
+	X(FINALIZING, "finalizing")                                                                \
+	X(COMPLETED, "completed")                                                                  \
+	X(FAILED, "failed")                                                                        \
+	X(COMPENSATED, "compensated")
+
+enum bw_job_state {
+#define BW__STATE_ENUM(name, text) BW_JOB_##name,
+	BW_JOB_STATE_MAP(BW__STATE_ENUM)
+#undef BW__STATE_ENUM
+};
+
+/* Returns "claimed", ... (static). */
+const char *bw_job_state_name(enum bw_job_state state);
+/* Parses a state name; returns 0 or BW_EINVAL. */
+int bw_job_state_parse(const char *name, enum bw_job_state *out) BW_MUST_CHECK;
+/* True for completed, failed and compensated: the job's outcome is decided. */
+bool bw_job_state_terminal(enum bw_job_state state);
+
+/* Identifies a write about a job: only the holder of the current generation may write. */
+struct bw_fence {
+	const char *job_id;
+	int64_t generation;
+};
+
+/* An event to append to the outbox in the same transaction as a state change. */
+struct bw_event {
+	const char *event_id;    /* unique: "<job_id>/<event>", ... (CONTRACT §4) */
+	const char *routing_key; /* the event name */
+	int64_t seq;             /* must be the job's last seq + 1 (0 for backup.rejected) */
+	const char *body;        /* the JSON text published */
+};
+
+/* ---- opening ---------------------------------------------------------------------------- */
+
+/*
+ * Opens (creating 0600, with its -wal and -shm, when missing) and migrates the ledger at
+ * path, and makes its port pool [port_min, port_max] (every worker of a host must use the
+ * same range; a different range replaces the pool, reservations outside it stay until
+ * released). Returns 0 and a new handle in *out; BW_EIO/BW_EPERM/BW_ENOENT when the file
+ * cannot be opened, BW_ENOTSUP when it was written by a newer schema, BW_EBUSY.
+ */
+int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int port_max)
+	BW_MUST_CHECK;
+
+/*
+ * Opens an existing ledger for reading only (bw-ctl): no file is created, nothing migrated.
+ * Returns 0, BW_ENOENT when there is no ledger at path, BW_ENOTSUP for a newer schema.
+ */
+int bw_ledger_open_readonly(struct bw_ledger **out, const char *path) BW_MUST_CHECK;
+
+/* Closes the handle (releasing this worker's lock if it registered). Accepts NULL. */
+void bw_ledger_close(struct bw_ledger *l);
+
+/* The last SQLite error text of this handle, for logs (static until the next call). */
+const char *bw_ledger_errmsg(const struct bw_ledger *l);
+
+/* ---- workers ---------------------------------------------------------------------------- */
+
+/*
+ * Registers this process as worker worker_id: takes the exclusive flock on
+ * <lock_dir>/<worker_id>.lock (created 0600, close-on-exec, held until close) and records
+ * pid, process start time, boot id and a new incarnation. A previous incarnation of the
+ * same id is dead by then (we hold its lock); its jobs are left for bw_ledger_reap.
+ * Returns 0; BW_EEXIST when a live process holds that worker id; BW_EIO...
+ */
+int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *lock_dir)
+	BW_MUST_CHECK;
+
+/* Records the heartbeat time (monitoring only). Returns 0, BW_EBUSY, BW_EIO. */
+int bw_ledger_heartbeat(struct bw_ledger *l) BW_MUST_CHECK;
+
+/*
+ * Removes this worker's row and lock file when it owns no unfinished job (a clean exit);
+ * when it still owns some, leaves both so that the next recovery pass adopts them.
+ * Returns 0 or a transient error.
+ */
+int bw_ledger_unregister(struct bw_ledger *l) BW_MUST_CHECK;
+
+/* ---- jobs ------------------------------------------------------------------------------- */
+
+struct bw_job_disk_new {
+	int64_t key;
+	const char *export_name;
+	const char *qcow2_path;
+};
+
+/*
+ * Claims job_id for this worker: the job row (state claimed, generation 1), its disks and
+ * its backup.accepted event (seq 1) in one transaction. message is the accepted body.
+ * Returns 0 and the generation in *generation; BW_EEXIST when the ledger already knows the
+ * job_id (nothing changed; its state in *existing when not NULL); BW_EINVAL when the worker
+ * is not registered; BW_EBUSY.
+ */
+int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message,
+		    const struct bw_job_disk_new *disks, size_t n_disks,
+		    const struct bw_event *accepted, int64_t *generation,
+		    enum bw_job_state *existing) BW_MUST_CHECK;
+
+/*
+ * Moves a job to state and appends events (0..n, each seq = previous + 1) in one
+ * transaction; last_error (NULL: unchanged) is recorded. Returns 0, BW_EFENCED, BW_ENOENT,
+ * BW_EINVAL (a seq out of order), BW_EBUSY.
+ */
+int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_job_state state,
+			 const char *last_error, const struct bw_event *events, size_t n)
+	BW_MUST_CHECK;
+
+/* Records a disk's qemu-nbd (pid 0: none) and the disk state text. Fenced. */
+int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
+			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
+			  bool qcow2_created) BW_MUST_CHECK;
+
+/* ---- ports ------------------------------------------------------------------------------ */
+
+/*
+ * Reserves one distinct port for each of the n disk keys of the job, in one transaction:
+ * all or nothing. Ports come from the pool in rotating order (the search starts after the
+ * port handed out last, wrapping around), skipping reserved and quarantined ones, so a
+ * just-released port is the last to be reused: a stale client still connecting to it
+ * reaches nothing rather than the next job's export. Stores ports[i] for keys[i].
+ * Returns 0; BW_ENOPORTS (nothing reserved); BW_EEXIST when a key already holds a port;
+ * BW_EFENCED; BW_EBUSY.
+ */
+int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
+		      size_t n, int *ports) BW_MUST_CHECK;
+
+/*
+ * Releases port, held by the fenced job. Returns 0 when it was released now; BW_ENOENT
+ * when this job does not hold it (already released: a no-op that says so); BW_EFENCED
+ * when the fence is stale (nothing released).
+ */
+int bw_ledger_release(struct bw_ledger *l, const struct bw_fence *f, int port) BW_MUST_CHECK;
+
+/* Releases every port of the fenced job; stores how many in *released (may be 0). */
+int bw_ledger_release_all(struct bw_ledger *l, const struct bw_fence *f, size_t *released)
+	BW_MUST_CHECK;
+
+/*
+ * The job's port failed to bind (EADDRINUSE): quarantines it for seconds (no job may take
+ * it until then) and, in the same transaction, reserves a replacement for the same disk,
+ * stored in *replacement. Returns 0; BW_ENOPORTS when no replacement is free (the port is
+ * quarantined all the same and the disk holds none); BW_ENOENT when the job does not hold
+ * port; BW_EFENCED.
+ */
+int bw_ledger_quarantine(struct bw_ledger *l, const struct bw_fence *f, int port, int seconds,
+			 int *replacement) BW_MUST_CHECK;
+
+/* ---- recovery --------------------------------------------------------------------------- */
+
+struct bw_reaped_disk {
+	int64_t key;
+	int port;  /* 0: none held */
+	pid_t nbd_pid; /* 0: none recorded */
+	uint64_t nbd_start_time;
+	char *state;
+	char *export_name;
+	char *qcow2_path;
+	bool qcow2_created;
+};
+
+struct bw_reaped_job {
+	char *job_id;
+	enum bw_job_state state;
+	int64_t generation; /* the new one, now this worker's */
+	char *previous_owner;
+	bool boot_changed;  /* the previous owner ran before the host's last boot */
+	char *message;      /* the accepted backup.start body */
+	int64_t seq;        /* the job's last event seq */
+	struct bw_reaped_disk *disks;
+	size_t n_disks;
+};
+
+/*
+ * Finds the dead workers of this host (their lock can be taken, or their boot id is not
+ * the host's) and, in one transaction, removes them and takes over every unfinished job
+ * they owned, or whose owner's incarnation is gone, under a new generation owned by this
+ * worker. Exactly once: of several workers reaping at the same moment, each job goes to
+ * one. Stores the taken jobs in *jobs (free with bw_reaped_free) and their count in *n.
+ * Returns 0, BW_EINVAL (not registered), BW_EBUSY, BW_EIO.
+ */
+int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n) BW_MUST_CHECK;
+
+void bw_reaped_free(struct bw_reaped_job *jobs, size_t n);
+
+/* ---- outbox ----------------------------------------------------------------------------- */
+
+/* An event that is not yet confirmed by the broker. */
+struct bw_outbox_row {
+	int64_t id;
+	char *event_id;
+	char *routing_key;
+	char *body;
+	int attempts;
+};
+
+/* Appends an event that belongs to no job (backup.rejected); a known event_id is a no-op. */
+int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event) BW_MUST_CHECK;
+
+/*
+ * Stores in *rows up to max unpublished events, oldest first (so each job's in seq order).
+ * Returns 0 (n may be 0). Free with bw_outbox_free.
+ */
+int bw_ledger_outbox_next(struct bw_ledger *l, size_t max, struct bw_outbox_row **rows,
+			  size_t *n) BW_MUST_CHECK;
+
+/* Marks events confirmed by the broker. */
+int bw_ledger_outbox_published(struct bw_ledger *l, const int64_t *ids, size_t n) BW_MUST_CHECK;
+
+/* Counts a failed attempt of one event with its error. */
+int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error) BW_MUST_CHECK;
+
+void bw_outbox_free(struct bw_outbox_row *rows, size_t n);
+
+/* ---- maintenance and reading ------------------------------------------------------------- */
+
+/* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired
+ * quarantines. Cheap enough to call every minute. */
+int bw_ledger_maintain(struct bw_ledger *l) BW_MUST_CHECK;
+
+/*
+ * Read-only views for bw-ctl, as new json-c arrays in *out (caller puts):
+ * jobs: [{job_id, state, owner, generation, attempt, disk_count, created_at, updated_at,
+ *         last_error}], newest first;
+ * ports: [{port, state, job_id, disk_key, owner, until}] (reserved and quarantined ports);
+ * workers: [{worker_id, incarnation, pid, start_time, boot_id, lock_path, started_at,
+ *            heartbeat_at, alive}];
+ * a job (object): the job fields, its disks, its state history with times, its events.
+ * Times are RFC 3339 UTC strings. BW_ENOENT when show names an unknown job.
+ */
+int bw_ledger_list_jobs(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
+int bw_ledger_list_ports(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
+int bw_ledger_list_workers(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
+int bw_ledger_show_job(struct bw_ledger *l, const char *job_id, struct json_object **out)
+	BW_MUST_CHECK;
+
+#endif

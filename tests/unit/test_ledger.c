@@ -1,0 +1,355 @@
+/* test_ledger.c: the ledger's functions one by one, with their error paths, on a real SQLite file. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ledger.h"
+
+struct fixture {
+	char dir[64];
+	char path[PATH_MAX];
+	struct bw_ledger *l;
+};
+
+static int setup(void **state)
+{
+	struct fixture *fx = calloc(1, sizeof(*fx));
+	snprintf(fx->dir, sizeof(fx->dir), "/tmp/bw-test-ledger-XXXXXX");
+	if (mkdtemp(fx->dir) == NULL)
+		return -1;
+	snprintf(fx->path, sizeof(fx->path), "%s/ledger.db", fx->dir);
+	if (bw_ledger_open(&fx->l, fx->path, 10100, 10104) != 0)
+		return -1;
+	if (bw_ledger_register(fx->l, "w1", fx->dir) != 0)
+		return -1;
+	*state = fx;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fixture *fx = *state;
+	char cmd[PATH_MAX + 16];
+	bw_ledger_close(fx->l);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", fx->dir);
+	if (system(cmd) != 0)
+		return -1;
+	free(fx);
+	return 0;
+}
+
+/* Claims job with n disks keyed 2000.. ; returns its fence generation. */
+static int64_t claim(struct bw_ledger *l, const char *job, size_t n)
+{
+	struct bw_job_disk_new disks[16];
+	char event_id[160];
+	snprintf(event_id, sizeof(event_id), "%s/backup.accepted", job);
+	for (size_t i = 0; i < n; i++)
+		disks[i] = (struct bw_job_disk_new){(int64_t)(2000 + i), "export", "/repo/x.qcow2"};
+	struct bw_event accepted = {event_id, "backup.accepted", 1, "{\"seq\":1}"};
+	int64_t gen = 0;
+	assert_int_equal(bw_ledger_claim(l, job, "{}", disks, n, &accepted, &gen, NULL), 0);
+	return gen;
+}
+
+static size_t array_len(struct json_object *a)
+{
+	size_t n = json_object_array_length(a);
+	json_object_put(a);
+	return n;
+}
+
+static size_t held_ports(struct bw_ledger *l)
+{
+	struct json_object *a = NULL;
+	assert_int_equal(bw_ledger_list_ports(l, &a), 0);
+	return array_len(a);
+}
+
+static void test_files_are_private_and_reopen_is_idempotent(void **state)
+{
+	struct fixture *fx = *state;
+	char p[PATH_MAX + 8];
+	struct stat st;
+	const char *suffix[] = {"", "-wal", "-shm"};
+	for (int i = 0; i < 3; i++) {
+		snprintf(p, sizeof(p), "%s%s", fx->path, suffix[i]);
+		assert_int_equal(stat(p, &st), 0);
+		assert_int_equal(st.st_mode & 0777, 0600);
+	}
+	struct bw_ledger *again = NULL;
+	assert_int_equal(bw_ledger_open(&again, fx->path, 10100, 10104), 0);
+	bw_ledger_close(again);
+
+	/* A ledger from a newer schema is refused, not misread. */
+	char newer[PATH_MAX + 16];
+	snprintf(newer, sizeof(newer), "%s/newer.db", fx->dir);
+	sqlite3 *db;
+	assert_int_equal(sqlite3_open(newer, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 99", NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	assert_int_equal(bw_ledger_open(&again, newer, 10100, 10104), BW_ENOTSUP);
+	assert_int_equal(bw_ledger_open_readonly(&again, newer), BW_ENOTSUP);
+	snprintf(newer, sizeof(newer), "%s/none.db", fx->dir);
+	assert_int_equal(bw_ledger_open_readonly(&again, newer), BW_ENOENT);
+	assert_int_equal(access(newer, F_OK), -1); /* read-only open creates nothing */
+	assert_int_equal(bw_ledger_open(&again, fx->path, 10105, 10100), BW_EINVAL);
+}
+
+static void test_worker_id_held_once(void **state)
+{
+	struct fixture *fx = *state;
+	struct bw_ledger *other = NULL;
+	assert_int_equal(bw_ledger_open(&other, fx->path, 10100, 10104), 0);
+	assert_int_equal(bw_ledger_register(other, "w1", fx->dir), BW_EEXIST);
+	assert_int_equal(bw_ledger_register(other, "w2", fx->dir), 0);
+	assert_int_equal(bw_ledger_heartbeat(other), 0);
+	struct json_object *w = NULL;
+	assert_int_equal(bw_ledger_list_workers(other, &w), 0);
+	assert_int_equal(json_object_array_length(w), 2);
+	struct json_object *first = json_object_array_get_idx(w, 0), *v;
+	assert_true(json_object_object_get_ex(first, "alive", &v));
+	assert_true(json_object_get_boolean(v));
+	json_object_put(w);
+	assert_int_equal(bw_ledger_unregister(other), 0);
+	bw_ledger_close(other);
+	char lock[PATH_MAX + 16];
+	snprintf(lock, sizeof(lock), "%s/w2.lock", fx->dir);
+	assert_int_equal(access(lock, F_OK), -1); /* clean exit: lock file gone */
+}
+
+static void test_claim_once(void **state)
+{
+	struct fixture *fx = *state;
+	int64_t gen = claim(fx->l, "job-1", 3);
+	assert_int_equal(gen, 1);
+	struct bw_event again = {"job-1/backup.accepted", "backup.accepted", 1, "{}"};
+	enum bw_job_state existing = BW_JOB_COMPLETED;
+	int64_t g2 = 0;
+	assert_int_equal(bw_ledger_claim(fx->l, "job-1", "{}", NULL, 0, &again, &g2, &existing),
+			 BW_EEXIST);
+	assert_int_equal(existing, BW_JOB_CLAIMED);
+
+	struct bw_outbox_row *rows = NULL;
+	size_t n = 0;
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(rows[0].event_id, "job-1/backup.accepted");
+	bw_outbox_free(rows, n);
+
+	/* Not registered: no claim. */
+	struct bw_ledger *anon = NULL;
+	assert_int_equal(bw_ledger_open(&anon, fx->path, 10100, 10104), 0);
+	assert_int_equal(bw_ledger_claim(anon, "job-2", "{}", NULL, 0, &again, &g2, NULL),
+			 BW_EINVAL);
+	bw_ledger_close(anon);
+}
+
+static void test_transition_seq_and_fence(void **state)
+{
+	struct fixture *fx = *state;
+	int64_t gen = claim(fx->l, "job-t", 1);
+	struct bw_fence f = {"job-t", gen};
+	struct bw_event ev[2] = {{"job-t/backup.started", "backup.started", 2, "{}"},
+				 {"job-t/backup.progress/3", "backup.progress", 3, "{}"}};
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_SERVING, NULL, NULL, 0), 0);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_TRANSFERRING, NULL, ev, 2), 0);
+	/* seq must follow on: 3 again is refused and nothing changes */
+	struct bw_event dup = {"job-t/x", "backup.progress", 3, "{}"};
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_FAILED, "boom", &dup, 1), BW_EINVAL);
+	struct bw_fence stale = {"job-t", gen + 1};
+	assert_int_equal(bw_ledger_transition(fx->l, &stale, BW_JOB_FAILED, NULL, NULL, 0),
+			 BW_EFENCED);
+	struct bw_fence none = {"job-none", 1};
+	assert_int_equal(bw_ledger_transition(fx->l, &none, BW_JOB_FAILED, NULL, NULL, 0),
+			 BW_ENOENT);
+
+	struct json_object *job = NULL, *v;
+	assert_int_equal(bw_ledger_show_job(fx->l, "job-t", &job), 0);
+	assert_true(json_object_object_get_ex(job, "state", &v));
+	assert_string_equal(json_object_get_string(v), "transferring");
+	assert_true(json_object_object_get_ex(job, "seq", &v));
+	assert_int_equal(json_object_get_int(v), 3);
+	assert_true(json_object_object_get_ex(job, "history", &v));
+	assert_int_equal(json_object_array_length(v), 3); /* claimed, serving, transferring */
+	assert_true(json_object_object_get_ex(job, "events", &v));
+	assert_int_equal(json_object_array_length(v), 3);
+	json_object_put(job);
+	assert_int_equal(bw_ledger_show_job(fx->l, "job-none", &job), BW_ENOENT);
+
+	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2000, "serving", 4242, 99, true), 0);
+	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2999, "serving", 1, 1, true), BW_ENOENT);
+	assert_int_equal(bw_ledger_disk_update(fx->l, &stale, 2000, "x", 0, 0, false), BW_EFENCED);
+}
+
+static void test_reserve_all_or_nothing_rotating(void **state)
+{
+	struct fixture *fx = *state; /* pool 10100..10104: five ports */
+	struct bw_fence a = {"job-a", claim(fx->l, "job-a", 3)};
+	struct bw_fence b = {"job-b", claim(fx->l, "job-b", 3)};
+	int64_t keys[3] = {2000, 2001, 2002};
+	int pa[3], pb[3] = {0, 0, 0};
+
+	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 3, pa), 0);
+	assert_int_equal(pa[0], 10100);
+	assert_int_equal(pa[1], 10101);
+	assert_int_equal(pa[2], 10102);
+	/* three more do not fit in the two left: nothing is reserved */
+	assert_int_equal(bw_ledger_reserve(fx->l, &b, keys, 3, pb), BW_ENOPORTS);
+	assert_int_equal(held_ports(fx->l), 3);
+	/* a key that already holds a port */
+	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 1, pb), BW_EEXIST);
+
+	/* release exactly once */
+	assert_int_equal(bw_ledger_release(fx->l, &a, 10101), 0);
+	assert_int_equal(bw_ledger_release(fx->l, &a, 10101), BW_ENOENT);
+	assert_int_equal(bw_ledger_release(fx->l, &b, 10100), BW_ENOENT); /* not b's */
+	assert_int_equal(held_ports(fx->l), 2);
+
+	/* rotating: after 10102 come 10103, 10104, then wrap to the freed 10101 */
+	assert_int_equal(bw_ledger_reserve(fx->l, &b, keys, 3, pb), 0);
+	assert_int_equal(pb[0], 10103);
+	assert_int_equal(pb[1], 10104);
+	assert_int_equal(pb[2], 10101);
+
+	size_t released = 0;
+	assert_int_equal(bw_ledger_release_all(fx->l, &a, &released), 0);
+	assert_int_equal(released, 2);
+	assert_int_equal(bw_ledger_release_all(fx->l, &a, &released), 0);
+	assert_int_equal(released, 0);
+	struct bw_fence stale = {"job-b", 7};
+	assert_int_equal(bw_ledger_release_all(fx->l, &stale, &released), BW_EFENCED);
+	assert_int_equal(bw_ledger_release(fx->l, &stale, 10103), BW_EFENCED);
+	assert_int_equal(held_ports(fx->l), 3);
+
+	/* ports --json: the contract's fields */
+	struct json_object *ports = NULL, *v;
+	assert_int_equal(bw_ledger_list_ports(fx->l, &ports), 0);
+	struct json_object *p0 = json_object_array_get_idx(ports, 0);
+	assert_true(json_object_object_get_ex(p0, "port", &v));
+	assert_int_equal(json_object_get_int(v), 10101);
+	assert_true(json_object_object_get_ex(p0, "state", &v));
+	assert_string_equal(json_object_get_string(v), "reserved");
+	assert_true(json_object_object_get_ex(p0, "job_id", &v));
+	assert_string_equal(json_object_get_string(v), "job-b");
+	assert_true(json_object_object_get_ex(p0, "disk_key", &v));
+	assert_true(json_object_is_type(v, json_type_int));
+	assert_int_equal(json_object_get_int(v), 2002);
+	assert_true(json_object_object_get_ex(p0, "owner", &v));
+	assert_string_equal(json_object_get_string(v), "w1");
+	assert_true(json_object_object_get_ex(p0, "until", &v));
+	assert_null(v);
+	json_object_put(ports);
+}
+
+static void test_quarantine(void **state)
+{
+	struct fixture *fx = *state;
+	struct bw_fence a = {"job-q", claim(fx->l, "job-q", 2)};
+	int64_t keys[2] = {2000, 2001};
+	int p[2], repl = 0;
+	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 2, p), 0);
+	assert_int_equal(bw_ledger_quarantine(fx->l, &a, p[0], 1, &repl), 0);
+	assert_int_equal(repl, 10102);
+	assert_int_equal(bw_ledger_quarantine(fx->l, &a, p[0], 1, &repl), BW_ENOENT);
+
+	struct json_object *ports = NULL, *v;
+	assert_int_equal(bw_ledger_list_ports(fx->l, &ports), 0);
+	struct json_object *q = json_object_array_get_idx(ports, 0);
+	assert_true(json_object_object_get_ex(q, "state", &v));
+	assert_string_equal(json_object_get_string(v), "quarantined");
+	assert_true(json_object_object_get_ex(q, "until", &v));
+	assert_non_null(v);
+	json_object_put(ports);
+
+	/* Fill the pool: the quarantined port is skipped, then no replacement is left. */
+	struct bw_fence b = {"job-q2", claim(fx->l, "job-q2", 2)};
+	int pb[2];
+	assert_int_equal(bw_ledger_reserve(fx->l, &b, keys, 2, pb), 0);
+	assert_int_not_equal(pb[0], 10100);
+	assert_int_not_equal(pb[1], 10100);
+	assert_int_equal(bw_ledger_quarantine(fx->l, &b, pb[0], 1, &repl), BW_ENOPORTS);
+	assert_int_equal(held_ports(fx->l), 5); /* 3 held + 2 quarantined */
+
+	/* After the quarantine ends the port is free again. */
+	sleep(1);
+	usleep(100000);
+	assert_int_equal(bw_ledger_maintain(fx->l), 0);
+	assert_int_equal(held_ports(fx->l), 3);
+	int64_t k = 2000;
+	assert_int_equal(bw_ledger_reserve(fx->l, &b, &k, 1, pb), 0);
+}
+
+static void test_outbox(void **state)
+{
+	struct fixture *fx = *state;
+	claim(fx->l, "job-o1", 1);
+	struct bw_event rej = {"rejected/00000000deadbeef", "backup.rejected", 0, "{}"};
+	assert_int_equal(bw_ledger_outbox_append(fx->l, &rej), 0);
+	assert_int_equal(bw_ledger_outbox_append(fx->l, &rej), 0); /* a known id: no-op */
+	claim(fx->l, "job-o2", 1);
+
+	struct bw_outbox_row *rows = NULL;
+	size_t n = 0;
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(n, 3);
+	assert_string_equal(rows[0].event_id, "job-o1/backup.accepted");
+	assert_string_equal(rows[1].event_id, "rejected/00000000deadbeef");
+	assert_string_equal(rows[2].event_id, "job-o2/backup.accepted");
+	assert_string_equal(rows[2].routing_key, "backup.accepted");
+	assert_int_equal(bw_ledger_outbox_failed(fx->l, rows[0].id, "returned: NO_ROUTE"), 0);
+	int64_t ids[2] = {rows[1].id, rows[2].id};
+	bw_outbox_free(rows, n);
+	assert_int_equal(bw_ledger_outbox_published(fx->l, ids, 2), 0);
+
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(rows[0].event_id, "job-o1/backup.accepted");
+	assert_int_equal(rows[0].attempts, 1);
+	bw_outbox_free(rows, n);
+}
+
+static void test_readonly_views(void **state)
+{
+	struct fixture *fx = *state;
+	claim(fx->l, "job-r", 2);
+	struct bw_ledger *ro = NULL;
+	assert_int_equal(bw_ledger_open_readonly(&ro, fx->path), 0);
+	struct json_object *jobs = NULL, *v;
+	assert_int_equal(bw_ledger_list_jobs(ro, &jobs), 0);
+	assert_int_equal(json_object_array_length(jobs), 1);
+	struct json_object *j = json_object_array_get_idx(jobs, 0);
+	assert_true(json_object_object_get_ex(j, "disk_count", &v));
+	assert_int_equal(json_object_get_int(v), 2);
+	assert_true(json_object_object_get_ex(j, "created_at", &v));
+	assert_int_equal(strlen(json_object_get_string(v)), 24); /* 2026-11-22T10:00:00.000Z */
+	json_object_put(jobs);
+	assert_int_equal(bw_ledger_register(ro, "w9", fx->dir), BW_EINVAL);
+	bw_ledger_close(ro);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_files_are_private_and_reopen_is_idempotent,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_worker_id_held_once, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_claim_once, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_transition_seq_and_fence, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_reserve_all_or_nothing_rotating, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_quarantine, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_readonly_views, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
