@@ -114,6 +114,7 @@ static const char *const migrations[] = {schema_v1};
 
 #define BUSY_BOUND_NS (2 * 1000000000LL) /* one busy wait before the transaction is retried */
 #define TXN_ATTEMPTS 5
+#define REGISTER_WAIT_NS (3 * 1000000000LL) /* a live twin holds its lock longer */
 
 enum stmt_id {
 	ST_FENCE,
@@ -146,7 +147,7 @@ enum stmt_id {
 };
 
 static const char *const stmt_sql[ST__COUNT] = {
-	[ST_FENCE] = "SELECT generation, seq FROM jobs WHERE job_id = ?1",
+	[ST_FENCE] = "SELECT generation, seq, state FROM jobs WHERE job_id = ?1",
 	[ST_JOB_STATE] = "SELECT state FROM jobs WHERE job_id = ?1",
 	[ST_JOB_INSERT] = "INSERT INTO jobs (job_id, state, owner, owner_incarnation, owner_boot_id,"
 			  " generation, attempt, seq, message, created_at, updated_at)"
@@ -399,8 +400,9 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 	return rc;
 }
 
-/* Checks the fence; stores the job's current seq. */
-static int fence(struct bw_ledger *l, const struct bw_fence *f, int64_t *seq)
+/* Checks the fence; stores the job's current seq and state (either may be NULL). */
+static int fence(struct bw_ledger *l, const struct bw_fence *f, int64_t *seq,
+		 enum bw_job_state *state)
 {
 	int err = 0;
 	sqlite3_stmt *s = query(l, ST_FENCE, &err, "t", f->job_id);
@@ -411,11 +413,30 @@ static int fence(struct bw_ledger *l, const struct bw_fence *f, int64_t *seq)
 		err = rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
 	} else if (sqlite3_column_int64(s, 0) != f->generation) {
 		err = BW_EFENCED;
-	} else if (seq) {
-		*seq = sqlite3_column_int64(s, 1);
+	} else {
+		if (seq)
+			*seq = sqlite3_column_int64(s, 1);
+		if (state && bw_job_state_parse((const char *)sqlite3_column_text(s, 2), state) != 0)
+			err = BW_EIO;
 	}
 	sqlite3_reset(s);
 	return err;
+}
+
+/*
+ * The state machine's legal moves: forward (steps may be skipped: a job that finds its
+ * ports at once never waits), staying (events such as progress), any unfinished state to
+ * failed, failed to compensated. Nothing leaves completed or compensated.
+ */
+static bool legal_move(enum bw_job_state from, enum bw_job_state to)
+{
+	if (from == BW_JOB_COMPLETED || from == BW_JOB_COMPENSATED)
+		return false;
+	if (from == BW_JOB_FAILED)
+		return to == BW_JOB_FAILED || to == BW_JOB_COMPENSATED;
+	if (to == BW_JOB_COMPENSATED)
+		return false;
+	return to >= from;
 }
 
 static int history(struct bw_ledger *l, const char *job_id, const char *state, int64_t gen)
@@ -710,8 +731,17 @@ int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *l
 	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (fd < 0)
 		return bw_err_from_errno(errno);
-	if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+	/*
+	 * A reaper (for the length of its transaction) or bw-ctl workers (for an instant) may
+	 * hold a dead worker's lock: wait a bounded time before calling the id taken.
+	 */
+	int64_t give_up = mono_ns() + REGISTER_WAIT_NS;
+	while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
 		int err = errno;
+		if (err == EWOULDBLOCK && mono_ns() < give_up) {
+			sleep_us(1000 + rnd(l) % 9000);
+			continue;
+		}
 		close(fd);
 		return err == EWOULDBLOCK ? BW_EEXIST : bw_err_from_errno(err);
 	}
@@ -850,9 +880,12 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 {
 	struct transition_ctx *t = arg;
 	int64_t seq = 0;
-	int rc = fence(l, t->f, &seq);
+	enum bw_job_state from;
+	int rc = fence(l, t->f, &seq, &from);
 	if (rc != 0)
 		return rc;
+	if (!legal_move(from, t->state))
+		return BW_ESTATE;
 	if ((rc = append_events(l, t->f->job_id, seq, t->events, t->n)) != 0)
 		return rc;
 	const char *name = bw_job_state_name(t->state);
@@ -883,7 +916,7 @@ struct disk_update_ctx {
 static int disk_update_txn(struct bw_ledger *l, void *arg)
 {
 	struct disk_update_ctx *d = arg;
-	int rc = fence(l, d->f, NULL);
+	int rc = fence(l, d->f, NULL, NULL);
 	if (rc == 0)
 		rc = run(l, ST_DISK_UPDATE, "titiii", d->f->job_id, d->key, d->state, (int64_t)d->pid,
 			 (int64_t)d->start_time, (int64_t)d->created);
@@ -966,7 +999,7 @@ static int reserve_txn(struct bw_ledger *l, void *arg)
 {
 	struct reserve_ctx *r = arg;
 	int err = 0;
-	int rc = fence(l, r->f, NULL);
+	int rc = fence(l, r->f, NULL, NULL);
 	if (rc != 0)
 		return rc;
 	for (size_t i = 0; i < r->n; i++) {
@@ -1009,7 +1042,7 @@ struct release_ctx {
 static int release_txn(struct bw_ledger *l, void *arg)
 {
 	struct release_ctx *r = arg;
-	int rc = fence(l, r->f, NULL);
+	int rc = fence(l, r->f, NULL, NULL);
 	if (rc == 0)
 		rc = run(l, ST_PORT_RELEASE, "it", (int64_t)r->port, r->f->job_id);
 	if (rc != 0)
@@ -1030,7 +1063,7 @@ int bw_ledger_release(struct bw_ledger *l, const struct bw_fence *f, int port)
 static int release_all_txn(struct bw_ledger *l, void *arg)
 {
 	struct release_ctx *r = arg;
-	int rc = fence(l, r->f, NULL);
+	int rc = fence(l, r->f, NULL, NULL);
 	if (rc == 0)
 		rc = run(l, ST_PORT_RELEASE_ALL, "t", r->f->job_id);
 	if (rc != 0)
@@ -1061,7 +1094,7 @@ static int quarantine_txn(struct bw_ledger *l, void *arg)
 	struct quarantine_ctx *q = arg;
 	int err = 0;
 	int64_t now = now_ms(), key;
-	int rc = fence(l, q->f, NULL);
+	int rc = fence(l, q->f, NULL, NULL);
 	if (rc != 0)
 		return rc;
 	sqlite3_stmt *s = query(l, ST_PORT_DISK, &err, "it", (int64_t)q->port, q->f->job_id);

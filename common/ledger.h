@@ -51,7 +51,11 @@ enum bw_job_state {
 const char *bw_job_state_name(enum bw_job_state state);
 /* Parses a state name; returns 0 or BW_EINVAL. */
 int bw_job_state_parse(const char *name, enum bw_job_state *out) BW_MUST_CHECK;
-/* True for completed, failed and compensated: the job's outcome is decided. */
+/*
+ * True for completed, failed and compensated: the job's outcome is decided. A failed job
+ * is still unfinished for the ledger (it owes its compensation): its owner keeps its row
+ * at unregister and a reaper takes it over.
+ */
 bool bw_job_state_terminal(enum bw_job_state state);
 
 /* Identifies a write about a job: only the holder of the current generation may write. */
@@ -98,7 +102,8 @@ const char *bw_ledger_errmsg(const struct bw_ledger *l);
  * Registers this process as worker worker_id: takes the exclusive flock on
  * <lock_dir>/<worker_id>.lock (created 0600, close-on-exec, held until close) and records
  * pid, process start time, boot id and a new incarnation. A previous incarnation of the
- * same id is dead by then (we hold its lock); its jobs are left for bw_ledger_reap.
+ * same id is dead by then (we hold its lock); its jobs are left for bw_ledger_reap. A lock
+ * held for a moment by a reaper or by bw-ctl is waited for (up to 3 s).
  * Returns 0; BW_EEXIST when a live process holds that worker id; BW_EIO...
  */
 int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *lock_dir)
@@ -136,8 +141,10 @@ int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message
 
 /*
  * Moves a job to state and appends events (0..n, each seq = previous + 1) in one
- * transaction; last_error (NULL: unchanged) is recorded. Returns 0, BW_EFENCED, BW_ENOENT,
- * BW_EINVAL (a seq out of order), BW_EBUSY.
+ * transaction; last_error (NULL: unchanged) is recorded. Legal moves: forward (steps may be
+ * skipped), staying put (to append events), any unfinished state to failed, failed to
+ * compensated. Returns 0, BW_ESTATE (an illegal move), BW_EFENCED, BW_ENOENT, BW_EINVAL
+ * (a seq out of order), BW_EBUSY.
  */
 int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_job_state state,
 			 const char *last_error, const struct bw_event *events, size_t n)

@@ -189,6 +189,16 @@ static void test_transition_seq_and_fence(void **state)
 	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2000, "serving", 4242, 99, true), 0);
 	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2999, "serving", 1, 1, true), BW_ENOENT);
 	assert_int_equal(bw_ledger_disk_update(fx->l, &stale, 2000, "x", 0, 0, false), BW_EFENCED);
+
+	/* The state machine only moves forward, to failed, and from failed to compensated. */
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_CLAIMED, NULL, NULL, 0), BW_ESTATE);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_COMPENSATED, NULL, NULL, 0),
+			 BW_ESTATE);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_FAILED, "sna_lost_job", NULL, 0), 0);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_FINALIZING, NULL, NULL, 0),
+			 BW_ESTATE);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_COMPENSATED, NULL, NULL, 0), 0);
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_FAILED, NULL, NULL, 0), BW_ESTATE);
 }
 
 static void test_reserve_all_or_nothing_rotating(void **state)
