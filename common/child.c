@@ -1,0 +1,262 @@
+/* child.c: fork+exec with a close-on-exec error pipe, reset signals, per-child logs. */
+#define _GNU_SOURCE /* execvpe, close_range */
+#include "child.h"
+#include "proc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+/* environ plus add[], in one malloc'd array (built before fork: no malloc in the child). */
+static char **merged_env(const char *const *add)
+{
+	size_t n = 0, k = 0;
+	while (environ[n])
+		n++;
+	while (add && add[k])
+		k++;
+	char **env = calloc(n + k + 1, sizeof(*env));
+	if (env == NULL)
+		return NULL;
+	size_t out = 0;
+	for (size_t i = 0; i < n; i++) {
+		/* an added NAME=... replaces the inherited one */
+		const char *eq = strchr(environ[i], '=');
+		size_t len = eq ? (size_t)(eq - environ[i]) + 1 : strlen(environ[i]);
+		bool replaced = false;
+		for (size_t j = 0; j < k && !replaced; j++)
+			replaced = strncmp(add[j], environ[i], len) == 0;
+		if (!replaced)
+			env[out++] = environ[i];
+	}
+	for (size_t j = 0; j < k; j++)
+		env[out++] = (char *)add[j];
+	return env;
+}
+
+/* In the child: only async-signal-safe calls from here to exec. */
+static void child_exec(const struct bw_spawn *s, char **env, int log_fd, int null_fd, int err_fd)
+{
+	sigset_t none;
+	struct sigaction dfl;
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	for (int sig = 1; sig < NSIG; sig++)
+		sigaction(sig, &dfl, NULL); /* fails harmlessly for SIGKILL/SIGSTOP */
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	if (s->new_session)
+		setsid();
+	if (dup2(null_fd, STDIN_FILENO) < 0 || dup2(log_fd, STDOUT_FILENO) < 0 ||
+	    dup2(log_fd, STDERR_FILENO) < 0)
+		goto fail;
+	/* Everything else closes on exec, whatever its creator forgot (the error pipe too). */
+	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
+		for (int fd = 3; fd < 1024; fd++)
+			if (fd != err_fd)
+				close(fd);
+	}
+	execvpe(s->argv[0], (char *const *)s->argv, env);
+fail:;
+	int e = errno;
+	ssize_t w = write(err_fd, &e, sizeof(e));
+	(void)w;
+	_exit(127);
+}
+
+int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *err,
+	     size_t errsize)
+{
+	int pipefd[2] = {-1, -1}, log_fd = -1, null_fd = -1;
+	char **env = NULL;
+	char dummy[1];
+	int rc;
+
+	if (err == NULL) {
+		err = dummy;
+		errsize = 1;
+	}
+	err[0] = '\0';
+	env = merged_env(s->env_add);
+	if (env == NULL) {
+		rc = BW_ENOMEM;
+		goto out;
+	}
+	log_fd = open(s->log_path ? s->log_path : "/dev/null",
+		      O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0640);
+	null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (log_fd < 0 || null_fd < 0) {
+		snprintf(err, errsize, "%s: %s", s->log_path ? s->log_path : "/dev/null",
+			 strerror(errno));
+		rc = BW_EIO;
+		goto out;
+	}
+	if (pipe2(pipefd, O_CLOEXEC) != 0) {
+		snprintf(err, errsize, "pipe: %s", strerror(errno));
+		rc = BW_ESYS;
+		goto out;
+	}
+	pid_t child = fork();
+	if (child < 0) {
+		snprintf(err, errsize, "fork: %s", strerror(errno));
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	if (child == 0)
+		child_exec(s, env, log_fd, null_fd, pipefd[1]);
+
+	close(pipefd[1]);
+	pipefd[1] = -1;
+	/* The start time does not change on exec: read it while the child certainly exists. */
+	uint64_t st = 0;
+	rc = bw_proc_start_time(child, &st);
+	int e = 0;
+	ssize_t n;
+	do
+		n = read(pipefd[0], &e, sizeof(e));
+	while (n < 0 && errno == EINTR);
+	if (n == (ssize_t)sizeof(e)) {
+		waitpid(child, NULL, 0);
+		snprintf(err, errsize, "%s: %s", s->argv[0], strerror(e));
+		rc = e == ENOENT ? BW_ENOENT : e == EACCES ? BW_EPERM : BW_ESYS;
+		goto out;
+	}
+	if (rc != 0) {
+		/* it already exited (and is a zombie we have not reaped): keep the pid */
+		st = 0;
+		rc = 0;
+	}
+	*pid = child;
+	if (start_time)
+		*start_time = st;
+out:
+	if (pipefd[0] >= 0)
+		close(pipefd[0]);
+	if (pipefd[1] >= 0)
+		close(pipefd[1]);
+	if (log_fd >= 0)
+		close(log_fd);
+	if (null_fd >= 0)
+		close(null_fd);
+	free(env);
+	return rc;
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, size_t errsize)
+{
+	pid_t pid;
+	int rc = bw_spawn(s, &pid, NULL, err, errsize);
+	if (rc != 0)
+		return rc;
+	int64_t deadline = mono_ms() + timeout_ms;
+	int st = 0, delay_us = 500;
+	for (;;) {
+		pid_t r = waitpid(pid, &st, WNOHANG);
+		if (r == pid)
+			break;
+		if (r < 0 && errno != EINTR) {
+			rc = BW_ESYS;
+			break;
+		}
+		if (mono_ms() >= deadline) {
+			kill(pid, SIGKILL);
+			waitpid(pid, &st, 0);
+			if (err)
+				snprintf(err, errsize, "%s: no result after %d ms (killed)",
+					 s->argv[0], timeout_ms);
+			return BW_ETIMEDOUT;
+		}
+		usleep((useconds_t)delay_us);
+		if (delay_us < 20000)
+			delay_us *= 2;
+	}
+	if (status)
+		*status = st;
+	if (rc == 0 && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {
+		if (err) {
+			char what[96];
+			bw_status_text(st, what, sizeof(what));
+			snprintf(err, errsize, "%s %s", s->argv[0], what);
+		}
+		rc = BW_ECHILD;
+	}
+	return rc;
+}
+
+void bw_status_text(int status, char *buf, size_t size)
+{
+	if (WIFEXITED(status))
+		snprintf(buf, size, "exited with status %d", WEXITSTATUS(status));
+	else if (WIFSIGNALED(status))
+		snprintf(buf, size, "killed by signal %d (%s)", WTERMSIG(status),
+			 strsignal(WTERMSIG(status)));
+	else
+		snprintf(buf, size, "stopped (status 0x%x)", (unsigned)status);
+}
+
+int bw_log_tail(const char *path, size_t max, char *out, size_t size)
+{
+	out[0] = '\0';
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return bw_err_from_errno(errno);
+	struct stat st;
+	char *buf = NULL;
+	int rc = 0;
+	if (fstat(fd, &st) != 0) {
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	off_t from = st.st_size > (off_t)max ? st.st_size - (off_t)max : 0;
+	buf = malloc(max + 1);
+	if (buf == NULL) {
+		rc = BW_ENOMEM;
+		goto out;
+	}
+	ssize_t n = pread(fd, buf, max, from);
+	if (n < 0) {
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	size_t i = 0, o = 0;
+	if (from > 0) { /* start after the first (partial) line */
+		while (i < (size_t)n && buf[i] != '\n')
+			i++;
+		if (i < (size_t)n)
+			i++;
+	}
+	size_t end = (size_t)n;
+	while (end > i && (buf[end - 1] == '\n' || buf[end - 1] == '\r'))
+		end--;
+	for (; i < end && o + 4 < size; i++) {
+		unsigned char c = (unsigned char)buf[i];
+		if (c == '\n') {
+			memcpy(out + o, " | ", 3);
+			o += 3;
+		} else {
+			out[o++] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
+		}
+	}
+	out[o] = '\0';
+out:
+	free(buf);
+	close(fd);
+	return rc;
+}

@@ -1,0 +1,89 @@
+/* nbd.h: the qemu-nbd supervisor: one server per disk, loopback by default, ready = NBD greeting. */
+#ifndef BW_NBD_H
+#define BW_NBD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "error.h"
+
+struct bw_nbd_opts {
+	const char *qemu_nbd;     /* binary */
+	const char *image;        /* the qcow2 file; must exist */
+	const char *export_name;  /* [A-Za-z0-9._-] */
+	const char *bind_address; /* numeric; 127.0.0.1 by default */
+	int port;
+	int shared;               /* --shared: at least the SNA's connections per disk */
+	const char *log_path;     /* its stdout/stderr, appended */
+};
+
+/* One supervised server. */
+struct bw_nbd {
+	pid_t pid;
+	uint64_t start_time; /* with pid: the identity recorded in the ledger */
+	int port;
+	char bind_address[64];
+	char log_path[4096];
+	bool ready;  /* its greeting was read */
+	bool exited; /* reaped */
+	int status;  /* wait status once exited */
+	bool adopted; /* not our child: watched through a pidfd */
+	int pidfd;
+};
+
+/*
+ * Starts qemu-nbd for one image with an argv (never a shell): --format=qcow2, the export
+ * name, --persistent, --shared, --bind, --port, --discard=unmap, --detect-zeroes=unmap,
+ * in its own session (it outlives this worker and can be adopted), signals and mask
+ * reset, stdin /dev/null, output to the log, no other descriptor inherited. Started with
+ * GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432 (see the README's benchmark).
+ * Returns 0 and fills *n; BW_ENOENT when the image or the program is missing; BW_ECHILD.
+ */
+int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
+	BW_MUST_CHECK;
+
+/*
+ * One non-blocking readiness check: connects to the port and reads the NBD newstyle
+ * greeting (NBDMAGIC IHAVEOPT) with a short bound. Returns 0 when ready (n->ready set);
+ * BW_EBUSY when not yet (try again shortly); BW_EADDRINUSE when the server died because
+ * its port is taken by another process (quarantine the port, try another); BW_ECHILD when
+ * it died for another reason (its status and the tail of its log in err).
+ */
+int bw_nbd_poll_ready(struct bw_nbd *n, char *err, size_t errsize) BW_MUST_CHECK;
+
+/* Polls until ready or timeout_ms; same results, BW_ETIMEDOUT on timeout (blocking). */
+int bw_nbd_wait_ready(struct bw_nbd *n, int timeout_ms, char *err, size_t errsize) BW_MUST_CHECK;
+
+/* Reaps the server if it exited (non-blocking); true when it has (status in n->status). */
+bool bw_nbd_reap(struct bw_nbd *n);
+
+enum bw_nbd_stop_mode {
+	BW_NBD_KEEP,    /* its image holds data to keep: SIGTERM only (its exit flushes) */
+	BW_NBD_DISCARD, /* its image is being removed: SIGTERM, then SIGKILL after a grace */
+};
+
+/*
+ * Stops a server and waits for its end, at most timeout_ms (blocking). qemu-nbd 7.2 loses
+ * a SIGTERM that arrives before its main loop runs: a server whose greeting was never seen
+ * is first waited for (up to the timeout), and SIGTERM is sent again every 200 ms until it
+ * exits. Returns 0 when it exited with status 0 (the image is flushed and closed);
+ * BW_ECHILD when it exited otherwise (err says how); BW_ETIMEDOUT when a KEEP server is
+ * still running at the timeout (never SIGKILLed: its data would be lost).
+ */
+int bw_nbd_stop(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
+		size_t errsize) BW_MUST_CHECK;
+
+/*
+ * Takes over a server started by another (dead) worker, known by pid and start time:
+ * returns 0 and fills *n (watched through a pidfd) when that very process is alive;
+ * BW_ENOENT when it is gone or the pid now names another process (never signalled).
+ */
+int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
+		 struct bw_nbd *n) BW_MUST_CHECK;
+
+/* Releases what n holds (its pidfd); never signals the process. */
+void bw_nbd_release(struct bw_nbd *n);
+
+#endif

@@ -1,0 +1,214 @@
+/* target.c: qcow2 images under <repository>/<vm dir>/<key>/<job_id>.qcow2, created without following symlinks. */
+#include "target.h"
+#include "child.h"
+#include "text.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <json-c/json.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define READABLE_MAX 48
+#define QEMU_IMG_TIMEOUT_MS 60000
+
+void bw_target_vm_dir(const char *vm_id, const char *vm_name, char *out)
+{
+	const char *src = vm_id ? vm_id : vm_name;
+	char readable[READABLE_MAX + 1];
+	size_t n = 0;
+	for (const unsigned char *p = (const unsigned char *)src; *p && n < READABLE_MAX; p++) {
+		unsigned char c = *p;
+		if (c >= 'A' && c <= 'Z')
+			c = (unsigned char)(c - 'A' + 'a');
+		if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-')
+			readable[n++] = (char)c;
+		else if (n == 0 || readable[n - 1] != '_')
+			readable[n++] = '_';
+	}
+	readable[n] = '\0';
+	snprintf(out, BW_VM_DIR_MAX, "%s-%s-%016" PRIx64, vm_id ? "id" : "name", readable,
+		 bw_fnv1a64(src, strlen(src)));
+}
+
+int bw_target_path(const struct bw_target *t, char *out, size_t size)
+{
+	int n = snprintf(out, size, "%s/%s/%" PRId64 "/%s.qcow2", t->repository, t->vm_dir, t->key,
+			 t->job_id);
+	return n < 0 || (size_t)n >= size ? BW_ERANGE : 0;
+}
+
+/* Opens (creating) directory name below dirfd, refusing a symlink. */
+static int subdir(int dirfd, const char *name, int *out, char *err, size_t errsize)
+{
+	if (mkdirat(dirfd, name, 0750) != 0 && errno != EEXIST) {
+		snprintf(err, errsize, "mkdir %s: %s", name, strerror(errno));
+		return bw_err_from_errno(errno);
+	}
+	int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		int e = errno;
+		snprintf(err, errsize, "%s: %s", name,
+			 e == ELOOP || e == ENOTDIR ? "is a symlink or not a directory (refused)"
+						    : strerror(e));
+		return e == ELOOP || e == ENOTDIR ? BW_EPERM : bw_err_from_errno(e);
+	}
+	*out = fd;
+	return 0;
+}
+
+/* Runs qemu-img with argv; on failure puts its own words (from its output) into err. */
+static int qemu_img(const char *const *argv, char *out_path, char *err, size_t errsize)
+{
+	char log[] = "/tmp/bw-qemu-img-XXXXXX";
+	int fd = mkstemp(log); /* closed at once: never inherited */
+	if (fd < 0) {
+		snprintf(err, errsize, "mkstemp: %s", strerror(errno));
+		return BW_EIO;
+	}
+	close(fd);
+	struct bw_spawn s = {argv, NULL, log, false};
+	int status = 0;
+	int rc = bw_run(&s, QEMU_IMG_TIMEOUT_MS, &status, err, errsize);
+	if (rc == BW_ECHILD) {
+		char tail[512];
+		if (bw_log_tail(log, 400, tail, sizeof(tail)) == 0 && tail[0])
+			snprintf(err, errsize, "%s", tail);
+	}
+	if (rc == 0 && out_path)
+		snprintf(out_path, PATH_MAX, "%s", log); /* the caller reads and removes it */
+	else
+		unlink(log);
+	return rc;
+}
+
+int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
+{
+	char path[PATH_MAX], key[24], file[160], size[24], backing[PATH_MAX];
+	int repo = -1, vm = -1, kd = -1, fd = -1;
+	bool created = false;
+	int rc;
+
+	if ((rc = bw_target_path(t, path, sizeof(path))) != 0) {
+		snprintf(err, errsize, "image path too long");
+		return rc;
+	}
+	snprintf(key, sizeof(key), "%" PRId64, t->key);
+	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
+	snprintf(size, sizeof(size), "%" PRId64, t->size_bytes);
+
+	repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (repo < 0) {
+		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	if ((rc = subdir(repo, t->vm_dir, &vm, err, errsize)) != 0 ||
+	    (rc = subdir(vm, key, &kd, err, errsize)) != 0)
+		goto out;
+	fd = openat(kd, file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, t->mode);
+	if (fd < 0) {
+		snprintf(err, errsize, "%s: %s", path, strerror(errno));
+		rc = errno == EEXIST ? BW_EEXIST : bw_err_from_errno(errno);
+		goto out;
+	}
+	created = true;
+	if (fchmod(fd, t->mode) != 0) { /* the umask may have taken bits away */
+		snprintf(err, errsize, "chmod %s: %s", path, strerror(errno));
+		rc = BW_EIO;
+		goto out;
+	}
+	close(fd);
+	fd = -1;
+
+	if (t->parent_path) {
+		/* from <repo>/<vm dir>/<key>/ back to the repository root */
+		snprintf(backing, sizeof(backing), "../../%s", t->parent_path);
+		const char *argv[] = {t->qemu_img, "create", "-q", "-f", "qcow2", "-b", backing,
+				      "-F", "qcow2", path, size, NULL};
+		rc = qemu_img(argv, NULL, err, errsize);
+	} else {
+		const char *argv[] = {t->qemu_img, "create", "-q", "-f", "qcow2", path, size, NULL};
+		rc = qemu_img(argv, NULL, err, errsize);
+	}
+out:
+	if (rc != 0 && created)
+		unlinkat(kd, file, 0);
+	if (fd >= 0)
+		close(fd);
+	if (kd >= 0)
+		close(kd);
+	if (vm >= 0)
+		close(vm);
+	if (repo >= 0)
+		close(repo);
+	return rc;
+}
+
+int bw_target_check_parent(const char *qemu_img_bin, const char *repository,
+			   const char *parent_path, char *err, size_t errsize)
+{
+	char joined[PATH_MAX], real_repo[PATH_MAX], real[PATH_MAX], out[PATH_MAX];
+	struct stat st;
+
+	if (realpath(repository, real_repo) == NULL) {
+		snprintf(err, errsize, "repository %s: %s", repository, strerror(errno));
+		return BW_ENOENT;
+	}
+	if ((size_t)snprintf(joined, sizeof(joined), "%s/%s", repository, parent_path) >=
+		    sizeof(joined) ||
+	    realpath(joined, real) == NULL) {
+		snprintf(err, errsize, "parent %s: %s", parent_path, strerror(errno));
+		return BW_ENOENT;
+	}
+	size_t rn = strlen(real_repo);
+	if (strncmp(real, real_repo, rn) != 0 || real[rn] != '/') {
+		snprintf(err, errsize, "parent %s resolves outside the repository", parent_path);
+		return BW_EPERM;
+	}
+	if (stat(real, &st) != 0 || !S_ISREG(st.st_mode)) {
+		snprintf(err, errsize, "parent %s is not a regular file", parent_path);
+		return BW_ENOENT;
+	}
+
+	/* Without -U: fails when a running process holds the image's write lock. */
+	const char *locked_argv[] = {qemu_img_bin, "info", "--output=json", real, NULL};
+	int rc = qemu_img(locked_argv, out, err, errsize);
+	if (rc == BW_ECHILD && strstr(err, "lock") != NULL) {
+		char detail[256];
+		snprintf(detail, sizeof(detail), "%s", err);
+		snprintf(err, errsize, "parent %s is in use: %s", parent_path, detail);
+		return BW_EBUSY;
+	}
+	if (rc != 0)
+		return rc == BW_ECHILD ? BW_EINVAL : rc;
+
+	struct json_object *info = json_object_from_file(out);
+	unlink(out);
+	struct json_object *format = NULL;
+	const char *f = info && json_object_object_get_ex(info, "format", &format)
+				? json_object_get_string(format)
+				: NULL;
+	rc = f && strcmp(f, "qcow2") == 0 ? 0 : BW_EINVAL;
+	if (rc != 0)
+		snprintf(err, errsize, "parent %s is %s, not a qcow2 image", parent_path,
+			 f ? f : "unreadable");
+	json_object_put(info);
+	return rc;
+}
+
+int bw_target_remove(const struct bw_target *t)
+{
+	char path[PATH_MAX];
+	int rc = bw_target_path(t, path, sizeof(path));
+	if (rc != 0)
+		return rc;
+	if (unlink(path) != 0 && errno != ENOENT)
+		return bw_err_from_errno(errno);
+	return 0;
+}
