@@ -5,12 +5,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -113,6 +115,8 @@ static const char *const migrations[] = {schema_v1};
 #define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
 
 #define BUSY_BOUND_NS (2 * 1000000000LL) /* one busy wait before the transaction is retried */
+#define GATE_WAIT_NS (2 * 1000000000LL)  /* one wait for the writers' gate */
+#define GATE_MAGIC 0x62776761u             /* "bwga" */
 #define TXN_ATTEMPTS 5
 #define REGISTER_WAIT_NS (3 * 1000000000LL) /* a live twin holds its lock longer */
 
@@ -200,6 +204,8 @@ struct bw_ledger {
 	sqlite3_stmt *st[ST__COUNT];
 	uint64_t rng;
 	int64_t busy_since_ns;
+	struct gate *gate; /* writers' gate, mmap'd; NULL for a read-only handle */
+	char errmsg[256];  /* SQLite's words for the last failed transaction */
 
 	/* Set by bw_ledger_register. */
 	char *worker_id;
@@ -244,7 +250,7 @@ static void sleep_us(uint64_t us)
 /* Translates a SQLite result into a BW code (0 for OK/ROW/DONE). */
 static int sql_err(struct bw_ledger *l, int rc)
 {
-	switch (rc) {
+	switch (rc & 0xff) { /* extended result codes are on: switch on the primary code */
 	case SQLITE_OK:
 	case SQLITE_ROW:
 	case SQLITE_DONE:
@@ -371,6 +377,93 @@ static int exec(struct bw_ledger *l, const char *sql)
 	return sql_err(l, sqlite3_exec(l->db, sql, NULL, NULL, NULL));
 }
 
+/*
+ * The writers' gate. Waiting writers that poll BEGIN IMMEDIATE (SQLite's way) burn CPU,
+ * open a read snapshot at every try (so WAL checkpoints never complete and the WAL grows)
+ * and hand the lock over unfairly. So every write transaction first takes a robust,
+ * process-shared mutex kept in <ledger>-gate: waiters sleep in the kernel and are woken
+ * one by one; the wait is bounded (pthread_mutex_timedlock); a writer that dies holding it
+ * leaves it EOWNERDEAD and the next one takes over (SQLite has rolled the dead writer's
+ * transaction back). Readers (bw-ctl) never take it.
+ */
+struct gate {
+	uint32_t magic;
+	uint32_t version;
+	pthread_mutex_t mutex;
+};
+
+static int gate_open(struct bw_ledger *l, const char *path)
+{
+	char gp[PATH_MAX];
+	struct stat st;
+	int rc = 0;
+	if ((size_t)snprintf(gp, sizeof(gp), "%s-gate", path) >= sizeof(gp))
+		return BW_ERANGE;
+	int fd = open(gp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return bw_err_from_errno(errno);
+	/* Initialisation is a one-time race between processes: the file lock settles it. */
+	while (flock(fd, LOCK_EX) != 0) {
+		if (errno != EINTR) {
+			rc = bw_err_from_errno(errno);
+			goto out;
+		}
+	}
+	if (fstat(fd, &st) != 0 || (st.st_size < 4096 && ftruncate(fd, 4096) != 0)) {
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	struct gate *g = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (g == MAP_FAILED) {
+		rc = bw_err_from_errno(errno);
+		goto out;
+	}
+	if (g->magic != GATE_MAGIC) {
+		pthread_mutexattr_t a;
+		pthread_mutexattr_init(&a);
+		pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+		pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+		pthread_mutex_init(&g->mutex, &a);
+		pthread_mutexattr_destroy(&a);
+		g->version = 1;
+		g->magic = GATE_MAGIC;
+	}
+	l->gate = g;
+out:
+	/* Unlock explicitly: the mapping keeps the open file, and with it a lock, alive. */
+	flock(fd, LOCK_UN);
+	close(fd);
+	return rc;
+}
+
+static int gate_lock(struct bw_ledger *l)
+{
+	if (l->gate == NULL)
+		return 0;
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	int64_t ns = ts.tv_nsec + GATE_WAIT_NS;
+	ts.tv_sec += (time_t)(ns / 1000000000LL);
+	ts.tv_nsec = (long)(ns % 1000000000LL);
+	int rc;
+	while ((rc = pthread_mutex_timedlock(&l->gate->mutex, &ts)) == EINTR)
+		;
+	if (rc == EOWNERDEAD) {
+		pthread_mutex_consistent(&l->gate->mutex);
+		return 0;
+	}
+	if (rc == 0)
+		return 0;
+	snprintf(l->errmsg, sizeof(l->errmsg), "writers' gate: %s", strerror(rc));
+	return rc == ETIMEDOUT ? BW_EBUSY : BW_EIO;
+}
+
+static void gate_unlock(struct bw_ledger *l)
+{
+	if (l->gate)
+		pthread_mutex_unlock(&l->gate->mutex);
+}
+
 typedef int (*txn_fn)(struct bw_ledger *l, void *ctx);
 
 /*
@@ -384,16 +477,23 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
 		if (attempt > 0)
 			sleep_us(1000 + rnd(l) % (2000u << attempt));
-		rc = exec(l, "BEGIN IMMEDIATE");
-		if (rc == BW_EBUSY)
+		if ((rc = gate_lock(l)) == BW_EBUSY)
 			continue;
 		if (rc != 0)
 			return rc;
-		rc = fn(l, ctx);
-		if (rc == 0)
-			rc = exec(l, "COMMIT");
-		if (rc != 0)
-			(void)exec(l, "ROLLBACK");
+		rc = exec(l, "BEGIN IMMEDIATE");
+		if (rc == 0) {
+			rc = fn(l, ctx);
+			if (rc != 0)
+				snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
+			if (rc == 0)
+				rc = exec(l, "COMMIT");
+			if (rc != 0)
+				(void)exec(l, "ROLLBACK");
+		} else {
+			snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
+		}
+		gate_unlock(l);
 		if (rc != BW_EBUSY)
 			return rc;
 	}
@@ -612,6 +712,10 @@ int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int p
 		return rc;
 	l->port_min = port_min;
 	l->port_max = port_max;
+	if ((rc = gate_open(l, path)) != 0) {
+		bw_ledger_close(l);
+		return rc;
+	}
 	/* journal_mode=WAL needs a moment of exclusive access the first time: retry on busy. */
 	for (int i = 0; i < 50; i++) {
 		rc = exec(l, "PRAGMA journal_mode = WAL");
@@ -659,6 +763,8 @@ void bw_ledger_close(struct bw_ledger *l)
 	for (int i = 0; i < ST__COUNT; i++)
 		sqlite3_finalize(l->st[i]);
 	sqlite3_close_v2(l->db);
+	if (l->gate)
+		munmap(l->gate, 4096);
 	if (l->lock_fd >= 0)
 		close(l->lock_fd);
 	free(l->worker_id);
@@ -668,7 +774,9 @@ void bw_ledger_close(struct bw_ledger *l)
 
 const char *bw_ledger_errmsg(const struct bw_ledger *l)
 {
-	return l && l->db ? sqlite3_errmsg(l->db) : "no ledger";
+	if (l == NULL || l->db == NULL)
+		return "no ledger";
+	return l->errmsg[0] ? l->errmsg : sqlite3_errmsg(l->db);
 }
 
 /* ---- workers ---------------------------------------------------------------------------- */
@@ -943,11 +1051,11 @@ static int free_ports(struct bw_ledger *l, int from, int to, size_t n, int *out,
 				(int64_t)(n - *got));
 	if (s == NULL)
 		return err;
-	int rc;
+	int rc = SQLITE_DONE;
 	while (*got < n && (rc = sqlite3_step(s)) == SQLITE_ROW)
 		out[(*got)++] = sqlite3_column_int(s, 0);
 	sqlite3_reset(s);
-	return 0;
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : sql_err(l, rc);
 }
 
 /*
@@ -966,9 +1074,12 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 	sqlite3_stmt *s = query(l, ST_CURSOR_GET, &err, "");
 	if (s == NULL)
 		return err;
-	if (sqlite3_step(s) == SQLITE_ROW)
+	rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
 		cursor = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return sql_err(l, rc);
 
 	if ((rc = free_ports(l, (int)cursor, 65536, n, ports, &got)) != 0 ||
 	    (got < n && (rc = free_ports(l, 0, (int)cursor, n, ports, &got)) != 0))
@@ -981,6 +1092,8 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 		    (rc = run(l, ST_DISK_SET_PORT, "tii", f->job_id, keys[i], (int64_t)ports[i])) !=
 			    0)
 			return rc;
+		if (sqlite3_changes(l->db) != 1)
+			return BW_ENOENT; /* the job has no such disk */
 	}
 	int next = ports[n - 1] + 1;
 	if (next > l->port_max)
@@ -1101,7 +1214,7 @@ static int quarantine_txn(struct bw_ledger *l, void *arg)
 	if (s == NULL)
 		return err;
 	rc = sqlite3_step(s);
-	key = sqlite3_column_int64(s, 0);
+	key = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
 	sqlite3_reset(s);
 	if (rc == SQLITE_DONE)
 		return BW_ENOENT;
@@ -1169,7 +1282,7 @@ static bool worker_dead(struct bw_ledger *l, const char *lock_path, const char *
 static void dead_free(struct dead_worker *d, size_t n, bool unlink_locks)
 {
 	for (size_t i = 0; i < n; i++) {
-		if (unlink_locks && d[i].lock_fd >= 0)
+		if (unlink_locks && d[i].lock_fd >= 0 && d[i].lock_path)
 			unlink(d[i].lock_path); /* while we still hold it */
 		if (d[i].lock_fd >= 0)
 			close(d[i].lock_fd);
@@ -1351,6 +1464,10 @@ int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
 		d[r.n_dead].lock_path = strdup(lock_path);
 		d[r.n_dead].lock_fd = fd;
 		r.n_dead++;
+		if (d[r.n_dead - 1].lock_path == NULL) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
 	}
 	sqlite3_finalize(s);
 	rc = rc == SQLITE_DONE ? 0 : sql_err(l, rc);

@@ -164,7 +164,7 @@ int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t
  * just-released port is the last to be reused: a stale client still connecting to it
  * reaches nothing rather than the next job's export. Stores ports[i] for keys[i].
  * Returns 0; BW_ENOPORTS (nothing reserved); BW_EEXIST when a key already holds a port;
- * BW_EFENCED; BW_EBUSY.
+ * BW_ENOENT when the job has no disk with that key; BW_EFENCED; BW_EBUSY.
  */
 int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
 		      size_t n, int *ports) BW_MUST_CHECK;

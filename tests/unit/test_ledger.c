@@ -146,6 +146,16 @@ static void test_claim_once(void **state)
 	assert_string_equal(rows[0].event_id, "job-1/backup.accepted");
 	bw_outbox_free(rows, n);
 
+	/* A constraint broken inside a transaction is permanent (not a transient I/O error):
+	 * another job that reuses job-1's accepted event id changes nothing. */
+	struct bw_event stolen = {"job-1/backup.accepted", "backup.accepted", 1, "{}"};
+	assert_int_equal(bw_ledger_claim(fx->l, "job-x", "{}", NULL, 0, &stolen, &g2, NULL),
+			 BW_EEXIST);
+	assert_non_null(strstr(bw_ledger_errmsg(fx->l), "UNIQUE"));
+	struct json_object *jobs = NULL;
+	assert_int_equal(bw_ledger_list_jobs(fx->l, &jobs), 0);
+	assert_int_equal(array_len(jobs), 1);
+
 	/* Not registered: no claim. */
 	struct bw_ledger *anon = NULL;
 	assert_int_equal(bw_ledger_open(&anon, fx->path, 10100, 10104), 0);
@@ -216,8 +226,11 @@ static void test_reserve_all_or_nothing_rotating(void **state)
 	/* three more do not fit in the two left: nothing is reserved */
 	assert_int_equal(bw_ledger_reserve(fx->l, &b, keys, 3, pb), BW_ENOPORTS);
 	assert_int_equal(held_ports(fx->l), 3);
-	/* a key that already holds a port */
+	/* a key that already holds a port; a key the job does not have */
 	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 1, pb), BW_EEXIST);
+	int64_t stranger = 4242;
+	assert_int_equal(bw_ledger_reserve(fx->l, &b, &stranger, 1, pb), BW_ENOENT);
+	assert_int_equal(held_ports(fx->l), 3);
 
 	/* release exactly once */
 	assert_int_equal(bw_ledger_release(fx->l, &a, 10101), 0);
