@@ -1,0 +1,642 @@
+/* amqp.c: connect, declare, consume and publish with confirms over librabbitmq-c 0.11, without long waits. */
+#include "amqp.h"
+
+#include <amqp.h>
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#define CHANNEL 1
+#define FRAME_MAX 131072
+#define MESSAGE_WAIT_MS 2000 /* the rest of a message whose first frame arrived */
+
+struct pending_publish {
+	uint64_t seq;
+	char *id;
+	bool returned;
+};
+
+struct bw_amqp {
+	amqp_connection_state_t conn;
+	int timeout_ms;
+	bool lost;
+	bool blocked;
+	uint64_t channel_epoch;
+
+	/* consumer */
+	char *queue;
+	int prefetch;
+	bool consuming;
+
+	/* publisher */
+	bool confirms;
+	uint64_t next_seq;
+	struct pending_publish *pending;
+	size_t n_pending, cap_pending;
+};
+
+static struct timeval tv_ms(int ms)
+{
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	return tv;
+}
+
+/* Turns a reply into text; returns 0 for a normal reply, else BW_EAMQP/BW_ECONFIG. */
+static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char *err,
+		     size_t errsize)
+{
+	switch (r.reply_type) {
+	case AMQP_RESPONSE_NORMAL:
+		return 0;
+	case AMQP_RESPONSE_NONE:
+		snprintf(err, errsize, "%s: no reply (missing RPC reply type)", what);
+		return BW_EAMQP;
+	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+		snprintf(err, errsize, "%s: %s", what, amqp_error_string2(r.library_error));
+		if (r.library_error != AMQP_STATUS_TIMEOUT)
+			c->lost = true;
+		return r.library_error == AMQP_STATUS_SSL_CONNECTION_FAILED ||
+				       r.library_error == AMQP_STATUS_SSL_PEER_VERIFY_FAILED ||
+				       r.library_error == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED
+			       ? BW_ECONFIG
+			       : BW_EAMQP;
+	case AMQP_RESPONSE_SERVER_EXCEPTION:
+		break;
+	}
+	if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+		amqp_connection_close_t *m = r.reply.decoded;
+		snprintf(err, errsize, "%s: connection closed by the broker: %u %.*s", what,
+			 m->reply_code, (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		amqp_connection_close_ok_t ok;
+		amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+		c->lost = true;
+		return m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED
+			       ? BW_ECONFIG
+			       : BW_EAMQP;
+	}
+	if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+		amqp_channel_close_t *m = r.reply.decoded;
+		snprintf(err, errsize, "%s: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
+			 (const char *)m->reply_text.bytes);
+		amqp_channel_close_ok_t ok;
+		amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+		/* The channel is gone: reopen it so the connection stays usable. */
+		c->channel_epoch++;
+		amqp_channel_open(c->conn, CHANNEL);
+		if (amqp_get_rpc_reply(c->conn).reply_type != AMQP_RESPONSE_NORMAL)
+			c->lost = true;
+		return m->reply_code == AMQP_PRECONDITION_FAILED || m->reply_code == AMQP_NOT_FOUND ||
+				       m->reply_code == AMQP_ACCESS_REFUSED
+			       ? BW_ECONFIG
+			       : BW_EAMQP;
+	}
+	snprintf(err, errsize, "%s: unexpected server method 0x%08x", what, r.reply.id);
+	c->lost = true;
+	return BW_EAMQP;
+}
+
+static amqp_table_entry_t entry_bool(const char *k, bool v)
+{
+	amqp_table_entry_t e;
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+	e.value.value.boolean = v;
+	return e;
+}
+
+static amqp_table_entry_t entry_str(const char *k, const char *v)
+{
+	amqp_table_entry_t e;
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_UTF8;
+	e.value.value.bytes = amqp_cstring_bytes(v);
+	return e;
+}
+
+static amqp_table_entry_t entry_i64(const char *k, int64_t v)
+{
+	amqp_table_entry_t e;
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_I64;
+	e.value.value.i64 = v;
+	return e;
+}
+
+int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *err, size_t errsize)
+{
+	struct amqp_connection_info info;
+	struct bw_amqp *c = NULL;
+	char *url = strdup(o->url);
+	int rc = BW_ENOMEM;
+
+	if (url == NULL)
+		goto out;
+	if (amqp_parse_url(url, &info) != AMQP_STATUS_OK) {
+		snprintf(err, errsize, "not an AMQP URL");
+		rc = BW_ECONFIG;
+		goto out;
+	}
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		goto out;
+	c->timeout_ms = o->timeout_ms;
+	c->conn = amqp_new_connection();
+	if (c->conn == NULL)
+		goto out;
+
+	amqp_socket_t *sock = info.ssl ? amqp_ssl_socket_new(c->conn) : amqp_tcp_socket_new(c->conn);
+	if (sock == NULL)
+		goto out;
+	if (info.ssl) {
+		amqp_ssl_socket_set_verify_peer(sock, o->tls_verify_peer);
+		amqp_ssl_socket_set_verify_hostname(sock, o->tls_verify_hostname);
+		if (o->tls_ca_file && amqp_ssl_socket_set_cacert(sock, o->tls_ca_file)) {
+			snprintf(err, errsize, "TLS CA file %s unusable", o->tls_ca_file);
+			rc = BW_ECONFIG;
+			goto out;
+		}
+		if (o->tls_cert_file && o->tls_key_file &&
+		    amqp_ssl_socket_set_key(sock, o->tls_cert_file, o->tls_key_file)) {
+			snprintf(err, errsize, "TLS client certificate %s / key %s unusable",
+				 o->tls_cert_file, o->tls_key_file);
+			rc = BW_ECONFIG;
+			goto out;
+		}
+	}
+	struct timeval tv = tv_ms(o->timeout_ms);
+	int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
+	if (st != AMQP_STATUS_OK) {
+		snprintf(err, errsize, "connect %s:%d: %s", info.host, info.port,
+			 amqp_error_string2(st));
+		rc = st == AMQP_STATUS_SSL_PEER_VERIFY_FAILED ||
+				     st == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED ||
+				     st == AMQP_STATUS_SSL_CONNECTION_FAILED
+			     ? BW_ECONFIG
+			     : BW_EAMQP;
+		goto out;
+	}
+	amqp_set_handshake_timeout(c->conn, &tv);
+	amqp_set_rpc_timeout(c->conn, &tv);
+
+	amqp_table_entry_t caps[] = {
+		entry_bool("consumer_cancel_notify", true),
+		entry_bool("connection.blocked", true),
+		entry_bool("publisher_confirms", true),
+		entry_bool("basic.nack", true),
+		entry_bool("authentication_failure_close", true),
+	};
+	amqp_table_entry_t props[3] = {entry_str("product", "bw"),
+				       entry_str("connection_name", o->name ? o->name : "bw")};
+	props[2].key = amqp_cstring_bytes("capabilities");
+	props[2].value.kind = AMQP_FIELD_KIND_TABLE;
+	props[2].value.value.table.num_entries = (int)(sizeof(caps) / sizeof(caps[0]));
+	props[2].value.value.table.entries = caps;
+	amqp_table_t table = {3, props};
+
+	amqp_rpc_reply_t r =
+		amqp_login_with_properties(c->conn, info.vhost, 0, FRAME_MAX, o->heartbeat_s, &table,
+					   AMQP_SASL_METHOD_PLAIN, info.user, info.password);
+	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+	    r.library_error == AMQP_STATUS_CONNECTION_CLOSED) {
+		snprintf(err, errsize, "login as %s refused (or vhost %s unknown)", info.user,
+			 info.vhost);
+		rc = BW_ECONFIG;
+		goto out;
+	}
+	if ((rc = reply_err(c, r, "login", err, errsize)) != 0)
+		goto out;
+	amqp_channel_open(c->conn, CHANNEL);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "channel.open", err, errsize)) != 0)
+		goto out;
+	c->next_seq = 1;
+	*out = c;
+	c = NULL;
+	rc = 0;
+out:
+	if (c) {
+		if (c->conn)
+			amqp_destroy_connection(c->conn);
+		free(c);
+	}
+	free(url);
+	return rc;
+}
+
+void bw_amqp_close(struct bw_amqp *c)
+{
+	if (c == NULL)
+		return;
+	if (!c->lost) {
+		struct timeval tv = tv_ms(c->timeout_ms < 2000 ? c->timeout_ms : 2000);
+		amqp_set_rpc_timeout(c->conn, &tv);
+		amqp_connection_close(c->conn, AMQP_REPLY_SUCCESS);
+	}
+	amqp_destroy_connection(c->conn);
+	for (size_t i = 0; i < c->n_pending; i++)
+		free(c->pending[i].id);
+	free(c->pending);
+	free(c->queue);
+	free(c);
+}
+
+int bw_amqp_fd(const struct bw_amqp *c)
+{
+	return amqp_get_sockfd(c->conn);
+}
+
+bool bw_amqp_pending(const struct bw_amqp *c)
+{
+	return amqp_frames_enqueued(c->conn) || amqp_data_in_buffer(c->conn);
+}
+
+bool bw_amqp_blocked(const struct bw_amqp *c)
+{
+	return c->blocked;
+}
+
+/* ---- topology --------------------------------------------------------------------------- */
+
+static int exchange(struct bw_amqp *c, const char *name, const char *type, bool passive, char *err,
+		    size_t errsize)
+{
+	char what[300];
+	snprintf(what, sizeof(what), "exchange %s (%s)", name, type);
+	amqp_exchange_declare(c->conn, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(type),
+			      passive, 1, 0, 0, amqp_empty_table);
+	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
+}
+
+static int queue(struct bw_amqp *c, const char *name, amqp_table_t args, bool passive, char *err,
+		 size_t errsize)
+{
+	char what[300];
+	snprintf(what, sizeof(what), "queue %s", name);
+	amqp_queue_declare(c->conn, CHANNEL, amqp_cstring_bytes(name), passive, 1, 0, 0, args);
+	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
+}
+
+static int bind_queue(struct bw_amqp *c, const char *q, const char *x, const char *key, char *err,
+		size_t errsize)
+{
+	char what[600];
+	snprintf(what, sizeof(what), "bind queue %s to %s/%s", q, x, key);
+	amqp_queue_bind(c->conn, CHANNEL, amqp_cstring_bytes(q), amqp_cstring_bytes(x),
+			amqp_cstring_bytes(key), amqp_empty_table);
+	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
+}
+
+int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *err,
+		    size_t errsize)
+{
+	amqp_table_entry_t qargs[] = {
+		entry_str("x-queue-type", "quorum"),
+		entry_i64("x-delivery-limit", t->delivery_limit),
+		entry_str("x-dead-letter-exchange", t->dlx),
+		entry_str("x-dead-letter-strategy", "at-least-once"),
+		/* without reject-publish the broker silently falls back to at-most-once */
+		entry_str("x-overflow", "reject-publish"),
+	};
+	amqp_table_entry_t dargs[] = {entry_str("x-queue-type", "quorum")};
+	amqp_table_t qtable = {(int)(sizeof(qargs) / sizeof(qargs[0])), qargs};
+	amqp_table_t dtable = {1, dargs};
+	int rc;
+
+	if ((rc = exchange(c, t->jobs_exchange, "direct", t->passive, err, errsize)) != 0 ||
+	    (rc = exchange(c, t->events_exchange, "topic", t->passive, err, errsize)) != 0 ||
+	    (rc = exchange(c, t->dlx, "fanout", t->passive, err, errsize)) != 0 ||
+	    (rc = queue(c, t->dlq, t->passive ? amqp_empty_table : dtable, t->passive, err,
+			errsize)) != 0 ||
+	    (rc = queue(c, t->queue, t->passive ? amqp_empty_table : qtable, t->passive, err,
+			errsize)) != 0)
+		return rc;
+	if (t->passive)
+		return 0;
+	if ((rc = bind_queue(c, t->queue, t->jobs_exchange, "backup.start", err, errsize)) != 0 ||
+	    (rc = bind_queue(c, t->dlq, t->dlx, "", err, errsize)) != 0)
+		return rc;
+	return 0;
+}
+
+/* ---- consuming -------------------------------------------------------------------------- */
+
+static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
+{
+	int rc;
+	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
+		return rc;
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue), amqp_empty_bytes, 0, 0, 0,
+			   amqp_empty_table);
+	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume", err, errsize);
+	c->consuming = rc == 0;
+	return rc;
+}
+
+int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, size_t errsize)
+{
+	free(c->queue);
+	c->queue = strdup(q);
+	if (c->queue == NULL)
+		return BW_ENOMEM;
+	c->prefetch = prefetch;
+	return start_consumer(c, err, errsize);
+}
+
+int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch)
+{
+	char err[256];
+	if (prefetch == c->prefetch)
+		return 0;
+	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)prefetch, 0);
+	int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, sizeof(err));
+	if (rc == 0)
+		c->prefetch = prefetch;
+	return rc;
+}
+
+void bw_delivery_free(struct bw_delivery *d)
+{
+	free(d->body);
+	d->body = NULL;
+}
+
+/* A frame other than a delivery: answer it as the protocol wants. */
+static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confirm_cb cb, void *arg,
+			char *err, size_t errsize);
+
+static bool readable(struct bw_amqp *c)
+{
+	if (bw_amqp_pending(c))
+		return true;
+	struct pollfd p = {amqp_get_sockfd(c->conn), POLLIN, 0};
+	return poll(&p, 1, 0) == 1;
+}
+
+int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err, size_t errsize)
+{
+	*got = false;
+	if (c->lost)
+		return BW_EAMQP;
+	amqp_maybe_release_buffers(c->conn);
+	if (c->queue && !c->consuming) {
+		/* cancelled by the broker (queue deleted): try to register again */
+		int rc = start_consumer(c, err, errsize);
+		if (c->lost)
+			return BW_EAMQP;
+		if (rc != 0)
+			return 0; /* the queue may come back: try again on the next poll */
+	}
+	/* Nothing to read: a zero-wait frame read still sends a due heartbeat. */
+	int wait_ms = readable(c) ? MESSAGE_WAIT_MS : 0;
+	struct timeval tv = tv_ms(wait_ms);
+	amqp_envelope_t env;
+	amqp_rpc_reply_t r = amqp_consume_message(c->conn, &env, &tv, 0);
+	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+		d->tag = env.delivery_tag;
+		d->channel_epoch = c->channel_epoch;
+		d->redelivered = env.redelivered;
+		d->len = env.message.body.len;
+		d->body = malloc(d->len + 1);
+		if (d->body) {
+			memcpy(d->body, env.message.body.bytes, d->len);
+			d->body[d->len] = '\0';
+		}
+		amqp_destroy_envelope(&env);
+		if (d->body == NULL)
+			return BW_ENOMEM;
+		*got = true;
+		return 0;
+	}
+	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+	    r.library_error == AMQP_STATUS_TIMEOUT)
+		return 0;
+	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+	    r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+		amqp_frame_t f;
+		struct timeval zero = {0, 0};
+		int st = amqp_simple_wait_frame_noblock(c->conn, &f, &zero);
+		if (st == AMQP_STATUS_TIMEOUT)
+			return 0;
+		if (st != AMQP_STATUS_OK) {
+			snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
+			c->lost = true;
+			return BW_EAMQP;
+		}
+		return handle_frame(c, &f, NULL, NULL, err, errsize);
+	}
+	return reply_err(c, r, "consume", err, errsize) ? BW_EAMQP : 0;
+}
+
+int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d)
+{
+	if (c->lost)
+		return BW_EAMQP;
+	if (d->channel_epoch != c->channel_epoch)
+		return BW_ESTATE;
+	return amqp_basic_ack(c->conn, CHANNEL, d->tag, 0) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+}
+
+int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d)
+{
+	if (c->lost)
+		return BW_EAMQP;
+	if (d->channel_epoch != c->channel_epoch)
+		return BW_ESTATE;
+	return amqp_basic_reject(c->conn, CHANNEL, d->tag, 0) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+}
+
+/* ---- publishing ------------------------------------------------------------------------- */
+
+int bw_amqp_confirm_select(struct bw_amqp *c, char *err, size_t errsize)
+{
+	amqp_confirm_select(c->conn, CHANNEL);
+	int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "confirm.select", err, errsize);
+	if (rc == 0) {
+		c->confirms = true;
+		c->next_seq = 1;
+	}
+	return rc;
+}
+
+int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *routing_key,
+		    const char *id, const char *body, size_t len, uint64_t *seq)
+{
+	if (c->lost)
+		return BW_EAMQP;
+	if (c->blocked)
+		return BW_EBUSY;
+	if (c->n_pending == c->cap_pending) {
+		size_t cap = c->cap_pending ? c->cap_pending * 2 : 64;
+		struct pending_publish *p = realloc(c->pending, cap * sizeof(*p));
+		if (p == NULL)
+			return BW_ENOMEM;
+		c->pending = p;
+		c->cap_pending = cap;
+	}
+	char *idc = strdup(id);
+	if (idc == NULL)
+		return BW_ENOMEM;
+
+	amqp_basic_properties_t props;
+	memset(&props, 0, sizeof(props));
+	props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
+		       AMQP_BASIC_MESSAGE_ID_FLAG;
+	props.content_type = amqp_cstring_bytes("application/json");
+	props.delivery_mode = 2; /* persistent */
+	props.message_id = amqp_cstring_bytes(id);
+	amqp_bytes_t b = {len, (void *)body};
+	int st = amqp_basic_publish(c->conn, CHANNEL, amqp_cstring_bytes(exchange_name),
+				    amqp_cstring_bytes(routing_key), 1, 0, &props, b);
+	if (st != AMQP_STATUS_OK) {
+		free(idc);
+		c->lost = true;
+		return BW_EAMQP;
+	}
+	c->pending[c->n_pending++] = (struct pending_publish){c->next_seq, idc, false};
+	*seq = c->next_seq++;
+	return 0;
+}
+
+size_t bw_amqp_unconfirmed(const struct bw_amqp *c)
+{
+	return c->n_pending;
+}
+
+/* Settles pending publishes up to tag (or only tag); ok unless returned. */
+static void settle(struct bw_amqp *c, uint64_t tag, bool multiple, bool ok, bw_amqp_confirm_cb cb,
+		   void *arg)
+{
+	size_t keep = 0;
+	for (size_t i = 0; i < c->n_pending; i++) {
+		struct pending_publish *p = &c->pending[i];
+		if (p->seq == tag || (multiple && p->seq < tag)) {
+			if (cb)
+				cb(arg, p->seq, ok && !p->returned,
+				   !ok ? "nacked by the broker"
+				       : p->returned ? "returned unroutable (no binding)" : NULL);
+			free(p->id);
+		} else {
+			c->pending[keep++] = *p;
+		}
+	}
+	c->n_pending = keep;
+}
+
+static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, const char *why)
+{
+	for (size_t i = 0; i < c->n_pending; i++) {
+		if (cb)
+			cb(arg, c->pending[i].seq, false, why);
+		free(c->pending[i].id);
+	}
+	c->n_pending = 0;
+}
+
+static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confirm_cb cb, void *arg,
+			char *err, size_t errsize)
+{
+	if (f->frame_type != AMQP_FRAME_METHOD)
+		return 0; /* stray content of a message we do not expect: skip */
+	switch (f->payload.method.id) {
+	case AMQP_BASIC_ACK_METHOD: {
+		amqp_basic_ack_t *m = f->payload.method.decoded;
+		settle(c, m->delivery_tag, m->multiple, true, cb, arg);
+		return 0;
+	}
+	case AMQP_BASIC_NACK_METHOD: {
+		amqp_basic_nack_t *m = f->payload.method.decoded;
+		settle(c, m->delivery_tag, m->multiple, false, cb, arg);
+		return 0;
+	}
+	case AMQP_BASIC_RETURN_METHOD: {
+		/* The returned message follows; it precedes the ack of the same publish. */
+		amqp_message_t msg;
+		amqp_rpc_reply_t r = amqp_read_message(c->conn, f->channel, &msg, 0);
+		if (r.reply_type != AMQP_RESPONSE_NORMAL)
+			return reply_err(c, r, "basic.return", err, errsize);
+		if (msg.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
+			for (size_t i = 0; i < c->n_pending; i++) {
+				const char *id = c->pending[i].id;
+				if (strlen(id) == msg.properties.message_id.len &&
+				    memcmp(id, msg.properties.message_id.bytes, strlen(id)) == 0 &&
+				    !c->pending[i].returned) {
+					c->pending[i].returned = true;
+					break;
+				}
+			}
+		}
+		amqp_destroy_message(&msg);
+		return 0;
+	}
+	case AMQP_BASIC_CANCEL_METHOD:
+		c->consuming = false; /* re-registered on the next poll */
+		return 0;
+	case AMQP_CONNECTION_BLOCKED_METHOD:
+		c->blocked = true;
+		return 0;
+	case AMQP_CONNECTION_UNBLOCKED_METHOD:
+		c->blocked = false;
+		return 0;
+	case AMQP_CHANNEL_CLOSE_METHOD: {
+		amqp_channel_close_t *m = f->payload.method.decoded;
+		snprintf(err, errsize, "channel closed by the broker: %u %.*s", m->reply_code,
+			 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		amqp_channel_close_ok_t ok;
+		amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+		settle_all_failed(c, cb, arg, "channel closed");
+		c->channel_epoch++;
+		c->consuming = false;
+		amqp_channel_open(c->conn, CHANNEL);
+		int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "channel.open", err, errsize);
+		if (rc == 0 && c->confirms)
+			rc = bw_amqp_confirm_select(c, err, errsize);
+		return rc == 0 ? 0 : BW_EAMQP;
+	}
+	case AMQP_CONNECTION_CLOSE_METHOD: {
+		amqp_connection_close_t *m = f->payload.method.decoded;
+		snprintf(err, errsize, "connection closed by the broker: %u %.*s", m->reply_code,
+			 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		amqp_connection_close_ok_t ok;
+		amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+		c->lost = true;
+		settle_all_failed(c, cb, arg, "connection closed");
+		return BW_EAMQP;
+	}
+	default:
+		return 0;
+	}
+}
+
+int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, char *err,
+			  size_t errsize)
+{
+	if (c->lost) {
+		settle_all_failed(c, cb, arg, "connection lost");
+		return BW_EAMQP;
+	}
+	amqp_maybe_release_buffers(c->conn);
+	for (;;) {
+		amqp_frame_t f;
+		struct timeval zero = {0, 0};
+		int st = amqp_simple_wait_frame_noblock(c->conn, &f, &zero);
+		if (st == AMQP_STATUS_TIMEOUT)
+			return 0;
+		if (st != AMQP_STATUS_OK) {
+			snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
+			c->lost = true;
+			settle_all_failed(c, cb, arg, "connection lost");
+			return BW_EAMQP;
+		}
+		int rc = handle_frame(c, &f, cb, arg, err, errsize);
+		if (rc != 0) {
+			if (c->lost)
+				settle_all_failed(c, cb, arg, "connection lost");
+			return rc;
+		}
+	}
+}

@@ -1,0 +1,131 @@
+/* amqp.h: one AMQP 0-9-1 connection (librabbitmq-c 0.11) that never blocks the event loop for long. */
+#ifndef BW_AMQP_H
+#define BW_AMQP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+
+/*
+ * A worker holds two: one consumes backup.start, one publishes events with confirms
+ * (RabbitMQ blocks publishing connections on a resource alarm while consumers keep
+ * flowing, and 0.11 cannot put a frame back, so each connection reads only what its role
+ * expects). Every call is bounded by opts.timeout_ms; the poll calls never wait.
+ * Heartbeats are always on: call a poll function at least every heartbeat_s / 2.
+ */
+struct bw_amqp;
+
+struct bw_amqp_opts {
+	const char *url;  /* amqp[s]://user:password@host:port[/vhost] */
+	int heartbeat_s;  /* > 0 */
+	int timeout_ms;   /* connect, login, every RPC */
+	const char *name; /* shown by rabbitmqctl list_connections (connection_name) */
+	const char *tls_ca_file;
+	const char *tls_cert_file;
+	const char *tls_key_file;
+	bool tls_verify_peer;     /* default true */
+	bool tls_verify_hostname; /* default true */
+};
+
+struct bw_amqp_topology {
+	const char *queue;           /* backup.start: quorum */
+	const char *jobs_exchange;   /* direct */
+	const char *events_exchange; /* topic */
+	const char *dlx;             /* fanout */
+	const char *dlq;             /* quorum, bound to dlx */
+	int delivery_limit;
+	bool passive; /* only check that everything exists */
+};
+
+/*
+ * Connects, logs in announcing consumer_cancel_notify, connection.blocked,
+ * publisher_confirms and basic.nack, and opens channel 1. Returns 0 and a new connection
+ * in *out; BW_EAMQP (transient: refused, timed out, broker closing) or BW_ECONFIG (bad URL,
+ * access refused, TLS verification failed) with the reason in err.
+ */
+int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *err,
+		    size_t errsize) BW_MUST_CHECK;
+
+/* Closes politely (bounded) and frees. Accepts NULL. */
+void bw_amqp_close(struct bw_amqp *c);
+
+/* The socket to poll for input. */
+int bw_amqp_fd(const struct bw_amqp *c);
+
+/* True when the library holds input already read: poll the connection without waiting. */
+bool bw_amqp_pending(const struct bw_amqp *c);
+
+/*
+ * Declares (or, passive, checks) the topology of CONTRACT §1. A mismatch is BW_ECONFIG
+ * naming the object and the broker's words (which name the argument).
+ */
+int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *err,
+		    size_t errsize) BW_MUST_CHECK;
+
+/* ---- consuming ------------------------------------------------------------------------- */
+
+struct bw_delivery {
+	uint64_t tag;
+	uint64_t channel_epoch; /* tags of an older channel are never used */
+	bool redelivered;
+	char *body; /* malloc'd, NUL-terminated; len excludes the NUL */
+	size_t len;
+};
+
+/* Starts consuming queue with manual acks and prefetch (basic.qos per consumer). */
+int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
+		    size_t errsize) BW_MUST_CHECK;
+
+/* Changes the prefetch (free job slots); 0 = none. */
+int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch) BW_MUST_CHECK;
+
+/*
+ * Handles what arrived, without waiting for more than one message's remaining frames:
+ * returns 0 with *got set when a delivery is in *d (free with bw_delivery_free), 0 with
+ * *got false when nothing is there. basic.cancel (queue deleted) re-registers the consumer,
+ * channel.close is answered and the channel reopened (older tags become stale),
+ * connection.blocked/unblocked are noted. BW_EAMQP when the connection is lost (heartbeat
+ * missed, closed by the broker, socket error): close it and connect again.
+ */
+int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
+		 size_t errsize) BW_MUST_CHECK;
+
+void bw_delivery_free(struct bw_delivery *d);
+
+/* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a stale channel's tag. */
+int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
+int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
+
+/* ---- publishing ------------------------------------------------------------------------ */
+
+/* Puts the channel in confirm mode; publish sequence numbers start at 1. */
+int bw_amqp_confirm_select(struct bw_amqp *c, char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
+ * Publishes persistent, mandatory, content-type application/json, message_id = id.
+ * Stores the confirm sequence number in *seq. Refused (BW_EBUSY) while the broker has
+ * blocked the connection. Settled later by bw_amqp_poll_confirms.
+ */
+int bw_amqp_publish(struct bw_amqp *c, const char *exchange, const char *routing_key,
+		    const char *id, const char *body, size_t len, uint64_t *seq) BW_MUST_CHECK;
+
+/* Called once per settled publish: ok only on an ack with no basic.return before it. */
+typedef void (*bw_amqp_confirm_cb)(void *arg, uint64_t seq, bool ok, const char *why);
+
+/*
+ * Handles confirms, returns, flow control and heartbeats without waiting; calls cb per
+ * settled publish. BW_EAMQP when the connection is lost (every unsettled publish is then
+ * settled as failed through cb first).
+ */
+int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, char *err,
+			  size_t errsize) BW_MUST_CHECK;
+
+/* Publishes sent and not settled yet. */
+size_t bw_amqp_unconfirmed(const struct bw_amqp *c);
+
+/* True while the broker blocks this connection (resource alarm). */
+bool bw_amqp_blocked(const struct bw_amqp *c);
+
+#endif

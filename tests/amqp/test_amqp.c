@@ -1,0 +1,330 @@
+/* test_amqp.c: the AMQP layer against a real private broker (run through tests/with-broker). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "amqp.h"
+
+static const char *url;
+
+static struct bw_amqp_opts opts(const char *name)
+{
+	return (struct bw_amqp_opts){url, 10, 5000, name, NULL, NULL, NULL, true, true};
+}
+
+static struct bw_amqp *connect_ok(const char *name)
+{
+	struct bw_amqp *c = NULL;
+	char err[512] = "";
+	struct bw_amqp_opts o = opts(name);
+	int rc = bw_amqp_connect(&c, &o, err, sizeof(err));
+	if (rc != 0)
+		print_message("connect: %s\n", err);
+	assert_int_equal(rc, 0);
+	return c;
+}
+
+static int ctl(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int ctl(const char *fmt, ...)
+{
+	char args[1024], cmd[2048];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof(args), fmt, ap);
+	va_end(ap);
+	snprintf(cmd, sizeof(cmd), "\"$BW_TEST_BROKER\" ctl \"$BW_TEST_BROKER_DIR\" %s", args);
+	int rc = system(cmd);
+	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
+{
+	snprintf(names[0], 64, "%s.start", prefix);
+	snprintf(names[1], 64, "%s.jobs", prefix);
+	snprintf(names[2], 64, "%s.events", prefix);
+	snprintf(names[3], 64, "%s.dlx", prefix);
+	snprintf(names[4], 64, "%s.start.dlq", prefix);
+	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false};
+}
+
+/* Polls c until a delivery arrives or ms pass. */
+static bool next_delivery(struct bw_amqp *c, struct bw_delivery *d, int ms)
+{
+	char err[512];
+	for (int waited = 0; waited < ms; waited += 10) {
+		bool got = false;
+		int rc = bw_amqp_poll(c, d, &got, err, sizeof(err));
+		if (rc != 0)
+			print_message("poll: %s\n", err);
+		assert_int_equal(rc, 0);
+		if (got)
+			return true;
+		struct pollfd p = {bw_amqp_fd(c), POLLIN, 0};
+		poll(&p, 1, 10);
+	}
+	return false;
+}
+
+struct confirms {
+	int ok, failed;
+	char why[128];
+};
+
+static void confirm_cb(void *arg, uint64_t seq, bool ok, const char *why)
+{
+	struct confirms *s = arg;
+	(void)seq;
+	if (ok) {
+		s->ok++;
+	} else {
+		s->failed++;
+		snprintf(s->why, sizeof(s->why), "%s", why ? why : "");
+	}
+}
+
+static void settle_all(struct bw_amqp *c, struct confirms *s)
+{
+	char err[512];
+	for (int i = 0; i < 500 && bw_amqp_unconfirmed(c) > 0; i++) {
+		assert_int_equal(bw_amqp_poll_confirms(c, confirm_cb, s, err, sizeof(err)), 0);
+		struct pollfd p = {bw_amqp_fd(c), POLLIN, 0};
+		poll(&p, 1, 10);
+	}
+	assert_int_equal(bw_amqp_unconfirmed(c), 0);
+}
+
+static void publish(struct bw_amqp *c, const char *x, const char *key, const char *id,
+		    const char *body)
+{
+	uint64_t seq;
+	assert_int_equal(bw_amqp_publish(c, x, key, id, body, strlen(body), &seq), 0);
+}
+
+static void test_topology_idempotent_passive_and_mismatch(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t1", names);
+	struct bw_amqp *c = connect_ok("test-topology");
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	t.passive = true;
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+
+	/* an operator-owned queue with another delivery limit: a clear error naming it */
+	t.passive = false;
+	t.delivery_limit = 7;
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), BW_ECONFIG);
+	print_message("mismatch: %s\n", err);
+	assert_non_null(strstr(err, "queue t1.start"));
+	assert_non_null(strstr(err, "x-delivery-limit"));
+	/* the connection stays usable after the channel error */
+	t.delivery_limit = 2;
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+
+	struct bw_amqp_topology missing = topo("t-missing", names);
+	missing.passive = true;
+	assert_int_equal(bw_amqp_declare(c, &missing, err, sizeof(err)), BW_ECONFIG);
+	assert_non_null(strstr(err, "NOT_FOUND"));
+	bw_amqp_close(c);
+
+	/* the quorum queue really has the contract's arguments */
+	assert_int_equal(ctl("list_queues name type arguments | grep '^t1.start\\s' | "
+			     "grep quorum | grep -q 'reject-publish'"),
+			 0);
+}
+
+static void test_publish_consume_ack_nothing_redelivered(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t2", names);
+	struct bw_amqp *pub = connect_ok("test-pub");
+	struct bw_amqp *con = connect_ok("test-con");
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(pub, err, sizeof(err)), 0);
+	struct confirms s = {0, 0, ""};
+	for (int i = 0; i < 10; i++) {
+		char id[32], body[64];
+		snprintf(id, sizeof(id), "m-%d", i);
+		snprintf(body, sizeof(body), "{\"n\":%d}", i);
+		publish(pub, t.jobs_exchange, "backup.start", id, body);
+	}
+	settle_all(pub, &s);
+	assert_int_equal(s.ok, 10);
+
+	assert_int_equal(bw_amqp_consume(con, t.queue, 4, err, sizeof(err)), 0);
+	for (int i = 0; i < 10; i++) {
+		struct bw_delivery d;
+		assert_true(next_delivery(con, &d, 5000));
+		char want[64];
+		snprintf(want, sizeof(want), "{\"n\":%d}", i);
+		assert_string_equal(d.body, want);
+		assert_false(d.redelivered);
+		assert_int_equal(bw_amqp_ack(con, &d), 0);
+		bw_delivery_free(&d);
+	}
+	bw_amqp_close(con);
+	/* a new consumer finds nothing: every ack landed */
+	con = connect_ok("test-con2");
+	assert_int_equal(bw_amqp_consume(con, t.queue, 4, err, sizeof(err)), 0);
+	struct bw_delivery d;
+	assert_false(next_delivery(con, &d, 500));
+	bw_amqp_close(con);
+	bw_amqp_close(pub);
+}
+
+static void test_rejected_goes_to_dlq_with_x_death(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t3", names);
+	struct bw_amqp *c = connect_ok("test-dlq");
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(c, err, sizeof(err)), 0);
+	struct confirms s = {0, 0, ""};
+	publish(c, t.jobs_exchange, "backup.start", "poison", "{not json");
+	settle_all(c, &s);
+	assert_int_equal(s.ok, 1);
+	bw_amqp_close(c);
+
+	c = connect_ok("test-dlq-consumer");
+	assert_int_equal(bw_amqp_consume(c, t.queue, 1, err, sizeof(err)), 0);
+	struct bw_delivery d;
+	assert_true(next_delivery(c, &d, 5000));
+	assert_int_equal(bw_amqp_reject(c, &d), 0);
+	bw_delivery_free(&d);
+	bw_amqp_close(c);
+
+	/* read it back from the DLQ with an independent client, x-death and all */
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd),
+		 "/usr/bin/python3 -c '\n"
+		 "import pika, sys, time\n"
+		 "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
+		 "ch = c.channel()\n"
+		 "for _ in range(50):\n"
+		 "    m, p, b = ch.basic_get(\"t3.start.dlq\", auto_ack=True)\n"
+		 "    if m: break\n"
+		 "    time.sleep(0.1)\n"
+		 "d = p.headers[\"x-death\"][0]\n"
+		 "assert b == b\"{not json\", b\n"
+		 "assert d[\"queue\"] == \"t3.start\" and d[\"reason\"] == \"rejected\", d\n"
+		 "'",
+		 url);
+	assert_int_equal(system(cmd), 0);
+}
+
+static void test_unroutable_event_is_not_confirmed(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t4", names);
+	struct bw_amqp *c = connect_ok("test-unroutable");
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(c, err, sizeof(err)), 0);
+	struct confirms s = {0, 0, ""};
+	publish(c, t.events_exchange, "backup.completed", "job/backup.completed", "{}");
+	settle_all(c, &s);
+	assert_int_equal(s.ok, 0);
+	assert_int_equal(s.failed, 1);
+	assert_non_null(strstr(s.why, "returned"));
+
+	assert_int_equal(ctl("-q declare_queue --vhost=/ name=t4.sink durable=true 2>/dev/null || "
+			     "true"),
+			 0);
+	bw_amqp_close(c);
+}
+
+static void test_connection_closed_by_operator_is_reported(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t5", names);
+	struct bw_amqp *c = connect_ok("test-close-me");
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_consume(c, t.queue, 1, err, sizeof(err)), 0);
+	assert_int_equal(ctl("-q close_all_connections 'closed by test' >/dev/null"), 0);
+	int rc = 0;
+	for (int i = 0; i < 500 && rc == 0; i++) {
+		bool got;
+		struct bw_delivery d;
+		rc = bw_amqp_poll(c, &d, &got, err, sizeof(err));
+		usleep(10000);
+	}
+	assert_int_equal(rc, BW_EAMQP);
+	print_message("closed: %s\n", err);
+	bw_amqp_close(c);
+	/* and a new connection works */
+	c = connect_ok("test-reconnected");
+	assert_int_equal(bw_amqp_consume(c, t.queue, 1, err, sizeof(err)), 0);
+	bw_amqp_close(c);
+}
+
+static void test_queue_deleted_consumer_comes_back(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t6", names);
+	struct bw_amqp *c = connect_ok("test-cancel");
+	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_consume(c, t.queue, 1, err, sizeof(err)), 0);
+	assert_int_equal(ctl("-q delete_queue t6.start >/dev/null"), 0);
+	struct bw_delivery d;
+	assert_false(next_delivery(c, &d, 300)); /* basic.cancel handled, no error */
+
+	struct bw_amqp *other = connect_ok("test-recreate");
+	assert_int_equal(bw_amqp_declare(other, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(other, err, sizeof(err)), 0);
+	struct confirms s = {0, 0, ""};
+	publish(other, t.jobs_exchange, "backup.start", "after", "{\"after\":1}");
+	settle_all(other, &s);
+	assert_true(next_delivery(c, &d, 5000));
+	assert_string_equal(d.body, "{\"after\":1}");
+	assert_int_equal(bw_amqp_ack(c, &d), 0);
+	bw_delivery_free(&d);
+	bw_amqp_close(other);
+	bw_amqp_close(c);
+}
+
+static void test_bad_credentials_and_port(void **state)
+{
+	(void)state;
+	struct bw_amqp *c = NULL;
+	char err[512], bad[256];
+	snprintf(bad, sizeof(bad), "amqp://guest:wrong@127.0.0.1:%s", getenv("BW_TEST_AMQP_PORT"));
+	struct bw_amqp_opts o = opts("bad");
+	o.url = bad;
+	assert_int_equal(bw_amqp_connect(&c, &o, err, sizeof(err)), BW_ECONFIG);
+	print_message("bad credentials: %s\n", err);
+	o.url = "amqp://guest:guest@127.0.0.1:1";
+	assert_int_equal(bw_amqp_connect(&c, &o, err, sizeof(err)), BW_EAMQP);
+}
+
+int main(void)
+{
+	url = getenv("BW_TEST_AMQP_URL");
+	if (url == NULL) {
+		fprintf(stderr, "test_amqp: run me through tests/with-broker\n");
+		return 1;
+	}
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_topology_idempotent_passive_and_mismatch),
+		cmocka_unit_test(test_publish_consume_ack_nothing_redelivered),
+		cmocka_unit_test(test_rejected_goes_to_dlq_with_x_death),
+		cmocka_unit_test(test_unroutable_event_is_not_confirmed),
+		cmocka_unit_test(test_connection_closed_by_operator_is_reported),
+		cmocka_unit_test(test_queue_deleted_consumer_comes_back),
+		cmocka_unit_test(test_bad_credentials_and_port),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
