@@ -188,7 +188,7 @@ static const char *const stmt_sql[ST__COUNT] = {
 			       " disk_key = NULL, owner = NULL, generation = NULL, until = ?2,"
 			       " since = ?3 WHERE port = ?1",
 	[ST_OUTBOX_NEXT] = "SELECT id, event_id, routing_key, body, attempts FROM outbox"
-			   " WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+			   " WHERE published_at IS NULL AND id > ?2 ORDER BY id LIMIT ?1",
 	[ST_OUTBOX_PUBLISHED] = "UPDATE outbox SET published_at = ?2, attempts = attempts + 1"
 				" WHERE id = ?1 AND published_at IS NULL",
 	[ST_OUTBOX_FAILED] = "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
@@ -1515,12 +1515,13 @@ int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event)
 	return with_txn(l, outbox_append_txn, (void *)event);
 }
 
-int bw_ledger_outbox_next(struct bw_ledger *l, size_t max, struct bw_outbox_row **rows, size_t *n)
+int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
+			  struct bw_outbox_row **rows, size_t *n)
 {
 	int err = 0, rc;
 	struct bw_outbox_row *out = NULL;
 	size_t got = 0;
-	sqlite3_stmt *s = query(l, ST_OUTBOX_NEXT, &err, "i", (int64_t)max);
+	sqlite3_stmt *s = query(l, ST_OUTBOX_NEXT, &err, "ii", (int64_t)max, after_id);
 	if (s == NULL)
 		return err;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {

@@ -242,11 +242,11 @@ struct bw_outbox_row {
 int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event) BW_MUST_CHECK;
 
 /*
- * Stores in *rows up to max unpublished events, oldest first (so each job's in seq order).
- * Returns 0 (n may be 0). Free with bw_outbox_free.
+ * Stores in *rows up to max unpublished events with an id above after_id (0: all), oldest
+ * first, so each job's in seq order. Returns 0 (n may be 0). Free with bw_outbox_free.
  */
-int bw_ledger_outbox_next(struct bw_ledger *l, size_t max, struct bw_outbox_row **rows,
-			  size_t *n) BW_MUST_CHECK;
+int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
+			  struct bw_outbox_row **rows, size_t *n) BW_MUST_CHECK;
 
 /* Marks events confirmed by the broker. */
 int bw_ledger_outbox_published(struct bw_ledger *l, const int64_t *ids, size_t n) BW_MUST_CHECK;

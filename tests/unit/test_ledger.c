@@ -141,7 +141,7 @@ static void test_claim_once(void **state)
 
 	struct bw_outbox_row *rows = NULL;
 	size_t n = 0;
-	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 0, 10, &rows, &n), 0);
 	assert_int_equal(n, 1);
 	assert_string_equal(rows[0].event_id, "job-1/backup.accepted");
 	bw_outbox_free(rows, n);
@@ -323,7 +323,7 @@ static void test_outbox(void **state)
 
 	struct bw_outbox_row *rows = NULL;
 	size_t n = 0;
-	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 0, 10, &rows, &n), 0);
 	assert_int_equal(n, 3);
 	assert_string_equal(rows[0].event_id, "job-o1/backup.accepted");
 	assert_string_equal(rows[1].event_id, "rejected/00000000deadbeef");
@@ -334,10 +334,14 @@ static void test_outbox(void **state)
 	bw_outbox_free(rows, n);
 	assert_int_equal(bw_ledger_outbox_published(fx->l, ids, 2), 0);
 
-	assert_int_equal(bw_ledger_outbox_next(fx->l, 10, &rows, &n), 0);
+	assert_int_equal(bw_ledger_outbox_next(fx->l, 0, 10, &rows, &n), 0);
 	assert_int_equal(n, 1);
 	assert_string_equal(rows[0].event_id, "job-o1/backup.accepted");
 	assert_int_equal(rows[0].attempts, 1);
+	int64_t first = rows[0].id;
+	bw_outbox_free(rows, n);
+	assert_int_equal(bw_ledger_outbox_next(fx->l, first, 10, &rows, &n), 0);
+	assert_int_equal(n, 0); /* nothing unpublished after it */
 	bw_outbox_free(rows, n);
 }
 
