@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -165,8 +166,10 @@ int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, siz
 	int rc = bw_spawn(s, &pid, NULL, err, errsize);
 	if (rc != 0)
 		return rc;
+	/* Wait on a pidfd: woken the moment the tool exits, not at the next poll tick. */
+	int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
 	int64_t deadline = mono_ms() + timeout_ms;
-	int st = 0, delay_us = 500;
+	int st = 0;
 	for (;;) {
 		pid_t r = waitpid(pid, &st, WNOHANG);
 		if (r == pid)
@@ -175,18 +178,26 @@ int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, siz
 			rc = BW_ESYS;
 			break;
 		}
-		if (mono_ms() >= deadline) {
+		int64_t left = deadline - mono_ms();
+		if (left <= 0) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &st, 0);
+			if (pfd >= 0)
+				close(pfd);
 			if (err)
 				snprintf(err, errsize, "%s: no result after %d ms (killed)",
 					 s->argv[0], timeout_ms);
 			return BW_ETIMEDOUT;
 		}
-		usleep((useconds_t)delay_us);
-		if (delay_us < 20000)
-			delay_us *= 2;
+		if (pfd >= 0) {
+			struct pollfd p = {pfd, POLLIN, 0};
+			poll(&p, 1, (int)left);
+		} else {
+			usleep(1000);
+		}
 	}
+	if (pfd >= 0)
+		close(pfd);
 	if (status)
 		*status = st;
 	if (rc == 0 && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {

@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 #define GREETING_LEN 18     /* NBDMAGIC, IHAVEOPT, 16-bit handshake flags */
-#define PROBE_IO_MS 200     /* one probe's bound for the greeting */
+#define NBD_OPT_ABORT 2
 #define TERM_RESEND_MS 200  /* qemu-nbd 7.2 may lose an early SIGTERM: send it again */
 #define DISCARD_GRACE_MS 2000
 
@@ -41,6 +41,11 @@ static int64_t mono_ms(void)
 int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
 {
 	char export[300], shared[32], bind[96], port[32];
+	const char *address = o->bind_address ? o->bind_address : "127.0.0.1";
+	if (o->export_name == NULL || o->image == NULL || o->qemu_nbd == NULL) {
+		snprintf(err, errsize, "qemu-nbd needs a program, an image and an export name");
+		return BW_EINVAL;
+	}
 	if (access(o->image, F_OK) != 0) {
 		snprintf(err, errsize, "%s: %s (a server is never started before its image)",
 			 o->image, strerror(errno));
@@ -48,7 +53,7 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	}
 	snprintf(export, sizeof(export), "--export-name=%s", o->export_name);
 	snprintf(shared, sizeof(shared), "--shared=%d", o->shared);
-	snprintf(bind, sizeof(bind), "--bind=%s", o->bind_address);
+	snprintf(bind, sizeof(bind), "--bind=%s", address);
 	snprintf(port, sizeof(port), "--port=%d", o->port);
 	const char *argv[] = {o->qemu_nbd,
 			      "--format=qcow2",
@@ -65,8 +70,9 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 
 	memset(n, 0, sizeof(*n));
 	n->pidfd = -1;
+	n->probe_fd = -1;
 	n->port = o->port;
-	snprintf(n->bind_address, sizeof(n->bind_address), "%s", o->bind_address);
+	snprintf(n->bind_address, sizeof(n->bind_address), "%s", address);
 	snprintf(n->log_path, sizeof(n->log_path), "%s", o->log_path ? o->log_path : "/dev/null");
 	int rc = bw_spawn(&s, &n->pid, &n->start_time, err, errsize);
 	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
@@ -114,8 +120,16 @@ static bool exited_cleanly(const struct bw_nbd *n)
 	return n->status == -1 || (WIFEXITED(n->status) && WEXITSTATUS(n->status) == 0);
 }
 
-/* Reads the greeting within PROBE_IO_MS; 0 ready, BW_EBUSY not yet. */
-static int probe(const struct bw_nbd *n)
+static void probe_close(struct bw_nbd *n)
+{
+	if (n->probe_fd >= 0)
+		close(n->probe_fd);
+	n->probe_fd = -1;
+	n->probe_got = 0;
+}
+
+/* Starts a non-blocking connect to the server's port. */
+static int probe_connect(struct bw_nbd *n)
 {
 	struct sockaddr_storage ss;
 	socklen_t len;
@@ -126,50 +140,72 @@ static int probe(const struct bw_nbd *n)
 		in4->sin_family = AF_INET;
 		in4->sin_port = htons((uint16_t)n->port);
 		len = sizeof(*in4);
+		/* a server bound to the wildcard address is probed on loopback */
+		if (in4->sin_addr.s_addr == htonl(INADDR_ANY))
+			in4->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	} else if (inet_pton(AF_INET6, n->bind_address, &in6->sin6_addr) == 1) {
 		in6->sin6_family = AF_INET6;
 		in6->sin6_port = htons((uint16_t)n->port);
 		len = sizeof(*in6);
+		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
+			in6->sin6_addr = in6addr_loopback;
 	} else {
 		return BW_EINVAL;
 	}
-	/* A server bound to the wildcard address is probed on loopback. */
-	if (ss.ss_family == AF_INET && in4->sin_addr.s_addr == htonl(INADDR_ANY))
-		in4->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (ss.ss_family == AF_INET6 && IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
-		in6->sin6_addr = in6addr_loopback;
-
 	int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return BW_EBUSY;
-	int rc = BW_EBUSY;
-	unsigned char buf[GREETING_LEN];
-	size_t got = 0;
-	int64_t deadline = mono_ms() + PROBE_IO_MS;
-	if (connect(fd, (struct sockaddr *)&ss, len) != 0 && errno != EINPROGRESS)
-		goto out;
-	struct pollfd p = {fd, POLLOUT, 0};
-	if (poll(&p, 1, PROBE_IO_MS) != 1)
-		goto out;
-	int soerr = 0;
-	socklen_t sl = sizeof(soerr);
-	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || soerr != 0)
-		goto out;
-	while (got < GREETING_LEN) {
-		int left = (int)(deadline - mono_ms());
-		p = (struct pollfd){fd, POLLIN, 0};
-		if (left <= 0 || poll(&p, 1, left) != 1)
-			goto out;
-		ssize_t r = read(fd, buf + got, GREETING_LEN - got);
-		if (r <= 0)
-			goto out;
-		got += (size_t)r;
+	if (connect(fd, (struct sockaddr *)&ss, len) != 0 && errno != EINPROGRESS) {
+		close(fd);
+		return BW_EBUSY; /* refused: not listening yet */
 	}
-	if (memcmp(buf, "NBDMAGIC", 8) == 0 && memcmp(buf + 8, "IHAVEOPT", 8) == 0)
-		rc = 0;
-out:
-	close(fd);
-	return rc;
+	n->probe_fd = fd;
+	n->probe_got = 0;
+	return 0;
+}
+
+/* Advances the probe without waiting; 0 when the whole greeting was read. */
+static int probe(struct bw_nbd *n)
+{
+	if (n->probe_fd < 0) {
+		int rc = probe_connect(n);
+		if (rc != 0)
+			return rc;
+	}
+	for (;;) {
+		ssize_t r = read(n->probe_fd, n->probe_buf + n->probe_got,
+				 GREETING_LEN - n->probe_got);
+		if (r > 0) {
+			n->probe_got += (size_t)r;
+			if (n->probe_got == GREETING_LEN)
+				break;
+			continue;
+		}
+		if (r < 0 && (errno == EAGAIN || errno == EINPROGRESS || errno == ENOTCONN))
+			return BW_EBUSY; /* connecting, or the greeting is on its way */
+		probe_close(n);  /* refused or closed: try again next time */
+		return BW_EBUSY;
+	}
+	bool ok = memcmp(n->probe_buf, "NBDMAGIC", 8) == 0 &&
+		  memcmp(n->probe_buf + 8, "IHAVEOPT", 8) == 0;
+	if (ok) {
+		/* End the handshake as a client should: our flags, then NBD_OPT_ABORT. */
+		unsigned char bye[20];
+		uint32_t flags = htonl((uint32_t)(n->probe_buf[17] & 3));
+		uint32_t opt = htonl(NBD_OPT_ABORT), zero = 0;
+		memcpy(bye, &flags, 4);
+		memcpy(bye + 4, "IHAVEOPT", 8);
+		memcpy(bye + 12, &opt, 4);
+		memcpy(bye + 16, &zero, 4);
+		ssize_t w = write(n->probe_fd, bye, sizeof(bye));
+		(void)w;
+		/* No TIME_WAIT left behind: it would hold a local port that may be the port of
+		 * a server yet to start when nbd ports lie in the ephemeral range. */
+		struct linger lg = {1, 0};
+		setsockopt(n->probe_fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	}
+	probe_close(n);
+	return ok ? 0 : BW_EBUSY;
 }
 
 int bw_nbd_poll_ready(struct bw_nbd *n, char *err, size_t errsize)
@@ -180,6 +216,7 @@ int bw_nbd_poll_ready(struct bw_nbd *n, char *err, size_t errsize)
 		char tail[600] = "";
 		bool in_use = bw_log_tail(n->log_path, 500, tail, sizeof(tail)) == 0 &&
 			      strstr(tail, "Address already in use") != NULL;
+		probe_close(n);
 		death_text(n, err, errsize);
 		return in_use ? BW_EADDRINUSE : BW_ECHILD;
 	}
@@ -203,7 +240,7 @@ int bw_nbd_wait_ready(struct bw_nbd *n, int timeout_ms, char *err, size_t errsiz
 			return BW_ETIMEDOUT;
 		}
 		usleep((useconds_t)delay_us);
-		if (delay_us < 8000)
+		if (delay_us < 4000)
 			delay_us *= 2;
 	}
 }
@@ -225,12 +262,15 @@ int bw_nbd_stop(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, ch
 {
 	int64_t start = mono_ms(), deadline = start + timeout_ms;
 
-	/* A server that has not greeted yet may lose SIGTERM: wait for its greeting first. */
-	while (!n->ready && !bw_nbd_reap(n) && mono_ms() < deadline) {
+	/* A server that has not greeted yet may lose SIGTERM: give it half the time to greet
+	 * (after that the re-sent SIGTERM below still ends it). */
+	int64_t greet_by = start + timeout_ms / 2;
+	while (!n->ready && !bw_nbd_reap(n) && mono_ms() < greet_by) {
 		if (bw_nbd_poll_ready(n, err, errsize) == 0)
 			break;
 		usleep(2000);
 	}
+	probe_close(n);
 	int64_t last_term = 0;
 	bool killed = false;
 	while (!bw_nbd_reap(n)) {
@@ -274,6 +314,7 @@ int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
 		return BW_ENOENT;
 	}
 	memset(n, 0, sizeof(*n));
+	n->probe_fd = -1;
 	n->pid = pid;
 	n->start_time = start_time;
 	n->port = port;
@@ -290,4 +331,5 @@ void bw_nbd_release(struct bw_nbd *n)
 	if (n->pidfd >= 0)
 		close(n->pidfd);
 	n->pidfd = -1;
+	probe_close(n);
 }

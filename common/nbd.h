@@ -13,7 +13,7 @@ struct bw_nbd_opts {
 	const char *qemu_nbd;     /* binary */
 	const char *image;        /* the qcow2 file; must exist */
 	const char *export_name;  /* [A-Za-z0-9._-] */
-	const char *bind_address; /* numeric; 127.0.0.1 by default */
+	const char *bind_address; /* numeric; NULL: 127.0.0.1 */
 	int port;
 	int shared;               /* --shared: at least the SNA's connections per disk */
 	const char *log_path;     /* its stdout/stderr, appended */
@@ -31,6 +31,10 @@ struct bw_nbd {
 	int status;  /* wait status once exited */
 	bool adopted; /* not our child: watched through a pidfd */
 	int pidfd;
+	/* the readiness probe in progress (non-blocking across calls) */
+	int probe_fd;
+	size_t probe_got;
+	unsigned char probe_buf[18];
 };
 
 /*
@@ -45,8 +49,10 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	BW_MUST_CHECK;
 
 /*
- * One non-blocking readiness check: connects to the port and reads the NBD newstyle
- * greeting (NBDMAGIC IHAVEOPT) with a short bound. Returns 0 when ready (n->ready set);
+ * One readiness check that never waits: advances a non-blocking connect to the port and
+ * the read of the NBD newstyle greeting (NBDMAGIC IHAVEOPT) as far as it can, then ends
+ * the handshake politely (NBD_OPT_ABORT) so the server logs no error. Returns 0 when
+ * ready (n->ready set);
  * BW_EBUSY when not yet (try again shortly); BW_EADDRINUSE when the server died because
  * its port is taken by another process (quarantine the port, try another); BW_ECHILD when
  * it died for another reason (its status and the tail of its log in err).
@@ -67,8 +73,8 @@ enum bw_nbd_stop_mode {
 /*
  * Stops a server and waits for its end, at most timeout_ms (blocking). qemu-nbd 7.2 loses
  * a SIGTERM that arrives before its main loop runs: a server whose greeting was never seen
- * is first waited for (up to the timeout), and SIGTERM is sent again every 200 ms until it
- * exits. Returns 0 when it exited with status 0 (the image is flushed and closed);
+ * is first given up to half the timeout to greet, and SIGTERM is sent again every 200 ms
+ * until it exits. Returns 0 when it exited with status 0 (the image is flushed and closed);
  * BW_ECHILD when it exited otherwise (err says how); BW_ETIMEDOUT when a KEEP server is
  * still running at the timeout (never SIGKILLed: its data would be lost).
  */

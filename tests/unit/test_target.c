@@ -202,7 +202,7 @@ static void test_overlay_and_parent_checks(void **state)
 	char base_path[PATH_MAX];
 	assert_int_equal(bw_target_path(&base, base_path, sizeof(base_path)), 0);
 	snprintf(cmd, sizeof(cmd),
-		 "qemu-nbd --fork --persistent -p 42199 -b 127.0.0.1 -f qcow2 --pid-file=%s/pid '%s'",
+		 "qemu-nbd --fork --persistent -p 22199 -b 127.0.0.1 -f qcow2 --pid-file=%s/pid '%s'",
 		 repo, base_path);
 	assert_int_equal(system(cmd), 0);
 	int rc = bw_target_check_parent("qemu-img", repo, rel, err, sizeof(err));
