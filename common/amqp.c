@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
 
 #define CHANNEL 1
 #define FRAME_MAX 131072
@@ -639,4 +641,71 @@ int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, c
 			return rc;
 		}
 	}
+}
+
+/* ---- links ------------------------------------------------------------------------------ */
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void schedule_retry(struct bw_amqp_link *link)
+{
+	unsigned shift = link->attempts < 20 ? link->attempts : 20;
+	int64_t cap = (int64_t)link->backoff_base_ms << shift;
+	if (cap > link->backoff_cap_ms)
+		cap = link->backoff_cap_ms;
+	if (link->rng == 0)
+		link->rng = (uint64_t)mono_ms() * 2654435761u ^ (uint64_t)getpid() << 20 ^ 1;
+	link->rng = link->rng * 6364136223846793005ULL + 1442695040888963407ULL;
+	link->next_try_ms = mono_ms() + (int64_t)((link->rng >> 33) % (uint64_t)(cap + 1));
+	link->attempts++;
+}
+
+int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t errsize)
+{
+	*fresh = false;
+	if (link->c)
+		return 0;
+	if (link->next_try_ms && mono_ms() < link->next_try_ms)
+		return BW_EBUSY;
+
+	struct bw_amqp *c = NULL;
+	int rc = bw_amqp_connect(&c, &link->opts, err, errsize);
+	if (rc == 0 && link->role == BW_AMQP_PUBLISHER)
+		rc = bw_amqp_confirm_select(c, err, errsize);
+	if (rc == 0 && link->topology)
+		rc = bw_amqp_declare(c, link->topology, err, errsize);
+	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->queue)
+		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
+	if (rc != 0) {
+		bw_amqp_close(c);
+		schedule_retry(link);
+		return rc == BW_ECONFIG ? BW_ECONFIG : BW_EBUSY;
+	}
+	link->c = c;
+	link->attempts = 0;
+	link->next_try_ms = 0;
+	link->connects++;
+	*fresh = true;
+	return 0;
+}
+
+void bw_amqp_link_down(struct bw_amqp_link *link)
+{
+	bw_amqp_close(link->c);
+	link->c = NULL;
+	if (link->next_try_ms == 0 || link->attempts == 0)
+		schedule_retry(link);
+}
+
+int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link)
+{
+	if (link->c || link->next_try_ms == 0)
+		return 0;
+	int64_t left = link->next_try_ms - mono_ms();
+	return left > 0 ? (int)left : 0;
 }

@@ -128,4 +128,45 @@ size_t bw_amqp_unconfirmed(const struct bw_amqp *c);
 /* True while the broker blocks this connection (resource alarm). */
 bool bw_amqp_blocked(const struct bw_amqp *c);
 
+/* ---- links: a connection that comes back ----------------------------------------------- */
+
+enum bw_amqp_role { BW_AMQP_CONSUMER, BW_AMQP_PUBLISHER };
+
+/*
+ * A link keeps one connection of a role up: when it is lost it is connected again after a
+ * capped exponential backoff with full jitter (attempt n waits a uniform time in
+ * [0, min(cap, base * 2^n)]), restoring in order: connection, channel, qos, confirm mode,
+ * topology, consumer. Deliveries of an older connection are never acked on the new one
+ * (bw_amqp_ack refuses their tags).
+ */
+struct bw_amqp_link {
+	struct bw_amqp_opts opts;
+	enum bw_amqp_role role;
+	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
+	const char *queue;                       /* consumer: the queue */
+	int prefetch;                            /* consumer */
+	int backoff_base_ms;
+	int backoff_cap_ms;
+
+	struct bw_amqp *c;  /* NULL while down */
+	unsigned attempts;  /* failed connects in a row */
+	int64_t next_try_ms; /* monotonic; 0: now */
+	uint64_t rng;
+	uint64_t connects;  /* successful (re)connects */
+};
+
+/*
+ * Connects the link when it is down and its backoff has run out. Returns 0 when it is up
+ * (link->c usable; *fresh set when it was just (re)connected), BW_EBUSY while waiting for the next attempt (bw_amqp_link_timeout_ms says how long), BW_ECONFIG
+ * for an error no retry can fix (bad credentials, topology mismatch), with err set.
+ */
+int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t errsize)
+	BW_MUST_CHECK;
+
+/* The link's connection failed: close it; the next bw_amqp_link_up reconnects. */
+void bw_amqp_link_down(struct bw_amqp_link *link);
+
+/* Milliseconds until the next connection attempt (0 when up or due). */
+int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link);
+
 #endif

@@ -14,6 +14,9 @@
 
 #include "amqp.h"
 
+#include <signal.h>
+#include <time.h>
+
 static const char *url;
 
 static struct bw_amqp_opts opts(const char *name)
@@ -310,6 +313,285 @@ static void test_bad_credentials_and_port(void **state)
 	assert_int_equal(bw_amqp_connect(&c, &o, err, sizeof(err)), BW_EAMQP);
 }
 
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static long rss_kib(void)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	long kib = -1;
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+			break;
+	if (f)
+		fclose(f);
+	return kib;
+}
+
+static struct bw_amqp_link link_of(enum bw_amqp_role role, const struct bw_amqp_topology *t,
+				   int heartbeat_s)
+{
+	struct bw_amqp_link l;
+	memset(&l, 0, sizeof(l));
+	l.opts = opts(role == BW_AMQP_CONSUMER ? "link-consumer" : "link-publisher");
+	l.opts.heartbeat_s = heartbeat_s;
+	l.role = role;
+	l.topology = t;
+	l.queue = role == BW_AMQP_CONSUMER ? t->queue : NULL;
+	l.prefetch = 50;
+	l.backoff_base_ms = 50;
+	l.backoff_cap_ms = 1000;
+	return l;
+}
+
+/* Brings the link up within ms (reconnecting as often as needed). */
+static void link_up(struct bw_amqp_link *l, int ms)
+{
+	char err[512];
+	bool fresh;
+	int64_t until = now_ms() + ms;
+	while (bw_amqp_link_up(l, &fresh, err, sizeof(err)) != 0) {
+		assert_true(now_ms() < until);
+		usleep(20000);
+	}
+}
+
+/* Consumes (and acks) until n deliveries arrived or ms pass; survives a lost connection. */
+static int consume_n(struct bw_amqp_link *l, int n, int ms)
+{
+	char err[512];
+	int got_n = 0;
+	int64_t until = now_ms() + ms;
+	while (got_n < n && now_ms() < until) {
+		link_up(l, 20000);
+		bool got = false;
+		struct bw_delivery d;
+		if (bw_amqp_poll(l->c, &d, &got, err, sizeof(err)) != 0) {
+			bw_amqp_link_down(l);
+			continue;
+		}
+		if (!got) {
+			struct pollfd p = {bw_amqp_fd(l->c), POLLIN, 0};
+			poll(&p, 1, 5);
+			continue;
+		}
+		if (bw_amqp_ack(l->c, &d) == 0)
+			got_n++;
+		bw_delivery_free(&d);
+	}
+	return got_n;
+}
+
+static void publish_n(struct bw_amqp_link *l, const char *x, int n, size_t size)
+{
+	char *body = malloc(size + 1);
+	memset(body, 'x', size);
+	body[size] = '\0';
+	struct confirms s = {0, 0, ""};
+	link_up(l, 20000);
+	for (int i = 0; i < n; i++) {
+		uint64_t seq;
+		char id[32];
+		snprintf(id, sizeof(id), "bulk-%d", i);
+		assert_int_equal(bw_amqp_publish(l->c, x, "backup.start", id, body, size, &seq), 0);
+		if (bw_amqp_unconfirmed(l->c) >= 100)
+			settle_all(l->c, &s);
+	}
+	settle_all(l->c, &s);
+	assert_int_equal(s.ok, n);
+	free(body);
+}
+
+static void test_links_recover_from_closed_connections(void **state)
+{
+	(void)state;
+	char names[5][64];
+	struct bw_amqp_topology t = topo("t7", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 10);
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&con, 10000);
+	link_up(&pub, 10000);
+	assert_int_equal(ctl("-q close_all_connections 'test' >/dev/null"), 0);
+	/* both notice, come back on their own, and the flow goes on */
+	struct confirms s = {0, 0, ""};
+	char err[512];
+	int64_t until = now_ms() + 10000;
+	while (pub.connects < 2 && now_ms() < until) {
+		if (pub.c && bw_amqp_poll_confirms(pub.c, confirm_cb, &s, err, sizeof(err)) != 0)
+			bw_amqp_link_down(&pub);
+		if (!pub.c)
+			link_up(&pub, 10000);
+		usleep(10000);
+	}
+	assert_int_equal(pub.connects, 2);
+	publish_n(&pub, t.jobs_exchange, 10, 100);
+	assert_int_equal(consume_n(&con, 10, 10000), 10);
+	assert_int_equal(con.connects, 2);
+	bw_amqp_link_down(&con);
+	bw_amqp_link_down(&pub);
+}
+
+static void test_memory_flat_over_100k_messages(void **state)
+{
+	(void)state;
+	char names[5][64];
+	struct bw_amqp_topology t = topo("t8", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 10);
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&con, 10000);
+	publish_n(&pub, t.jobs_exchange, 10000, 1024);
+	assert_int_equal(consume_n(&con, 10000, 60000), 10000);
+	long before = rss_kib();
+	for (int round = 0; round < 9; round++) {
+		publish_n(&pub, t.jobs_exchange, 10000, 1024);
+		assert_int_equal(consume_n(&con, 10000, 60000), 10000);
+	}
+	long after = rss_kib();
+	print_message("100k messages: RSS %ld KiB after the first 10k, %ld KiB after 100k\n",
+		      before, after);
+	assert_true(after - before < 4096);
+	bw_amqp_link_down(&con);
+	bw_amqp_link_down(&pub);
+}
+
+static void test_never_acked_message_ends_in_dlq(void **state)
+{
+	(void)state;
+	char names[5][64];
+	struct bw_amqp_topology t = topo("t9", names); /* x-delivery-limit 2 */
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	publish_n(&pub, t.jobs_exchange, 1, 10);
+	bw_amqp_link_down(&pub);
+	int deliveries = 0;
+	for (int i = 0; i < 6; i++) {
+		/* a consumer that dies before it acks, every time */
+		struct bw_amqp *c = connect_ok("dies");
+		char err[512];
+		assert_int_equal(bw_amqp_consume(c, t.queue, 1, err, sizeof(err)), 0);
+		struct bw_delivery d;
+		if (next_delivery(c, &d, 1500)) {
+			deliveries++;
+			bw_delivery_free(&d);
+		}
+		bw_amqp_close(c);
+	}
+	print_message("delivered %d times before dead-lettering (x-delivery-limit 2)\n",
+		      deliveries);
+	assert_int_equal(deliveries, 3);
+	assert_int_equal(ctl("-q list_queues name messages --no-table-headers | "
+			     "grep -Eq '^t9.start.dlq\\s+1$'"),
+			 0);
+}
+
+static pid_t beam_pid(void)
+{
+	char path[512];
+	snprintf(path, sizeof(path), "%s/run/beam.pid", getenv("BW_TEST_BROKER_DIR"));
+	FILE *f = fopen(path, "r");
+	long pid = 0;
+	if (f && fscanf(f, "%ld", &pid) != 1)
+		pid = 0;
+	if (f)
+		fclose(f);
+	return (pid_t)pid;
+}
+
+static void test_frozen_broker_detected_within_two_heartbeats(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t10", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 2);
+	link_up(&con, 10000);
+	pid_t beam = beam_pid();
+	assert_true(beam > 0);
+	assert_int_equal(kill(beam, SIGSTOP), 0);
+	int64_t start = now_ms();
+	int rc = 0;
+	while (rc == 0 && now_ms() - start < 10000) {
+		bool got;
+		struct bw_delivery d;
+		rc = bw_amqp_poll(con.c, &d, &got, err, sizeof(err));
+		struct pollfd p = {bw_amqp_fd(con.c), POLLIN, 0};
+		poll(&p, 1, 50);
+	}
+	int64_t took = now_ms() - start;
+	kill(beam, SIGCONT);
+	print_message("frozen broker detected after %lld ms (heartbeat 2 s): %s\n",
+		      (long long)took, err);
+	assert_int_equal(rc, BW_EAMQP);
+	assert_true(took <= 4000 + 500);
+	bw_amqp_link_down(&con);
+	link_up(&con, 30000); /* and back once it thaws */
+	bw_amqp_link_down(&con);
+}
+
+static void test_busy_loop_recovers_cleanly(void **state)
+{
+	(void)state;
+	char names[5][64];
+	struct bw_amqp_topology t = topo("t11", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 1);
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&con, 10000);
+	sleep(3); /* busy elsewhere for 3 heartbeat intervals: no library call */
+	publish_n(&pub, t.jobs_exchange, 5, 10);
+	assert_int_equal(consume_n(&con, 5, 15000), 5);
+	print_message("after a 3 s stall with a 1 s heartbeat: %llu connect(s)\n",
+		      (unsigned long long)con.connects);
+	bw_amqp_link_down(&con);
+	bw_amqp_link_down(&pub);
+}
+
+static void test_resource_alarm_blocks_publishing_not_consuming(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t12", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 10);
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&con, 10000);
+	publish_n(&pub, t.jobs_exchange, 20, 10);
+
+	assert_int_equal(ctl("-q set_disk_free_limit 100000GB >/dev/null"), 0);
+	struct confirms s = {0, 0, ""};
+	uint64_t seq;
+	int64_t until = now_ms() + 10000;
+	while (!bw_amqp_blocked(pub.c) && now_ms() < until) {
+		if (bw_amqp_unconfirmed(pub.c) == 0)
+			assert_int_equal(bw_amqp_publish(pub.c, t.jobs_exchange, "backup.start",
+							 "during-alarm", "{}", 2, &seq),
+					 0);
+		assert_int_equal(bw_amqp_poll_confirms(pub.c, confirm_cb, &s, err, sizeof(err)), 0);
+		usleep(20000);
+	}
+	assert_true(bw_amqp_blocked(pub.c));
+	int64_t t0 = now_ms();
+	assert_int_equal(bw_amqp_publish(pub.c, t.jobs_exchange, "backup.start", "refused", "{}", 2,
+					 &seq),
+			 BW_EBUSY); /* bounded: refused at once, never stuck in write() */
+	assert_true(now_ms() - t0 < 100);
+	/* consuming goes on meanwhile */
+	assert_int_equal(consume_n(&con, 20, 10000), 20);
+
+	assert_int_equal(ctl("-q set_disk_free_limit 1MB >/dev/null"), 0);
+	until = now_ms() + 30000;
+	while ((bw_amqp_blocked(pub.c) || bw_amqp_unconfirmed(pub.c)) && now_ms() < until) {
+		assert_int_equal(bw_amqp_poll_confirms(pub.c, confirm_cb, &s, err, sizeof(err)), 0);
+		usleep(20000);
+	}
+	assert_false(bw_amqp_blocked(pub.c));
+	assert_int_equal(bw_amqp_unconfirmed(pub.c), 0);
+	assert_true(s.ok >= 1); /* what was pending went out after the alarm */
+	bw_amqp_link_down(&con);
+	bw_amqp_link_down(&pub);
+}
+
 int main(void)
 {
 	url = getenv("BW_TEST_AMQP_URL");
@@ -325,6 +607,12 @@ int main(void)
 		cmocka_unit_test(test_connection_closed_by_operator_is_reported),
 		cmocka_unit_test(test_queue_deleted_consumer_comes_back),
 		cmocka_unit_test(test_bad_credentials_and_port),
+		cmocka_unit_test(test_links_recover_from_closed_connections),
+		cmocka_unit_test(test_memory_flat_over_100k_messages),
+		cmocka_unit_test(test_never_acked_message_ends_in_dlq),
+		cmocka_unit_test(test_busy_loop_recovers_cleanly),
+		cmocka_unit_test(test_resource_alarm_blocks_publishing_not_consuming),
+		cmocka_unit_test(test_frozen_broker_detected_within_two_heartbeats),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -42,7 +42,7 @@ proc_alive() {
 pick_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$((25672 + RANDOM % 1000))
+        p=$((11000 + RANDOM % 700))   # derived ports stay below the ephemeral range
         [ "$p" != "${1:-}" ] || continue
         listening "$p" || listening $((p + 20000)) || listening $((p + 21000)) || {
             echo "$p"
