@@ -38,6 +38,7 @@ static const char *check_amqp_name(const char *v);
 static const char *check_safe_id(const char *v);
 static const char *check_abs_path(const char *v);
 static const char *check_ip(const char *v);
+static const char *check_opt_path(const char *v);
 static const char *check_host(const char *v);
 static const char *check_program(const char *v);
 static const char *check_token(const char *v);
@@ -58,6 +59,13 @@ static const struct key_def keys[] = {
 	{"amqp", "heartbeat_s", T_INT, OFF(amqp_heartbeat_s), "30", 1, 600, NULL, false},
 	{"amqp", "prefetch", T_INT, OFF(amqp_prefetch), NULL, 1, 65535, NULL, false},
 	{"amqp", "delivery_limit", T_INT, OFF(amqp_delivery_limit), "5", 1, 1000, NULL, false},
+	{"amqp", "declare", T_BOOL, OFF(amqp_declare), "true", 0, 0, NULL, false},
+	{"amqp", "tls_ca_file", T_STR, OFF(amqp_tls_ca_file), "", 0, 0, check_opt_path, false},
+	{"amqp", "tls_cert_file", T_STR, OFF(amqp_tls_cert_file), "", 0, 0, check_opt_path, false},
+	{"amqp", "tls_key_file", T_STR, OFF(amqp_tls_key_file), "", 0, 0, check_opt_path, false},
+	{"amqp", "tls_verify_peer", T_BOOL, OFF(amqp_tls_verify_peer), "true", 0, 0, NULL, false},
+	{"amqp", "tls_verify_hostname", T_BOOL, OFF(amqp_tls_verify_hostname), "true", 0, 0, NULL,
+	 false},
 
 	{"worker", "id", T_STR, OFF(worker_id), NULL, 0, 0, check_safe_id, false},
 	{"worker", "max_jobs", T_INT, OFF(worker_max_jobs), "4", 1, 1024, NULL, false},
@@ -195,6 +203,11 @@ static const char *check_abs_path(const char *v)
 		if ((unsigned char)*p < 0x20 || *p == 0x7f)
 			return "must not contain control characters";
 	return NULL;
+}
+
+static const char *check_opt_path(const char *v)
+{
+	return v[0] ? check_abs_path(v) : NULL;
 }
 
 static const char *check_ip(const char *v)
@@ -587,6 +600,9 @@ static void finish(struct loader *ld)
 		problem(ld, origin_of(ld, "nbd", "port_max"), "nbd", "port_max",
 			"must not be below nbd.port_min (%s)", lo);
 	}
+	if ((cfg->amqp_tls_cert_file[0] == '\0') != (cfg->amqp_tls_key_file[0] == '\0'))
+		problem(ld, origin_of(ld, "amqp", "tls_key_file"), "amqp", "tls_key_file", "%s",
+			"amqp.tls_cert_file and amqp.tls_key_file go together");
 	if (cfg->sna_backoff_base_ms > cfg->sna_backoff_cap_s * 1000)
 		problem(ld, origin_of(ld, "sna", "backoff_base_ms"), "sna", "backoff_base_ms", "%s",
 			"must not exceed sna.backoff_cap_s");

@@ -23,6 +23,12 @@ struct bw_config {
 	int amqp_heartbeat_s;
 	int amqp_prefetch;
 	int amqp_delivery_limit;
+	bool amqp_declare;      /* false: only check the topology (the operator owns it) */
+	char *amqp_tls_ca_file; /* amqps:// only; empty: the system's CAs */
+	char *amqp_tls_cert_file;
+	char *amqp_tls_key_file;
+	bool amqp_tls_verify_peer;
+	bool amqp_tls_verify_hostname;
 
 	char *worker_id;
 	int worker_max_jobs;

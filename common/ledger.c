@@ -1592,6 +1592,24 @@ int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error)
 	return with_txn(l, failed_txn, &f);
 }
 
+int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest_age_ms)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db,
+			       "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		*count = (size_t)sqlite3_column_int64(s, 0);
+		*oldest_age_ms = sqlite3_column_type(s, 1) == SQLITE_NULL
+					 ? 0
+					 : now_ms() - sqlite3_column_int64(s, 1);
+	}
+	sqlite3_finalize(s);
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+}
+
 void bw_outbox_free(struct bw_outbox_row *rows, size_t n)
 {
 	for (size_t i = 0; rows && i < n; i++) {

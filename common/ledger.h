@@ -256,6 +256,13 @@ int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error) 
 
 void bw_outbox_free(struct bw_outbox_row *rows, size_t n);
 
+/*
+ * For monitoring: how many events are still unpublished and how old the oldest of them
+ * is (ms; 0 when none), so a worker can report an event stuck in the outbox.
+ */
+int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest_age_ms)
+	BW_MUST_CHECK;
+
 /* ---- maintenance and reading ------------------------------------------------------------- */
 
 /* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired

@@ -322,7 +322,11 @@ static void test_outbox(void **state)
 	claim(fx->l, "job-o2", 1);
 
 	struct bw_outbox_row *rows = NULL;
-	size_t n = 0;
+	size_t n = 0, backlog = 0;
+	int64_t age = -1;
+	assert_int_equal(bw_ledger_outbox_backlog(fx->l, &backlog, &age), 0);
+	assert_int_equal(backlog, 3);
+	assert_true(age >= 0 && age < 60000);
 	assert_int_equal(bw_ledger_outbox_next(fx->l, 0, 10, &rows, &n), 0);
 	assert_int_equal(n, 3);
 	assert_string_equal(rows[0].event_id, "job-o1/backup.accepted");
@@ -343,6 +347,8 @@ static void test_outbox(void **state)
 	assert_int_equal(bw_ledger_outbox_next(fx->l, first, 10, &rows, &n), 0);
 	assert_int_equal(n, 0); /* nothing unpublished after it */
 	bw_outbox_free(rows, n);
+	assert_int_equal(bw_ledger_outbox_backlog(fx->l, &backlog, &age), 0);
+	assert_int_equal(backlog, 1);
 }
 
 static void test_readonly_views(void **state)

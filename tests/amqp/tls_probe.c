@@ -1,0 +1,25 @@
+/* tls_probe.c: connects once through common/amqp with the given TLS settings; exit 0 when connected. */
+#include <stdio.h>
+#include <string.h>
+
+#include "amqp.h"
+
+int main(int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: tls_probe URL CA_FILE [no-verify]\n");
+		return 2;
+	}
+	bool verify = !(argc > 3 && strcmp(argv[3], "no-verify") == 0);
+	struct bw_amqp_opts o = {argv[1], 10, 5000, "tls-probe", argv[2], NULL, NULL, verify, verify};
+	struct bw_amqp *c = NULL;
+	char err[512] = "";
+	int rc = bw_amqp_connect(&c, &o, err, sizeof(err));
+	if (rc != 0) {
+		printf("refused (%s): %s\n", bw_err_name(rc), err);
+		return 1;
+	}
+	printf("connected\n");
+	bw_amqp_close(c);
+	return 0;
+}
