@@ -9,10 +9,12 @@
 
 #define BACKOFF_BASE_MS 100
 #define BACKOFF_CAP_MS 30000
+#define CONFIRM_TIMEOUT_MS 30000 /* no confirm by then: the connection is treated as lost */
 
 struct flight {
 	uint64_t seq;
 	int64_t id;
+	int64_t sent_ms;
 	bool settled;
 	bool ok;
 	char why[96];
@@ -169,6 +171,12 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 		snprintf(err, errsize, "ledger: %s", bw_strerror(src));
 		return src;
 	}
+	if (r->n > 0 && mono_ms() - r->f[0].sent_ms > CONFIRM_TIMEOUT_MS) {
+		/* f[0] is the oldest in flight: a broker that takes this long is not answering */
+		snprintf(err, errsize, "no publisher confirm within %d ms", CONFIRM_TIMEOUT_MS);
+		bw_relay_reset(r);
+		return BW_EAMQP;
+	}
 	if (r->retry_at_ms) {
 		if (mono_ms() < r->retry_at_ms)
 			return 0;
@@ -198,7 +206,7 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 			bw_relay_reset(r);
 			break;
 		}
-		r->f[r->n++] = (struct flight){seq, rows[i].id, false, false, ""};
+		r->f[r->n++] = (struct flight){seq, rows[i].id, mono_ms(), false, false, ""};
 		r->cursor = rows[i].id;
 	}
 	bw_outbox_free(rows, n);

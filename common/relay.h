@@ -27,8 +27,9 @@ void bw_relay_free(struct bw_relay *r);
 /*
  * One step, never waiting: settles the confirms that arrived on c, marks the confirmed
  * events published, then publishes the next unpublished ones up to the window (unless the
- * broker blocks c or a backoff runs). Returns 0; BW_EAMQP when c is lost (every event in
- * flight is unsent again: reconnect and call bw_relay_reset); ledger errors (transient).
+ * broker blocks c or a backoff runs). Returns 0; BW_EAMQP when c is lost or a confirm is
+ * 30 s late (every event in flight is unsent again: reconnect and call bw_relay_reset);
+ * ledger errors (transient).
  */
 int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsize) BW_MUST_CHECK;
 
