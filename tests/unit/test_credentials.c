@@ -1,0 +1,97 @@
+/* test_credentials.c: credential files: mode, owner, symlinks, content; the secret never in errors. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "credentials.h"
+
+static char dir[64];
+
+static void put(const char *name, const char *text, mode_t mode)
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/%s.json", dir, name);
+	FILE *f = fopen(path, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+	assert_int_equal(chmod(path, mode), 0);
+}
+
+static int load(const char *name, char *err, size_t size)
+{
+	struct bw_credential *c = NULL;
+	int rc = bw_credential_load(dir, name, &c, err, size);
+	if (rc == 0) {
+		assert_string_equal(c->vcenter_host, "vcenter.example");
+		assert_string_equal(c->username, "backup@vsphere.local");
+		assert_string_equal(c->password, "s3cr3t");
+	}
+	bw_credential_free(c);
+	return rc;
+}
+
+static void test_credentials(void **state)
+{
+	(void)state;
+	char err[512];
+	const char *good = "{\"vcenter_host\":\"vcenter.example\",\"username\":"
+			   "\"backup@vsphere.local\",\"password\":\"s3cr3t\"}";
+	put("ok", good, 0600);
+	assert_int_equal(load("ok", err, sizeof(err)), 0);
+	put("ro", good, 0400);
+	assert_int_equal(load("ro", err, sizeof(err)), 0);
+
+	put("group", good, 0640);
+	assert_int_equal(load("group", err, sizeof(err)), BW_EPERM);
+	assert_non_null(strstr(err, "0640"));
+	assert_null(strstr(err, "s3cr3t"));
+	put("world", good, 0604);
+	assert_int_equal(load("world", err, sizeof(err)), BW_EPERM);
+
+	char target[PATH_MAX], link[PATH_MAX];
+	snprintf(target, sizeof(target), "%s/ok.json", dir);
+	snprintf(link, sizeof(link), "%s/link.json", dir);
+	assert_int_equal(symlink(target, link), 0);
+	assert_int_equal(load("link", err, sizeof(err)), BW_EPERM);
+
+	assert_int_equal(load("missing", err, sizeof(err)), BW_ENOENT);
+	put("broken", "{\"vcenter_host\":\"v\",", 0600);
+	assert_int_equal(load("broken", err, sizeof(err)), BW_EINVAL);
+	put("empty", "{\"vcenter_host\":\"v\",\"username\":\"u\",\"password\":\"\"}", 0600);
+	assert_int_equal(load("empty", err, sizeof(err)), BW_EINVAL);
+	put("nul", "{\"vcenter_host\":\"v\",\"username\":\"u\",\"password\":\"a\\u0000b\"}", 0600);
+	assert_int_equal(load("nul", err, sizeof(err)), BW_EINVAL);
+	assert_null(strstr(err, "a\\u0000b"));
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	snprintf(dir, sizeof(dir), "/tmp/bw-test-cred-XXXXXX");
+	return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_credentials, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
