@@ -452,6 +452,15 @@ int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d)
 	return amqp_basic_reject(c->conn, CHANNEL, d->tag, 0) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
 }
 
+int bw_amqp_requeue(struct bw_amqp *c, const struct bw_delivery *d)
+{
+	if (c->lost)
+		return BW_EAMQP;
+	if (d->channel_epoch != c->channel_epoch)
+		return BW_ESTATE;
+	return amqp_basic_reject(c->conn, CHANNEL, d->tag, 1) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+}
+
 /* ---- publishing ------------------------------------------------------------------------- */
 
 int bw_amqp_confirm_select(struct bw_amqp *c, char *err, size_t errsize)

@@ -97,6 +97,8 @@ void bw_delivery_free(struct bw_delivery *d);
 /* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a stale channel's tag. */
 int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
 int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
+/* Gives a delivery back to the queue (a transient failure; counts toward the delivery limit). */
+int bw_amqp_requeue(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
 
 /* ---- publishing ------------------------------------------------------------------------ */
 

@@ -1552,6 +1552,26 @@ int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
 	return 0;
 }
 
+static int republish_txn(struct bw_ledger *l, void *arg)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db,
+			       "UPDATE outbox SET published_at = NULL WHERE id = (SELECT max(id) FROM"
+			       " outbox WHERE job_id = ?1 AND routing_key IN"
+			       " ('backup.completed', 'backup.failed'))",
+			       -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, arg, -1, SQLITE_STATIC);
+	int rc = sqlite3_step(s);
+	sqlite3_finalize(s);
+	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+}
+
+int bw_ledger_republish_terminal(struct bw_ledger *l, const char *job_id)
+{
+	return with_txn(l, republish_txn, (void *)job_id);
+}
+
 struct published_ctx {
 	const int64_t *ids;
 	size_t n;

@@ -248,6 +248,13 @@ int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event) B
 int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
 			  struct bw_outbox_row **rows, size_t *n) BW_MUST_CHECK;
 
+/*
+ * A known job_id arrived again after its job ended: its terminal event (backup.completed
+ * or backup.failed) is made unpublished so the relay sends it again (same event_id).
+ * Returns 0 (also when there is none yet).
+ */
+int bw_ledger_republish_terminal(struct bw_ledger *l, const char *job_id) BW_MUST_CHECK;
+
 /* Marks events confirmed by the broker. */
 int bw_ledger_outbox_published(struct bw_ledger *l, const int64_t *ids, size_t n) BW_MUST_CHECK;
 

@@ -1,7 +1,9 @@
-/* main.c: bw-worker: configuration and start-up (the job loop lands with the pipeline). */
+/* main.c: bw-worker: options, configuration, logging, then the event loop. */
 #include "config.h"
 #include "error.h"
 #include "log.h"
+
+int worker_run(const struct bw_config *cfg);
 
 #include <getopt.h>
 #include <signal.h>
@@ -100,8 +102,7 @@ int main(int argc, char **argv)
 	bw_log_info("starting worker=%s config=%s", cfg->worker_id, config_path);
 	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
 		bw_log_info("config: %s", line);
-	bw_log_warnx("the job loop is not built yet: this build only validates configuration");
-	status = 2;
+	status = worker_run(cfg);
 out:
 	free(text);
 	bw_config_free(cfg);

@@ -1,0 +1,114 @@
+/* worker.h: the worker process: its event loop and the job state machine it drives. */
+#ifndef BW_WORKER_H
+#define BW_WORKER_H
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "amqp.h"
+#include "config.h"
+#include "events.h"
+#include "ledger.h"
+#include "message.h"
+#include "nbd.h"
+#include "relay.h"
+#include "sna.h"
+
+struct job;
+
+struct worker {
+	const struct bw_config *cfg;
+	char host[256];
+	struct bw_ledger *ledger;
+	struct bw_sna *sna;
+	struct bw_amqp_topology topology;
+	struct bw_amqp_link consumer;
+	struct bw_amqp_link publisher;
+	struct bw_relay *relay;
+	struct job *jobs;
+	int n_jobs;
+	bool stopping;   /* SIGTERM/SIGINT: no new jobs, wind down */
+	bool consuming;  /* the consumer link is wanted */
+	int64_t last_maintain_ms;
+	int64_t last_heartbeat_ms;
+};
+
+/* A disk of a job in memory (the ledger holds the durable copy). */
+struct job_disk {
+	int64_t key;
+	int64_t size_bytes;
+	const char *parent_path; /* borrowed from the spec */
+	const char *previous_change_id;
+	int port;
+	char export_name[200];
+	char qcow2_path[4096];
+	char nbd_url[400];
+	char log_path[4096];
+	struct bw_nbd nbd;
+	bool created;   /* this job created its image */
+	bool spawned;   /* a qemu-nbd was started */
+	bool completed; /* finished, flushed, checked, reported */
+	bool failed;    /* the SNA reported it failed */
+	char status[16];
+	int64_t bytes;
+	int64_t total;
+	char change_id[1100];
+	char error[300];
+};
+
+struct job {
+	struct worker *w;
+	struct bw_job_spec *spec;
+	char *message; /* the accepted body */
+	int64_t generation;
+	int64_t seq;
+	enum bw_job_state state;
+	struct bw_fence fence;
+	struct json_object *vm;
+	struct bw_event_ctx ctx;
+	struct job_disk *disks;
+	size_t n_disks;
+	const char *repository;
+	char vm_dir[96];
+
+	int64_t claimed_ms;
+	int64_t ports_until_ms;  /* waiting_ports gives up then */
+	int64_t next_try_ms;     /* next port attempt / progress poll */
+	int64_t deadline_ms;     /* the transfer deadline */
+	int64_t progress_sent_ms;
+	char progress_last[64];
+	struct bw_sna_call *call;
+	bool sna_called;  /* a start request may have been accepted */
+	int lost;         /* consecutive progress 404s */
+	bool done;        /* terminal and compensated: free it */
+
+	/* failure being compensated */
+	const char *reason;
+	enum bw_job_state stage;
+	char fail_message[512];
+	bool cleanup_wanted; /* ask the SNA to clean up */
+	bool cleanup_done;
+	bool cleanup_failed;
+	char cleanup_error[256];
+
+	struct job *next;
+};
+
+/* Handles one backup.start body: reject, ignore a known job_id, or claim and start it.
+ * Returns 0 (ack), BW_EMESSAGE (rejected: nack without requeue), or a transient error
+ * (the delivery is left unacked; the broker redelivers it later). */
+int job_receive(struct worker *w, const char *body, size_t len);
+
+/* Advances every job as far as it can without waiting. */
+void jobs_step(struct worker *w);
+
+/* The time until some job wants to run again (ms; -1 none). */
+int jobs_timeout_ms(struct worker *w);
+
+/* Fails every job in flight with reason worker_shutdown (compensating). */
+void jobs_shutdown(struct worker *w);
+
+int64_t worker_now_ms(void);
+
+#endif
