@@ -718,8 +718,14 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 		return;
 	}
 	j->lost = 0;
-	if (r->outcome != BW_SNA_OK)
-		return; /* transient: the next poll tells; the deadline bounds it */
+	if (r->outcome != BW_SNA_OK) {
+		/* transient, but not forever: as many polls as a call has attempts */
+		if (++j->unanswered >= j->w->cfg->sna_max_attempts)
+			fail(j, "sna_unavailable", "no progress answer from the SNA %d times in a row: %s",
+			     j->unanswered, r->error);
+		return;
+	}
+	j->unanswered = 0;
 	struct json_object *doc = json_tokener_parse(r->body), *v, *disks;
 	if (doc == NULL || !json_object_object_get_ex(doc, "disks", &disks) ||
 	    !json_object_is_type(disks, json_type_array)) {

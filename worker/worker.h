@@ -81,6 +81,7 @@ struct job {
 	struct bw_sna_call *call;
 	bool sna_called;  /* a start request may have been accepted */
 	int lost;         /* consecutive progress 404s */
+	int unanswered;   /* consecutive progress polls with no answer (5xx, timeout, refused) */
 	bool done;        /* terminal and compensated: free it */
 
 	/* failure being compensated */

@@ -1,0 +1,457 @@
+#!/usr/bin/python3
+"""e2e.py: the job pipeline end to end: real broker (tests/with-broker), real qemu-nbd, the SNA
+simulator, two bw-worker processes. Usage: e2e.py BW_WORKER BW_CTL [CASE...]"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pika
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "schema"))
+import test_event_schemas as schemas  # noqa: E402
+
+URL = os.environ["BW_TEST_AMQP_URL"]
+BROKER = os.environ["BW_TEST_BROKER"]
+BROKER_DIR = os.environ["BW_TEST_BROKER_DIR"]
+PORT_MIN, PORT_MAX = 22300, 22311  # 12 ports: two 3-disk jobs fit, three do not
+MiB = 1 << 20
+
+
+def free_port():
+    for _ in range(100):
+        p = 23000 + int.from_bytes(os.urandom(2), "big") % 900
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+class Env:
+    def __init__(self, worker, ctl):
+        self.worker, self.ctl = worker, ctl
+        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-")
+        self.repo = os.path.join(self.tmp, "repo")
+        self.state = os.path.join(self.tmp, "state")
+        self.creds = os.path.join(self.tmp, "creds")
+        for d in (self.repo, self.state, self.creds):
+            os.makedirs(d)
+        with open(os.path.join(self.creds, "vcenter-main.json"), "w") as f:
+            json.dump({"vcenter_host": "vcenter.example", "username": "backup@vsphere.local",
+                       "password": "e2e-secret"}, f)
+        os.chmod(os.path.join(self.creds, "vcenter-main.json"), 0o600)
+        self.sim_port = free_port()
+        self.sim_url = f"http://127.0.0.1:{self.sim_port}"
+        self.sim = subprocess.Popen(
+            ["/usr/bin/python3", os.path.join(ROOT, "tests", "sna", "sna_sim.py"), "--port",
+             str(self.sim_port), "--state", os.path.join(self.tmp, "sim")],
+            stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "sim.log"), "w"))
+        line = self.sim.stdout.readline().decode()
+        assert "listening" in line, line
+        self.workers = {}
+        self.conn = pika.BlockingConnection(pika.URLParameters(URL))
+        self.ch = self.conn.channel()
+        self.ch.exchange_declare("backup.events", "topic", durable=True)
+        self.ch.queue_declare("e2e.events", durable=True)
+        self.ch.queue_bind("e2e.events", "backup.events", "#")
+        self.events = []
+
+    def restart_sim(self):
+        self.sim = subprocess.Popen(
+            ["/usr/bin/python3", os.path.join(ROOT, "tests", "sna", "sna_sim.py"), "--port",
+             str(self.sim_port), "--state", os.path.join(self.tmp, "sim")],
+            stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "sim.log"), "a"))
+        line = self.sim.stdout.readline().decode()
+        assert "listening" in line, line
+
+    def config(self, wid, extra=""):
+        path = os.path.join(self.tmp, f"{wid}.conf")
+        with open(path, "w") as f:
+            f.write(f"""[amqp]
+url = {URL}
+heartbeat_s = 10
+[worker]
+id = {wid}
+max_jobs = 4
+state_dir = {self.state}
+[nbd]
+port_min = {PORT_MIN}
+port_max = {PORT_MAX}
+[sna]
+url = {self.sim_url}
+poll_interval_s = 1
+max_attempts = 3
+backoff_base_ms = 100
+backoff_cap_s = 1
+connect_timeout_s = 2
+timeout_s = 5
+lost_after = 3
+[credentials]
+dir = {self.creds}
+[log]
+level = debug
+[repositories]
+repo-001 = {self.repo}
+{extra}""")
+        return path
+
+    def start_worker(self, wid, extra=""):
+        cfg = self.config(wid, extra)
+        log = open(os.path.join(self.tmp, f"{wid}.log"), "a")
+        self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log)
+        return self.workers[wid]
+
+    def stop_workers(self):
+        codes = {}
+        for wid, p in self.workers.items():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for wid, p in self.workers.items():
+            try:
+                codes[wid] = p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[wid] = "killed"
+        self.workers = {}
+        return codes
+
+    def sim_get(self, path):
+        with urllib.request.urlopen(self.sim_url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def sim_post(self, path, body):
+        req = urllib.request.Request(self.sim_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def publish(self, msg):
+        self.ch.basic_publish("backup.jobs", "backup.start", json.dumps(msg).encode(),
+                              pika.BasicProperties(delivery_mode=2, content_type="application/json"))
+
+    def wait_queue(self):
+        for _ in range(200):
+            try:
+                self.ch.queue_declare("backup.start", passive=True)
+                return
+            except pika.exceptions.ChannelClosedByBroker:
+                self.ch = self.conn.channel()
+                time.sleep(0.1)
+        raise AssertionError("the workers never declared backup.start")
+
+    def drain_events(self, timeout=1.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            m, p, b = self.ch.basic_get("e2e.events", auto_ack=True)
+            if m is None:
+                time.sleep(0.05)
+                continue
+            self.events.append(json.loads(b))
+
+    def wait_terminal(self, job_id, timeout=120, cleanup=False):
+        end = time.time() + timeout
+        while time.time() < end:
+            self.drain_events(0.2)
+            names = [e["event"] for e in self.job_events(job_id)]
+            if "backup.completed" in names:
+                return "completed"
+            if "backup.failed" in names and (not cleanup or "backup.cleanup" in names):
+                return "failed"
+        raise AssertionError(f"job {job_id}: no terminal event within {timeout} s; "
+                             f"got {[e['event'] for e in self.job_events(job_id)]}")
+
+    def job_events(self, job_id):
+        seen, out = set(), []
+        for e in self.events:
+            if e.get("job_id") == job_id and e["event_id"] not in seen:
+                seen.add(e["event_id"])
+                out.append(e)
+        return sorted(out, key=lambda e: e["seq"])
+
+    def close(self):
+        self.stop_workers()
+        if self.sim.poll() is None:
+            self.sim.send_signal(signal.SIGTERM)
+            try:
+                self.sim.wait(20)
+            except subprocess.TimeoutExpired:
+                self.sim.kill()
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def vm_message(job_id, vm_path, disks, name="db, \"prod\" / shard 1", backup_type="full", **extra):
+    msg = {"schema_version": 1, "job_id": job_id, "vm": {"name": name, "path": vm_path},
+           "backup_type": backup_type, "repository_id": "repo-001",
+           "credential_id": "vcenter-main", "policy_id": "gold", "tags": {"team": "db"},
+           "disks": disks}
+    msg.update(extra)
+    return msg
+
+
+def check_events(env, job_id, failures):
+    evs = env.job_events(job_id)
+    seqs = [e["seq"] for e in evs]
+    if seqs != list(range(1, len(seqs) + 1)):
+        failures.append(f"{job_id}: seq not rising by one: {seqs}")
+    for e in evs:
+        for err in schemas.check(e["event"], e):
+            failures.append(f"{job_id}: {e['event_id']}: {err}")
+    return evs
+
+
+def leftovers(env):
+    out = []
+    ps = subprocess.run(["pgrep", "-af", "qemu-nbd"], capture_output=True, text=True).stdout
+    mine = [l for l in ps.splitlines() if env.repo in l]
+    if mine:
+        out.append(f"qemu-nbd left: {mine}")
+    ports = json.loads(subprocess.run([env.ctl, "--config", env.config("ctl"), "ports", "--json"],
+                                      capture_output=True, text=True).stdout or "[]")
+    held = [p for p in ports if p["state"] == "reserved"]
+    if held:
+        out.append(f"ports held: {held}")
+    return out
+
+
+def images(env):
+    found = []
+    for d, _, files in os.walk(env.repo):
+        found += [os.path.join(d, f) for f in files]
+    return sorted(found)
+
+
+# ---- cases ------------------------------------------------------------------------------
+
+def case_full_and_incremental(env, failures):
+    env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/db", "seed": 7,
+                              "disks": {"2000": {"size": 64 * MiB}, "2001": {"size": 32 * MiB + 512},
+                                        "16000": {"size": 8 * MiB}}})
+    disks = [{"key": 2000, "size_bytes": 64 * MiB, "label": "Hard disk 1"},
+             {"key": 2001, "size_bytes": 32 * MiB + 512}, {"key": 16000, "size_bytes": 8 * MiB}]
+    env.publish(vm_message("e2e-full-1", "/DC/vm/db", disks))
+    if env.wait_terminal("e2e-full-1") != "completed":
+        failures.append(f"full: not completed: {env.job_events('e2e-full-1')[-1]}")
+        return
+    evs = check_events(env, "e2e-full-1", failures)
+    names = [e["event"] for e in evs]
+    want = ["backup.accepted", "backup.started"]
+    if names[:2] != want or names.count("backup.disk.completed") != 3 or names[-1] != "backup.completed":
+        failures.append(f"full: events {names}")
+    started = [e for e in evs if e["event"] == "backup.started"][0]
+    for key in ("2000:", "2001:", "16000:"):
+        if key not in started["nbd_targets"]:
+            failures.append(f"full: {key} missing in nbd_targets {started['nbd_targets']}")
+    starts = [r for r in env.sim_get("/_sim/requests")["requests"] if r["path"].endswith("/backup/start")
+              and r["body"].get("job_id") == "e2e-full-1"]
+    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == "e2e-full-1"]
+    if len(starts) != 1 or len(snaps) != 1:
+        failures.append(f"full: {len(starts)} start requests, {len(snaps)} snapshots (want 1, 1)")
+    done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
+    for key, d in snaps[0]["disks"].items():
+        r = subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]])
+        if r.returncode != 0:
+            failures.append(f"full: disk {key} differs from its snapshot")
+    failures += [f"full: {x}" for x in leftovers(env)]
+
+    # an incremental on top: each overlay, read through its chain, equals the new source
+    for key in ("2000", "16000"):
+        env.sim_post("/_sim/write", {"vm_path": "/DC/vm/db", "key": key, "offset": 3 * MiB,
+                                     "length": 2 * MiB, "seed": 11})
+    inc_disks = []
+    for d in disks:
+        c = done[d["key"]]
+        inc_disks.append({"key": d["key"], "size_bytes": d["size_bytes"],
+                          "parent_path": os.path.relpath(c["qcow2_path"], env.repo),
+                          "previous_change_id": c["change_id"]})
+    env.publish(vm_message("e2e-inc-1", "/DC/vm/db", inc_disks, backup_type="incremental"))
+    if env.wait_terminal("e2e-inc-1") != "completed":
+        failures.append(f"incremental: not completed: {env.job_events('e2e-inc-1')[-1]}")
+        return
+    evs = check_events(env, "e2e-inc-1", failures)
+    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == "e2e-inc-1"]
+    idone = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
+    for key, d in snaps[0]["disks"].items():
+        img = idone[int(key)]["qcow2_path"]
+        if subprocess.run(["qemu-img", "compare", "-q", d["path"], img]).returncode != 0:
+            failures.append(f"incremental: disk {key} differs from its snapshot")
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", img],
+                                         capture_output=True, text=True).stdout)
+        parent = [x for x in inc_disks if x["key"] == int(key)][0]["parent_path"]
+        if info.get("backing-filename") != "../../" + parent:
+            failures.append(f"incremental: disk {key} backing {info.get('backing-filename')}")
+    failures += [f"incremental: {x}" for x in leftovers(env)]
+
+
+def case_faults(env, failures):
+    env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/f", "seed": 3,
+                              "disks": {"2000": {"size": 16 * MiB}, "2001": {"size": 8 * MiB}}})
+    disks = [{"key": 2000, "size_bytes": 16 * MiB}, {"key": 2001, "size_bytes": 8 * MiB}]
+    cases = [
+        ("e2e-f-5xx", {"start_5xx": 10}, "sna_unavailable"),
+        ("e2e-f-4xx", {"start_4xx": True}, "sna_rejected"),
+        ("e2e-f-disk", {"fail_disk": 2001}, "sna_failed"),
+        ("e2e-f-lost", {"forget_job": True}, "sna_lost_job"),
+        # a lying SNA: "completed" while the bytes are still on their way
+        ("e2e-f-early", {"complete_early": True, "slow_bytes_per_s": 2 * MiB}, "sna_failed"),
+        ("e2e-f-hang", {"hang_start_s": 8}, "sna_unavailable"),
+        ("e2e-f-slow-deadline", {"slow_bytes_per_s": 256 * 1024}, "deadline_exceeded"),
+        ("e2e-f-die", {"die_mid_transfer": True, "slow_bytes_per_s": 4 * MiB}, "sna_unavailable"),
+    ]
+    for job_id, knobs, reason in cases:
+        env.sim_post("/_sim/faults", knobs)
+        before = set(images(env))
+        extra = {"max_duration_s": 60} if "deadline" in job_id else {}
+        env.publish(vm_message(job_id, "/DC/vm/f", disks, **extra))
+        env.wait_terminal(job_id, timeout=120, cleanup=True)
+        if env.sim.poll() is not None:  # it died on purpose: a new one, same state dir
+            env.restart_sim()
+        env.sim_post("/_sim/faults", {})
+        evs = check_events(env, job_id, failures)
+        failed = [e for e in evs if e["event"] == "backup.failed"]
+        cleanup = [e for e in evs if e["event"] == "backup.cleanup"]
+        if not failed or failed[0]["reason"] != reason:
+            failures.append(f"{job_id}: reason {failed[0]['reason'] if failed else None}, want {reason}")
+        if not cleanup:
+            failures.append(f"{job_id}: no backup.cleanup")
+        else:
+            kinds = {a["kind"] for a in cleanup[0]["actions"]}
+            if not {"qemu_nbd_stopped", "port_released", "qcow2_removed"} <= kinds and reason != "sna_failed":
+                failures.append(f"{job_id}: cleanup actions {sorted(kinds)}")
+            cleaned = [a for a in cleanup[0]["actions"] if a["kind"] == "sna_cleanup_requested"]
+            if reason == "sna_unavailable" and "die" in job_id and (
+                    not cleaned or cleaned[0]["result"] != "failed" or not cleanup[0]["pending"]):
+                failures.append(f"{job_id}: a dead SNA's cleanup must be failed and pending: {cleanup[0]}")
+            if (reason != "sna_rejected") != ("sna_cleanup_requested" in kinds):
+                failures.append(f"{job_id}: sna cleanup {'missing' if reason != 'sna_rejected' else 'sent after a 4xx'}")
+        kept = {a["path"] for c in cleanup for a in c["actions"] if a["kind"] == "qcow2_kept"}
+        completed = {e["qcow2_path"] for e in evs if e["event"] == "backup.disk.completed"}
+        if kept != completed:
+            failures.append(f"{job_id}: kept {sorted(kept)} but completed {sorted(completed)}")
+        new = set(images(env)) - before - kept
+        if new:
+            failures.append(f"{job_id}: stray files {sorted(new)}")
+        failures += [f"{job_id}: {x}" for x in leftovers(env)]
+
+
+def case_duplicate_and_ports(env, failures):
+    env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/d", "seed": 5,
+                              "disks": {str(k): {"size": 4 * MiB} for k in range(2000, 2007)}})
+    disks7 = [{"key": k, "size_bytes": 4 * MiB} for k in range(2000, 2007)]
+    env.sim_post("/_sim/faults", {"slow_bytes_per_s": 4 * MiB})
+    # the same job_id twice, also while the first runs
+    env.publish(vm_message("e2e-dup", "/DC/vm/d", disks7))
+    env.publish(vm_message("e2e-dup", "/DC/vm/d", disks7))
+    # 7 + 7 disks > 12 ports: the second waits, then runs
+    env.publish(vm_message("e2e-wait", "/DC/vm/d", disks7))
+    time.sleep(2)
+    env.publish(vm_message("e2e-dup", "/DC/vm/d", disks7))
+    a = env.wait_terminal("e2e-dup", timeout=120)
+    b = env.wait_terminal("e2e-wait", timeout=120)
+    env.sim_post("/_sim/faults", {})
+    starts = [r for r in env.sim_get("/_sim/requests")["requests"] if r["path"].endswith("/backup/start")
+              and r["body"].get("job_id") == "e2e-dup"]
+    if len(starts) != 1:
+        failures.append(f"duplicate: {len(starts)} SNA start requests for one job_id")
+    if (a, b) != ("completed", "completed"):
+        failures.append(f"ports: e2e-dup {a}, e2e-wait {b}")
+    states = subprocess.run([env.ctl, "--config", env.config("ctl"), "show", "e2e-wait"],
+                            capture_output=True, text=True).stdout
+    if "waiting_ports" not in states:
+        failures.append("ports: e2e-wait never waited for ports")
+    check_events(env, "e2e-dup", failures)
+    check_events(env, "e2e-wait", failures)
+    failures += [f"ports: {x}" for x in leftovers(env)]
+
+
+def case_rejected(env, failures):
+    env.ch.basic_publish("backup.jobs", "backup.start", b"{not json",
+                         pika.BasicProperties(delivery_mode=2))
+    end = time.time() + 20
+    while time.time() < end:
+        env.drain_events(0.3)
+        if any(e["event"] == "backup.rejected" for e in env.events):
+            break
+    rej = [e for e in env.events if e["event"] == "backup.rejected"]
+    if not rej or rej[0]["reason"] != "invalid_json":
+        failures.append(f"rejected: {rej}")
+    for e in rej:
+        failures += [f"rejected: {x}" for x in schemas.check("backup.rejected", e)]
+    m = None
+    for _ in range(50):
+        m, p, b = env.ch.basic_get("backup.start.dlq", auto_ack=True)
+        if m:
+            break
+        time.sleep(0.1)
+    if m is None or b != b"{not json" or "x-death" not in (p.headers or {}):
+        failures.append("rejected: not in the DLQ with x-death")
+
+
+CASES = {"full_and_incremental": case_full_and_incremental, "rejected": case_rejected,
+         "faults": case_faults, "duplicate_and_ports": case_duplicate_and_ports}
+
+
+def main():
+    worker, ctl = sys.argv[1], sys.argv[2]
+    names = sys.argv[3:] or list(CASES)
+    env = Env(worker, ctl)
+    passed = failed = 0
+    try:
+        env.start_worker("w1")
+        env.start_worker("w2")
+        env.wait_queue()
+        for name in names:
+            failures = []
+            t0 = time.time()
+            try:
+                CASES[name](env, failures)
+            except Exception as e:  # a broken case fails, the others still run
+                failures.append(f"{type(e).__name__}: {e}")
+            if failures:
+                failed += 1
+                print(f"FAIL {name} ({time.time() - t0:.1f} s)")
+                for f in failures:
+                    print(f"     {f}")
+            else:
+                passed += 1
+                print(f"ok   {name} ({time.time() - t0:.1f} s)")
+        codes = env.stop_workers()
+        if any(c != 0 for c in codes.values()):
+            failed += 1
+            print(f"FAIL shutdown: exit codes {codes}")
+        else:
+            passed += 1
+            print("ok   shutdown: both workers exited 0 on SIGTERM")
+        left = leftovers(env)
+        if left:
+            failed += 1
+            print(f"FAIL leftovers: {left}")
+    finally:
+        if failed and os.environ.get("BW_E2E_KEEP"):
+            print(f"kept {env.tmp}")
+        else:
+            for wid in ("w1", "w2"):
+                log = os.path.join(env.tmp, f"{wid}.log")
+                if failed and os.path.exists(log):
+                    print(f"--- {wid}.log (tail)")
+                    print("".join(open(log).readlines()[-40:]))
+        env.close()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1088 @@
+#!/usr/bin/python3
+"""SNA simulator: the node appliance of CONTRACT.md §3, on the wire.
+
+    sna_sim.py --port PORT --state DIR [--token TOKEN] [--connections N] [--block-size BYTES]
+
+Serves HTTP on 127.0.0.1:PORT. The contract endpoints (CONTRACT.md §3) behave like the
+deployed SNA: POST /api/v1/backup/start takes ONE snapshot of all of a VM's disks at one
+instant and writes every disk into its NBD target (nbdcopy for full copies, libnbd writes
+of the changed blocks for incrementals); GET /api/v1/progress/<job_id> reports it;
+POST /api/v1/cleanup stops it and removes the snapshot. A control API under /_sim/ (no
+auth) creates the simulated VMs, writes to their disks (change tracking), injects faults
+and shows what was received. See tests/sna/README.md for the full interface.
+
+Prints "sna_sim: listening on 127.0.0.1:PORT pid=N" on stdout once ready; exits 0 on
+SIGTERM/SIGINT after killing its nbdcopy children. All state lives under DIR:
+  DIR/vms/<vm dir>/<key>.raw   source disks (unless created from existing files)
+  DIR/vms/<vm dir>/vm.json     the VM: disks, sizes, change-tracking log (survives restarts)
+  DIR/jobs/<job_id>/<key>.snap the snapshot of a job (kept until cleanup or reset)
+Jobs, requests, snapshots records and faults live in memory only: a restarted simulator
+has lost its jobs (progress answers 404), like an appliance that rebooted.
+
+Needs Debian's /usr/bin/python3 with python3-libnbd (module nbd); nbdcopy and cp.
+"""
+
+import argparse
+import hashlib
+import http.server
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+
+import nbd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+MIB = 1 << 20
+MAX_BODY = 1 << 20
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NBD_URL_RE = re.compile(r"^nbd://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:,\s\[\]]+):(?P<port>[0-9]{1,5})/(?P<export>[^,\s]+)$")
+REQUIRED = ("job_id", "vm_name", "vm_path", "vcenter_host", "vcenter_user", "vcenter_password",
+            "backup_type", "nbd_host", "nbd_targets", "disks")
+FAULT_TYPES = {
+    "start_5xx": int, "start_4xx": bool, "hang_start_s": float, "die_mid_transfer": bool,
+    "fail_disk": int, "forget_job": bool, "slow_bytes_per_s": int, "complete_early": bool,
+}
+
+# Optional: record, for each start/cleanup body received, what the project's JSON Schemas
+# (schemas/sna/) think of it. The deployed SNA does not check these; tests can.
+_contract_check = None
+_contract_lock = threading.Lock()
+try:
+    sys.path.insert(0, os.path.join(REPO, "tests", "schema"))
+    import test_event_schemas as _tes  # noqa: E402
+    _contract_check = _tes.check
+except Exception:  # jsonschema or the schema tests absent: no contract_errors
+    _contract_check = None
+finally:
+    if sys.path and sys.path[0] == os.path.join(REPO, "tests", "schema"):
+        sys.path.pop(0)
+
+
+def contract_errors(name, doc):
+    if _contract_check is None:
+        return None
+    try:
+        with _contract_lock:
+            return _contract_check(name, doc)
+    except Exception as e:  # a broken schema must not break the simulator
+        return [f"$: schema check failed: {e}"]
+
+
+def now_rfc3339():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int((t % 1) * 1000)
+
+
+def mask(secret):
+    return "<masked sha256:%s>" % hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def mask_authorization(value):
+    if value is None:
+        return None
+    if value.startswith("Bearer "):
+        return "Bearer " + mask(value[7:])
+    return mask(value)
+
+
+def vm_dir_name(vm_path):
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", vm_path).strip("._-")[:64] or "vm"
+    return safe + "-" + hashlib.sha256(vm_path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class HttpError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Cancelled(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------ VMs
+
+class Disk:
+    def __init__(self, key, path, size, uuid, gen=1, blocks=None, owned=True):
+        self.key = key
+        self.path = path
+        self.size = size
+        self.uuid = uuid          # "52 3c 5f 1a 9e 0b 44 d2-8a 61 7f 03 c9 e5 2b 10"
+        self.gen = gen            # generation of the current contents
+        self.blocks = blocks or {}  # block index -> generation of its last write
+        self.owned = owned
+
+    def change_id(self, gen=None):
+        return "%s/%d" % (self.uuid, self.gen if gen is None else gen)
+
+    def parse_change_id(self, cid, snap_gen):
+        """Generation named by `cid`, or raises ValueError (VMware: invalid changeId)."""
+        if not isinstance(cid, str) or "/" not in cid:
+            raise ValueError("malformed")
+        uuid, _, n = cid.rpartition("/")
+        if uuid != self.uuid:
+            raise ValueError("not a change id of this disk")
+        if not re.fullmatch(r"[0-9]{1,18}", n):
+            raise ValueError("malformed sequence number")
+        g = int(n)
+        if g < 1:
+            raise ValueError("no such change id")
+        if g > snap_gen:
+            raise ValueError("change id from the future")
+        return g
+
+    def to_json(self):
+        return {"key": self.key, "path": self.path, "size": self.size,
+                "change_id": self.change_id()}
+
+    def to_state(self):
+        return {"key": self.key, "path": self.path, "size": self.size, "uuid": self.uuid,
+                "gen": self.gen, "owned": self.owned,
+                "blocks": {str(b): g for b, g in self.blocks.items()}}
+
+    @classmethod
+    def from_state(cls, d):
+        return cls(d["key"], d["path"], d["size"], d["uuid"], d["gen"],
+                   {int(b): g for b, g in d.get("blocks", {}).items()}, d.get("owned", True))
+
+
+class VM:
+    def __init__(self, vm_path, directory, block_size):
+        self.vm_path = vm_path
+        self.dir = directory
+        self.block_size = block_size
+        self.disks = {}           # key -> Disk, in creation order
+        self.lock = threading.Lock()  # source writes and snapshots
+
+    def save(self):
+        tmp = os.path.join(self.dir, "vm.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"vm_path": self.vm_path, "block_size": self.block_size,
+                       "disks": [d.to_state() for d in self.disks.values()]}, f)
+        os.replace(tmp, os.path.join(self.dir, "vm.json"))
+
+    def to_json(self):
+        return {"vm_path": self.vm_path, "block_size": self.block_size,
+                "disks": [d.to_json() for d in self.disks.values()]}
+
+
+def new_disk_uuid():
+    b = os.urandom(16)
+    h = ["%02x" % x for x in b]
+    return " ".join(h[:8]) + "-" + " ".join(h[8:])
+
+
+def fill_disk(path, size, seed, key):
+    """Deterministic mix of random and zero 1 MiB chunks (the zero ones left sparse)."""
+    rng = random.Random("sna-sim-disk:%s:%s" % (seed, key))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        off = 0
+        while off < size:
+            n = min(MIB, size - off)
+            if rng.random() >= 0.3:
+                f.seek(off)
+                f.write(rng.randbytes(n))
+            off += n
+
+
+def write_pattern(fd, offset, length, seed, zero):
+    rng = random.Random("sna-sim-write:%s" % (seed,))
+    pos = offset
+    while pos < offset + length:
+        n = min(4 * MIB, offset + length - pos)
+        os.pwrite(fd, bytes(n) if zero else rng.randbytes(n), pos)
+        pos += n
+
+
+# ------------------------------------------------------------------------------ jobs
+
+class DiskJob:
+    def __init__(self, key, url, prev):
+        self.key = key
+        self.url = url
+        self.prev = prev          # per-disk previous_change_id ("" = full copy)
+        self.mode = "incremental" if prev else "full"
+        self.status = "pending"
+        self.bytes = 0
+        self.total = 0
+        self.change_id = ""
+        self.error = ""
+        self.snap = None          # snapshot file
+        self.size = 0
+        self.extents = None       # [(offset, length)] for an incremental, None = everything
+        self.lie = False          # complete_early: report completed whatever happens
+        self.method = ""          # nbdcopy | libnbd
+
+    def reported(self):
+        if self.lie:
+            return {"key": self.key, "status": "completed", "bytes_transferred": self.bytes,
+                    "total_bytes": self.total, "change_id": self.change_id}
+        return {"key": self.key, "status": self.status, "bytes_transferred": self.bytes,
+                "total_bytes": self.total,
+                "change_id": self.change_id if self.status == "completed" else ""}
+
+
+class Job:
+    def __init__(self, job_id, vm, backup_type, disks, faults, body):
+        self.job_id = job_id
+        self.vm = vm
+        self.backup_type = backup_type
+        self.disks = disks        # [DiskJob] in message order
+        self.faults = faults      # copy of the fault knobs at acceptance
+        self.body = body
+        self.status = "pending"   # pending until the snapshot is taken
+        self.error = ""
+        self.created_at = now_rfc3339()
+        self.cancel = threading.Event()
+        self.procs = set()
+        self.threads = []
+        self.cleaned = False
+        self.thread = None
+
+    def reported_status(self):
+        if self.status == "pending":
+            return "pending"
+        rep = [d.reported()["status"] for d in self.disks]
+        if self.status == "failed" and not self.disks:
+            return "failed"
+        if all(s == "completed" for s in rep):
+            return "completed"
+        if all(s in ("completed", "failed") for s in rep):
+            return "failed"
+        return "running"
+
+    def progress(self):
+        errs = [f"disk {d.key}: {d.error}" for d in self.disks if d.error]
+        if self.error:
+            errs.insert(0, self.error)
+        status = self.reported_status()
+        return {"job_id": self.job_id, "status": status,
+                "disks": [d.reported() for d in self.disks],
+                "error": "; ".join(errs) if status == "failed" else ""}
+
+
+class Sim:
+    def __init__(self, state, token, connections, block_size):
+        self.state = os.path.abspath(state)
+        self.token = token
+        self.connections = connections
+        self.block_size = block_size
+        self.lock = threading.RLock()
+        self.vms = {}
+        self.jobs = {}
+        self.orphans = set()      # job dirs left by an earlier run of the simulator
+        self.requests = []
+        self.snapshots = []
+        self.faults = {}
+        self.procs = set()        # every live nbdcopy/cp child
+        self.dying = False
+        os.makedirs(os.path.join(self.state, "vms"), exist_ok=True)
+        os.makedirs(os.path.join(self.state, "jobs"), exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(self.state, "vms"))):
+            p = os.path.join(self.state, "vms", name, "vm.json")
+            try:
+                with open(p) as f:
+                    st = json.load(f)
+                vm = VM(st["vm_path"], os.path.dirname(p), st.get("block_size", block_size))
+                for d in st["disks"]:
+                    disk = Disk.from_state(d)
+                    vm.disks[disk.key] = disk
+                self.vms[vm.vm_path] = vm
+            except Exception as e:
+                log(f"ignoring {p}: {e}")
+        self.orphans = set(os.listdir(os.path.join(self.state, "jobs")))
+
+    # -------------------------------------------------------------- child processes
+
+    def spawn(self, job, cmd, **kw):
+        if shutil.which("setpriv"):  # the child dies with the thread that started it
+            cmd = ["setpriv", "--pdeathsig", "KILL", "--"] + cmd
+        with self.lock:
+            if self.dying or (job is not None and job.cancel.is_set()):
+                raise Cancelled()
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **kw)
+            self.procs.add(p)
+            if job is not None:
+                job.procs.add(p)
+        return p
+
+    def reap(self, job, p):
+        with self.lock:
+            self.procs.discard(p)
+            if job is not None:
+                job.procs.discard(p)
+
+    def kill_procs(self, procs):
+        for p in list(procs):
+            try:
+                p.kill()
+            except OSError:
+                pass
+        for p in list(procs):
+            try:
+                p.wait(timeout=5)
+            except Exception:
+                pass
+
+    def die(self, why):
+        """die_mid_transfer: kill the copies, then exit 3 at once (no cleanup)."""
+        with self.lock:
+            self.dying = True
+            procs = list(self.procs)
+        log(f"die_mid_transfer: {why}; killing {len(procs)} children and exiting 3")
+        self.kill_procs(procs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+
+    # -------------------------------------------------------------- control API
+
+    def create_vm(self, body):
+        vm_path = body.get("vm_path")
+        if not isinstance(vm_path, str) or not vm_path:
+            raise HttpError(400, "vm_path: a non-empty string is required")
+        disks = body.get("disks")
+        if not isinstance(disks, dict) or not disks:
+            raise HttpError(400, "disks: a non-empty object {key: {size}|{path}} is required")
+        seed = body.get("seed", 0)
+        specs = []
+        for k, spec in disks.items():
+            if not re.fullmatch(r"[1-9][0-9]{0,9}", str(k)) or int(k) > 2147483647:
+                raise HttpError(400, f"disks: key {k!r} is not a disk key (1-2147483647)")
+            if not isinstance(spec, dict) or (("size" in spec) == ("path" in spec)):
+                raise HttpError(400, f"disks.{k}: give exactly one of size or path")
+            if "size" in spec and (not is_int(spec["size"]) or spec["size"] < 1):
+                raise HttpError(400, f"disks.{k}.size: a positive integer is required")
+            if "path" in spec:
+                p = spec["path"]
+                if not isinstance(p, str) or not os.path.isabs(p) or not os.path.isfile(p):
+                    raise HttpError(400, f"disks.{k}.path: an absolute path of an existing file is required")
+            specs.append((int(k), spec))
+        with self.lock:
+            if vm_path in self.vms and not body.get("replace"):
+                raise HttpError(409, f"VM {vm_path!r} exists (send \"replace\": true to recreate it)")
+            directory = os.path.join(self.state, "vms", vm_dir_name(vm_path))
+            vm = VM(vm_path, directory, self.block_size)
+            old = self.vms.get(vm_path)
+            self.vms[vm_path] = vm
+        if old is not None:
+            with old.lock:  # let a snapshot of the old VM finish before its files change
+                pass
+        with vm.lock:
+            os.makedirs(directory, exist_ok=True)
+            for key, spec in specs:
+                if "path" in spec:
+                    disk = Disk(key, spec["path"], os.path.getsize(spec["path"]), new_disk_uuid(), owned=False)
+                else:
+                    path = os.path.join(directory, f"{key}.raw")
+                    fill_disk(path, spec["size"], seed, key)
+                    disk = Disk(key, path, spec["size"], new_disk_uuid())
+                vm.disks[key] = disk
+            vm.save()
+        return vm.to_json()
+
+    def get_vm(self, vm_path):
+        with self.lock:
+            if vm_path is None:
+                return {"vms": [vm.to_json() for vm in self.vms.values()]}
+            vm = self.vms.get(vm_path)
+        if vm is None:
+            raise HttpError(404, f"VM not found: {vm_path}")
+        return vm.to_json()
+
+    def write(self, body):
+        vm_path = body.get("vm_path")
+        with self.lock:
+            vm = self.vms.get(vm_path)
+        if vm is None:
+            raise HttpError(404, f"VM not found: {vm_path}")
+        key = body.get("key")
+        try:
+            key = int(key)
+        except (TypeError, ValueError):
+            raise HttpError(400, "key: a disk key is required")
+        disk = vm.disks.get(key)
+        if disk is None:
+            raise HttpError(404, f"disk {key} is not a disk of VM {vm_path}")
+        off, length = body.get("offset", 0), body.get("length")
+        if not is_int(off) or not is_int(length) or off < 0 or length < 1 or off + length > disk.size:
+            raise HttpError(400, f"offset/length: a range inside the disk (size {disk.size}) is required")
+        with vm.lock:
+            fd = os.open(disk.path, os.O_WRONLY)
+            try:
+                write_pattern(fd, off, length, body.get("seed", 0), bool(body.get("zero")))
+            finally:
+                os.close(fd)
+            disk.gen += 1
+            bs = vm.block_size
+            first, last = off // bs, (off + length - 1) // bs
+            for b in range(first, last + 1):
+                disk.blocks[b] = disk.gen
+            vm.save()
+            return {"vm_path": vm_path, "key": key, "change_id": disk.change_id(),
+                    "blocks": last - first + 1, "block_size": bs}
+
+    def set_faults(self, body):
+        with self.lock:
+            if not body:
+                self.faults = {}
+                return dict(self.faults)
+            new = dict(self.faults)
+            for k, v in body.items():
+                if k not in FAULT_TYPES:
+                    raise HttpError(400, f"unknown fault knob {k!r} (known: {', '.join(FAULT_TYPES)})")
+                t = FAULT_TYPES[k]
+                if v is None or v is False or (not isinstance(v, bool) and v == 0):
+                    new.pop(k, None)
+                    continue
+                if t is bool:
+                    if v is not True:
+                        raise HttpError(400, f"{k}: true, false or null expected")
+                elif t is int:
+                    if k == "fail_disk" and isinstance(v, str) and re.fullmatch(r"[0-9]+", v):
+                        v = int(v)
+                    if not is_int(v) or v < 0:
+                        raise HttpError(400, f"{k}: a non-negative integer expected")
+                else:
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                        raise HttpError(400, f"{k}: a non-negative number expected")
+                new[k] = v
+            self.faults = new
+            return dict(new)
+
+    def reset(self):
+        with self.lock:
+            jobs = list(self.jobs.values())
+            orphans = list(self.orphans)
+            self.jobs = {}
+            self.orphans = set()
+            self.requests = []
+            self.snapshots = []
+            self.faults = {}
+        for job in jobs:
+            self.stop_job(job)
+        for name in orphans:
+            shutil.rmtree(os.path.join(self.state, "jobs", name), ignore_errors=True)
+        return {"reset": True, "jobs_stopped": len(jobs)}
+
+    def jobs_json(self):
+        with self.lock:
+            out = []
+            for job in self.jobs.values():
+                out.append({
+                    "job_id": job.job_id, "vm_path": job.vm.vm_path, "backup_type": job.backup_type,
+                    "status": job.status, "reported_status": job.reported_status(), "error": job.error,
+                    "cleaned": job.cleaned, "created_at": job.created_at, "faults": job.faults,
+                    "pids": sorted(p.pid for p in job.procs),
+                    "disks": [{"key": d.key, "url": d.url, "mode": d.mode, "method": d.method,
+                               "status": d.status, "bytes": d.bytes, "total": d.total,
+                               "change_id": d.change_id, "error": d.error, "snapshot": d.snap,
+                               "extents": None if d.extents is None else len(d.extents)}
+                              for d in job.disks]})
+            return {"jobs": out, "orphans": sorted(self.orphans)}
+
+    # -------------------------------------------------------------- contract API
+
+    def check_auth(self, headers):
+        if self.token is None:
+            return
+        if headers.get("Authorization") != "Bearer " + self.token:
+            raise HttpError(401, "missing or invalid bearer token")
+
+    def start(self, headers, raw):
+        self.check_auth(headers)
+        with self.lock:
+            f = dict(self.faults)
+        if f.get("hang_start_s"):
+            time.sleep(f["hang_start_s"])
+            raise HttpError(503, "simulated hang: the request was not accepted")
+        with self.lock:
+            if self.faults.get("start_5xx", 0) > 0:
+                self.faults["start_5xx"] -= 1
+                if not self.faults["start_5xx"]:
+                    del self.faults["start_5xx"]
+                raise HttpError(503, "simulated unavailability")
+        if f.get("start_4xx"):
+            raise HttpError(400, "simulated rejection")
+        ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise HttpError(415, "Content-Type must be application/json")
+        body = parse_json(raw)
+        for k in REQUIRED:
+            if k not in body or body[k] is None:
+                raise HttpError(400, f"missing required field: {k}")
+        for k in REQUIRED:
+            if k == "disks":
+                continue
+            if not isinstance(body[k], str):
+                raise HttpError(400, f"invalid field {k}: must be a string")
+            if k != "vcenter_password" and not body[k]:
+                raise HttpError(400, f"invalid field {k}: must not be empty")
+        job_id = body["job_id"]
+        if not JOB_ID_RE.match(job_id):
+            raise HttpError(400, "invalid field job_id: 1-128 characters of [A-Za-z0-9._-], first alphanumeric")
+        btype = body["backup_type"]
+        if btype not in ("full", "incremental"):
+            raise HttpError(400, "invalid field backup_type: must be full or incremental")
+        prev = body.get("previous_change_id")
+        if prev is not None and not isinstance(prev, str):
+            raise HttpError(400, "invalid field previous_change_id: must be a string")
+        if btype == "incremental" and not prev:
+            raise HttpError(400, "previous_change_id is required for incremental backups")
+        if headers.get("Idempotency-Key") != job_id:
+            raise HttpError(400, "Idempotency-Key header must equal job_id")
+        targets = parse_targets(body["nbd_targets"])
+        disks = body["disks"]
+        if not isinstance(disks, list) or not disks:
+            raise HttpError(400, "invalid field disks: must be a non-empty array")
+        listed, seen = [], set()
+        for i, d in enumerate(disks):
+            if not isinstance(d, dict):
+                raise HttpError(400, f"invalid field disks[{i}]: must be an object")
+            if not is_int(d.get("key")) or not 1 <= d["key"] <= 2147483647:
+                raise HttpError(400, f"invalid field disks[{i}].key: must be an integer disk key")
+            if d["key"] in seen:
+                raise HttpError(400, f"invalid field disks[{i}].key: duplicate disk key {d['key']}")
+            seen.add(d["key"])
+            if not isinstance(d.get("nbd_url"), str) or not NBD_URL_RE.match(d["nbd_url"]):
+                raise HttpError(400, f"invalid field disks[{i}].nbd_url: must be nbd://host:port/export")
+            if "size_bytes" in d and (not is_int(d["size_bytes"]) or d["size_bytes"] < 0):
+                raise HttpError(400, f"invalid field disks[{i}].size_bytes: must be a non-negative integer")
+            if "previous_change_id" in d and not isinstance(d["previous_change_id"], str):
+                raise HttpError(400, f"invalid field disks[{i}].previous_change_id: must be a string")
+            listed.append((d["key"], d["nbd_url"]))
+        if listed != targets:
+            raise HttpError(400, "nbd_targets and disks[] disagree: nbd_targets lists %s, disks[] %s" % (
+                ",".join(f"{k}:{u}" for k, u in targets), ",".join(f"{k}:{u}" for k, u in listed)))
+        with self.lock:
+            if job_id in self.jobs or job_id in self.orphans:
+                raise HttpError(409, f"job {job_id} already exists")
+            vm = self.vms.get(body["vm_path"])
+            if vm is None:
+                raise HttpError(404, f"VM not found: {body['vm_path']}")
+            for k, _ in targets:
+                if k not in vm.disks:
+                    raise HttpError(400, f"invalid field nbd_targets: disk {k} is not a disk of VM {vm.vm_path} "
+                                         f"(its disks: {', '.join(map(str, vm.disks))})")
+            djs = []
+            for d in disks:
+                p = d.get("previous_change_id", "") if btype == "incremental" else ""
+                dj = DiskJob(d["key"], d["nbd_url"], p)
+                dj.size = vm.disks[d["key"]].size
+                dj.total = dj.size if dj.mode == "full" else 0
+                djs.append(dj)
+            job = Job(job_id, vm, btype, djs, dict(self.faults), body)
+            self.jobs[job_id] = job
+            job.thread = threading.Thread(target=self.run_job, args=(job,), name=f"job-{job_id}", daemon=True)
+            job.thread.start()
+        return {"job_id": job_id, "status": "started",
+                "message": f"backup of {body['vm_name']} started: {len(djs)} disk(s), {btype}",
+                "started_at": job.created_at, "pid": os.getpid()}
+
+    def progress(self, headers, job_id):
+        self.check_auth(headers)
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.cleaned:
+                raise HttpError(404, f"job {job_id} not found")
+            if self.faults.get("forget_job") and job.status != "pending":
+                raise HttpError(404, f"job {job_id} not found")
+            return job.progress()
+
+    def cleanup(self, headers, raw):
+        self.check_auth(headers)
+        body = parse_json(raw)
+        job_id = body.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            raise HttpError(400, "missing required field: job_id")
+        if body.get("action") != "cleanup_all":
+            raise HttpError(400, "invalid field action: must be cleanup_all")
+        with self.lock:
+            job = self.jobs.get(job_id)
+            orphan = job is None and job_id in self.orphans and JOB_ID_RE.match(job_id)
+            if job is None and not orphan or job is not None and job.cleaned:
+                raise HttpError(404, f"job {job_id} not found")
+            if orphan:
+                self.orphans.discard(job_id)
+            else:
+                job.cleaned = True
+        if orphan:
+            shutil.rmtree(os.path.join(self.state, "jobs", job_id), ignore_errors=True)
+            return {"job_id": job_id, "status": "cleaned",
+                    "message": "removed the snapshot left by an earlier run"}
+        self.stop_job(job)
+        return {"job_id": job_id, "status": "cleaned", "message": "copies stopped, snapshot removed"}
+
+    def stop_job(self, job):
+        job.cancel.set()
+        with self.lock:
+            procs = list(job.procs)
+        self.kill_procs(procs)
+        deadline = time.monotonic() + 10
+        for t in [job.thread] + list(job.threads):
+            if t is not None and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        shutil.rmtree(os.path.join(self.state, "jobs", job.job_id), ignore_errors=True)
+        with self.lock:
+            for s in self.snapshots:
+                if s["job_id"] == job.job_id:
+                    s["removed"] = True
+
+    # -------------------------------------------------------------- the transfer
+
+    def run_job(self, job):
+        try:
+            self.take_snapshot(job)
+        except Cancelled:
+            return
+        except Exception as e:
+            log(f"job {job.job_id}: snapshot failed: {e}")
+            with self.lock:
+                job.error = f"snapshot failed: {e}"
+                for d in job.disks:
+                    d.status, d.error = "failed", "snapshot failed"
+                job.status = "failed"
+            return
+        for d in job.disks:
+            if d.status == "pending":
+                t = threading.Thread(target=self.run_disk, args=(job, d),
+                                     name=f"disk-{job.job_id}-{d.key}", daemon=True)
+                job.threads.append(t)
+                t.start()
+        for t in job.threads:
+            t.join()
+        with self.lock:
+            job.status = "completed" if all(d.status == "completed" for d in job.disks) else "failed"
+        log(f"job {job.job_id}: {job.status}")
+
+    def take_snapshot(self, job):
+        vm = job.vm
+        jdir = os.path.join(self.state, "jobs", job.job_id)
+        os.makedirs(jdir, exist_ok=True)
+        record = {}
+        with vm.lock:
+            if job.cancel.is_set():
+                raise Cancelled()
+            taken_at = now_rfc3339()
+            # Like VMware, a snapshot gives every disk a new change id (even an unchanged disk).
+            for disk in vm.disks.values():
+                disk.gen += 1
+            vm.save()
+            for key, disk in vm.disks.items():
+                snap = os.path.join(jdir, f"{key}.snap")
+                p = self.spawn(job, ["cp", "--reflink=auto", "--sparse=auto", "--", disk.path, snap],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                _, err = p.communicate()
+                self.reap(job, p)
+                if job.cancel.is_set():
+                    raise Cancelled()
+                if p.returncode != 0:
+                    raise RuntimeError(f"cp {disk.path}: {err.decode(errors='replace').strip()}")
+                record[key] = {"path": snap, "change_id": disk.change_id(), "size": disk.size,
+                               "gen": disk.gen}
+            # The changed areas are queried against the snapshot, under the same lock.
+            areas = {}
+            for d in job.disks:
+                if d.mode != "incremental":
+                    continue
+                disk = vm.disks[d.key]
+                try:
+                    g = disk.parse_change_id(d.prev, disk.gen)
+                except ValueError as e:
+                    areas[d.key] = ValueError(
+                        f"invalid change id {d.prev!r} ({e}): A specified parameter was not correct: changeId")
+                    continue
+                bs = vm.block_size
+                blocks = sorted(b for b, bg in disk.blocks.items() if bg > g)
+                ext = []
+                for b in blocks:
+                    off = b * bs
+                    n = min(bs, disk.size - off)
+                    if n <= 0:
+                        continue
+                    if ext and ext[-1][0] + ext[-1][1] == off:
+                        ext[-1][1] += n
+                    else:
+                        ext.append([off, n])
+                areas[d.key] = [tuple(e) for e in ext]
+        with self.lock:
+            self.snapshots.append({"job_id": job.job_id, "vm_path": vm.vm_path, "taken_at": taken_at,
+                                   "disks": {str(k): {"path": v["path"], "change_id": v["change_id"],
+                                                      "size": v["size"]} for k, v in record.items()},
+                                   "removed": False})
+            for d in job.disks:
+                d.snap = record[d.key]["path"]
+                d.change_id = record[d.key]["change_id"]
+                a = areas.get(d.key)
+                if isinstance(a, Exception):
+                    d.status, d.error = "failed", str(a)
+                elif a is not None:
+                    d.extents = a
+                    d.total = sum(n for _, n in a)
+                if job.faults.get("complete_early") and d.status == "pending":
+                    d.lie = True
+            job.status = "running"
+        log(f"job {job.job_id}: snapshot of {vm.vm_path} taken: "
+            + ", ".join(f"{k}={v['change_id']}" for k, v in record.items()))
+
+    def run_disk(self, job, d):
+        with self.lock:
+            d.status = "running"
+        try:
+            f = job.faults
+            special = f.get("slow_bytes_per_s") or f.get("die_mid_transfer") or f.get("fail_disk") == d.key
+            if d.extents is None and not special:
+                d.method = "nbdcopy"
+                self.copy_nbdcopy(job, d)
+            else:
+                d.method = "libnbd"
+                self.copy_libnbd(job, d)
+            with self.lock:
+                d.status = "completed"
+        except Cancelled:
+            with self.lock:
+                d.status, d.error = "failed", "cancelled"
+        except Exception as e:
+            if not isinstance(e, (RuntimeError, nbd.Error, OSError)):
+                traceback.print_exc()
+            with self.lock:
+                d.status, d.error = "failed", str(e) or e.__class__.__name__
+            log(f"job {job.job_id} disk {d.key}: failed: {d.error}")
+
+    def maybe_die(self, job, d, written):
+        if written * 2 >= d.total:
+            with self.lock:
+                die = bool(self.faults.get("die_mid_transfer"))
+            if die:
+                self.die(f"job {job.job_id} disk {d.key} wrote {written} of {d.total} bytes")
+
+    def copy_nbdcopy(self, job, d):
+        log_path = os.path.join(self.state, "jobs", job.job_id, f"{d.key}.nbdcopy.log")
+        r, w = os.pipe()
+        try:
+            with open(log_path, "wb") as logf:
+                p = self.spawn(job, ["nbdcopy", f"--connections={self.connections}", "--flush",
+                                     f"--progress={w}", d.snap, d.url],
+                               pass_fds=(w,), stdout=logf, stderr=subprocess.STDOUT)
+        finally:
+            os.close(w)
+        try:
+            with os.fdopen(r, "rb") as prog:
+                for line in prog:
+                    m = re.match(rb"\s*([0-9]+)/100", line)
+                    if m:
+                        pct = min(100, int(m.group(1)))
+                        with self.lock:
+                            d.bytes = d.total * pct // 100
+                        if pct >= 50:
+                            self.maybe_die(job, d, d.bytes)
+            rc = p.wait()
+        finally:
+            self.reap(job, p)
+        if job.cancel.is_set():
+            raise Cancelled()
+        if rc != 0:
+            try:
+                with open(log_path, "rb") as lf:
+                    lines = [x for x in lf.read().decode(errors="replace").splitlines() if x.strip()]
+            except OSError:
+                lines = []
+            raise RuntimeError(f"nbdcopy exited with status {rc}: " + (lines[-1] if lines else "no output"))
+        with self.lock:
+            d.bytes = d.total
+        self.maybe_die(job, d, d.total)
+
+    def copy_libnbd(self, job, d):
+        f = job.faults
+        fail = f.get("fail_disk") == d.key
+        extents = d.extents if d.extents is not None else [(0, d.size)]
+        chunk = MIB if not (f.get("slow_bytes_per_s") or fail or f.get("die_mid_transfer")) else 256 * 1024
+        h = nbd.NBD()
+        h.set_handle_name(f"sna-sim-{job.job_id}-{d.key}")
+        h.connect_uri(d.url)
+        try:
+            tsize = h.get_size()
+            if tsize < d.size:
+                raise RuntimeError(f"destination size ({tsize}) is smaller than source size ({d.size})")
+            can_zero = h.can_zero()
+            written = 0
+            t0 = time.monotonic()
+            fd = os.open(d.snap, os.O_RDONLY)
+            try:
+                for off, length in extents:
+                    pos = off
+                    while pos < off + length:
+                        if job.cancel.is_set():
+                            raise Cancelled()
+                        with self.lock:
+                            rate = self.faults.get("slow_bytes_per_s", 0)
+                        n = min(chunk if not rate else max(4096, min(chunk, rate // 4)), off + length - pos)
+                        data = os.pread(fd, n, pos)
+                        if len(data) != n:
+                            raise RuntimeError(f"short read from the snapshot at {pos}")
+                        if can_zero and data == bytes(n):
+                            h.zero(n, pos)
+                        else:
+                            h.pwrite(data, pos)
+                        pos += n
+                        written += n
+                        with self.lock:
+                            d.bytes = written
+                        if fail and written * 4 >= d.total:
+                            raise RuntimeError("simulated disk failure")
+                        self.maybe_die(job, d, written)
+                        if rate:
+                            ahead = written / rate - (time.monotonic() - t0)
+                            if ahead > 0 and job.cancel.wait(ahead):
+                                raise Cancelled()
+            finally:
+                os.close(fd)
+            if fail:
+                raise RuntimeError("simulated disk failure")
+            self.maybe_die(job, d, written)
+            h.flush()
+        finally:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+            del h
+
+    def shutdown(self):
+        with self.lock:
+            self.dying = True
+            jobs = list(self.jobs.values())
+            procs = list(self.procs)
+        for job in jobs:
+            job.cancel.set()
+        self.kill_procs(procs)
+        deadline = time.monotonic() + 5
+        for job in jobs:
+            for t in [job.thread] + list(job.threads):
+                if t is not None:
+                    t.join(max(0.0, deadline - time.monotonic()))
+
+
+# ------------------------------------------------------------------------------ HTTP
+
+def parse_json(raw):
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HttpError(400, f"invalid JSON body: {e}")
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid JSON body: an object is required")
+    return body
+
+
+def parse_targets(s):
+    out, seen = [], set()
+    for i, entry in enumerate(s.split(",")):
+        key, sep, url = entry.partition(":")
+        if not sep or not re.fullmatch(r"[1-9][0-9]{0,9}", key) or int(key) > 2147483647:
+            raise HttpError(400, f"invalid field nbd_targets: entry {i + 1} {entry!r} is not <disk key>:<nbd url>")
+        m = NBD_URL_RE.match(url)
+        if not m or not 1 <= int(m.group("port")) <= 65535:
+            raise HttpError(400, f"invalid field nbd_targets: entry {i + 1}: {url!r} is not nbd://host:port/export")
+        if int(key) in seen:
+            raise HttpError(400, f"invalid field nbd_targets: disk {key} is listed twice")
+        seen.add(int(key))
+        out.append((int(key), url))
+    return out
+
+
+def log(msg):
+    sys.stderr.write(f"sna_sim: {now_rfc3339()} {msg}\n")
+    sys.stderr.flush()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sna_sim/1"
+    sim = None
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            log("%s %s" % (self.address_string(), fmt % args))
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+                if len(data) > MAX_BODY:
+                    raise HttpError(413, "body too large")
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > MAX_BODY:
+            self.close_connection = True
+            raise HttpError(413, "body too large")
+        return self.rfile.read(n) if n > 0 else b""
+
+    def reply(self, status, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+
+    def do_GET(self):
+        self.handle_any("GET")
+
+    def do_POST(self):
+        self.handle_any("POST")
+
+    def do_PUT(self):
+        self.handle_any("PUT")
+
+    def do_DELETE(self):
+        self.handle_any("DELETE")
+
+    def handle_any(self, method):
+        sim = self.sim
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
+        contract = path.startswith("/api/")
+        raw, body, rec = b"", None, None
+        if contract:
+            rec = {"method": method, "path": path,
+                   "headers": {"Idempotency-Key": self.headers.get("Idempotency-Key"),
+                               "Authorization": mask_authorization(self.headers.get("Authorization")),
+                               "Content-Type": self.headers.get("Content-Type")},
+                   "body": None, "status": None, "at": now_rfc3339()}
+            with sim.lock:
+                sim.requests.append(rec)
+        try:
+            raw = self.read_body()
+            if rec is not None and raw:
+                try:
+                    body = json.loads(raw.decode("utf-8"))
+                    shown = json.loads(raw.decode("utf-8"))
+                    if isinstance(shown, dict) and isinstance(shown.get("vcenter_password"), str):
+                        shown["vcenter_password"] = mask(shown["vcenter_password"])
+                    rec["body"] = shown
+                except (UnicodeDecodeError, ValueError):
+                    rec["body_raw"] = raw.decode("utf-8", "replace")[:4096]
+            status, obj = self.route(method, path, url.query, raw)
+        except HttpError as e:
+            status, obj = e.status, {"error": e.message, "status": e.status}
+        except Exception as e:
+            traceback.print_exc()
+            status, obj = 500, {"error": f"internal error: {e}", "status": 500}
+        if rec is not None:
+            if path == "/api/v1/backup/start" and isinstance(body, dict):
+                rec["contract_errors"] = contract_errors("backup-start-request", body)
+            elif path == "/api/v1/cleanup" and isinstance(body, dict):
+                rec["contract_errors"] = contract_errors("cleanup-request", body)
+            rec["status"] = status
+            if status >= 400:
+                rec["error"] = obj.get("error")
+        self.reply(status, obj)
+
+    def route(self, method, path, query, raw):
+        sim = self.sim
+        h = self.headers
+        if method == "POST" and path == "/api/v1/backup/start":
+            return 200, sim.start(h, raw)
+        if method == "GET" and path.startswith("/api/v1/progress/"):
+            return 200, sim.progress(h, urllib.parse.unquote(path[len("/api/v1/progress/"):]))
+        if method == "POST" and path == "/api/v1/cleanup":
+            return 200, sim.cleanup(h, raw)
+        q = urllib.parse.parse_qs(query)
+        if path == "/_sim/vm" and method == "POST":
+            return 200, sim.create_vm(parse_json(raw))
+        if path == "/_sim/vm" and method == "GET":
+            return 200, sim.get_vm(q["vm_path"][0] if "vm_path" in q else None)
+        if path == "/_sim/write" and method == "POST":
+            return 200, sim.write(parse_json(raw))
+        if path == "/_sim/requests" and method == "GET":
+            with sim.lock:
+                return 200, {"requests": json.loads(json.dumps(sim.requests))}
+        if path == "/_sim/snapshots" and method == "GET":
+            with sim.lock:
+                return 200, {"snapshots": json.loads(json.dumps(sim.snapshots))}
+        if path == "/_sim/faults" and method == "POST":
+            return 200, {"faults": sim.set_faults(parse_json(raw) if raw.strip() else {})}
+        if path == "/_sim/faults" and method == "GET":
+            with sim.lock:
+                return 200, {"faults": dict(sim.faults)}
+        if path == "/_sim/reset" and method == "POST":
+            return 200, sim.reset()
+        if path == "/_sim/jobs" and method == "GET":
+            return 200, sim.jobs_json()
+        if path == "/_sim/health" and method == "GET":
+            return 200, {"ok": True, "pid": os.getpid(), "state": sim.state}
+        raise HttpError(404, f"no such endpoint: {method} {path}")
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    verbose = False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--state", required=True, help="directory for all state")
+    ap.add_argument("--token", help="require Authorization: Bearer TOKEN on /api/")
+    ap.add_argument("--connections", type=int, default=4, help="nbdcopy connections per disk [4]")
+    ap.add_argument("--block-size", type=int, default=65536, help="change tracking granularity [65536]")
+    ap.add_argument("--verbose", action="store_true", help="log every HTTP request on stderr")
+    a = ap.parse_args(argv)
+    if a.block_size < 512 or a.block_size & (a.block_size - 1):
+        ap.error("--block-size must be a power of two >= 512")
+    if a.connections < 1:
+        ap.error("--connections must be >= 1")
+    sim = Sim(a.state, a.token, a.connections, a.block_size)
+    Handler.sim = sim
+    server = Server(("127.0.0.1", a.port), Handler)
+    server.verbose = a.verbose
+
+    def on_signal(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"sna_sim: listening on 127.0.0.1:{server.server_address[1]} pid={os.getpid()}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        sim.shutdown()
+        server.server_close()
+        log("stopped")
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
