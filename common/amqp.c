@@ -434,31 +434,33 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 	return reply_err(c, r, "consume", err, errsize) ? BW_EAMQP : 0;
 }
 
-int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d)
+enum settle_op { ACK, REJECT, REQUEUE };
+
+/* Settles a delivery of the current channel; a tag of an older channel is never used. */
+static int settle_delivery(struct bw_amqp *c, const struct bw_delivery *d, enum settle_op op)
 {
 	if (c->lost)
 		return BW_EAMQP;
 	if (d->channel_epoch != c->channel_epoch)
 		return BW_ESTATE;
-	return amqp_basic_ack(c->conn, CHANNEL, d->tag, 0) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+	int st = op == ACK ? amqp_basic_ack(c->conn, CHANNEL, d->tag, 0)
+			   : amqp_basic_reject(c->conn, CHANNEL, d->tag, op == REQUEUE);
+	return st == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+}
+
+int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d)
+{
+	return settle_delivery(c, d, ACK);
 }
 
 int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d)
 {
-	if (c->lost)
-		return BW_EAMQP;
-	if (d->channel_epoch != c->channel_epoch)
-		return BW_ESTATE;
-	return amqp_basic_reject(c->conn, CHANNEL, d->tag, 0) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+	return settle_delivery(c, d, REJECT);
 }
 
 int bw_amqp_requeue(struct bw_amqp *c, const struct bw_delivery *d)
 {
-	if (c->lost)
-		return BW_EAMQP;
-	if (d->channel_epoch != c->channel_epoch)
-		return BW_ESTATE;
-	return amqp_basic_reject(c->conn, CHANNEL, d->tag, 1) == AMQP_STATUS_OK ? 0 : BW_EAMQP;
+	return settle_delivery(c, d, REQUEUE);
 }
 
 /* ---- publishing ------------------------------------------------------------------------- */
@@ -649,6 +651,9 @@ int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, c
 				settle_all_failed(c, cb, arg, "connection lost");
 			return rc;
 		}
+		/* that read served the heartbeats; unread socket data wakes the loop's poll */
+		if (!bw_amqp_pending(c))
+			return 0;
 	}
 }
 

@@ -572,12 +572,22 @@ static int image_sizes(const char *qemu_img, const char *path, int64_t *virt, in
 	return 0;
 }
 
+/* The per-disk result fields of backup.disk.completed and backup.completed. */
+static void disk_result(struct json_object *o, const struct job_disk *d)
+{
+	add_int(o, "key", d->key);
+	add_str(o, "qcow2_path", d->qcow2_path);
+	add_str(o, "change_id", d->change_id);
+	add_int(o, "virtual_size", d->virtual_size);
+	add_int(o, "actual_size", d->actual_size);
+	add_str(o, "check", "ok");
+}
+
 /* One disk the SNA reports completed: stop its server (the flush), check, report. */
 static int finalize_disk(struct job *j, struct job_disk *d)
 {
 	struct worker *w = j->w;
 	char err[700], log[PATH_MAX + 16];
-	int64_t virt = 0, actual = 0;
 	if (d->bytes < d->total) {
 		snprintf(d->error, sizeof(d->error),
 			 "reported completed after %" PRId64 " of %" PRId64 " bytes", d->bytes, d->total);
@@ -604,7 +614,7 @@ static int finalize_disk(struct job *j, struct job_disk *d)
 		return -1;
 	}
 	unlink(log);
-	if (image_sizes(w->cfg->nbd_qemu_img, d->qcow2_path, &virt, &actual) != 0) {
+	if (image_sizes(w->cfg->nbd_qemu_img, d->qcow2_path, &d->virtual_size, &d->actual_size) != 0) {
 		fail(j, "check_failed", "disk %" PRId64 ": qemu-img info failed", d->key);
 		return -1;
 	}
@@ -618,13 +628,7 @@ static int finalize_disk(struct job *j, struct job_disk *d)
 	char key[24];
 	snprintf(key, sizeof(key), "%" PRId64, d->key);
 	struct batch b = {j, {0}, 0};
-	struct json_object *e = ev(&b, "backup.disk.completed", key);
-	add_int(e, "key", d->key);
-	add_str(e, "qcow2_path", d->qcow2_path);
-	add_str(e, "change_id", d->change_id);
-	add_int(e, "virtual_size", virt);
-	add_int(e, "actual_size", actual);
-	add_str(e, "check", "ok");
+	disk_result(ev(&b, "backup.disk.completed", key), d);
 	if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 		return -1;
 	bw_log_info("job=%s disk=%" PRId64 " completed: %s change_id=%s", j->spec->job_id, d->key,
@@ -644,16 +648,8 @@ static void finish_job(struct job *j)
 	add_int(e, "duration_ms", worker_now_ms() - j->claimed_ms);
 	struct json_object *disks = json_object_new_array();
 	for (size_t i = 0; i < j->n_disks; i++) {
-		struct job_disk *d = &j->disks[i];
-		int64_t virt = 0, actual = 0;
-		(void)image_sizes(w->cfg->nbd_qemu_img, d->qcow2_path, &virt, &actual);
 		struct json_object *o = json_object_new_object();
-		add_int(o, "key", d->key);
-		add_str(o, "qcow2_path", d->qcow2_path);
-		add_str(o, "change_id", d->change_id);
-		add_int(o, "virtual_size", virt);
-		add_int(o, "actual_size", actual);
-		add_str(o, "check", "ok");
+		disk_result(o, &j->disks[i]);
 		json_object_array_add(disks, o);
 	}
 	json_object_object_add(e, "disks", disks);

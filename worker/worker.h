@@ -53,6 +53,8 @@ struct job_disk {
 	char status[16];
 	int64_t bytes;
 	int64_t total;
+	int64_t virtual_size; /* of the finished image */
+	int64_t actual_size;
 	char change_id[1100];
 	char error[300];
 };
