@@ -11,7 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define READABLE_MAX 48
@@ -87,21 +90,19 @@ static int qemu_img(const char *const *argv, char *out_path, char *err, size_t e
 	return rc;
 }
 
-int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
+/* The directories and the empty image file (O_EXCL), without following symlinks. */
+static int prepare(const struct bw_target *t, char *path, size_t size, char *err, size_t errsize)
 {
-	char path[PATH_MAX], key[24], file[160], size[24], backing[PATH_MAX];
+	char key[24], file[160];
 	int repo = -1, vm = -1, kd = -1, fd = -1;
-	bool created = false;
 	int rc;
 
-	if ((rc = bw_target_path(t, path, sizeof(path))) != 0) {
+	if ((rc = bw_target_path(t, path, size)) != 0) {
 		snprintf(err, errsize, "image path too long");
 		return rc;
 	}
 	snprintf(key, sizeof(key), "%" PRId64, t->key);
 	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
-	snprintf(size, sizeof(size), "%" PRId64, t->size_bytes);
-
 	repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (repo < 0) {
 		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
@@ -117,28 +118,12 @@ int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 		rc = errno == EEXIST ? BW_EEXIST : bw_err_from_errno(errno);
 		goto out;
 	}
-	created = true;
 	if (fchmod(fd, t->mode) != 0) { /* the umask may have taken bits away */
 		snprintf(err, errsize, "chmod %s: %s", path, strerror(errno));
+		unlinkat(kd, file, 0);
 		rc = BW_EIO;
-		goto out;
-	}
-	close(fd);
-	fd = -1;
-
-	if (t->parent_path) {
-		/* from <repo>/<vm dir>/<key>/ back to the repository root */
-		snprintf(backing, sizeof(backing), "../../%s", t->parent_path);
-		const char *argv[] = {t->qemu_img, "create", "-q", "-f", "qcow2", "-b", backing,
-				      "-F", "qcow2", path, size, NULL};
-		rc = qemu_img(argv, NULL, err, errsize);
-	} else {
-		const char *argv[] = {t->qemu_img, "create", "-q", "-f", "qcow2", path, size, NULL};
-		rc = qemu_img(argv, NULL, err, errsize);
 	}
 out:
-	if (rc != 0 && created)
-		unlinkat(kd, file, 0);
 	if (fd >= 0)
 		close(fd);
 	if (kd >= 0)
@@ -147,6 +132,70 @@ out:
 		close(vm);
 	if (repo >= 0)
 		close(repo);
+	return rc;
+}
+
+int bw_target_start(const struct bw_target *t, const char *log_path, pid_t *pid, char *err,
+		    size_t errsize)
+{
+	char path[PATH_MAX], size[24], backing[PATH_MAX];
+	int rc = prepare(t, path, sizeof(path), err, errsize);
+	if (rc != 0)
+		return rc;
+	snprintf(size, sizeof(size), "%" PRId64, t->size_bytes);
+	/* from <repo>/<vm dir>/<key>/ back to the repository root */
+	if (t->parent_path)
+		snprintf(backing, sizeof(backing), "../../%s", t->parent_path);
+	const char *full[] = {t->qemu_img, "create", "-q", "-f", "qcow2", path, size, NULL};
+	const char *overlay[] = {t->qemu_img, "create", "-q", "-f", "qcow2", "-b", backing,
+				 "-F", "qcow2", path, size, NULL};
+	struct bw_spawn s = {t->parent_path ? overlay : full, NULL, log_path, false};
+	rc = bw_spawn(&s, pid, NULL, err, errsize);
+	if (rc != 0)
+		unlink(path);
+	return rc;
+}
+
+int bw_target_finish(const struct bw_target *t, pid_t pid, const char *log_path, char *err,
+		     size_t errsize)
+{
+	int st;
+	pid_t r = waitpid(pid, &st, WNOHANG);
+	if (r == 0)
+		return BW_EBUSY;
+	if (r == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0)
+		return 0;
+	char tail[512] = "", what[96] = "vanished";
+	if (r == pid)
+		bw_status_text(st, what, sizeof(what));
+	if (log_path && bw_log_tail(log_path, 400, tail, sizeof(tail)) == 0 && tail[0])
+		snprintf(err, errsize, "qemu-img create %s: %s", what, tail);
+	else
+		snprintf(err, errsize, "qemu-img create %s", what);
+	if (bw_target_remove(t) != 0)
+		snprintf(err + strlen(err), errsize - strlen(err), " (and the image is still there)");
+	return BW_ECHILD;
+}
+
+int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
+{
+	char log[] = "/tmp/bw-qemu-img-XXXXXX";
+	int fd = mkstemp(log); /* closed at once: never inherited */
+	if (fd < 0) {
+		snprintf(err, errsize, "mkstemp: %s", strerror(errno));
+		return BW_EIO;
+	}
+	close(fd);
+	pid_t pid;
+	int rc = bw_target_start(t, log, &pid, err, errsize);
+	if (rc == 0) {
+		struct pollfd p = {(int)syscall(SYS_pidfd_open, pid, 0), POLLIN, 0};
+		while ((rc = bw_target_finish(t, pid, log, err, errsize)) == BW_EBUSY)
+			poll(&p, p.fd >= 0 ? 1 : 0, 1000);
+		if (p.fd >= 0)
+			close(p.fd);
+	}
+	unlink(log);
 	return rc;
 }
 

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "error.h"
 
@@ -47,6 +48,17 @@ int bw_target_path(const struct bw_target *t, char *out, size_t size) BW_MUST_CH
  * BW_EIO. On failure nothing is left behind (the file is removed).
  */
 int bw_target_create(const struct bw_target *t, char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
+ * The same in two halves, for an event loop: bw_target_start does the directories and the
+ * file and starts qemu-img in the background (its output appended to log_path), storing its
+ * pid; bw_target_finish never waits: 0 when qemu-img exited 0, BW_EBUSY while it runs,
+ * BW_ECHILD when it failed (its words in err; the image removed). Errors as above.
+ */
+int bw_target_start(const struct bw_target *t, const char *log_path, pid_t *pid, char *err,
+		    size_t errsize) BW_MUST_CHECK;
+int bw_target_finish(const struct bw_target *t, pid_t pid, const char *log_path, char *err,
+		     size_t errsize) BW_MUST_CHECK;
 
 /*
  * Checks a parent image for an incremental: inside the repository after resolving

@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -242,6 +244,12 @@ static void compensate(struct job *j)
 	}
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
+		if (d->create_pid > 0) { /* still being created: its image goes anyway */
+			kill(d->create_pid, SIGKILL);
+			waitpid(d->create_pid, NULL, 0);
+			d->create_pid = 0;
+			d->created = access(d->qcow2_path, F_OK) == 0;
+		}
 		if (!d->created)
 			continue;
 		if (d->completed) {
@@ -322,33 +330,50 @@ static void try_reserve(struct job *j, int64_t now)
 	(void)commit(&b, BW_JOB_RESERVED, NULL);
 }
 
+/* Every image at once: qemu-img runs in the background, the loop reaps (SIGCHLD wakes it). */
 static void create_targets(struct job *j)
 {
 	struct worker *w = j->w;
 	char err[600];
+	bool all = true;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->created)
 			continue;
+		all = false;
 		struct bw_target t = {w->cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
 				      j->spec->job_id, d->size_bytes, d->parent_path, 0640};
-		/* recorded before the side effect: a crash leaves a known path to clean */
-		if (bw_ledger_disk_update(w->ledger, &j->fence, d->key, "creating", 0, 0, true) != 0) {
-			fail(j, "internal_error", "ledger: cannot record disk %" PRId64, d->key);
-			return;
+		int rc;
+		if (d->create_pid == 0) {
+			/* recorded before the side effect: a crash leaves a known path to clean */
+			if (bw_ledger_disk_update(w->ledger, &j->fence, d->key, "creating", 0, 0, true) !=
+			    0) {
+				fail(j, "internal_error", "ledger: cannot record disk %" PRId64, d->key);
+				return;
+			}
+			rc = bw_target_start(&t, d->log_path, &d->create_pid, err, sizeof(err));
+			if (rc == 0)
+				continue;
+		} else {
+			rc = bw_target_finish(&t, d->create_pid, d->log_path, err, sizeof(err));
+			if (rc == BW_EBUSY)
+				continue;
+			d->create_pid = 0;
+			if (rc == 0) {
+				d->created = true;
+				continue;
+			}
 		}
-		int rc = bw_target_create(&t, err, sizeof(err));
-		if (rc != 0) {
-			copy_text(d->error, sizeof(d->error), err);
-			fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
-										 : "internal_error",
-			     "disk %" PRId64 ": %s", d->key, err);
-			return;
-		}
-		d->created = true;
+		copy_text(d->error, sizeof(d->error), err);
+		fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
+									 : "internal_error",
+		     "disk %" PRId64 ": %s", d->key, err);
+		return;
 	}
-	struct batch b = {j, {0}, 0};
-	(void)commit(&b, BW_JOB_TARGETS_CREATED, NULL);
+	if (all) {
+		struct batch b = {j, {0}, 0};
+		(void)commit(&b, BW_JOB_TARGETS_CREATED, NULL);
+	}
 }
 
 static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsize)
@@ -885,8 +910,9 @@ int jobs_timeout_ms(struct worker *w)
 		int64_t t;
 		if (j->state == BW_JOB_SERVING)
 			t = 2; /* greeting probes */
-		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_RESERVED ||
-			 j->state == BW_JOB_TARGETS_CREATED)
+		else if (j->state == BW_JOB_RESERVED)
+			t = 50; /* qemu-img runs; its exit (SIGCHLD) wakes the loop sooner */
+		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_TARGETS_CREATED)
 			t = 0;
 		else
 			t = j->next_try_ms > now ? j->next_try_ms - now : 0;

@@ -172,7 +172,7 @@ int worker_run(const struct bw_config *cfg)
 					   .role = BW_AMQP_CONSUMER,
 					   .topology = &w.topology,
 					   .queue = cfg->amqp_queue,
-					   .prefetch = 1,
+					   .prefetch = cfg->amqp_prefetch,
 					   .backoff_base_ms = 200,
 					   .backoff_cap_ms = 30000};
 	w.publisher = w.consumer;

@@ -5,6 +5,7 @@
 #include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "amqp.h"
 #include "config.h"
@@ -47,6 +48,7 @@ struct job_disk {
 	char log_path[4096];
 	struct bw_nbd nbd;
 	bool created;   /* this job created its image */
+	pid_t create_pid; /* qemu-img create still running */
 	bool spawned;   /* a qemu-nbd was started */
 	bool completed; /* finished, flushed, checked, reported */
 	bool failed;    /* the SNA reported it failed */
