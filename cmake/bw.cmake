@@ -32,3 +32,20 @@ function(bw_add_unit_test name)
   set_tests_properties(${name} PROPERTIES LABELS unit
     ENVIRONMENT "CMOCKA_MESSAGE_OUTPUT=stdout")
 endfunction()
+
+# bw_add_process_test(NAME SOURCE LABEL [BROKER]): a cmocka program that drives real processes
+# (qemu-nbd, a broker); BROKER runs it through tests/with-broker, which gives it a private
+# broker of its own. Extra environment: set_tests_properties after.
+function(bw_add_process_test name source label)
+  add_executable(${name} ${source})
+  bw_target_setup(${name})
+  target_link_libraries(${name} PRIVATE bw_common PkgConfig::CMOCKA)
+  if("BROKER" IN_LIST ARGN)
+    add_test(NAME ${name}
+      COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/with-broker $<TARGET_FILE:${name}>)
+  else()
+    add_test(NAME ${name} COMMAND ${name})
+  endif()
+  set_tests_properties(${name} PROPERTIES LABELS ${label} TIMEOUT 300
+    ENVIRONMENT "CMOCKA_MESSAGE_OUTPUT=stdout")
+endfunction()
