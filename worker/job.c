@@ -1031,8 +1031,11 @@ int job_receive(struct worker *w, const char *body, size_t len)
 	j->state = BW_JOB_CLAIMED;
 	j->fence = (struct bw_fence){j->spec->job_id, j->generation};
 	j->claimed_ms = worker_now_ms();
-	j->next = w->jobs;
-	w->jobs = j;
+	/* oldest first: the job claimed first gets the ports first */
+	struct job **tail = &w->jobs;
+	while (*tail)
+		tail = &(*tail)->next;
+	*tail = j;
 	w->n_jobs++;
 	bw_log_info("job=%s claimed: vm=%s %zu disk(s), %s", j->spec->job_id, j->spec->vm_path,
 		    j->n_disks, j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
