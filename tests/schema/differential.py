@@ -21,9 +21,8 @@ import subprocess
 import sys
 from decimal import Decimal
 
-import jsonschema
-import jsonschema.validators
-from jsonschema.exceptions import ValidationError
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dialect import Validator, all_patterns, ecma_regex  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_PATH = os.path.normpath(os.path.join(HERE, "..", "..", "schemas", "backup.start.json"))
@@ -39,115 +38,16 @@ class InvalidJSON(Exception):
     """The body is not strict RFC 8259 JSON in strict UTF-8 (reason invalid_json)."""
 
 
-# --- ECMA-262 patterns on Python's re -----------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _ecma_regex(pattern):
-    """Compile an ECMA-262 pattern (as JSON Schema requires) with Python's re.
-
-    The two differences that matter for our schemas are translated: ECMA '$' (no multiline)
-    matches only at the end of input, Python's also before a final newline; ECMA '.' excludes
-    \\n \\r U+2028 U+2029, Python's only \\n. The Unicode-dependent classes (\\d \\w \\s \\b)
-    differ too and are refused rather than silently mistranslated."""
-    out = []
-    i = 0
-    in_class = False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            nxt = pattern[i + 1:i + 2]
-            if nxt in ("d", "D", "w", "W", "s", "S", "b", "B"):
-                raise ValueError("pattern %r: \\%s is not translated to ECMA-262 semantics" % (pattern, nxt))
-            out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
-            out.append(c)
-        elif c == "[":
-            in_class = True
-            out.append(c)
-            # A ']' right after '[' or '[^' is literal in Python but ends the class in ECMA.
-            if pattern[i + 1:i + 2] == "]" or pattern[i + 1:i + 3] == "^]":
-                raise ValueError("pattern %r: empty class is not translated" % pattern)
-        elif c == "$":
-            out.append(r"\Z")
-        elif c == ".":
-            out.append("[^\n\r\u2028\u2029]")
-        else:
-            out.append(c)
-        i += 1
-    return re.compile("".join(out))
-
-
-def _pattern_keyword(validator, pattern, instance, schema):
-    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
-        yield ValidationError("%r does not match %r" % (instance, pattern))
-
-
-def _canonical(value):
-    """A hashable form under JSON equality (2000 == 2000.0, but true != 1)."""
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return ("number", value)
-    if isinstance(value, str):
-        return ("string", value)
-    if value is None:
-        return ("null",)
-    return ("json", json.dumps(value, sort_keys=True))
-
-
-def _unique_key_keyword(validator, member, instance, schema):
-    """x-uniqueKey: MEMBER on an array: no two object items have equal values of MEMBER.
-    Reported on every later duplicate, not on the first occurrence."""
-    if not validator.is_type(instance, "array"):
-        return
-    first = {}
-    for index, item in enumerate(instance):
-        if not isinstance(item, dict) or member not in item:
-            continue
-        try:
-            canon = _canonical(item[member])
-        except (TypeError, ValueError):
-            continue
-        if canon in first:
-            yield ValidationError("%s %r of item %d duplicates item %d"
-                                  % (member, item[member], index, first[canon]),
-                                  path=[index, member])
-        else:
-            first[canon] = index
-
-
-Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    {"pattern": _pattern_keyword, "x-uniqueKey": _unique_key_keyword},
-)
-
+# --- the schema dialect (tests/schema/dialect.py) ----------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def load_validator(schema_path=SCHEMA_PATH):
     with open(schema_path, "rb") as f:
         schema = json.loads(f.read().decode("utf-8"))
     Validator.check_schema(schema)
-    for p in _all_patterns(schema):
-        _ecma_regex(p)  # refuse untranslatable patterns up front
+    for p in all_patterns(schema):
+        ecma_regex(p)  # refuse untranslatable patterns up front
     return Validator(schema)
-
-
-def _all_patterns(node):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "pattern" and isinstance(v, str):
-                yield v
-            else:
-                yield from _all_patterns(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _all_patterns(v)
 
 
 # --- strict decoding ---------------------------------------------------------------------
