@@ -48,6 +48,42 @@ static struct timeval tv_ms(int ms)
 	return tv;
 }
 
+static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg,
+			      const char *why);
+
+/*
+ * The broker closed our channel: answer it, fail what was in flight, and open it again:
+ * older delivery tags go stale, the consumer registers again on the next poll, confirm
+ * mode is restored. Returns 0, or BW_EAMQP when the connection is no longer usable.
+ */
+static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
+{
+	amqp_channel_close_ok_t ok;
+	amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+	settle_all_failed(c, cb, arg, "channel closed");
+	c->channel_epoch++;
+	c->consuming = false;
+	amqp_channel_open(c->conn, CHANNEL);
+	bool ok_open = amqp_get_rpc_reply(c->conn).reply_type == AMQP_RESPONSE_NORMAL;
+	if (ok_open && c->confirms) {
+		amqp_confirm_select(c->conn, CHANNEL);
+		ok_open = amqp_get_rpc_reply(c->conn).reply_type == AMQP_RESPONSE_NORMAL;
+		c->next_seq = 1;
+	}
+	if (!ok_open)
+		c->lost = true;
+	return ok_open ? 0 : BW_EAMQP;
+}
+
+/* The broker closed the connection: answer it and fail what was in flight. */
+static void connection_closed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
+{
+	amqp_connection_close_ok_t ok;
+	amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+	c->lost = true;
+	settle_all_failed(c, cb, arg, "connection closed");
+}
+
 /* Turns a reply into text; returns 0 for a normal reply, else BW_EAMQP/BW_ECONFIG. */
 static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char *err,
 		     size_t errsize)
@@ -74,9 +110,7 @@ static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, ch
 		amqp_connection_close_t *m = r.reply.decoded;
 		snprintf(err, errsize, "%s: connection closed by the broker: %u %.*s", what,
 			 m->reply_code, (int)m->reply_text.len, (const char *)m->reply_text.bytes);
-		amqp_connection_close_ok_t ok;
-		amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-		c->lost = true;
+		connection_closed(c, NULL, NULL);
 		return m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED
 			       ? BW_ECONFIG
 			       : BW_EAMQP;
@@ -85,13 +119,7 @@ static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, ch
 		amqp_channel_close_t *m = r.reply.decoded;
 		snprintf(err, errsize, "%s: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
 			 (const char *)m->reply_text.bytes);
-		amqp_channel_close_ok_t ok;
-		amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-		/* The channel is gone: reopen it so the connection stays usable. */
-		c->channel_epoch++;
-		amqp_channel_open(c->conn, CHANNEL);
-		if (amqp_get_rpc_reply(c->conn).reply_type != AMQP_RESPONSE_NORMAL)
-			c->lost = true;
+		(void)reopen_channel(c, NULL, NULL); /* keeps the connection usable */
 		return m->reply_code == AMQP_PRECONDITION_FAILED || m->reply_code == AMQP_NOT_FOUND ||
 				       m->reply_code == AMQP_ACCESS_REFUSED
 			       ? BW_ECONFIG
@@ -540,7 +568,8 @@ static void settle(struct bw_amqp *c, uint64_t tag, bool multiple, bool ok, bw_a
 	c->n_pending = keep;
 }
 
-static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, const char *why)
+static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg,
+			      const char *why)
 {
 	for (size_t i = 0; i < c->n_pending; i++) {
 		if (cb)
@@ -599,25 +628,13 @@ static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confir
 		amqp_channel_close_t *m = f->payload.method.decoded;
 		snprintf(err, errsize, "channel closed by the broker: %u %.*s", m->reply_code,
 			 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
-		amqp_channel_close_ok_t ok;
-		amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-		settle_all_failed(c, cb, arg, "channel closed");
-		c->channel_epoch++;
-		c->consuming = false;
-		amqp_channel_open(c->conn, CHANNEL);
-		int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "channel.open", err, errsize);
-		if (rc == 0 && c->confirms)
-			rc = bw_amqp_confirm_select(c, err, errsize);
-		return rc == 0 ? 0 : BW_EAMQP;
+		return reopen_channel(c, cb, arg);
 	}
 	case AMQP_CONNECTION_CLOSE_METHOD: {
 		amqp_connection_close_t *m = f->payload.method.decoded;
 		snprintf(err, errsize, "connection closed by the broker: %u %.*s", m->reply_code,
 			 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
-		amqp_connection_close_ok_t ok;
-		amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-		c->lost = true;
-		settle_all_failed(c, cb, arg, "connection closed");
+		connection_closed(c, cb, arg);
 		return BW_EAMQP;
 	}
 	default:
