@@ -15,29 +15,17 @@
 #include "amqp.h"
 #include "ledger.h"
 #include "relay.h"
+#include "../testutil.h"
 
 static const char *url;
 static char dir[64];
 static struct bw_ledger *ledger;
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	int rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
 static int setup(void **state)
 {
 	(void)state;
 	char path[PATH_MAX];
-	snprintf(dir, sizeof(dir), "/tmp/bw-test-relay-XXXXXX");
-	if (mkdtemp(dir) == NULL)
+	if (!bw_test_mkdir(dir, sizeof(dir), "relay"))
 		return -1;
 	snprintf(path, sizeof(path), "%s/ledger.db", dir);
 	if (bw_ledger_open(&ledger, path, 10100, 10200) != 0 ||
@@ -50,7 +38,7 @@ static int teardown(void **state)
 {
 	(void)state;
 	bw_ledger_close(ledger);
-	return sh("rm -rf '%s'", dir);
+	return bw_test_rmdir(dir);
 }
 
 static struct bw_amqp *publisher(void)
@@ -134,7 +122,7 @@ static int queue_count(const char *q)
 
 static void declare_sink(const char *exchange, const char *q)
 {
-	assert_int_equal(sh("/usr/bin/python3 -c '\n"
+	assert_int_equal(bw_test_sh("/usr/bin/python3 -c '\n"
 			    "import pika\n"
 			    "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
 			    "ch = c.channel()\n"
@@ -169,7 +157,7 @@ static void test_published_on_confirm_in_order(void **state)
 static void test_no_binding_kept_until_one_exists(void **state)
 {
 	(void)state;
-	assert_int_equal(sh("/usr/bin/python3 -c '\n"
+	assert_int_equal(bw_test_sh("/usr/bin/python3 -c '\n"
 			    "import pika\n"
 			    "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
 			    "c.channel().exchange_declare(\"r2.events\", \"topic\", durable=True)\n"
@@ -204,7 +192,7 @@ static void test_broker_restart_loses_nothing(void **state)
 	assert_int_equal(bw_relay_new(&r, ledger, "r3.events", 64), 0);
 	struct bw_amqp *c = publisher();
 	/* The broker goes down while events stream out: some are in flight when it does. */
-	assert_int_equal(sh("(sleep 0.5; \"$BW_TEST_BROKER\" stop \"$BW_TEST_BROKER_DIR\") "
+	assert_int_equal(bw_test_sh("(sleep 0.5; \"$BW_TEST_BROKER\" stop \"$BW_TEST_BROKER_DIR\") "
 			    ">/dev/null 2>&1 &"),
 			 0);
 	int n = 0, lost_connection = 0;
@@ -223,7 +211,7 @@ static void test_broker_restart_loses_nothing(void **state)
 		usleep(5000);
 	}
 	assert_true(lost_connection > 0);
-	assert_int_equal(sh("\"$BW_TEST_BROKER\" start \"$BW_TEST_BROKER_DIR\" >/dev/null"), 0);
+	assert_int_equal(bw_test_sh("\"$BW_TEST_BROKER\" start \"$BW_TEST_BROKER_DIR\" >/dev/null"), 0);
 	drain(r, &c, 60000);
 	assert_int_equal(unpublished(), 0);
 	int in_queue = queue_count("r3.sink");

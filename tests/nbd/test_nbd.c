@@ -23,6 +23,7 @@
 #include "nbd.h"
 #include "proc.h"
 #include "target.h"
+#include "../testutil.h"
 
 #define PORT_BASE 22100 /* tests use 22100-22199: below the ephemeral range */
 
@@ -31,28 +32,13 @@ static char dir[64];
 static int setup(void **state)
 {
 	(void)state;
-	snprintf(dir, sizeof(dir), "/tmp/bw-test-nbd-XXXXXX");
-	return mkdtemp(dir) ? 0 : -1;
+	return bw_test_mkdir(dir, sizeof(dir), "nbd") ? 0 : -1;
 }
 
 static int teardown(void **state)
 {
 	(void)state;
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-	return system(cmd) == 0 ? 0 : -1;
-}
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[8192];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	int rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+	return bw_test_rmdir(dir);
 }
 
 /* A raw source of n MiB: random and zero 1 MiB chunks, seeded. */
@@ -73,7 +59,7 @@ static void make_source(const char *path, int mib, unsigned seed)
 
 static void create_image(const char *path, const char *size)
 {
-	assert_int_equal(sh("qemu-img create -q -f qcow2 '%s' %s", path, size), 0);
+	assert_int_equal(bw_test_sh("qemu-img create -q -f qcow2 '%s' %s", path, size), 0);
 }
 
 static int spawn(struct bw_nbd *n, const char *image, const char *export, int port, char *err,
@@ -96,26 +82,26 @@ static void test_bytes_land_after_stop(void **state)
 	create_image(img, "64M");
 	assert_int_equal(spawn(&n, img, "bk-1-2000", PORT_BASE, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), 0);
-	assert_int_equal(sh("nbdcopy --connections=4 '%s' nbd://127.0.0.1:%d/bk-1-2000", src,
+	assert_int_equal(bw_test_sh("nbdcopy --connections=4 '%s' nbd://127.0.0.1:%d/bk-1-2000", src,
 			    PORT_BASE),
 			 0);
 	assert_int_equal(bw_nbd_stop(&n, BW_NBD_KEEP, 10000, err, sizeof(err)), 0);
 	assert_true(n.exited);
-	assert_int_equal(sh("qemu-img compare -q '%s' '%s'", src, img), 0);
+	assert_int_equal(bw_test_sh("qemu-img compare -q '%s' '%s'", src, img), 0);
 
 	/* an overlay read through its chain: base + the new source's bytes */
 	char src2[PATH_MAX], overlay[PATH_MAX];
 	snprintf(src2, sizeof(src2), "%s/source2.raw", dir);
 	snprintf(overlay, sizeof(overlay), "%s/overlay.qcow2", dir);
 	make_source(src2, 64, 2);
-	assert_int_equal(sh("qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 '%s' 64M", overlay),
+	assert_int_equal(bw_test_sh("qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 '%s' 64M", overlay),
 			 0);
 	assert_int_equal(spawn(&n, overlay, "bk-2-2000", PORT_BASE + 1, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), 0);
-	assert_int_equal(sh("nbdcopy '%s' nbd://127.0.0.1:%d/bk-2-2000", src2, PORT_BASE + 1), 0);
+	assert_int_equal(bw_test_sh("nbdcopy '%s' nbd://127.0.0.1:%d/bk-2-2000", src2, PORT_BASE + 1), 0);
 	assert_int_equal(bw_nbd_stop(&n, BW_NBD_KEEP, 10000, err, sizeof(err)), 0);
-	assert_int_equal(sh("qemu-img compare -q '%s' '%s'", src2, overlay), 0);
-	assert_int_equal(sh("qemu-img compare -q '%s' '%s'", src, img), 0); /* base untouched */
+	assert_int_equal(bw_test_sh("qemu-img compare -q '%s' '%s'", src2, overlay), 0);
+	assert_int_equal(bw_test_sh("qemu-img compare -q '%s' '%s'", src, img), 0); /* base untouched */
 }
 
 static void test_second_server_on_same_image_fails_with_qemu_message(void **state)
@@ -145,14 +131,14 @@ static void test_bad_images_reported_nothing_left(void **state)
 	assert_non_null(strstr(err, "never started before its image"));
 
 	snprintf(img, sizeof(img), "%s/corrupt.qcow2", dir);
-	assert_int_equal(sh("head -c 1048576 /dev/urandom > '%s'", img), 0);
+	assert_int_equal(bw_test_sh("head -c 1048576 /dev/urandom > '%s'", img), 0);
 	assert_int_equal(spawn(&n, img, "c", PORT_BASE + 4, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), BW_ECHILD);
 	assert_true(n.exited);
 	assert_non_null(strstr(err, "qcow2")); /* qemu's own words, from the log */
 
 	snprintf(img, sizeof(img), "%s/raw.img", dir);
-	assert_int_equal(sh("qemu-img create -q -f raw '%s' 1M", img), 0);
+	assert_int_equal(bw_test_sh("qemu-img create -q -f raw '%s' 1M", img), 0);
 	assert_int_equal(spawn(&n, img, "r", PORT_BASE + 5, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), BW_ECHILD);
 	assert_non_null(strstr(err, "exited with status 1"));
@@ -203,7 +189,7 @@ static void test_stop_of_just_ready_server_always_ends_it(void **state)
 	assert_int_equal(failed, 0);
 	assert_int_equal(left, 0);
 	/* the readiness probe ends its handshake politely: no error in the server's log */
-	assert_int_equal(sh("! grep -i 'failed' '%s/s.log'", dir), 0);
+	assert_int_equal(bw_test_sh("! grep -i 'failed' '%s/s.log'", dir), 0);
 }
 
 /* The inode numbers behind a process's descriptors ("socket:[123]", paths). */

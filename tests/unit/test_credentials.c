@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "credentials.h"
+#include "../testutil.h"
 
 static char dir[64];
 
@@ -76,16 +77,13 @@ static void test_credentials(void **state)
 static int setup(void **state)
 {
 	(void)state;
-	snprintf(dir, sizeof(dir), "/tmp/bw-test-cred-XXXXXX");
-	return mkdtemp(dir) ? 0 : -1;
+	return bw_test_mkdir(dir, sizeof(dir), "cred") ? 0 : -1;
 }
 
 static int teardown(void **state)
 {
 	(void)state;
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-	return system(cmd) == 0 ? 0 : -1;
+	return bw_test_rmdir(dir);
 }
 
 int main(void)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "events.h"
+#include "../testutil.h"
 
 static char out_dir[64];
 
@@ -119,16 +120,13 @@ static void test_all_valid_against_schemas(void **state)
 static int setup(void **state)
 {
 	(void)state;
-	snprintf(out_dir, sizeof(out_dir), "/tmp/bw-test-events-XXXXXX");
-	return mkdtemp(out_dir) ? 0 : -1;
+	return bw_test_mkdir(out_dir, sizeof(out_dir), "events") ? 0 : -1;
 }
 
 static int teardown(void **state)
 {
 	(void)state;
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", out_dir);
-	return system(cmd) == 0 ? 0 : -1;
+	return bw_test_rmdir(out_dir);
 }
 
 int main(void)

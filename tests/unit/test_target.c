@@ -12,22 +12,20 @@
 #include <unistd.h>
 
 #include "target.h"
+#include "../testutil.h"
 
 static char repo[64];
 
 static int setup(void **state)
 {
 	(void)state;
-	snprintf(repo, sizeof(repo), "/tmp/bw-test-target-XXXXXX");
-	return mkdtemp(repo) ? 0 : -1;
+	return bw_test_mkdir(repo, sizeof(repo), "target") ? 0 : -1;
 }
 
 static int teardown(void **state)
 {
 	(void)state;
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", repo);
-	return system(cmd) == 0 ? 0 : -1;
+	return bw_test_rmdir(repo);
 }
 
 static void test_vm_dir_is_safe_and_distinct(void **state)
