@@ -911,7 +911,7 @@ int jobs_timeout_ms(struct worker *w)
 		if (j->state == BW_JOB_SERVING)
 			t = 2; /* greeting probes */
 		else if (j->state == BW_JOB_RESERVED)
-			t = 2; /* qemu-img runs (SIGCHLD should wake the loop sooner; see the notes) */
+			t = 2; /* qemu-img runs: look again soon (a SIGCHLD may wake the loop sooner) */
 		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_TARGETS_CREATED)
 			t = 0;
 		else

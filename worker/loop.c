@@ -17,7 +17,7 @@
 #define MAINTAIN_MS 60000
 #define HEARTBEAT_MS 10000
 
-/* A delivery held while every job slot is busy (prefetch lets at most one wait). */
+/* A delivery held while every job slot is busy; the others wait unacked in the prefetch. */
 struct held {
 	bool have;
 	struct bw_delivery d;
