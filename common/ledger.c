@@ -152,7 +152,7 @@ enum stmt_id {
 
 static const char *const stmt_sql[ST__COUNT] = {
 	[ST_FENCE] = "SELECT generation, seq, state FROM jobs WHERE job_id = ?1",
-	[ST_JOB_STATE] = "SELECT state FROM jobs WHERE job_id = ?1",
+	[ST_JOB_STATE] = "SELECT state, message = ?2 FROM jobs WHERE job_id = ?1",
 	[ST_JOB_INSERT] = "INSERT INTO jobs (job_id, state, owner, owner_incarnation, owner_boot_id,"
 			  " generation, attempt, seq, message, created_at, updated_at)"
 			  " VALUES (?1, 'claimed', ?2, ?3, ?4, 1, 1, 1, ?5, ?6, ?6)",
@@ -918,7 +918,7 @@ struct claim_ctx {
 	const struct bw_job_disk_new *disks;
 	size_t n_disks;
 	const struct bw_event *accepted;
-	enum bw_job_state existing;
+	struct bw_known existing;
 	bool exists;
 };
 
@@ -929,14 +929,15 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 	int64_t now = now_ms();
 
 	c->exists = false;
-	sqlite3_stmt *s = query(l, ST_JOB_STATE, &err, "t", c->job_id);
+	sqlite3_stmt *s = query(l, ST_JOB_STATE, &err, "tt", c->job_id, c->message);
 	if (s == NULL)
 		return err;
 	rc = sqlite3_step(s);
 	if (rc == SQLITE_ROW) {
 		c->exists = true;
-		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 0), &c->existing) != 0)
-			c->existing = BW_JOB_FAILED;
+		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 0), &c->existing.state) != 0)
+			c->existing.state = BW_JOB_FAILED;
+		c->existing.same_message = sqlite3_column_int(s, 1) == 1;
 	}
 	sqlite3_reset(s);
 	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
@@ -958,10 +959,10 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 
 int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message,
 		    const struct bw_job_disk_new *disks, size_t n_disks,
-		    const struct bw_event *accepted, int64_t *generation,
-		    enum bw_job_state *existing)
+		    const struct bw_event *accepted, int64_t *generation, struct bw_known *existing)
 {
-	struct claim_ctx c = {job_id, message, disks, n_disks, accepted, BW_JOB_CLAIMED, false};
+	struct claim_ctx c = {job_id, message, disks, n_disks, accepted, {BW_JOB_CLAIMED, false},
+			      false};
 	if (l->worker_id == NULL || accepted == NULL || accepted->seq != 1)
 		return BW_EINVAL;
 	int rc = with_txn(l, claim_txn, &c);
@@ -1012,33 +1013,39 @@ int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_
 	return with_txn(l, transition_txn, &t);
 }
 
-struct disk_update_ctx {
+struct disks_update_ctx {
 	const struct bw_fence *f;
-	int64_t key;
-	const char *state;
-	pid_t pid;
-	uint64_t start_time;
-	bool created;
+	const struct bw_disk_update *u;
+	size_t n;
 };
 
-static int disk_update_txn(struct bw_ledger *l, void *arg)
+static int disks_update_txn(struct bw_ledger *l, void *arg)
 {
-	struct disk_update_ctx *d = arg;
+	struct disks_update_ctx *d = arg;
 	int rc = fence(l, d->f, NULL, NULL);
-	if (rc == 0)
-		rc = run(l, ST_DISK_UPDATE, "titiii", d->f->job_id, d->key, d->state, (int64_t)d->pid,
-			 (int64_t)d->start_time, (int64_t)d->created);
-	if (rc == 0 && sqlite3_changes(l->db) == 0)
-		rc = BW_ENOENT;
+	for (size_t i = 0; rc == 0 && i < d->n; i++) {
+		const struct bw_disk_update *u = &d->u[i];
+		rc = run(l, ST_DISK_UPDATE, "titiii", d->f->job_id, u->key, u->state,
+			 (int64_t)u->nbd_pid, (int64_t)u->nbd_start_time, (int64_t)u->qcow2_created);
+		if (rc == 0 && sqlite3_changes(l->db) == 0)
+			rc = BW_ENOENT;
+	}
 	return rc;
+}
+
+int bw_ledger_disks_update(struct bw_ledger *l, const struct bw_fence *f,
+			   const struct bw_disk_update *u, size_t n)
+{
+	struct disks_update_ctx d = {f, u, n};
+	return with_txn(l, disks_update_txn, &d);
 }
 
 int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
 			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
 			  bool qcow2_created)
 {
-	struct disk_update_ctx d = {f, key, state, nbd_pid, nbd_start_time, qcow2_created};
-	return with_txn(l, disk_update_txn, &d);
+	struct bw_disk_update u = {key, state, nbd_pid, nbd_start_time, qcow2_created};
+	return bw_ledger_disks_update(l, f, &u, 1);
 }
 
 /* ---- ports ------------------------------------------------------------------------------ */

@@ -131,13 +131,17 @@ struct bw_job_disk_new {
  * Claims job_id for this worker: the job row (state claimed, generation 1), its disks and
  * its backup.accepted event (seq 1) in one transaction. message is the accepted body.
  * Returns 0 and the generation in *generation; BW_EEXIST when the ledger already knows the
- * job_id (nothing changed; its state in *existing when not NULL); BW_EINVAL when the worker
- * is not registered; BW_EBUSY.
+ * job_id (nothing changed; what it knows in *existing when not NULL); BW_EINVAL when the
+ * worker is not registered; BW_EBUSY.
  */
+struct bw_known {
+	enum bw_job_state state;
+	bool same_message; /* the known job was claimed with this very body */
+};
 int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message,
 		    const struct bw_job_disk_new *disks, size_t n_disks,
 		    const struct bw_event *accepted, int64_t *generation,
-		    enum bw_job_state *existing) BW_MUST_CHECK;
+		    struct bw_known *existing) BW_MUST_CHECK;
 
 /*
  * Moves a job to state and appends events (0..n, each seq = previous + 1) in one
@@ -154,6 +158,17 @@ int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_
 int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
 			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
 			  bool qcow2_created) BW_MUST_CHECK;
+
+/* The same for several disks of the job in one transaction: all or nothing. */
+struct bw_disk_update {
+	int64_t key;
+	const char *state;
+	pid_t nbd_pid;
+	uint64_t nbd_start_time;
+	bool qcow2_created;
+};
+int bw_ledger_disks_update(struct bw_ledger *l, const struct bw_fence *f,
+			   const struct bw_disk_update *u, size_t n) BW_MUST_CHECK;
 
 /* ---- ports ------------------------------------------------------------------------------ */
 

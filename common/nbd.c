@@ -257,47 +257,56 @@ static void signal_server(struct bw_nbd *n, int sig)
 		kill(n->pid, sig);
 }
 
+int bw_nbd_stop_step(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
+		     size_t errsize)
+{
+	int64_t now = mono_ms();
+	if (!n->stopping) {
+		n->stopping = true;
+		n->stop_start_ms = now;
+		n->stop_term_ms = 0;
+		n->stop_killed = false;
+	}
+	int64_t elapsed = now - n->stop_start_ms;
+	if (!bw_nbd_reap(n)) {
+		/* A server that has not greeted yet may lose SIGTERM: give it half the time to
+		 * greet (after that the re-sent SIGTERM below still ends it). */
+		if (!n->ready && elapsed < timeout_ms / 2 && bw_nbd_poll_ready(n, err, errsize) != 0)
+			return BW_EBUSY;
+		probe_close(n);
+		if (mode == BW_NBD_DISCARD && !n->stop_killed &&
+		    (elapsed >= DISCARD_GRACE_MS || elapsed >= timeout_ms)) {
+			signal_server(n, SIGKILL);
+			n->stop_killed = true;
+		} else if (elapsed >= timeout_ms && mode == BW_NBD_KEEP) {
+			snprintf(err, errsize,
+				 "qemu-nbd pid %ld port %d still running %d ms after SIGTERM "
+				 "(not killed: its image holds data to keep)",
+				 (long)n->pid, n->port, timeout_ms);
+			n->stopping = false;
+			return BW_ETIMEDOUT;
+		} else if (!n->stop_killed && now - n->stop_term_ms >= TERM_RESEND_MS) {
+			signal_server(n, SIGTERM);
+			n->stop_term_ms = now;
+		}
+		return BW_EBUSY;
+	}
+	probe_close(n);
+	n->stopping = false;
+	if (n->stop_killed || !exited_cleanly(n)) {
+		death_text(n, err, errsize);
+		return n->stop_killed && mode == BW_NBD_DISCARD ? 0 : BW_ECHILD;
+	}
+	return 0;
+}
+
 int bw_nbd_stop(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
 		size_t errsize)
 {
-	int64_t start = mono_ms(), deadline = start + timeout_ms;
-
-	/* A server that has not greeted yet may lose SIGTERM: give it half the time to greet
-	 * (after that the re-sent SIGTERM below still ends it). */
-	int64_t greet_by = start + timeout_ms / 2;
-	while (!n->ready && !bw_nbd_reap(n) && mono_ms() < greet_by) {
-		if (bw_nbd_poll_ready(n, err, errsize) == 0)
-			break;
-		usleep(2000);
-	}
-	probe_close(n);
-	int64_t last_term = 0;
-	bool killed = false;
-	while (!bw_nbd_reap(n)) {
-		int64_t now = mono_ms();
-		if (mode == BW_NBD_DISCARD && !killed &&
-		    (now - start >= DISCARD_GRACE_MS || now >= deadline)) {
-			signal_server(n, SIGKILL);
-			killed = true;
-		} else if (now >= deadline) {
-			if (mode == BW_NBD_KEEP) {
-				snprintf(err, errsize,
-					 "qemu-nbd pid %ld port %d still running %d ms after SIGTERM "
-					 "(not killed: its image holds data to keep)",
-					 (long)n->pid, n->port, timeout_ms);
-				return BW_ETIMEDOUT;
-			}
-		} else if (!killed && now - last_term >= TERM_RESEND_MS) {
-			signal_server(n, SIGTERM);
-			last_term = now;
-		}
+	int rc;
+	while ((rc = bw_nbd_stop_step(n, mode, timeout_ms, err, errsize)) == BW_EBUSY)
 		usleep(1000);
-	}
-	if (killed || !exited_cleanly(n)) {
-		death_text(n, err, errsize);
-		return killed && mode == BW_NBD_DISCARD ? 0 : BW_ECHILD;
-	}
-	return 0;
+	return rc;
 }
 
 int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,

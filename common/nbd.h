@@ -31,6 +31,11 @@ struct bw_nbd {
 	int status;  /* wait status once exited */
 	bool adopted; /* not our child: watched through a pidfd */
 	int pidfd;
+	/* a stop in progress (bw_nbd_stop_step) */
+	bool stopping;
+	bool stop_killed;
+	int64_t stop_start_ms;
+	int64_t stop_term_ms;
 	/* the readiness probe in progress (non-blocking across calls) */
 	int probe_fd;
 	size_t probe_got;
@@ -80,6 +85,15 @@ enum bw_nbd_stop_mode {
  */
 int bw_nbd_stop(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
 		size_t errsize) BW_MUST_CHECK;
+
+/*
+ * The same for an event loop: one step that never waits. The first call starts the stop
+ * (its clock included); call again until it returns something other than BW_EBUSY (every
+ * few ms, or when SIGCHLD or the pidfd says the server exited; SIGTERM is re-sent every
+ * 200 ms from here). Results as bw_nbd_stop.
+ */
+int bw_nbd_stop_step(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
+		     size_t errsize) BW_MUST_CHECK;
 
 /*
  * Takes over a server started by another (dead) worker, known by pid and start time:

@@ -199,6 +199,61 @@ int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 	return rc;
 }
 
+int bw_image_check_start(const char *qemu_img, const char *path, const char *log_path,
+			 pid_t *pid, char *err, size_t errsize)
+{
+	const char *argv[] = {qemu_img, "check", "-q", path, NULL};
+	struct bw_spawn s = {argv, NULL, log_path, false};
+	return bw_spawn(&s, pid, NULL, err, errsize);
+}
+
+int bw_image_check_finish(pid_t pid, const char *path, const char *log_path,
+			  int64_t *virtual_size, int64_t *actual_size, char *err, size_t errsize)
+{
+	int st;
+	pid_t r = waitpid(pid, &st, WNOHANG);
+	if (r == 0)
+		return BW_EBUSY;
+	if (r != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+		char tail[512] = "", what[96] = "vanished";
+		if (r == pid)
+			bw_status_text(st, what, sizeof(what));
+		if (log_path && bw_log_tail(log_path, 400, tail, sizeof(tail)) == 0 && tail[0])
+			snprintf(err, errsize, "qemu-img check %s: %s", what, tail);
+		else
+			snprintf(err, errsize, "qemu-img check %s", what);
+		return BW_ECHILD;
+	}
+	int rc = bw_image_sizes(path, virtual_size, actual_size);
+	if (rc != 0)
+		snprintf(err, errsize, "%s: cannot read its size: %s", path, bw_strerror(rc));
+	return rc;
+}
+
+int bw_image_sizes(const char *path, int64_t *virtual_size, int64_t *actual_size)
+{
+	/* QCowHeader: magic "QFI\xfb", version, backing file offset and size, cluster bits,
+	 * then the virtual size at byte 24, all big-endian */
+	unsigned char h[32];
+	struct stat st;
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return bw_err_from_errno(errno);
+	ssize_t got = pread(fd, h, sizeof(h), 0);
+	int rc = fstat(fd, &st) == 0 ? 0 : BW_EIO;
+	close(fd);
+	if (rc != 0 || got != (ssize_t)sizeof(h))
+		return BW_EIO;
+	if (memcmp(h, "QFI\xfb", 4) != 0)
+		return BW_EINVAL;
+	uint64_t size = 0;
+	for (int i = 24; i < 32; i++)
+		size = size << 8 | h[i];
+	*virtual_size = (int64_t)size;
+	*actual_size = (int64_t)st.st_blocks * 512;
+	return 0;
+}
+
 int bw_target_check_parent(const char *qemu_img_bin, const char *repository,
 			   const char *parent_path, char *err, size_t errsize)
 {

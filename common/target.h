@@ -69,6 +69,26 @@ int bw_target_finish(const struct bw_target *t, pid_t pid, const char *log_path,
 int bw_target_check_parent(const char *qemu_img, const char *repository, const char *parent_path,
 			   char *err, size_t errsize) BW_MUST_CHECK;
 
+/*
+ * Checks a finished image in two halves, for an event loop: bw_image_check_start starts
+ * `qemu-img check -q` in the background (output appended to log_path) and stores its pid;
+ * bw_image_check_finish never waits: BW_EBUSY while it runs; 0 when the image is
+ * consistent, with its sizes; BW_ECHILD when qemu-img found it damaged or failed (its
+ * words in err); BW_EIO when the sizes cannot be read.
+ */
+int bw_image_check_start(const char *qemu_img, const char *path, const char *log_path,
+			 pid_t *pid, char *err, size_t errsize) BW_MUST_CHECK;
+int bw_image_check_finish(pid_t pid, const char *path, const char *log_path,
+			  int64_t *virtual_size, int64_t *actual_size, char *err, size_t errsize)
+	BW_MUST_CHECK;
+
+/*
+ * A qcow2's virtual size (from its header, no qemu-img needed) and the bytes its file
+ * takes on disk (allocated blocks, as `qemu-img info` reports actual-size). Returns 0,
+ * BW_EINVAL (not a qcow2), BW_EIO.
+ */
+int bw_image_sizes(const char *path, int64_t *virtual_size, int64_t *actual_size) BW_MUST_CHECK;
+
 /* Removes the image this job created (compensation). Returns 0 (also when already gone). */
 int bw_target_remove(const struct bw_target *t) BW_MUST_CHECK;
 

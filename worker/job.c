@@ -6,6 +6,7 @@
 #include "log.h"
 #include "target.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -23,6 +24,7 @@
 #define PROGRESS_EVENT_MS 5000
 #define NBD_READY_MS 30000
 #define NBD_STOP_MS 60000
+#define CHECK_MS 600000
 #define MAX_EVENTS 70
 
 int64_t worker_now_ms(void)
@@ -194,30 +196,74 @@ static void cleanup_done_cb(void *arg, const struct bw_sna_result *r)
 	snprintf(j->cleanup_error, sizeof(j->cleanup_error), "%s", r->outcome == BW_SNA_OK ? "" : r->error);
 }
 
+/* Ends a helper child (qemu-img) that is no longer wanted; true once it is reaped. */
+static bool end_child(pid_t *pid)
+{
+	if (*pid <= 0)
+		return true;
+	kill(*pid, SIGKILL);
+	pid_t r = waitpid(*pid, NULL, WNOHANG);
+	if (r == *pid || (r < 0 && errno == ECHILD)) {
+		*pid = 0;
+		return true;
+	}
+	return false;
+}
+
+/*
+ * Stops what still runs (servers, qemu-img) without waiting; true once nothing does.
+ * Called again from the loop until then.
+ */
+static bool stop_children(struct job *j)
+{
+	bool idle = true;
+	for (size_t i = 0; i < j->n_disks; i++) {
+		struct job_disk *d = &j->disks[i];
+		if (d->create_pid > 0) { /* still being created: its image goes anyway */
+			if (!end_child(&d->create_pid)) {
+				idle = false;
+				continue;
+			}
+			d->created = access(d->qcow2_path, F_OK) == 0;
+		}
+		if (!end_child(&d->check_pid))
+			idle = false;
+		if (d->spawned && !d->stop_done && (!d->nbd.exited || d->nbd.stopping)) {
+			/* an image being removed may be killed after a grace; a kept one never */
+			int rc = bw_nbd_stop_step(&d->nbd, d->completed ? BW_NBD_KEEP : BW_NBD_DISCARD,
+						  NBD_STOP_MS, d->stop_error, sizeof(d->stop_error));
+			if (rc == BW_EBUSY) {
+				idle = false;
+				continue;
+			}
+			d->stop_done = true;
+			d->stop_rc = rc;
+		}
+	}
+	return idle;
+}
+
 /* Undoes what the job did, in reverse order, then backup.cleanup. Idempotent. */
 static void compensate(struct job *j)
 {
 	struct worker *w = j->w;
-	char err[700];
-	if (j->cleanup_wanted && !j->cleanup_done) {
-		if (j->call == NULL &&
-		    bw_sna_cleanup(w->sna, j->spec->job_id, cleanup_done_cb, j, &j->call) != 0) {
-			j->cleanup_done = true;
-			j->cleanup_failed = true;
-			snprintf(j->cleanup_error, sizeof(j->cleanup_error), "cannot send the request");
-		}
-		if (!j->cleanup_done)
-			return; /* local cleanup waits for nothing, but the event waits for this */
+	if (j->cleanup_wanted && !j->cleanup_done && j->call == NULL &&
+	    bw_sna_cleanup(w->sna, j->spec->job_id, cleanup_done_cb, j, &j->call) != 0) {
+		j->cleanup_done = true;
+		j->cleanup_failed = true;
+		snprintf(j->cleanup_error, sizeof(j->cleanup_error), "cannot send the request");
 	}
+	/* the servers stop while the SNA cleans up; the event waits for both */
+	if (!stop_children(j) || (j->cleanup_wanted && !j->cleanup_done))
+		return;
 
 	struct json_object *actions = json_object_new_array(), *pending = json_object_new_array();
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (d->spawned && !d->nbd.exited) {
-			/* an image being removed may be killed after a grace; a kept one never */
-			int rc = bw_nbd_stop(&d->nbd, d->completed ? BW_NBD_KEEP : BW_NBD_DISCARD,
-					     NBD_STOP_MS, err, sizeof(err));
-			struct json_object *a = action(actions, "qemu_nbd_stopped", rc == 0, rc ? err : NULL);
+		if (d->stop_done) {
+			int rc = d->stop_rc;
+			struct json_object *a = action(actions, "qemu_nbd_stopped", rc == 0,
+						       rc ? d->stop_error : NULL);
 			add_int(a, "key", d->key);
 			add_int(a, "pid", d->nbd.pid);
 			if (rc != 0 && !d->nbd.exited) {
@@ -225,7 +271,7 @@ static void compensate(struct job *j)
 				add_str(p, "kind", "qemu_nbd_stopped");
 				add_int(p, "pid", d->nbd.pid);
 				add_int(p, "key", d->key);
-				add_str(p, "error", err);
+				add_str(p, "error", d->stop_error);
 				json_object_array_add(pending, p);
 			}
 		}
@@ -244,12 +290,6 @@ static void compensate(struct job *j)
 	}
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (d->create_pid > 0) { /* still being created: its image goes anyway */
-			kill(d->create_pid, SIGKILL);
-			waitpid(d->create_pid, NULL, 0);
-			d->create_pid = 0;
-			d->created = access(d->qcow2_path, F_OK) == 0;
-		}
 		if (!d->created)
 			continue;
 		if (d->completed) {
@@ -335,35 +375,43 @@ static void create_targets(struct job *j)
 {
 	struct worker *w = j->w;
 	char err[600];
+	int rc = 0;
+	size_t i;
+	if (!j->creating) {
+		/* recorded before the side effect, for every disk in one transaction: a crash
+		 * leaves known paths to clean */
+		struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+		for (i = 0; i < j->n_disks; i++)
+			u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
+		if (bw_ledger_disks_update(w->ledger, &j->fence, u, j->n_disks) != 0) {
+			fail(j, "internal_error", "ledger: cannot record the disks being created");
+			return;
+		}
+		j->creating = true;
+	}
 	bool all = true;
-	for (size_t i = 0; i < j->n_disks; i++) {
+	for (i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->created)
 			continue;
 		all = false;
 		struct bw_target t = {w->cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
 				      j->spec->job_id, d->size_bytes, d->parent_path, 0640};
-		int rc;
 		if (d->create_pid == 0) {
-			/* recorded before the side effect: a crash leaves a known path to clean */
-			if (bw_ledger_disk_update(w->ledger, &j->fence, d->key, "creating", 0, 0, true) !=
-			    0) {
-				fail(j, "internal_error", "ledger: cannot record disk %" PRId64, d->key);
-				return;
-			}
-			rc = bw_target_start(&t, d->log_path, &d->create_pid, err, sizeof(err));
-			if (rc == 0)
-				continue;
-		} else {
-			rc = bw_target_finish(&t, d->create_pid, d->log_path, err, sizeof(err));
-			if (rc == BW_EBUSY)
-				continue;
-			d->create_pid = 0;
-			if (rc == 0) {
-				d->created = true;
-				continue;
-			}
+			if ((rc = bw_target_start(&t, d->log_path, &d->create_pid, err, sizeof(err))) != 0)
+				break;
+			continue;
 		}
+		rc = bw_target_finish(&t, d->create_pid, d->log_path, err, sizeof(err));
+		if (rc == BW_EBUSY)
+			continue;
+		d->create_pid = 0;
+		if (rc != 0)
+			break;
+		d->created = true;
+	}
+	if (i < j->n_disks) {
+		struct job_disk *d = &j->disks[i];
 		copy_text(d->error, sizeof(d->error), err);
 		fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
 									 : "internal_error",
@@ -387,8 +435,21 @@ static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsi
 	d->spawned = true;
 	bw_log_debug("job=%s disk=%" PRId64 " port=%d pid=%ld qemu-nbd started", j->spec->job_id,
 		     d->key, d->port, (long)d->nbd.pid);
-	return bw_ledger_disk_update(j->w->ledger, &j->fence, d->key, "serving", d->nbd.pid,
-				     d->nbd.start_time, true);
+	return 0;
+}
+
+/* Records the servers started so far (pid and start time: who may be signalled later). */
+static int record_servers(struct job *j)
+{
+	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+	size_t n = 0;
+	for (size_t i = 0; i < j->n_disks; i++) {
+		struct job_disk *d = &j->disks[i];
+		if (d->spawned && !d->nbd.exited)
+			u[n++] = (struct bw_disk_update){d->key, "serving", d->nbd.pid,
+							 d->nbd.start_time, true};
+	}
+	return n ? bw_ledger_disks_update(j->w->ledger, &j->fence, u, n) : 0;
 }
 
 static void start_servers(struct job *j)
@@ -396,10 +457,16 @@ static void start_servers(struct job *j)
 	char err[700];
 	for (size_t i = 0; i < j->n_disks; i++) {
 		if (spawn_disk(j, &j->disks[i], err, sizeof(err)) != 0) {
+			if (record_servers(j) != 0)
+				bw_log_warnx("job=%s ledger: cannot record its servers", j->spec->job_id);
 			copy_text(j->disks[i].error, sizeof(j->disks[i].error), err);
 			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", j->disks[i].key, err);
 			return;
 		}
+	}
+	if (record_servers(j) != 0) {
+		fail(j, "internal_error", "ledger: cannot record the servers");
+		return;
 	}
 	j->next_try_ms = worker_now_ms() + NBD_READY_MS;
 	struct batch b = {j, {0}, 0};
@@ -503,8 +570,11 @@ static void poll_servers(struct job *j, int64_t now)
 					     "quarantined, using port %d",
 					     j->spec->job_id, d->key, old, repl);
 				d->port = repl;
-				if (spawn_disk(j, d, err, sizeof(err)) == 0)
-					continue;
+				if (spawn_disk(j, d, err, sizeof(err)) == 0) {
+					if (record_servers(j) == 0)
+						continue;
+					snprintf(err, sizeof(err), "ledger: cannot record its new server");
+				}
 			} else {
 				d->port = 0;
 				snprintf(err, sizeof(err), "port %d taken and no other port free", old);
@@ -576,27 +646,6 @@ static void start_done_cb(void *arg, const struct bw_sna_result *r)
 	bw_log_info("job=%s started on the SNA", j->spec->job_id);
 }
 
-/* Reads a qcow2's sizes with qemu-img info; 0 or an error. */
-static int image_sizes(const char *qemu_img, const char *path, int64_t *virt, int64_t *actual)
-{
-	char out[] = "/tmp/bw-info-XXXXXX";
-	int fd = mkstemp(out);
-	if (fd < 0)
-		return BW_EIO;
-	close(fd);
-	const char *argv[] = {qemu_img, "info", "-U", "--output=json", path, NULL};
-	struct bw_spawn s = {argv, NULL, out, false};
-	int rc = bw_run(&s, 60000, NULL, NULL, 0);
-	struct json_object *info = rc == 0 ? json_object_from_file(out) : NULL, *v;
-	unlink(out);
-	if (info == NULL)
-		return rc ? rc : BW_EIO;
-	*virt = json_object_object_get_ex(info, "virtual-size", &v) ? json_object_get_int64(v) : 0;
-	*actual = json_object_object_get_ex(info, "actual-size", &v) ? json_object_get_int64(v) : 0;
-	json_object_put(info);
-	return 0;
-}
-
 /* The per-disk result fields of backup.disk.completed and backup.completed. */
 static void disk_result(struct json_object *o, const struct job_disk *d)
 {
@@ -608,11 +657,9 @@ static void disk_result(struct json_object *o, const struct job_disk *d)
 	add_str(o, "check", "ok");
 }
 
-/* One disk the SNA reports completed: stop its server (the flush), check, report. */
-static int finalize_disk(struct job *j, struct job_disk *d)
+/* A disk the SNA reports completed: its bytes must all be there; then it finalizes. */
+static int begin_finalize(struct job *j, struct job_disk *d)
 {
-	struct worker *w = j->w;
-	char err[700], log[PATH_MAX + 16];
 	if (d->bytes < d->total) {
 		snprintf(d->error, sizeof(d->error),
 			 "reported completed after %" PRId64 " of %" PRId64 " bytes", d->bytes, d->total);
@@ -624,26 +671,58 @@ static int finalize_disk(struct job *j, struct job_disk *d)
 		if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 			return -1;
 	}
-	if (bw_nbd_stop(&d->nbd, BW_NBD_KEEP, NBD_STOP_MS, err, sizeof(err)) != 0) {
-		copy_text(d->error, sizeof(d->error), err);
-		fail(j, "qemu_nbd_failed", "disk %" PRId64 ": stop: %s", d->key, err);
-		return -1;
-	}
-	bw_nbd_release(&d->nbd);
+	d->fin = FIN_STOPPING;
+	return 0;
+}
+
+/*
+ * Advances a finalizing disk without waiting: its server's exit flushes the image (status
+ * 0 required), qemu-img check, then backup.disk.completed and its port released.
+ */
+static void finalize_step(struct job *j, struct job_disk *d)
+{
+	struct worker *w = j->w;
+	char err[700], log[PATH_MAX + 16];
+	int rc;
 	snprintf(log, sizeof(log), "%s.check", d->log_path);
-	const char *argv[] = {w->cfg->nbd_qemu_img, "check", "-q", d->qcow2_path, NULL};
-	struct bw_spawn s = {argv, NULL, log, false};
-	if (bw_run(&s, 600000, NULL, err, sizeof(err)) != 0) {
+	if (d->fin == FIN_STOPPING) {
+		rc = bw_nbd_stop_step(&d->nbd, BW_NBD_KEEP, NBD_STOP_MS, err, sizeof(err));
+		if (rc == BW_EBUSY)
+			return;
+		if (rc != 0) {
+			copy_text(d->error, sizeof(d->error), err);
+			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": stop: %s", d->key, err);
+			return;
+		}
+		bw_nbd_release(&d->nbd);
+		rc = bw_image_check_start(w->cfg->nbd_qemu_img, d->qcow2_path, log, &d->check_pid,
+					  err, sizeof(err));
+		if (rc != 0) {
+			copy_text(d->error, sizeof(d->error), err);
+			fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+			return;
+		}
+		d->check_by_ms = worker_now_ms() + CHECK_MS;
+		d->fin = FIN_CHECKING;
+		return;
+	}
+	rc = bw_image_check_finish(d->check_pid, d->qcow2_path, log, &d->virtual_size,
+				   &d->actual_size, err, sizeof(err));
+	if (rc == BW_EBUSY) {
+		if (worker_now_ms() > d->check_by_ms)
+			fail(j, "check_failed", "disk %" PRId64 ": qemu-img check still running after %d s",
+			     d->key, CHECK_MS / 1000); /* the compensation ends it */
+		return;
+	}
+	d->check_pid = 0;
+	if (rc != 0) {
 		copy_text(d->error, sizeof(d->error), err);
-		fail(j, "check_failed", "disk %" PRId64 ": qemu-img check: %s", d->key, err);
-		return -1;
+		fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+		return;
 	}
 	unlink(log);
-	if (image_sizes(w->cfg->nbd_qemu_img, d->qcow2_path, &d->virtual_size, &d->actual_size) != 0) {
-		fail(j, "check_failed", "disk %" PRId64 ": qemu-img info failed", d->key);
-		return -1;
-	}
 	d->completed = true;
+	d->fin = FIN_NONE;
 	if (bw_ledger_disk_update(w->ledger, &j->fence, d->key, "completed", 0, 0, true) != 0)
 		bw_log_warnx("job=%s disk=%" PRId64 " ledger: cannot record completion",
 			     j->spec->job_id, d->key);
@@ -655,10 +734,9 @@ static int finalize_disk(struct job *j, struct job_disk *d)
 	struct batch b = {j, {0}, 0};
 	disk_result(ev(&b, "backup.disk.completed", key), d);
 	if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
-		return -1;
+		return;
 	bw_log_info("job=%s disk=%" PRId64 " completed: %s change_id=%s", j->spec->job_id, d->key,
 		    d->qcow2_path, d->change_id);
-	return 0;
 }
 
 static void finish_job(struct job *j)
@@ -760,7 +838,7 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 		struct job_disk *d = json_object_object_get_ex(o, "key", &v)
 					     ? disk_by_key(j, json_object_get_int64(v))
 					     : NULL;
-		if (d == NULL || d->completed)
+		if (d == NULL || d->completed || d->fin != FIN_NONE)
 			continue;
 		if (json_object_object_get_ex(o, "bytes_transferred", &v))
 			d->bytes = json_object_get_int64(v);
@@ -784,23 +862,21 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 	bool job_failed = strcmp(job_status, "failed") == 0;
 	json_object_put(doc);
 
-	/* disks completed in this answer are finalized first, even when another one failed */
+	/* disks completed in this answer finalize first, even when another one failed */
+	bool finalizing = false;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (!d->completed && strcmp(d->status, "completed") == 0 && !d->failed)
-			if (finalize_disk(j, d) != 0)
-				return;
+		if (!d->completed && d->fin == FIN_NONE && strcmp(d->status, "completed") == 0 &&
+		    !d->failed && begin_finalize(j, d) != 0)
+			return;
+		finalizing |= d->fin != FIN_NONE;
 	}
 	if (any_failed || job_failed) {
-		fail(j, "sna_failed", "the SNA reported the transfer failed%s%s", error[0] ? ": " : "",
-		     error);
-		return;
-	}
-	bool all = true;
-	for (size_t i = 0; i < j->n_disks; i++)
-		all &= j->disks[i].completed;
-	if (all) {
-		finish_job(j);
+		j->deferred_reason = "sna_failed";
+		snprintf(j->deferred_message, sizeof(j->deferred_message),
+			 "the SNA reported the transfer failed%s%s", error[0] ? ": " : "", error);
+		if (!finalizing)
+			fail(j, j->deferred_reason, "%s", j->deferred_message);
 		return;
 	}
 	/* once a disk finalizes the job stays finalizing (the ledger moves forward only) while
@@ -816,9 +892,14 @@ static void follow(struct job *j, int64_t now)
 					     : (int64_t)j->w->cfg->job_max_duration_s);
 		return;
 	}
+	bool all = true, finalizing = false, reported = true;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (!d->completed && d->spawned && bw_nbd_reap(&d->nbd)) {
+		if (d->fin != FIN_NONE) {
+			finalize_step(j, d);
+			if (j->state == BW_JOB_FAILED)
+				return;
+		} else if (!d->completed && d->spawned && bw_nbd_reap(&d->nbd)) {
 			char err[700], what[96];
 			bw_status_text(d->nbd.status, what, sizeof(what));
 			snprintf(err, sizeof(err), "qemu-nbd pid %ld %s", (long)d->nbd.pid, what);
@@ -826,8 +907,20 @@ static void follow(struct job *j, int64_t now)
 			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
+		all &= d->completed;
+		finalizing |= d->fin != FIN_NONE;
+		reported &= d->completed || d->fin != FIN_NONE;
 	}
-	if (j->call == NULL && now >= j->next_try_ms &&
+	if (j->deferred_reason && !finalizing) {
+		fail(j, j->deferred_reason, "%s", j->deferred_message);
+		return;
+	}
+	if (all) {
+		finish_job(j);
+		return;
+	}
+	/* progress is asked for until the SNA reported every disk completed */
+	if (!reported && j->call == NULL && now >= j->next_try_ms &&
 	    bw_sna_progress(j->w->sna, j->spec->job_id, progress_cb, j, &j->call) != 0)
 		j->next_try_ms = now + 1000;
 }
@@ -903,6 +996,18 @@ void jobs_step(struct worker *w)
 	}
 }
 
+/* A child of the job is being stopped or awaited: SIGCHLD wakes the loop when one of ours
+ * exits, but an adopted server (a pidfd) and the re-sent SIGTERM need a look now and then. */
+static bool children_busy(const struct job *j)
+{
+	for (size_t i = 0; i < j->n_disks; i++) {
+		const struct job_disk *d = &j->disks[i];
+		if (d->nbd.stopping || d->fin != FIN_NONE || d->create_pid > 0 || d->check_pid > 0)
+			return true;
+	}
+	return false;
+}
+
 int jobs_timeout_ms(struct worker *w)
 {
 	int64_t now = worker_now_ms(), best = -1;
@@ -910,14 +1015,16 @@ int jobs_timeout_ms(struct worker *w)
 		int64_t t;
 		if (j->state == BW_JOB_SERVING)
 			t = 2; /* greeting probes */
-		else if (j->state == BW_JOB_RESERVED)
-			t = 2; /* qemu-img runs: look again soon (a SIGCHLD may wake the loop sooner) */
+		else if (children_busy(j))
+			t = 20;
+		else if (j->call)
+			continue; /* waiting on curl, which has its own timeout */
 		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_TARGETS_CREATED)
 			t = 0;
+		else if (j->state == BW_JOB_SNA_REQUESTED)
+			continue;
 		else
 			t = j->next_try_ms > now ? j->next_try_ms - now : 0;
-		if (j->state == BW_JOB_SNA_REQUESTED || (j->call && j->state != BW_JOB_FAILED))
-			continue; /* waiting on curl, which has its own timeout */
 		if (best < 0 || t < best)
 			best = t;
 	}
@@ -1011,15 +1118,21 @@ int job_receive(struct worker *w, const char *body, size_t len)
 	if ((rc = bw_event_finish(e, &ebody, &eid)) != 0)
 		goto out;
 	struct bw_event accepted = {eid, "backup.accepted", 1, ebody};
-	enum bw_job_state existing;
+	struct bw_known existing;
 	rc = bw_ledger_claim(w->ledger, j->spec->job_id, j->message, nd, j->n_disks, &accepted,
 			     &j->generation, &existing);
 	free(ebody);
 	free(eid);
 	if (rc == BW_EEXIST) {
-		bw_log_info("job=%s known already (%s): duplicate delivery acked, nothing started",
-			    j->spec->job_id, bw_job_state_name(existing));
-		if (bw_job_state_terminal(existing) &&
+		const char *state = bw_job_state_name(existing.state);
+		if (existing.same_message)
+			bw_log_info("job=%s known already (%s): duplicate delivery acked, nothing started",
+				    j->spec->job_id, state);
+		else
+			bw_log_warnx("job=%s known already (%s) with a different body: this one is "
+				     "acked and ignored; a new backup needs a new job_id",
+				     j->spec->job_id, state);
+		if (bw_job_state_terminal(existing.state) &&
 		    bw_ledger_republish_terminal(w->ledger, j->spec->job_id) != 0)
 			bw_log_warnx("job=%s cannot republish its terminal event", j->spec->job_id);
 		rc = 0;

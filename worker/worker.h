@@ -49,9 +49,15 @@ struct job_disk {
 	struct bw_nbd nbd;
 	bool created;   /* this job created its image */
 	pid_t create_pid; /* qemu-img create still running */
+	enum { FIN_NONE, FIN_STOPPING, FIN_CHECKING } fin; /* finalizing: where this disk is */
+	pid_t check_pid;  /* qemu-img check still running */
+	int64_t check_by_ms;
 	bool spawned;   /* a qemu-nbd was started */
 	bool completed; /* finished, flushed, checked, reported */
 	bool failed;    /* the SNA reported it failed */
+	bool stop_done; /* compensation stopped its server (result in stop_rc, stop_error) */
+	int stop_rc;
+	char stop_error[300];
 	char status[16];
 	int64_t bytes;
 	int64_t total;
@@ -83,10 +89,15 @@ struct job {
 	int64_t progress_sent_ms;
 	char progress_last[64];
 	struct bw_sna_call *call;
+	bool creating;    /* qemu-img create started for every disk */
 	bool sna_called;  /* a start request may have been accepted */
 	int lost;         /* consecutive progress 404s */
 	int unanswered;   /* consecutive progress polls with no answer (5xx, timeout, refused) */
 	bool done;        /* terminal and compensated: free it */
+
+	/* a failure the SNA reported while disks were finalizing: failed once they are done */
+	const char *deferred_reason;
+	char deferred_message[512];
 
 	/* failure being compensated */
 	const char *reason;

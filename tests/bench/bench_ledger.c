@@ -189,7 +189,7 @@ static int ledger_setup(struct child *c)
 	char path[4096], worker_id[32], event_id[96], message[128];
 	char export_name[MAX_DISKS][32], qcow2[MAX_DISKS][64];
 	struct bw_job_disk_new disks[MAX_DISKS];
-	enum bw_job_state existing;
+	struct bw_known existing;
 	int rc;
 
 	if (ledger_path(path, sizeof(path), c->o->dir) != 0) {

@@ -133,11 +133,16 @@ static void test_claim_once(void **state)
 	int64_t gen = claim(fx->l, "job-1", 3);
 	assert_int_equal(gen, 1);
 	struct bw_event again = {"job-1/backup.accepted", "backup.accepted", 1, "{}"};
-	enum bw_job_state existing = BW_JOB_COMPLETED;
+	struct bw_known existing = {BW_JOB_COMPLETED, false};
 	int64_t g2 = 0;
 	assert_int_equal(bw_ledger_claim(fx->l, "job-1", "{}", NULL, 0, &again, &g2, &existing),
 			 BW_EEXIST);
-	assert_int_equal(existing, BW_JOB_CLAIMED);
+	assert_int_equal(existing.state, BW_JOB_CLAIMED);
+	assert_true(existing.same_message);
+	assert_int_equal(bw_ledger_claim(fx->l, "job-1", "{\"other\":1}", NULL, 0, &again, &g2,
+					 &existing),
+			 BW_EEXIST);
+	assert_false(existing.same_message);
 
 	struct bw_outbox_row *rows = NULL;
 	size_t n = 0;
