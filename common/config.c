@@ -71,6 +71,10 @@ static const struct key_def keys[] = {
 	{"worker", "max_jobs", T_INT, OFF(worker_max_jobs), "4", 1, 1024, NULL, false},
 	{"worker", "state_dir", T_STR, OFF(worker_state_dir), "/var/lib/bw-worker", 0, 0,
 	 check_abs_path, false},
+	{"worker", "recovery_interval_s", T_INT, OFF(worker_recovery_interval_s), "10", 1, 3600,
+	 NULL, false},
+	{"worker", "shutdown_grace_s", T_INT, OFF(worker_shutdown_grace_s), "60", 1, 3600, NULL,
+	 false},
 
 	{"ledger", "path", T_STR, OFF(ledger_path), NULL, 0, 0, check_abs_path, false},
 

@@ -33,6 +33,8 @@ struct bw_config {
 	char *worker_id;
 	int worker_max_jobs;
 	char *worker_state_dir;
+	int worker_recovery_interval_s; /* how often dead workers' jobs are looked for */
+	int worker_shutdown_grace_s;    /* SIGTERM: preparing jobs rolled back within this */
 
 	char *ledger_path;
 

@@ -1369,7 +1369,10 @@ static int reap_txn(struct bw_ledger *l, void *arg)
 
 	/* Every unfinished job whose owner incarnation has no row is an orphan: ours now. */
 	if (sqlite3_prepare_v2(l->db,
-			       "SELECT job_id, state, generation, owner, owner_boot_id, message, seq"
+			       "SELECT job_id, state, generation, owner, owner_boot_id, message, seq,"
+			       " created_at, EXISTS (SELECT 1 FROM job_history h"
+			       "  WHERE h.job_id = jobs.job_id AND h.state IN"
+			       "  ('sna_requested', 'transferring', 'finalizing'))"
 			       " FROM jobs WHERE " SQL_UNFINISHED " AND owner_incarnation NOT IN"
 			       " (SELECT incarnation FROM workers) ORDER BY created_at",
 			       -1, &s, NULL))
@@ -1391,6 +1394,8 @@ static int reap_txn(struct bw_ledger *l, void *arg)
 		j->boot_changed = strcmp((const char *)sqlite3_column_text(s, 4), l->boot_id) != 0;
 		j->message = dup_col(s, 5);
 		j->seq = sqlite3_column_int64(s, 6);
+		j->created_at_ms = sqlite3_column_int64(s, 7);
+		j->sna_called = sqlite3_column_int(s, 8) != 0;
 		if (!j->job_id || !j->previous_owner || !j->message) {
 			rc = SQLITE_NOMEM;
 			break;
@@ -1490,6 +1495,22 @@ int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
 	*jobs = r.jobs;
 	*n = r.n_jobs;
 	return 0;
+}
+
+int bw_ledger_event_body(struct bw_ledger *l, const char *event_id, char **body)
+{
+	sqlite3_stmt *s;
+	if (sqlite3_prepare_v2(l->db, "SELECT body FROM outbox WHERE event_id = ?1", -1, &s, NULL))
+		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_bind_text(s, 1, event_id, -1, SQLITE_STATIC);
+	int rc = sqlite3_step(s);
+	*body = NULL;
+	if (rc == SQLITE_ROW && (*body = dup_col(s, 0)) == NULL)
+		rc = SQLITE_NOMEM;
+	sqlite3_finalize(s);
+	if (rc == SQLITE_DONE)
+		return BW_ENOENT;
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
 }
 
 void bw_reaped_free(struct bw_reaped_job *jobs, size_t n)

@@ -226,6 +226,8 @@ struct bw_reaped_job {
 	bool boot_changed;  /* the previous owner ran before the host's last boot */
 	char *message;      /* the accepted backup.start body */
 	int64_t seq;        /* the job's last event seq */
+	int64_t created_at_ms; /* when it was claimed (ms since the epoch) */
+	bool sna_called;    /* it reached sna_requested once: the SNA may know it */
 	struct bw_reaped_disk *disks;
 	size_t n_disks;
 };
@@ -241,6 +243,10 @@ struct bw_reaped_job {
 int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n) BW_MUST_CHECK;
 
 void bw_reaped_free(struct bw_reaped_job *jobs, size_t n);
+
+/* The body of an event in the outbox by its event_id (published or not): 0 and a malloc'd
+ * *body; BW_ENOENT when there is none. */
+int bw_ledger_event_body(struct bw_ledger *l, const char *event_id, char **body) BW_MUST_CHECK;
 
 /* ---- outbox ----------------------------------------------------------------------------- */
 

@@ -5,6 +5,7 @@
 #include "proc.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -15,6 +16,7 @@
 #include <string.h>
 #include <sys/pidfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -115,9 +117,19 @@ static void death_text(struct bw_nbd *n, char *err, size_t errsize)
 	snprintf(err, errsize, "qemu-nbd pid %ld port %d %s: %s", (long)n->pid, n->port, what, tail);
 }
 
+/* Not our child (adopted): its exit status is not ours to read, but qemu-nbd writes every
+ * error to its log, and a SIGTERM exit writes nothing. */
+static bool log_grew(const struct bw_nbd *n)
+{
+	struct stat st;
+	return stat(n->log_path, &st) == 0 && st.st_size > n->log_size;
+}
+
 static bool exited_cleanly(const struct bw_nbd *n)
 {
-	return n->status == -1 || (WIFEXITED(n->status) && WEXITSTATUS(n->status) == 0);
+	if (n->status == -1)
+		return !log_grew(n);
+	return WIFEXITED(n->status) && WEXITSTATUS(n->status) == 0;
 }
 
 static void probe_close(struct bw_nbd *n)
@@ -326,6 +338,8 @@ int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
 	n->probe_fd = -1;
 	n->pid = pid;
 	n->start_time = start_time;
+	struct stat st;
+	n->log_size = log_path && stat(log_path, &st) == 0 ? st.st_size : 0;
 	n->port = port;
 	n->ready = true; /* it served before: its main loop runs */
 	n->adopted = true;
@@ -333,6 +347,44 @@ int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
 	snprintf(n->bind_address, sizeof(n->bind_address), "127.0.0.1");
 	snprintf(n->log_path, sizeof(n->log_path), "%s", log_path ? log_path : "/dev/null");
 	return 0;
+}
+
+int bw_nbd_find(const char *export_name, pid_t *pid, uint64_t *start_time)
+{
+	char want[300], path[64], cmd[8192];
+	int found = BW_ENOENT;
+	snprintf(want, sizeof(want), "--export-name=%s", export_name);
+	DIR *d = opendir("/proc");
+	if (d == NULL)
+		return BW_EIO;
+	struct dirent *e;
+	while (found != 0 && (e = readdir(d)) != NULL) {
+		char *end;
+		long p = strtol(e->d_name, &end, 10);
+		if (*end != '\0' || p <= 0)
+			continue;
+		snprintf(path, sizeof(path), "/proc/%ld/cmdline", p);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, cmd, sizeof(cmd) - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		cmd[n] = '\0';
+		const char *base = strrchr(cmd, '/');
+		if (strcmp(base ? base + 1 : cmd, "qemu-nbd") != 0)
+			continue;
+		for (const char *a = cmd; a < cmd + n; a += strlen(a) + 1) {
+			if (strcmp(a, want) == 0 && bw_proc_start_time((pid_t)p, start_time) == 0) {
+				*pid = (pid_t)p;
+				found = 0;
+				break;
+			}
+		}
+	}
+	closedir(d);
+	return found;
 }
 
 void bw_nbd_release(struct bw_nbd *n)

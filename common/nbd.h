@@ -30,6 +30,7 @@ struct bw_nbd {
 	bool exited; /* reaped */
 	int status;  /* wait status once exited */
 	bool adopted; /* not our child: watched through a pidfd */
+	off_t log_size; /* adopted: its log's size then (an exit that wrote to it failed) */
 	int pidfd;
 	/* a stop in progress (bw_nbd_stop_step) */
 	bool stopping;
@@ -97,11 +98,19 @@ int bw_nbd_stop_step(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_m
 
 /*
  * Takes over a server started by another (dead) worker, known by pid and start time:
- * returns 0 and fills *n (watched through a pidfd) when that very process is alive;
+ * returns 0 and fills *n (watched through a pidfd) when that very process is alive; its
+ * exit is judged from its log (qemu-nbd writes every error there; n->status stays -1);
  * BW_ENOENT when it is gone or the pid now names another process (never signalled).
  */
 int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
 		 struct bw_nbd *n) BW_MUST_CHECK;
+
+/*
+ * Finds a running qemu-nbd serving export_name (its command line), for a server whose
+ * start was never recorded (its worker died between starting and recording it). Returns
+ * 0 with its pid and start time (then bw_nbd_adopt it), BW_ENOENT when none runs.
+ */
+int bw_nbd_find(const char *export_name, pid_t *pid, uint64_t *start_time) BW_MUST_CHECK;
 
 /* Releases what n holds (its pidfd); never signals the process. */
 void bw_nbd_release(struct bw_nbd *n);

@@ -34,6 +34,32 @@ int64_t worker_now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/*
+ * Fault injection for the crash tests: BW_CRASH_AT=<point>[:<n>] makes the worker SIGKILL
+ * itself the n-th time (default 1) it passes <point>, or when index (a disk's position in
+ * the job, from 1) is n. Points are named where they are called; unset, it costs a compare.
+ */
+void crash_point(const char *point, size_t index)
+{
+	static const char *spec;
+	static bool read;
+	static unsigned passed;
+	if (!read) {
+		spec = getenv("BW_CRASH_AT");
+		read = true;
+	}
+	if (spec == NULL)
+		return;
+	size_t n = strlen(point);
+	if (strncmp(spec, point, n) != 0 || (spec[n] != '\0' && spec[n] != ':'))
+		return;
+	unsigned want = spec[n] == ':' ? (unsigned)strtoul(spec + n + 1, NULL, 10) : 1;
+	if (index ? index != want : ++passed != want)
+		return;
+	bw_log_warnx("crash point %s reached (BW_CRASH_AT=%s): SIGKILL", point, spec);
+	raise(SIGKILL);
+}
+
 /* ---- events -------------------------------------------------------------------------- */
 
 /* Events built for one transition: seq follows on from the job's. */
@@ -133,10 +159,7 @@ static const char *disk_outcome(const struct job_disk *d)
  * The job cannot complete: backup.failed now (stage, reason, per-disk status), then the
  * compensation runs in step() and ends with backup.cleanup.
  */
-static void fail(struct job *j, const char *reason, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void fail(struct job *j, const char *reason, const char *fmt, ...)
+void job_fail(struct job *j, const char *reason, const char *fmt, ...)
 {
 	if (j->state == BW_JOB_FAILED || j->state == BW_JOB_COMPENSATED ||
 	    j->state == BW_JOB_COMPLETED)
@@ -169,6 +192,7 @@ static void fail(struct job *j, const char *reason, const char *fmt, ...)
 	json_object_object_add(e, "disks", disks);
 	if (commit(&b, BW_JOB_FAILED, reason) != 0)
 		j->state = BW_JOB_FAILED; /* compensate all the same; the ledger retries later */
+	crash_point("failed", 0);
 	if (j->call) {
 		bw_sna_cancel(j->w->sna, j->call);
 		j->call = NULL;
@@ -254,19 +278,28 @@ static void compensate(struct job *j)
 		snprintf(j->cleanup_error, sizeof(j->cleanup_error), "cannot send the request");
 	}
 	/* the servers stop while the SNA cleans up; the event waits for both */
-	if (!stop_children(j) || (j->cleanup_wanted && !j->cleanup_done))
+	if (!stop_children(j)) {
+		crash_point("compensating", 0);
+		return;
+	}
+	if (j->cleanup_wanted && !j->cleanup_done)
 		return;
 
 	struct json_object *actions = json_object_new_array(), *pending = json_object_new_array();
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->stop_done) {
-			int rc = d->stop_rc;
-			struct json_object *a = action(actions, "qemu_nbd_stopped", rc == 0,
-						       rc ? d->stop_error : NULL);
+			/* the goal is a server that no longer runs: one that ended badly on its
+			 * way out is stopped all the same (how it ended is in the log) */
+			bool ok = d->stop_rc == 0 || d->nbd.exited;
+			if (d->stop_rc != 0)
+				bw_log_warnx("job=%s disk=%" PRId64 " stopping qemu-nbd: %s",
+					     j->spec->job_id, d->key, d->stop_error);
+			struct json_object *a = action(actions, "qemu_nbd_stopped", ok,
+						       ok ? NULL : d->stop_error);
 			add_int(a, "key", d->key);
 			add_int(a, "pid", d->nbd.pid);
-			if (rc != 0 && !d->nbd.exited) {
+			if (!ok) {
 				struct json_object *p = json_object_new_object();
 				add_str(p, "kind", "qemu_nbd_stopped");
 				add_int(p, "pid", d->nbd.pid);
@@ -288,6 +321,9 @@ static void compensate(struct job *j)
 		add_int(a, "key", d->key);
 		d->port = 0;
 	}
+	size_t stray = 0; /* a port the job held but no disk in memory knew of */
+	if (bw_ledger_release_all(w->ledger, &j->fence, &stray) == 0 && stray > 0)
+		bw_log_warnx("job=%s released %zu more port(s) of the ledger", j->spec->job_id, stray);
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (!d->created)
@@ -346,12 +382,13 @@ static void try_reserve(struct job *j, int64_t now)
 			struct batch b = {j, {0}, 0};
 			if (commit(&b, BW_JOB_WAITING_PORTS, NULL) != 0)
 				return;
+			crash_point("waiting_ports", 0);
 			j->ports_until_ms = now + (int64_t)w->cfg->job_port_wait_s * 1000;
 			bw_log_info("job=%s waiting for %zu free ports (up to %d s)", j->spec->job_id,
 				    j->n_disks, w->cfg->job_port_wait_s);
 		}
 		if (now >= j->ports_until_ms)
-			fail(j, "no_ports", "%zu ports not free within %d s in %d-%d", j->n_disks,
+			job_fail(j, "no_ports", "%zu ports not free within %d s in %d-%d", j->n_disks,
 			     w->cfg->job_port_wait_s, w->cfg->nbd_port_min, w->cfg->nbd_port_max);
 		j->next_try_ms = now + PORT_RETRY_MS;
 		return;
@@ -361,13 +398,14 @@ static void try_reserve(struct job *j, int64_t now)
 			j->next_try_ms = now + PORT_RETRY_MS;
 			return;
 		}
-		fail(j, "internal_error", "reserving ports: %s", bw_strerror(rc));
+		job_fail(j, "internal_error", "reserving ports: %s", bw_strerror(rc));
 		return;
 	}
 	for (size_t i = 0; i < j->n_disks; i++)
 		j->disks[i].port = ports[i];
 	struct batch b = {j, {0}, 0};
-	(void)commit(&b, BW_JOB_RESERVED, NULL);
+	if (commit(&b, BW_JOB_RESERVED, NULL) == 0)
+		crash_point("reserved", 0);
 }
 
 /* Every image at once: qemu-img runs in the background, the loop reaps (SIGCHLD wakes it). */
@@ -384,7 +422,7 @@ static void create_targets(struct job *j)
 		for (i = 0; i < j->n_disks; i++)
 			u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
 		if (bw_ledger_disks_update(w->ledger, &j->fence, u, j->n_disks) != 0) {
-			fail(j, "internal_error", "ledger: cannot record the disks being created");
+			job_fail(j, "internal_error", "ledger: cannot record the disks being created");
 			return;
 		}
 		j->creating = true;
@@ -400,6 +438,7 @@ static void create_targets(struct job *j)
 		if (d->create_pid == 0) {
 			if ((rc = bw_target_start(&t, d->log_path, &d->create_pid, err, sizeof(err))) != 0)
 				break;
+			crash_point("creating", i + 1);
 			continue;
 		}
 		rc = bw_target_finish(&t, d->create_pid, d->log_path, err, sizeof(err));
@@ -413,14 +452,15 @@ static void create_targets(struct job *j)
 	if (i < j->n_disks) {
 		struct job_disk *d = &j->disks[i];
 		copy_text(d->error, sizeof(d->error), err);
-		fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
+		job_fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
 									 : "internal_error",
 		     "disk %" PRId64 ": %s", d->key, err);
 		return;
 	}
 	if (all) {
 		struct batch b = {j, {0}, 0};
-		(void)commit(&b, BW_JOB_TARGETS_CREATED, NULL);
+		if (commit(&b, BW_JOB_TARGETS_CREATED, NULL) == 0)
+			crash_point("targets_created", 0);
 	}
 }
 
@@ -460,17 +500,19 @@ static void start_servers(struct job *j)
 			if (record_servers(j) != 0)
 				bw_log_warnx("job=%s ledger: cannot record its servers", j->spec->job_id);
 			copy_text(j->disks[i].error, sizeof(j->disks[i].error), err);
-			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", j->disks[i].key, err);
+			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", j->disks[i].key, err);
 			return;
 		}
+		crash_point("spawned", i + 1);
 	}
 	if (record_servers(j) != 0) {
-		fail(j, "internal_error", "ledger: cannot record the servers");
+		job_fail(j, "internal_error", "ledger: cannot record the servers");
 		return;
 	}
 	j->next_try_ms = worker_now_ms() + NBD_READY_MS;
 	struct batch b = {j, {0}, 0};
-	(void)commit(&b, BW_JOB_SERVING, NULL);
+	if (commit(&b, BW_JOB_SERVING, NULL) == 0)
+		crash_point("serving", 0);
 }
 
 static void build_url(struct job *j, struct job_disk *d)
@@ -492,7 +534,7 @@ static void call_sna(struct job *j)
 	int rc = bw_credential_load(w->cfg->credentials_dir, j->spec->credential_id, &cred, err,
 				    sizeof(err));
 	if (rc != 0) {
-		fail(j, "credential_error", "%s", err);
+		job_fail(j, "credential_error", "%s", err);
 		return;
 	}
 	/* persisted before the side effect: from here on the SNA may know this job */
@@ -539,9 +581,10 @@ static void call_sna(struct job *j)
 	json_object_put(body);
 	bw_credential_free(cred);
 	if (rc != 0) {
-		fail(j, "internal_error", "cannot send the SNA start request: %s", bw_strerror(rc));
+		job_fail(j, "internal_error", "cannot send the SNA start request: %s", bw_strerror(rc));
 		return;
 	}
+	crash_point("sna_requested", 0);
 	int64_t max_s = j->spec->max_duration_s ? j->spec->max_duration_s : w->cfg->job_max_duration_s;
 	j->deadline_ms = worker_now_ms() + max_s * 1000;
 	bw_log_info("job=%s SNA start requested for %zu disk(s): %s", j->spec->job_id, j->n_disks,
@@ -581,7 +624,7 @@ static void poll_servers(struct job *j, int64_t now)
 			}
 		}
 		copy_text(d->error, sizeof(d->error), err);
-		fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
+		job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
 		return;
 	}
 	if (all) {
@@ -589,41 +632,22 @@ static void poll_servers(struct job *j, int64_t now)
 		return;
 	}
 	if (now > j->next_try_ms)
-		fail(j, "qemu_nbd_failed", "not every qemu-nbd greeted within %d ms", NBD_READY_MS);
+		job_fail(j, "qemu_nbd_failed", "not every qemu-nbd greeted within %d ms", NBD_READY_MS);
 }
 
 /* ---- the transfer ------------------------------------------------------------------------- */
 
-static void start_done_cb(void *arg, const struct bw_sna_result *r)
+void job_started(struct job *j, const char *sna_job_id)
 {
-	struct job *j = arg;
-	j->call = NULL;
-	if (r->outcome == BW_SNA_REJECTED) {
-		j->sna_called = false; /* a definite 4xx: it accepted nothing */
-		fail(j, "sna_rejected", "the SNA rejected the start request: HTTP %d %.200s",
-		     r->http_status, r->body);
-		return;
-	}
-	if (r->outcome != BW_SNA_OK) {
-		fail(j, "sna_unavailable", "no answer from the SNA after %d attempt(s): %s",
-		     r->attempts, r->error);
-		return;
-	}
 	struct batch b = {j, {0}, 0};
 	struct json_object *e = ev(&b, "backup.started", NULL);
-	struct json_object *reply = json_tokener_parse(r->body), *v = NULL;
-	const char *sna_id = reply && json_object_object_get_ex(reply, "job_id", &v) &&
-					     json_object_is_type(v, json_type_string) &&
-					     json_object_get_string_len(v) > 0
-				     ? json_object_get_string(v)
-				     : j->spec->job_id;
-	add_str(e, "sna_job_id", sna_id);
-	json_object_put(reply);
+	add_str(e, "sna_job_id", sna_job_id);
 	char targets[64 * 450] = "";
 	size_t used = 0;
 	struct json_object *disks = json_object_new_array();
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
+		build_url(j, d);
 		used += (size_t)snprintf(targets + used, sizeof(targets) - used, "%s%" PRId64 ":%s",
 					 i ? "," : "", d->key, d->nbd_url);
 		struct json_object *o = json_object_new_object();
@@ -643,7 +667,32 @@ static void start_done_cb(void *arg, const struct bw_sna_result *r)
 	json_object_object_add(e, "disks", disks);
 	(void)commit(&b, BW_JOB_TRANSFERRING, NULL);
 	j->next_try_ms = worker_now_ms(); /* first poll at once */
+}
+
+static void start_done_cb(void *arg, const struct bw_sna_result *r)
+{
+	struct job *j = arg;
+	j->call = NULL;
+	if (r->outcome == BW_SNA_REJECTED) {
+		j->sna_called = false; /* a definite 4xx: it accepted nothing */
+		job_fail(j, "sna_rejected", "the SNA rejected the start request: HTTP %d %.200s",
+			 r->http_status, r->body);
+		return;
+	}
+	if (r->outcome != BW_SNA_OK) {
+		job_fail(j, "sna_unavailable", "no answer from the SNA after %d attempt(s): %s",
+			 r->attempts, r->error);
+		return;
+	}
+	crash_point("sna_accepted", 0);
+	struct json_object *reply = json_tokener_parse(r->body), *v = NULL;
+	bool named = reply && json_object_object_get_ex(reply, "job_id", &v) &&
+		     json_object_is_type(v, json_type_string) && json_object_get_string_len(v) > 0;
+	job_started(j, named ? json_object_get_string(v) : j->spec->job_id);
+	json_object_put(reply);
 	bw_log_info("job=%s started on the SNA", j->spec->job_id);
+	if (j->w->stopping)
+		job_hand_over(j);
 }
 
 /* The per-disk result fields of backup.disk.completed and backup.completed. */
@@ -663,7 +712,7 @@ static int begin_finalize(struct job *j, struct job_disk *d)
 	if (d->bytes < d->total) {
 		snprintf(d->error, sizeof(d->error),
 			 "reported completed after %" PRId64 " of %" PRId64 " bytes", d->bytes, d->total);
-		fail(j, "sna_failed", "disk %" PRId64 " %s", d->key, d->error);
+		job_fail(j, "sna_failed", "disk %" PRId64 " %s", d->key, d->error);
 		return -1;
 	}
 	if (j->state != BW_JOB_FINALIZING) {
@@ -687,11 +736,13 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	snprintf(log, sizeof(log), "%s.check", d->log_path);
 	if (d->fin == FIN_STOPPING) {
 		rc = bw_nbd_stop_step(&d->nbd, BW_NBD_KEEP, NBD_STOP_MS, err, sizeof(err));
-		if (rc == BW_EBUSY)
+		if (rc == BW_EBUSY) {
+			crash_point("finalizing", (size_t)(d - j->disks) + 1);
 			return;
+		}
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
-			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": stop: %s", d->key, err);
+			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": stop: %s", d->key, err);
 			return;
 		}
 		bw_nbd_release(&d->nbd);
@@ -699,25 +750,26 @@ static void finalize_step(struct job *j, struct job_disk *d)
 					  err, sizeof(err));
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
-			fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+			job_fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
 		d->check_by_ms = worker_now_ms() + CHECK_MS;
 		d->fin = FIN_CHECKING;
+		crash_point("checking", (size_t)(d - j->disks) + 1);
 		return;
 	}
 	rc = bw_image_check_finish(d->check_pid, d->qcow2_path, log, &d->virtual_size,
 				   &d->actual_size, err, sizeof(err));
 	if (rc == BW_EBUSY) {
 		if (worker_now_ms() > d->check_by_ms)
-			fail(j, "check_failed", "disk %" PRId64 ": qemu-img check still running after %d s",
+			job_fail(j, "check_failed", "disk %" PRId64 ": qemu-img check still running after %d s",
 			     d->key, CHECK_MS / 1000); /* the compensation ends it */
 		return;
 	}
 	d->check_pid = 0;
 	if (rc != 0) {
 		copy_text(d->error, sizeof(d->error), err);
-		fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+		job_fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
 		return;
 	}
 	unlink(log);
@@ -735,6 +787,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	disk_result(ev(&b, "backup.disk.completed", key), d);
 	if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 		return;
+	crash_point("disk_completed", (size_t)(d - j->disks) + 1);
 	bw_log_info("job=%s disk=%" PRId64 " completed: %s change_id=%s", j->spec->job_id, d->key,
 		    d->qcow2_path, d->change_id);
 }
@@ -797,7 +850,7 @@ static void progress_event(struct job *j, int64_t now)
 	}
 }
 
-static struct job_disk *disk_by_key(struct job *j, int64_t key)
+struct job_disk *job_disk_by_key(struct job *j, int64_t key)
 {
 	for (size_t i = 0; i < j->n_disks; i++)
 		if (j->disks[i].key == key)
@@ -812,7 +865,7 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 	j->next_try_ms = worker_now_ms() + (int64_t)j->w->cfg->sna_poll_interval_s * 1000;
 	if (r->outcome == BW_SNA_NOT_FOUND) {
 		if (++j->lost >= j->w->cfg->sna_lost_after)
-			fail(j, "sna_lost_job", "the SNA answered 404 for this job %d times in a row",
+			job_fail(j, "sna_lost_job", "the SNA answered 404 for this job %d times in a row",
 			     j->lost);
 		return;
 	}
@@ -820,12 +873,18 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 	if (r->outcome != BW_SNA_OK) {
 		/* transient, but not forever: as many polls as a call has attempts */
 		if (++j->unanswered >= j->w->cfg->sna_max_attempts)
-			fail(j, "sna_unavailable", "no progress answer from the SNA %d times in a row: %s",
+			job_fail(j, "sna_unavailable", "no progress answer from the SNA %d times in a row: %s",
 			     j->unanswered, r->error);
 		return;
 	}
 	j->unanswered = 0;
-	struct json_object *doc = json_tokener_parse(r->body), *v, *disks;
+	crash_point("transferring", 0);
+	job_progress_answer(j, r->body);
+}
+
+void job_progress_answer(struct job *j, const char *body)
+{
+	struct json_object *doc = json_tokener_parse(body), *v, *disks;
 	if (doc == NULL || !json_object_object_get_ex(doc, "disks", &disks) ||
 	    !json_object_is_type(disks, json_type_array)) {
 		json_object_put(doc);
@@ -836,7 +895,7 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 	for (size_t i = 0; i < json_object_array_length(disks); i++) {
 		struct json_object *o = json_object_array_get_idx(disks, i);
 		struct job_disk *d = json_object_object_get_ex(o, "key", &v)
-					     ? disk_by_key(j, json_object_get_int64(v))
+					     ? job_disk_by_key(j, json_object_get_int64(v))
 					     : NULL;
 		if (d == NULL || d->completed || d->fin != FIN_NONE)
 			continue;
@@ -876,7 +935,7 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 		snprintf(j->deferred_message, sizeof(j->deferred_message),
 			 "the SNA reported the transfer failed%s%s", error[0] ? ": " : "", error);
 		if (!finalizing)
-			fail(j, j->deferred_reason, "%s", j->deferred_message);
+			job_fail(j, j->deferred_reason, "%s", j->deferred_message);
 		return;
 	}
 	/* once a disk finalizes the job stays finalizing (the ledger moves forward only) while
@@ -887,7 +946,7 @@ static void progress_cb(void *arg, const struct bw_sna_result *r)
 static void follow(struct job *j, int64_t now)
 {
 	if (now > j->deadline_ms) {
-		fail(j, "deadline_exceeded", "the transfer did not end within %" PRId64 " s",
+		job_fail(j, "deadline_exceeded", "the transfer did not end within %" PRId64 " s",
 		     j->spec->max_duration_s ? j->spec->max_duration_s
 					     : (int64_t)j->w->cfg->job_max_duration_s);
 		return;
@@ -904,7 +963,7 @@ static void follow(struct job *j, int64_t now)
 			bw_status_text(d->nbd.status, what, sizeof(what));
 			snprintf(err, sizeof(err), "qemu-nbd pid %ld %s", (long)d->nbd.pid, what);
 			copy_text(d->error, sizeof(d->error), err);
-			fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
+			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
 		all &= d->completed;
@@ -912,7 +971,7 @@ static void follow(struct job *j, int64_t now)
 		reported &= d->completed || d->fin != FIN_NONE;
 	}
 	if (j->deferred_reason && !finalizing) {
-		fail(j, j->deferred_reason, "%s", j->deferred_message);
+		job_fail(j, j->deferred_reason, "%s", j->deferred_message);
 		return;
 	}
 	if (all) {
@@ -927,7 +986,7 @@ static void follow(struct job *j, int64_t now)
 
 /* ---- the job's life ------------------------------------------------------------------- */
 
-static void job_free(struct job *j)
+void job_free(struct job *j)
 {
 	if (j == NULL)
 		return;
@@ -942,6 +1001,8 @@ static void job_free(struct job *j)
 
 static void step(struct job *j, int64_t now)
 {
+	if (j->adopting)
+		return; /* the SNA's answer decides (recover.c) */
 	switch (j->state) {
 	case BW_JOB_CLAIMED:
 	case BW_JOB_WAITING_PORTS:
@@ -1031,10 +1092,31 @@ int jobs_timeout_ms(struct worker *w)
 	return (int)best;
 }
 
+void job_hand_over(struct job *j)
+{
+	if (j->call) {
+		bw_sna_cancel(j->w->sna, j->call);
+		j->call = NULL;
+	}
+	for (size_t i = 0; i < j->n_disks; i++)
+		bw_nbd_release(&j->disks[i].nbd); /* never signalled: they serve on */
+	j->done = true;
+	bw_log_info("job=%s handed over in %s: its servers keep serving; the next recovery pass "
+		    "on this host adopts it", j->spec->job_id, bw_job_state_name(j->state));
+}
+
 void jobs_shutdown(struct worker *w)
 {
-	for (struct job *j = w->jobs; j; j = j->next)
-		fail(j, "worker_shutdown", "the worker was told to stop");
+	for (struct job *j = w->jobs; j; j = j->next) {
+		if (j->done || j->state == BW_JOB_FAILED)
+			continue; /* compensation goes on within the grace */
+		if (j->adopting || j->state == BW_JOB_TRANSFERRING || j->state == BW_JOB_FINALIZING)
+			job_hand_over(j);
+		else if (j->state == BW_JOB_SNA_REQUESTED)
+			continue; /* handed over once the SNA answers the start (start_done_cb) */
+		else
+			job_fail(j, "worker_shutdown", "the worker was told to stop");
+	}
 }
 
 /* Rejects body: backup.rejected into the outbox, then the caller nacks. */
@@ -1052,6 +1134,58 @@ static int reject(struct worker *w, const char *body, size_t len, const struct b
 	free(event);
 	free(id);
 	return rc == 0 ? BW_EMESSAGE : rc;
+}
+
+struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *body, size_t len)
+{
+	const struct bw_config *cfg = w->cfg;
+	struct job *j = calloc(1, sizeof(*j));
+	if (j == NULL) {
+		bw_job_spec_free(spec);
+		return NULL;
+	}
+	j->w = w;
+	j->spec = spec;
+	if ((j->message = strndup(body, len)) == NULL ||
+	    (j->disks = calloc(spec->n_disks, sizeof(*j->disks))) == NULL ||
+	    (j->vm = bw_event_vm(spec)) == NULL)
+		goto fail;
+	j->n_disks = spec->n_disks;
+	j->repository = bw_config_repository(cfg, spec->repository_id);
+	bw_target_vm_dir(spec->vm_id, spec->vm_name, j->vm_dir);
+	j->ctx = (struct bw_event_ctx){spec->job_id, w->host, cfg->worker_id, j->vm, spec->policy_id,
+				       spec->tags};
+	for (size_t i = 0; i < j->n_disks; i++) {
+		struct job_disk *d = &j->disks[i];
+		const struct bw_disk_spec *ds = &spec->disks[i];
+		d->key = ds->key;
+		d->size_bytes = ds->size_bytes;
+		d->parent_path = ds->parent_path;
+		d->previous_change_id = ds->previous_change_id;
+		d->nbd.probe_fd = -1;
+		d->nbd.pidfd = -1;
+		snprintf(d->export_name, sizeof(d->export_name), "%s-%" PRId64, spec->job_id, d->key);
+		struct bw_target t = {cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
+				      spec->job_id, d->size_bytes, d->parent_path, 0640};
+		if (j->repository == NULL || bw_target_path(&t, d->qcow2_path, sizeof(d->qcow2_path)) != 0)
+			goto fail;
+		snprintf(d->log_path, sizeof(d->log_path), "%s/logs/%s-%" PRId64 ".log",
+			 cfg->worker_state_dir, spec->job_id, d->key);
+	}
+	return j;
+fail:
+	job_free(j);
+	return NULL;
+}
+
+void job_enqueue(struct worker *w, struct job *j)
+{
+	/* oldest first: the job claimed first gets the ports first */
+	struct job **tail = &w->jobs;
+	while (*tail)
+		tail = &(*tail)->next;
+	*tail = j;
+	w->n_jobs++;
 }
 
 int job_receive(struct worker *w, const char *body, size_t len)
@@ -1072,42 +1206,15 @@ int job_receive(struct worker *w, const char *body, size_t len)
 	if (spec->unknown_fields)
 		bw_log_debug("job=%s ignored unknown fields: %s", spec->job_id, spec->unknown_fields);
 
+	j = job_build(w, spec, body, len);
+	spec = NULL; /* the job's now, or freed */
 	rc = BW_ENOMEM;
-	j = calloc(1, sizeof(*j));
-	if (j == NULL || (j->message = strndup(body, len)) == NULL ||
-	    (j->disks = calloc(spec->n_disks, sizeof(*j->disks))) == NULL ||
-	    (j->vm = bw_event_vm(spec)) == NULL)
+	if (j == NULL)
 		goto out;
-	j->w = w;
-	j->spec = spec;
-	spec = NULL;
-	j->n_disks = j->spec->n_disks;
-	j->repository = bw_config_repository(cfg, j->spec->repository_id);
-	bw_target_vm_dir(j->spec->vm_id, j->spec->vm_name, j->vm_dir);
-	j->ctx = (struct bw_event_ctx){j->spec->job_id, w->host, cfg->worker_id, j->vm,
-				       j->spec->policy_id, j->spec->tags};
 	struct bw_job_disk_new nd[BW_MESSAGE_MAX_DISKS];
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct job_disk *d = &j->disks[i];
-		const struct bw_disk_spec *ds = &j->spec->disks[i];
-		d->key = ds->key;
-		d->size_bytes = ds->size_bytes;
-		d->parent_path = ds->parent_path;
-		d->previous_change_id = ds->previous_change_id;
-		d->nbd.probe_fd = -1;
-		d->nbd.pidfd = -1;
-		snprintf(d->export_name, sizeof(d->export_name), "%s-%" PRId64, j->spec->job_id,
-			 d->key);
-		struct bw_target t = {cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
-				      j->spec->job_id, d->size_bytes, d->parent_path, 0640};
-		if (bw_target_path(&t, d->qcow2_path, sizeof(d->qcow2_path)) != 0) {
-			rc = BW_ERANGE;
-			goto out;
-		}
-		snprintf(d->log_path, sizeof(d->log_path), "%s/logs/%s-%" PRId64 ".log",
-			 cfg->worker_state_dir, j->spec->job_id, d->key);
-		nd[i] = (struct bw_job_disk_new){d->key, d->export_name, d->qcow2_path};
-	}
+	for (size_t i = 0; i < j->n_disks; i++)
+		nd[i] = (struct bw_job_disk_new){j->disks[i].key, j->disks[i].export_name,
+						 j->disks[i].qcow2_path};
 
 	struct json_object *e = bw_event_begin(&j->ctx, "backup.accepted", 1, NULL);
 	if (e == NULL)
@@ -1140,16 +1247,12 @@ int job_receive(struct worker *w, const char *body, size_t len)
 	}
 	if (rc != 0)
 		goto out;
+	crash_point("claimed", 0);
 	j->seq = 1;
 	j->state = BW_JOB_CLAIMED;
 	j->fence = (struct bw_fence){j->spec->job_id, j->generation};
 	j->claimed_ms = worker_now_ms();
-	/* oldest first: the job claimed first gets the ports first */
-	struct job **tail = &w->jobs;
-	while (*tail)
-		tail = &(*tail)->next;
-	*tail = j;
-	w->n_jobs++;
+	job_enqueue(w, j);
 	bw_log_info("job=%s claimed: vm=%s %zu disk(s), %s", j->spec->job_id, j->spec->vm_path,
 		    j->n_disks, j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
 	j = NULL;

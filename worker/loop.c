@@ -13,7 +13,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define SHUTDOWN_GRACE_MS 60000
 #define MAINTAIN_MS 60000
 #define HEARTBEAT_MS 10000
 
@@ -56,7 +55,7 @@ static void handle_delivery(struct worker *w, struct bw_delivery *d)
 static void consume(struct worker *w, struct held *held)
 {
 	char err[512];
-	if (w->stopping || w->consumer.c == NULL)
+	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
 	for (int k = 0; k < 16; k++) {
 		if (held->have) {
@@ -132,6 +131,7 @@ int worker_run(const struct bw_config *cfg)
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGUSR1);
 	sigprocmask(SIG_BLOCK, &mask, NULL);
 	sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
 
@@ -180,12 +180,14 @@ int worker_run(const struct bw_config *cfg)
 	w.publisher.queue = NULL;
 	bw_log_info("worker %s up: ledger %s, ports %d-%d, up to %d job(s)", cfg->worker_id,
 		    cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max, cfg->worker_max_jobs);
+	recover_pass(&w); /* before the first delivery: what dead workers left comes first */
+	w.last_recovery_ms = worker_now_ms();
 
 	int64_t stop_by = 0;
 	for (;;) {
 		int64_t now = worker_now_ms();
 		bool fresh;
-		if (!w.stopping && w.consumer.c == NULL) {
+		if (!w.stopping && !w.draining && w.consumer.c == NULL) {
 			rc = bw_amqp_link_up(&w.consumer, &fresh, err, sizeof(err));
 			if (rc == BW_ECONFIG) {
 				bw_log_warnx("consumer: %s", err);
@@ -199,6 +201,11 @@ int worker_run(const struct bw_config *cfg)
 		jobs_step(&w);
 		publish(&w);
 
+		if (!w.stopping && !w.draining &&
+		    now - w.last_recovery_ms >= (int64_t)cfg->worker_recovery_interval_s * 1000) {
+			recover_pass(&w);
+			w.last_recovery_ms = now;
+		}
 		if (now - w.last_maintain_ms > MAINTAIN_MS) {
 			if ((rc = bw_ledger_maintain(w.ledger)) != 0)
 				bw_log_debug("ledger maintenance: %s", bw_strerror(rc));
@@ -209,12 +216,12 @@ int worker_run(const struct bw_config *cfg)
 				bw_log_debug("ledger heartbeat: %s", bw_strerror(rc));
 			w.last_heartbeat_ms = now;
 		}
-		if (w.stopping) {
+		if (w.stopping || w.draining) {
 			size_t backlog = 0;
 			int64_t age = 0;
 			if (bw_ledger_outbox_backlog(w.ledger, &backlog, &age) != 0)
 				backlog = 1; /* unknown: assume something is left */
-			if ((w.jobs == NULL && backlog == 0) || now > stop_by) {
+			if ((w.jobs == NULL && backlog == 0) || (w.stopping && now > stop_by)) {
 				if (w.jobs || backlog)
 					bw_log_warnx("stopping with %d job(s) and %zu event(s) left "
 						     "(the next worker on this host takes them)",
@@ -235,7 +242,7 @@ int worker_run(const struct bw_config *cfg)
 		t = min_timeout(t, jobs_timeout_ms(&w));
 		t = min_timeout(t, bw_sna_timeout_ms(w.sna));
 		t = min_timeout(t, bw_relay_timeout_ms(w.relay));
-		if (w.consumer.c == NULL && !w.stopping)
+		if (w.consumer.c == NULL && !w.stopping && !w.draining)
 			t = min_timeout(t, bw_amqp_link_timeout_ms(&w.consumer));
 		if (w.publisher.c == NULL)
 			t = min_timeout(t, bw_amqp_link_timeout_ms(&w.publisher));
@@ -251,14 +258,28 @@ int worker_run(const struct bw_config *cfg)
 		while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
 			if (si.ssi_signo == SIGCHLD)
 				continue; /* jobs_step reaps its own children */
+			if (si.ssi_signo == SIGUSR1) {
+				if (w.stopping || w.draining)
+					continue;
+				bw_log_info("SIGUSR1: draining: no new jobs; %d running job(s) run to "
+					    "their end, then the worker exits", w.n_jobs);
+				w.draining = true;
+				bw_amqp_link_down(&w.consumer); /* unacked deliveries go back at once */
+				if (held.have) {
+					bw_delivery_free(&held.d);
+					held.have = false;
+				}
+				continue;
+			}
 			if (w.stopping) {
 				bw_log_warnx("second signal: stopping now; the ledger stays consistent");
 				goto out_stop;
 			}
-			bw_log_info("signal %u: no new jobs; failing and compensating %d job(s)",
+			bw_log_info("signal %u: no new jobs; jobs still preparing are rolled back, "
+				    "transferring ones handed over (%d job(s))",
 				    si.ssi_signo, w.n_jobs);
 			w.stopping = true;
-			stop_by = worker_now_ms() + SHUTDOWN_GRACE_MS;
+			stop_by = worker_now_ms() + (int64_t)cfg->worker_shutdown_grace_s * 1000;
 			bw_amqp_link_down(&w.consumer); /* stop consuming at once */
 			if (held.have) {
 				bw_delivery_free(&held.d);

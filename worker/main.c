@@ -1,7 +1,9 @@
 /* main.c: bw-worker: options, configuration, logging, then the event loop. */
 #include "config.h"
 #include "error.h"
+#include "ledger.h"
 #include "log.h"
+#include "proc.h"
 
 int worker_run(const struct bw_config *cfg);
 
@@ -10,16 +12,98 @@ int worker_run(const struct bw_config *cfg);
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: bw-worker --config FILE [--set section.key=value]... [--check-config]\n"
+		   "       bw-worker --config FILE --drain [--no-wait]\n"
 		   "\n"
 		   "  --config FILE      the INI configuration (see deploy/bw-worker.conf)\n"
 		   "  --set S.K=V        override one key (after the file and BW_<S>_<K> variables)\n"
 		   "  --check-config     validate the configuration, print \"configuration OK\" or\n"
 		   "                     one \"FILE:LINE: key: reason\" line per problem, and exit\n"
-		   "  --print-config     print the effective configuration (secrets masked) and exit\n");
+		   "  --print-config     print the effective configuration (secrets masked) and exit\n"
+		   "  --drain            tell the running worker with this config's worker.id to\n"
+		   "                     take no new jobs and exit once its running jobs ended\n"
+		   "                     (SIGUSR1 to the process the ledger records), and wait\n"
+		   "                     for that exit (--no-wait: return at once)\n");
+}
+
+/* Unfinished jobs owned by worker_id, from the ledger's job list. */
+static int owned_jobs(struct bw_ledger *l, const char *worker_id)
+{
+	struct json_object *jobs = NULL, *v;
+	int n = 0;
+	if (bw_ledger_list_jobs(l, &jobs) != 0)
+		return -1;
+	for (size_t i = 0; i < json_object_array_length(jobs); i++) {
+		struct json_object *j = json_object_array_get_idx(jobs, i);
+		enum bw_job_state st;
+		if (json_object_object_get_ex(j, "owner", &v) &&
+		    strcmp(json_object_get_string(v), worker_id) == 0 &&
+		    json_object_object_get_ex(j, "state", &v) &&
+		    bw_job_state_parse(json_object_get_string(v), &st) == 0 &&
+		    st != BW_JOB_COMPLETED && st != BW_JOB_COMPENSATED)
+			n++;
+	}
+	json_object_put(jobs);
+	return n;
+}
+
+/* --drain: SIGUSR1 to the live worker the ledger records under cfg's worker.id. */
+static int drain(const struct bw_config *cfg, bool wait)
+{
+	struct bw_ledger *l = NULL;
+	struct json_object *workers = NULL, *v;
+	pid_t pid = 0;
+	uint64_t start = 0;
+	int rc = bw_ledger_open_readonly(&l, cfg->ledger_path);
+	if (rc == 0)
+		rc = bw_ledger_list_workers(l, &workers);
+	if (rc != 0) {
+		fprintf(stderr, "bw-worker: ledger %s: %s\n", cfg->ledger_path, bw_strerror(rc));
+		bw_ledger_close(l);
+		return 1;
+	}
+	for (size_t i = 0; i < json_object_array_length(workers); i++) {
+		struct json_object *w = json_object_array_get_idx(workers, i);
+		if (!json_object_object_get_ex(w, "worker_id", &v) ||
+		    strcmp(json_object_get_string(v), cfg->worker_id) != 0)
+			continue;
+		pid = json_object_object_get_ex(w, "pid", &v) ? json_object_get_int(v) : 0;
+		start = json_object_object_get_ex(w, "start_time", &v)
+				? (uint64_t)json_object_get_int64(v)
+				: 0;
+	}
+	json_object_put(workers);
+	/* the recorded pid is signalled only while it is still that very process */
+	if (pid <= 0 || !bw_proc_same(pid, start)) {
+		fprintf(stderr, "bw-worker: no running worker \"%s\" on this host\n", cfg->worker_id);
+		bw_ledger_close(l);
+		return 1;
+	}
+	if (kill(pid, SIGUSR1) != 0) {
+		perror("bw-worker: kill");
+		bw_ledger_close(l);
+		return 1;
+	}
+	printf("draining worker %s (pid %ld): it takes no new jobs; %d job(s) to finish\n",
+	       cfg->worker_id, (long)pid, owned_jobs(l, cfg->worker_id));
+	fflush(stdout);
+	int last = -2;
+	while (wait && bw_proc_same(pid, start)) {
+		int n = owned_jobs(l, cfg->worker_id);
+		if (n != last && last != -2)
+			printf("%d job(s) left\n", n);
+		fflush(stdout);
+		last = n;
+		sleep(1);
+	}
+	if (wait)
+		printf("worker %s exited\n", cfg->worker_id);
+	bw_ledger_close(l);
+	return 0;
 }
 
 int main(int argc, char **argv)
@@ -29,11 +113,13 @@ int main(int argc, char **argv)
 		{"set", required_argument, NULL, 's'},
 		{"check-config", no_argument, NULL, 'k'},
 		{"print-config", no_argument, NULL, 'p'},
+		{"drain", no_argument, NULL, 'd'},
+		{"no-wait", no_argument, NULL, 'n'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
 	const char *config_path = NULL;
-	bool check_only = false, print_only = false;
+	bool check_only = false, print_only = false, drain_only = false, wait = true;
 	char **sets = NULL;
 	size_t nsets = 0;
 	struct bw_config *cfg = NULL;
@@ -60,6 +146,12 @@ int main(int argc, char **argv)
 		case 'p':
 			print_only = true;
 			break;
+		case 'd':
+			drain_only = true;
+			break;
+		case 'n':
+			wait = false;
+			break;
 		case 'h':
 			usage(stdout);
 			status = 0;
@@ -85,6 +177,10 @@ int main(int argc, char **argv)
 	if (check_only) {
 		printf("configuration OK\n");
 		status = 0;
+		goto out;
+	}
+	if (drain_only) {
+		status = drain(cfg, wait);
 		goto out;
 	}
 	if (bw_config_format(cfg, &text) != 0)

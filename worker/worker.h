@@ -30,9 +30,11 @@ struct worker {
 	struct job *jobs;
 	int n_jobs;
 	bool stopping;   /* SIGTERM/SIGINT: no new jobs, wind down */
+	bool draining;   /* SIGUSR1: no new jobs, every running one runs to its end */
 	bool consuming;  /* the consumer link is wanted */
 	int64_t last_maintain_ms;
 	int64_t last_heartbeat_ms;
+	int64_t last_recovery_ms;
 };
 
 /* A disk of a job in memory (the ledger holds the durable copy). */
@@ -93,7 +95,8 @@ struct job {
 	bool sna_called;  /* a start request may have been accepted */
 	int lost;         /* consecutive progress 404s */
 	int unanswered;   /* consecutive progress polls with no answer (5xx, timeout, refused) */
-	bool done;        /* terminal and compensated: free it */
+	bool done;        /* terminal and compensated, or handed over: free it */
+	bool adopting;    /* taken over from a dead worker: waiting for the SNA's word */
 
 	/* a failure the SNA reported while disks were finalizing: failed once they are done */
 	const char *deferred_reason;
@@ -122,8 +125,39 @@ void jobs_step(struct worker *w);
 /* The time until some job wants to run again (ms; -1 none). */
 int jobs_timeout_ms(struct worker *w);
 
-/* Fails every job in flight with reason worker_shutdown (compensating). */
+/*
+ * SIGTERM: jobs still preparing fail with reason worker_shutdown (compensating), jobs whose
+ * SNA call was made are handed over (job_hand_over), failed jobs go on compensating.
+ */
 void jobs_shutdown(struct worker *w);
+
+/* Leaves a running job to the next recovery pass: nothing is stopped or released, the
+ * ledger still names this worker, whose exit lets another one adopt the job. */
+void job_hand_over(struct job *j);
+
+/* ---- for recover.c ---- */
+
+/* A job in memory for spec (taken, freed on failure) and its accepted body; NULL: no memory. */
+struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *body, size_t len);
+void job_enqueue(struct worker *w, struct job *j);
+struct job_disk *job_disk_by_key(struct job *j, int64_t key);
+void job_free(struct job *j);
+
+/* backup.failed now (stage, reason, per-disk status); the compensation follows in the loop. */
+void job_fail(struct job *j, const char *reason, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* The SNA accepted the job: backup.started and the move to transferring. */
+void job_started(struct job *j, const char *sna_job_id);
+
+/* Handles a progress answer of the SNA (its body): per-disk progress, finalizing, failure. */
+void job_progress_answer(struct job *j, const char *body);
+
+/* Fault injection for the crash tests (BW_CRASH_AT, see job.c). */
+void crash_point(const char *point, size_t index);
+
+/* Takes over the jobs of this host's dead workers: adopts, resumes or compensates them. */
+void recover_pass(struct worker *w);
 
 int64_t worker_now_ms(void);
 
