@@ -983,7 +983,23 @@ struct transition_ctx {
 	const char *last_error;
 	const struct bw_event *events;
 	size_t n;
+	const struct bw_disk_update *disks;
+	size_t n_disks;
 };
+
+static int update_disks(struct bw_ledger *l, const struct bw_fence *f,
+			const struct bw_disk_update *u, size_t n)
+{
+	int rc = 0;
+	for (size_t i = 0; rc == 0 && i < n; i++) {
+		rc = run(l, ST_DISK_UPDATE, "titiii", f->job_id, u[i].key, u[i].state,
+			 (int64_t)u[i].nbd_pid, (int64_t)u[i].nbd_start_time,
+			 (int64_t)u[i].qcow2_created);
+		if (rc == 0 && sqlite3_changes(l->db) == 0)
+			rc = BW_ENOENT;
+	}
+	return rc;
+}
 
 static int transition_txn(struct bw_ledger *l, void *arg)
 {
@@ -995,7 +1011,8 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 		return rc;
 	if (!legal_move(from, t->state))
 		return BW_ESTATE;
-	if ((rc = append_events(l, t->f->job_id, seq, t->events, t->n)) != 0)
+	if ((rc = append_events(l, t->f->job_id, seq, t->events, t->n)) != 0 ||
+	    (rc = update_disks(l, t->f, t->disks, t->n_disks)) != 0)
 		return rc;
 	const char *name = bw_job_state_name(t->state);
 	if ((rc = run(l, ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
@@ -1007,7 +1024,15 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_job_state state,
 			 const char *last_error, const struct bw_event *events, size_t n)
 {
-	struct transition_ctx t = {f, state, last_error, events, n};
+	return bw_ledger_transition_disks(l, f, state, last_error, events, n, NULL, 0);
+}
+
+int bw_ledger_transition_disks(struct bw_ledger *l, const struct bw_fence *f,
+			       enum bw_job_state state, const char *last_error,
+			       const struct bw_event *events, size_t n,
+			       const struct bw_disk_update *disks, size_t n_disks)
+{
+	struct transition_ctx t = {f, state, last_error, events, n, disks, n_disks};
 	if ((unsigned)state > BW_JOB_COMPENSATED)
 		return BW_EINVAL;
 	return with_txn(l, transition_txn, &t);
@@ -1023,14 +1048,7 @@ static int disks_update_txn(struct bw_ledger *l, void *arg)
 {
 	struct disks_update_ctx *d = arg;
 	int rc = fence(l, d->f, NULL, NULL);
-	for (size_t i = 0; rc == 0 && i < d->n; i++) {
-		const struct bw_disk_update *u = &d->u[i];
-		rc = run(l, ST_DISK_UPDATE, "titiii", d->f->job_id, u->key, u->state,
-			 (int64_t)u->nbd_pid, (int64_t)u->nbd_start_time, (int64_t)u->qcow2_created);
-		if (rc == 0 && sqlite3_changes(l->db) == 0)
-			rc = BW_ENOENT;
-	}
-	return rc;
+	return rc ? rc : update_disks(l, d->f, d->u, d->n);
 }
 
 int bw_ledger_disks_update(struct bw_ledger *l, const struct bw_fence *f,

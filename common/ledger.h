@@ -143,6 +143,15 @@ int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message
 		    const struct bw_event *accepted, int64_t *generation,
 		    struct bw_known *existing) BW_MUST_CHECK;
 
+/* A disk row of a job: its state text, its qemu-nbd (pid 0: none), its image created. */
+struct bw_disk_update {
+	int64_t key;
+	const char *state;
+	pid_t nbd_pid;
+	uint64_t nbd_start_time;
+	bool qcow2_created;
+};
+
 /*
  * Moves a job to state and appends events (0..n, each seq = previous + 1) in one
  * transaction; last_error (NULL: unchanged) is recorded. Legal moves: forward (steps may be
@@ -154,19 +163,18 @@ int bw_ledger_transition(struct bw_ledger *l, const struct bw_fence *f, enum bw_
 			 const char *last_error, const struct bw_event *events, size_t n)
 	BW_MUST_CHECK;
 
+/* The same, also updating disk rows in the same transaction. */
+int bw_ledger_transition_disks(struct bw_ledger *l, const struct bw_fence *f,
+			       enum bw_job_state state, const char *last_error,
+			       const struct bw_event *events, size_t n,
+			       const struct bw_disk_update *disks, size_t n_disks) BW_MUST_CHECK;
+
 /* Records a disk's qemu-nbd (pid 0: none) and the disk state text. Fenced. */
 int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
 			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
 			  bool qcow2_created) BW_MUST_CHECK;
 
 /* The same for several disks of the job in one transaction: all or nothing. */
-struct bw_disk_update {
-	int64_t key;
-	const char *state;
-	pid_t nbd_pid;
-	uint64_t nbd_start_time;
-	bool qcow2_created;
-};
 int bw_ledger_disks_update(struct bw_ledger *l, const struct bw_fence *f,
 			   const struct bw_disk_update *u, size_t n) BW_MUST_CHECK;
 

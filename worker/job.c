@@ -67,6 +67,8 @@ struct batch {
 	struct job *j;
 	struct json_object *o[MAX_EVENTS];
 	size_t n;
+	const struct bw_disk_update *disks; /* disk rows written in the same transaction */
+	size_t n_disks;
 };
 
 static struct json_object *ev(struct batch *b, const char *event, const char *extra)
@@ -100,7 +102,8 @@ static int commit(struct batch *b, enum bw_job_state state, const char *last_err
 		events[i] = (struct bw_event){ids[i], names[i], j->seq + 1 + (int64_t)i, bodies[i]};
 	}
 	if (rc == 0)
-		rc = bw_ledger_transition(j->w->ledger, &j->fence, state, last_error, events, b->n);
+		rc = bw_ledger_transition_disks(j->w->ledger, &j->fence, state, last_error, events,
+						b->n, b->disks, b->n_disks);
 	for (size_t i = 0; i < b->n; i++) {
 		free(bodies[i]);
 		free(ids[i]);
@@ -174,7 +177,7 @@ void job_fail(struct job *j, const char *reason, const char *fmt, ...)
 	bw_log_warnx("job=%s failed in %s: %s: %s", j->spec->job_id, bw_job_state_name(j->stage),
 		     reason, j->fail_message);
 
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.failed", NULL);
 	add_str(e, "stage", bw_job_state_name(j->stage));
 	add_str(e, "reason", reason);
@@ -355,7 +358,7 @@ static void compensate(struct job *j)
 			json_object_array_add(pending, p);
 		}
 	}
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.cleanup", NULL);
 	json_object_object_add(e, "actions", actions);
 	json_object_object_add(e, "pending", pending);
@@ -379,7 +382,7 @@ static void try_reserve(struct job *j, int64_t now)
 	int rc = bw_ledger_reserve(w->ledger, &j->fence, keys, j->n_disks, ports);
 	if (rc == BW_ENOPORTS) {
 		if (j->state == BW_JOB_CLAIMED) {
-			struct batch b = {j, {0}, 0};
+			struct batch b = {j, {0}, 0, NULL, 0};
 			if (commit(&b, BW_JOB_WAITING_PORTS, NULL) != 0)
 				return;
 			crash_point("waiting_ports", 0);
@@ -401,9 +404,14 @@ static void try_reserve(struct job *j, int64_t now)
 		job_fail(j, "internal_error", "reserving ports: %s", bw_strerror(rc));
 		return;
 	}
-	for (size_t i = 0; i < j->n_disks; i++)
+	/* reserved, and every image recorded before it is created: a crash leaves known
+	 * paths to clean */
+	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++) {
 		j->disks[i].port = ports[i];
-	struct batch b = {j, {0}, 0};
+		u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
+	}
+	struct batch b = {j, {0}, 0, u, j->n_disks};
 	if (commit(&b, BW_JOB_RESERVED, NULL) == 0)
 		crash_point("reserved", 0);
 }
@@ -415,18 +423,6 @@ static void create_targets(struct job *j)
 	char err[600];
 	int rc = 0;
 	size_t i;
-	if (!j->creating) {
-		/* recorded before the side effect, for every disk in one transaction: a crash
-		 * leaves known paths to clean */
-		struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
-		for (i = 0; i < j->n_disks; i++)
-			u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
-		if (bw_ledger_disks_update(w->ledger, &j->fence, u, j->n_disks) != 0) {
-			job_fail(j, "internal_error", "ledger: cannot record the disks being created");
-			return;
-		}
-		j->creating = true;
-	}
 	bool all = true;
 	for (i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
@@ -458,7 +454,7 @@ static void create_targets(struct job *j)
 		return;
 	}
 	if (all) {
-		struct batch b = {j, {0}, 0};
+		struct batch b = {j, {0}, 0, NULL, 0};
 		if (commit(&b, BW_JOB_TARGETS_CREATED, NULL) == 0)
 			crash_point("targets_created", 0);
 	}
@@ -478,10 +474,9 @@ static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsi
 	return 0;
 }
 
-/* Records the servers started so far (pid and start time: who may be signalled later). */
-static int record_servers(struct job *j)
+/* The servers started so far as disk rows (pid and start time: who may be signalled later). */
+static size_t server_rows(struct job *j, struct bw_disk_update *u)
 {
-	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
 	size_t n = 0;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
@@ -489,6 +484,13 @@ static int record_servers(struct job *j)
 			u[n++] = (struct bw_disk_update){d->key, "serving", d->nbd.pid,
 							 d->nbd.start_time, true};
 	}
+	return n;
+}
+
+static int record_servers(struct job *j)
+{
+	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+	size_t n = server_rows(j, u);
 	return n ? bw_ledger_disks_update(j->w->ledger, &j->fence, u, n) : 0;
 }
 
@@ -505,14 +507,16 @@ static void start_servers(struct job *j)
 		}
 		crash_point("spawned", i + 1);
 	}
-	if (record_servers(j) != 0) {
+	/* a crash before this commit leaves servers the ledger does not name: the recovery
+	 * finds them by their export name (bw_nbd_find) */
+	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+	struct batch b = {j, {0}, 0, u, server_rows(j, u)};
+	if (commit(&b, BW_JOB_SERVING, NULL) != 0) {
 		job_fail(j, "internal_error", "ledger: cannot record the servers");
 		return;
 	}
 	j->next_try_ms = worker_now_ms() + NBD_READY_MS;
-	struct batch b = {j, {0}, 0};
-	if (commit(&b, BW_JOB_SERVING, NULL) == 0)
-		crash_point("serving", 0);
+	crash_point("serving", 0);
 }
 
 static void build_url(struct job *j, struct job_disk *d)
@@ -538,7 +542,7 @@ static void call_sna(struct job *j)
 		return;
 	}
 	/* persisted before the side effect: from here on the SNA may know this job */
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	if (commit(&b, BW_JOB_SNA_REQUESTED, NULL) != 0) {
 		bw_credential_free(cred);
 		return;
@@ -639,7 +643,7 @@ static void poll_servers(struct job *j, int64_t now)
 
 void job_started(struct job *j, const char *sna_job_id)
 {
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.started", NULL);
 	add_str(e, "sna_job_id", sna_job_id);
 	char targets[64 * 450] = "";
@@ -716,7 +720,7 @@ static int begin_finalize(struct job *j, struct job_disk *d)
 		return -1;
 	}
 	if (j->state != BW_JOB_FINALIZING) {
-		struct batch b = {j, {0}, 0};
+		struct batch b = {j, {0}, 0, NULL, 0};
 		if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 			return -1;
 	}
@@ -783,7 +787,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 
 	char key[24];
 	snprintf(key, sizeof(key), "%" PRId64, d->key);
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	disk_result(ev(&b, "backup.disk.completed", key), d);
 	if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 		return;
@@ -799,7 +803,7 @@ static void finish_job(struct job *j)
 	int rc = bw_ledger_release_all(w->ledger, &j->fence, &released);
 	if (rc != 0)
 		bw_log_warnx("job=%s ledger: releasing ports: %s", j->spec->job_id, bw_strerror(rc));
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.completed", NULL);
 	add_int(e, "duration_ms", worker_now_ms() - j->claimed_ms);
 	struct json_object *disks = json_object_new_array();
@@ -827,7 +831,7 @@ static void progress_event(struct job *j, int64_t now)
 	snprintf(sig, sizeof(sig), "%" PRId64 "/%" PRId64, bytes, total);
 	if (strcmp(sig, j->progress_last) == 0 || now - j->progress_sent_ms < PROGRESS_EVENT_MS)
 		return;
-	struct batch b = {j, {0}, 0};
+	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.progress", NULL);
 	json_object_object_add(e, "percent",
 			       json_object_new_double(total > 0 ? 100.0 * (double)bytes / (double)total

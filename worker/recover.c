@@ -164,7 +164,6 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 	j->state = r->state;
 	j->claimed_ms = worker_now_ms() - (wall_ms() - r->created_at_ms);
 	j->sna_called = r->sna_called;
-	j->creating = true;
 	bool all_completed = true;
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_reaped_disk *rd = &r->disks[i];

@@ -91,7 +91,6 @@ struct job {
 	int64_t progress_sent_ms;
 	char progress_last[64];
 	struct bw_sna_call *call;
-	bool creating;    /* qemu-img create started for every disk */
 	bool sna_called;  /* a start request may have been accepted */
 	int lost;         /* consecutive progress 404s */
 	int unanswered;   /* consecutive progress polls with no answer (5xx, timeout, refused) */
