@@ -1131,6 +1131,7 @@ struct reserve_ctx {
 	const int64_t *keys;
 	size_t n;
 	int *ports;
+	struct transition_ctx *then; /* NULL, or a state move in the same transaction */
 };
 
 static int reserve_txn(struct bw_ledger *l, void *arg)
@@ -1151,11 +1152,13 @@ static int reserve_txn(struct bw_ledger *l, void *arg)
 		if (rc != SQLITE_DONE)
 			return sql_err(l, rc);
 	}
-	return take_ports(l, r->f, r->keys, r->n, r->ports);
+	if ((rc = take_ports(l, r->f, r->keys, r->n, r->ports)) != 0)
+		return rc;
+	return r->then ? transition_txn(l, r->then) : 0;
 }
 
-int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
-		      size_t n, int *ports)
+static int reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys, size_t n,
+		   int *ports, struct transition_ctx *then)
 {
 	int *tmp = NULL;
 	if (n == 0 || n > 65535)
@@ -1163,12 +1166,28 @@ int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64
 	tmp = malloc(n * sizeof(*tmp));
 	if (tmp == NULL)
 		return BW_ENOMEM;
-	struct reserve_ctx r = {f, keys, n, tmp};
+	struct reserve_ctx r = {f, keys, n, tmp, then};
 	int rc = with_txn(l, reserve_txn, &r);
 	if (rc == 0)
 		memcpy(ports, tmp, n * sizeof(*tmp));
 	free(tmp);
 	return rc;
+}
+
+int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64_t *keys,
+		      size_t n, int *ports)
+{
+	return reserve(l, f, keys, n, ports, NULL);
+}
+
+int bw_ledger_reserve_and_move(struct bw_ledger *l, const struct bw_fence *f,
+			       const int64_t *keys, size_t n, int *ports, enum bw_job_state state,
+			       const struct bw_disk_update *disks, size_t n_disks)
+{
+	struct transition_ctx t = {f, state, NULL, NULL, 0, disks, n_disks};
+	if ((unsigned)state > BW_JOB_COMPENSATED)
+		return BW_EINVAL;
+	return reserve(l, f, keys, n, ports, &t);
 }
 
 struct release_ctx {

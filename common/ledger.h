@@ -193,6 +193,15 @@ int bw_ledger_reserve(struct bw_ledger *l, const struct bw_fence *f, const int64
 		      size_t n, int *ports) BW_MUST_CHECK;
 
 /*
+ * The same, and in the same transaction the job moves to state (as bw_ledger_transition,
+ * without events) with these disk rows: the reservation and what it leads to are recorded
+ * together or not at all.
+ */
+int bw_ledger_reserve_and_move(struct bw_ledger *l, const struct bw_fence *f,
+			       const int64_t *keys, size_t n, int *ports, enum bw_job_state state,
+			       const struct bw_disk_update *disks, size_t n_disks) BW_MUST_CHECK;
+
+/*
  * Releases port, held by the fenced job. Returns 0 when it was released now; BW_ENOENT
  * when this job does not hold it (already released: a no-op that says so); BW_EFENCED
  * when the fence is stale (nothing released).

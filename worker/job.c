@@ -377,9 +377,15 @@ static void try_reserve(struct job *j, int64_t now)
 		return;
 	int64_t keys[BW_MESSAGE_MAX_DISKS];
 	int ports[BW_MESSAGE_MAX_DISKS];
-	for (size_t i = 0; i < j->n_disks; i++)
+	/* reserved, and every image recorded before it is created (a crash leaves known paths
+	 * to clean), in the transaction that takes the ports */
+	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++) {
 		keys[i] = j->disks[i].key;
-	int rc = bw_ledger_reserve(w->ledger, &j->fence, keys, j->n_disks, ports);
+		u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
+	}
+	int rc = bw_ledger_reserve_and_move(w->ledger, &j->fence, keys, j->n_disks, ports,
+					    BW_JOB_RESERVED, u, j->n_disks);
 	if (rc == BW_ENOPORTS) {
 		if (j->state == BW_JOB_CLAIMED) {
 			struct batch b = {j, {0}, 0, NULL, 0};
@@ -404,16 +410,10 @@ static void try_reserve(struct job *j, int64_t now)
 		job_fail(j, "internal_error", "reserving ports: %s", bw_strerror(rc));
 		return;
 	}
-	/* reserved, and every image recorded before it is created: a crash leaves known
-	 * paths to clean */
-	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
-	for (size_t i = 0; i < j->n_disks; i++) {
+	for (size_t i = 0; i < j->n_disks; i++)
 		j->disks[i].port = ports[i];
-		u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
-	}
-	struct batch b = {j, {0}, 0, u, j->n_disks};
-	if (commit(&b, BW_JOB_RESERVED, NULL) == 0)
-		crash_point("reserved", 0);
+	j->state = BW_JOB_RESERVED;
+	crash_point("reserved", 0);
 }
 
 /* Every image at once: qemu-img runs in the background, the loop reaps (SIGCHLD wakes it). */

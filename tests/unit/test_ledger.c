@@ -279,6 +279,50 @@ static void test_reserve_all_or_nothing_rotating(void **state)
 	json_object_put(ports);
 }
 
+/* The job's state in the ledger's show view (static buffer). */
+static const char *job_state(struct bw_ledger *l, const char *job)
+{
+	static char out[32];
+	struct json_object *o = NULL, *v;
+	assert_int_equal(bw_ledger_show_job(l, job, &o), 0);
+	assert_true(json_object_object_get_ex(o, "state", &v));
+	snprintf(out, sizeof(out), "%s", json_object_get_string(v));
+	json_object_put(o);
+	return out;
+}
+
+static void test_reserve_and_move_is_one_transaction(void **state)
+{
+	struct fixture *fx = *state; /* pool 10100..10104: five ports */
+	struct bw_fence a = {"job-a", claim(fx->l, "job-a", 3)};
+	struct bw_fence b = {"job-b", claim(fx->l, "job-b", 3)};
+	int64_t keys[3] = {2000, 2001, 2002};
+	struct bw_disk_update u[3];
+	for (int i = 0; i < 3; i++)
+		u[i] = (struct bw_disk_update){keys[i], "creating", 0, 0, true};
+	int pa[3], pb[3];
+
+	assert_int_equal(bw_ledger_reserve_and_move(fx->l, &a, keys, 3, pa, BW_JOB_RESERVED, u, 3), 0);
+	assert_string_equal(job_state(fx->l, "job-a"), "reserved");
+	/* no ports for b: neither its state nor its disks move */
+	assert_int_equal(bw_ledger_reserve_and_move(fx->l, &b, keys, 3, pb, BW_JOB_RESERVED, u, 3),
+			 BW_ENOPORTS);
+	assert_string_equal(job_state(fx->l, "job-b"), "claimed");
+	/* an illegal move takes no port either */
+	assert_int_equal(bw_ledger_transition(fx->l, &b, BW_JOB_FAILED, "x", NULL, 0), 0);
+	assert_int_equal(bw_ledger_release_all(fx->l, &a, &(size_t){0}), 0);
+	assert_int_equal(bw_ledger_reserve_and_move(fx->l, &b, keys, 3, pb, BW_JOB_RESERVED, u, 3),
+			 BW_ESTATE);
+	assert_int_equal(held_ports(fx->l), 0);
+	assert_string_equal(job_state(fx->l, "job-b"), "failed");
+	/* an event's body comes back by its id */
+	char *body = NULL;
+	assert_int_equal(bw_ledger_event_body(fx->l, "job-a/backup.accepted", &body), 0);
+	assert_string_equal(body, "{\"seq\":1}");
+	free(body);
+	assert_int_equal(bw_ledger_event_body(fx->l, "job-a/nope", &body), BW_ENOENT);
+}
+
 static void test_quarantine(void **state)
 {
 	struct fixture *fx = *state;
@@ -384,6 +428,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_claim_once, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_transition_seq_and_fence, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reserve_all_or_nothing_rotating, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_reserve_and_move_is_one_transaction, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_quarantine, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
