@@ -79,7 +79,10 @@ static int drain(const struct bw_config *cfg, bool wait)
 	json_object_put(workers);
 	/* the recorded pid is signalled only while it is still that very process */
 	if (pid <= 0 || !bw_proc_same(pid, start)) {
-		fprintf(stderr, "bw-worker: no running worker \"%s\" on this host\n", cfg->worker_id);
+		fprintf(stderr,
+			"bw-worker: no running worker \"%s\" on this host (--drain names the worker by "
+			"the config's worker.id; its default, hostname-pid, differs in every process)\n",
+			cfg->worker_id);
 		bw_ledger_close(l);
 		return 1;
 	}
