@@ -90,16 +90,96 @@ static int qemu_img(const char *const *argv, char *out_path, char *err, size_t e
 	return rc;
 }
 
-/* The directories and the empty image file (O_EXCL), without following symlinks. */
-static int prepare(const struct bw_target *t, char *path, size_t size, char *err, size_t errsize)
+/* qcow2 version 3 (docs/interop/qcow2.txt in QEMU), laid out as `qemu-img create` does:
+ * the header in cluster 0, the refcount table in 1, its one refcount block in 2, the L1
+ * table from 3 on (all zero: nothing allocated yet), 64 KiB clusters, 16-bit refcounts. */
+#define QCOW2_CLUSTER_BITS 16
+#define QCOW2_CLUSTER (1 << QCOW2_CLUSTER_BITS)
+#define QCOW2_HEADER_LEN 104
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+
+static void be32(unsigned char *p, uint32_t v)
 {
-	char key[24], file[160];
+	for (int i = 3; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)v;
+}
+
+static void be64(unsigned char *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)v;
+}
+
+/* Writes an empty qcow2 of size bytes into the new, empty file fd; an overlay over backing
+ * (relative to the image, a qcow2) when backing is not NULL. */
+static int write_qcow2(int fd, int64_t size, const char *backing, char *err, size_t errsize)
+{
+	/* one L1 entry maps an L2 table of CLUSTER/8 entries of a cluster each */
+	uint64_t per_l1 = (uint64_t)QCOW2_CLUSTER * (QCOW2_CLUSTER / 8);
+	uint64_t l1_size = ((uint64_t)size + per_l1 - 1) / per_l1;
+	uint64_t l1_clusters = (l1_size * 8 + QCOW2_CLUSTER - 1) / QCOW2_CLUSTER;
+	uint64_t clusters = 3 + (l1_clusters ? l1_clusters : 1);
+	size_t blen = backing ? strlen(backing) : 0;
+	if (size <= 0 || l1_size > 0x2000000 || blen > 1023) {
+		snprintf(err, errsize, "cannot make a qcow2 of %" PRId64 " bytes%s", size,
+			 blen > 1023 ? " with so long a backing path" : "");
+		return BW_EINVAL;
+	}
+
+	unsigned char *c = calloc(3, QCOW2_CLUSTER);
+	if (c == NULL)
+		return BW_ENOMEM;
+	unsigned char *h = c, *reftable = c + QCOW2_CLUSTER, *refblock = c + 2 * QCOW2_CLUSTER;
+	memcpy(h, "QFI\xfb", 4);
+	be32(h + 4, 3);                               /* version */
+	be32(h + 20, QCOW2_CLUSTER_BITS);
+	be64(h + 24, (uint64_t)size);
+	be32(h + 36, (uint32_t)l1_size);
+	be64(h + 40, 3 * (uint64_t)QCOW2_CLUSTER);    /* L1 table */
+	be64(h + 48, 1 * (uint64_t)QCOW2_CLUSTER);    /* refcount table */
+	be32(h + 56, 1);                              /* refcount table clusters */
+	be32(h + 96, 4);                              /* refcount order: 16 bits */
+	be32(h + 100, QCOW2_HEADER_LEN);
+	size_t at = QCOW2_HEADER_LEN;
+	if (backing) {
+		be32(h + at, QCOW2_EXT_BACKING_FORMAT); /* then the end-of-extensions entry (0) */
+		be32(h + at + 4, 5);
+		memcpy(h + at + 8, "qcow2", 5);
+		at += 8 + 8 + 8;
+		be64(h + 8, at);                      /* the backing file name follows */
+		be32(h + 16, (uint32_t)blen);
+		memcpy(h + at, backing, blen);
+	}
+	be64(reftable, 2 * (uint64_t)QCOW2_CLUSTER);  /* its one refcount block */
+	for (uint64_t i = 0; i < clusters; i++)
+		refblock[2 * i + 1] = 1;                  /* every metadata cluster used once */
+
+	int rc = 0;
+	if (ftruncate(fd, (off_t)(clusters * QCOW2_CLUSTER)) != 0 ||
+	    pwrite(fd, c, 3 * QCOW2_CLUSTER, 0) != 3 * QCOW2_CLUSTER) {
+		snprintf(err, errsize, "writing the qcow2: %s", strerror(errno));
+		rc = bw_err_from_errno(errno);
+	}
+	free(c);
+	return rc;
+}
+
+/* The directories and the image (O_EXCL: a new file), without following symlinks. */
+int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
+{
+	char path[PATH_MAX], key[24], file[160], backing[PATH_MAX];
 	int repo = -1, vm = -1, kd = -1, fd = -1;
 	int rc;
 
-	if ((rc = bw_target_path(t, path, size)) != 0) {
+	if ((rc = bw_target_path(t, path, sizeof(path))) != 0) {
 		snprintf(err, errsize, "image path too long");
 		return rc;
+	}
+	/* from <repo>/<vm dir>/<key>/ back to the repository root: the repository can move */
+	if (t->parent_path &&
+	    (size_t)snprintf(backing, sizeof(backing), "../../%s", t->parent_path) >= sizeof(backing)) {
+		snprintf(err, errsize, "parent path too long");
+		return BW_ERANGE;
 	}
 	snprintf(key, sizeof(key), "%" PRId64, t->key);
 	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
@@ -120,9 +200,12 @@ static int prepare(const struct bw_target *t, char *path, size_t size, char *err
 	}
 	if (fchmod(fd, t->mode) != 0) { /* the umask may have taken bits away */
 		snprintf(err, errsize, "chmod %s: %s", path, strerror(errno));
-		unlinkat(kd, file, 0);
 		rc = BW_EIO;
+	} else {
+		rc = write_qcow2(fd, t->size_bytes, t->parent_path ? backing : NULL, err, errsize);
 	}
+	if (rc != 0)
+		unlinkat(kd, file, 0); /* nothing is left behind */
 out:
 	if (fd >= 0)
 		close(fd);
@@ -132,70 +215,6 @@ out:
 		close(vm);
 	if (repo >= 0)
 		close(repo);
-	return rc;
-}
-
-int bw_target_start(const struct bw_target *t, const char *log_path, pid_t *pid, char *err,
-		    size_t errsize)
-{
-	char path[PATH_MAX], size[24], backing[PATH_MAX];
-	int rc = prepare(t, path, sizeof(path), err, errsize);
-	if (rc != 0)
-		return rc;
-	snprintf(size, sizeof(size), "%" PRId64, t->size_bytes);
-	/* from <repo>/<vm dir>/<key>/ back to the repository root */
-	if (t->parent_path)
-		snprintf(backing, sizeof(backing), "../../%s", t->parent_path);
-	const char *full[] = {t->qemu_img, "create", "-q", "-f", "qcow2", path, size, NULL};
-	const char *overlay[] = {t->qemu_img, "create", "-q", "-f", "qcow2", "-b", backing,
-				 "-F", "qcow2", path, size, NULL};
-	struct bw_spawn s = {t->parent_path ? overlay : full, NULL, log_path, false};
-	rc = bw_spawn(&s, pid, NULL, err, errsize);
-	if (rc != 0)
-		unlink(path);
-	return rc;
-}
-
-int bw_target_finish(const struct bw_target *t, pid_t pid, const char *log_path, char *err,
-		     size_t errsize)
-{
-	int st;
-	pid_t r = waitpid(pid, &st, WNOHANG);
-	if (r == 0)
-		return BW_EBUSY;
-	if (r == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0)
-		return 0;
-	char tail[512] = "", what[96] = "vanished";
-	if (r == pid)
-		bw_status_text(st, what, sizeof(what));
-	if (log_path && bw_log_tail(log_path, 400, tail, sizeof(tail)) == 0 && tail[0])
-		snprintf(err, errsize, "qemu-img create %s: %s", what, tail);
-	else
-		snprintf(err, errsize, "qemu-img create %s", what);
-	if (bw_target_remove(t) != 0)
-		snprintf(err + strlen(err), errsize - strlen(err), " (and the image is still there)");
-	return BW_ECHILD;
-}
-
-int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
-{
-	char log[] = "/tmp/bw-qemu-img-XXXXXX";
-	int fd = mkstemp(log); /* closed at once: never inherited */
-	if (fd < 0) {
-		snprintf(err, errsize, "mkstemp: %s", strerror(errno));
-		return BW_EIO;
-	}
-	close(fd);
-	pid_t pid;
-	int rc = bw_target_start(t, log, &pid, err, errsize);
-	if (rc == 0) {
-		struct pollfd p = {(int)syscall(SYS_pidfd_open, pid, 0), POLLIN, 0};
-		while ((rc = bw_target_finish(t, pid, log, err, errsize)) == BW_EBUSY)
-			poll(&p, p.fd >= 0 ? 1 : 0, 1000);
-		if (p.fd >= 0)
-			close(p.fd);
-	}
-	unlink(log);
 	return rc;
 }
 

@@ -238,7 +238,7 @@ static bool end_child(pid_t *pid)
 }
 
 /*
- * Stops what still runs (servers, qemu-img) without waiting; true once nothing does.
+ * Stops what still runs (servers, qemu-img check) without waiting; true once nothing does.
  * Called again from the loop until then.
  */
 static bool stop_children(struct job *j)
@@ -246,13 +246,6 @@ static bool stop_children(struct job *j)
 	bool idle = true;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (d->create_pid > 0) { /* still being created: its image goes anyway */
-			if (!end_child(&d->create_pid)) {
-				idle = false;
-				continue;
-			}
-			d->created = access(d->qcow2_path, F_OK) == 0;
-		}
 		if (!end_child(&d->check_pid))
 			idle = false;
 		if (d->spawned && !d->stop_done && (!d->nbd.exited || d->nbd.stopping)) {
@@ -416,48 +409,30 @@ static void try_reserve(struct job *j, int64_t now)
 	crash_point("reserved", 0);
 }
 
-/* Every image at once: qemu-img runs in the background, the loop reaps (SIGCHLD wakes it). */
+/* Every image (a few small writes each, no process): recorded as being created before. */
 static void create_targets(struct job *j)
 {
-	struct worker *w = j->w;
 	char err[600];
-	int rc = 0;
-	size_t i;
-	bool all = true;
-	for (i = 0; i < j->n_disks; i++) {
+	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->created)
 			continue;
-		all = false;
-		struct bw_target t = {w->cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
-				      j->spec->job_id, d->size_bytes, d->parent_path, 0640};
-		if (d->create_pid == 0) {
-			if ((rc = bw_target_start(&t, d->log_path, &d->create_pid, err, sizeof(err))) != 0)
-				break;
-			crash_point("creating", i + 1);
-			continue;
+		struct bw_target t = {j->repository, j->vm_dir, d->key, j->spec->job_id,
+				      d->size_bytes, d->parent_path, 0640};
+		int rc = bw_target_create(&t, err, sizeof(err));
+		if (rc != 0) {
+			copy_text(d->error, sizeof(d->error), err);
+			job_fail(j, rc == BW_EPERM || rc == BW_EEXIST || rc == BW_EINVAL ? "target_error"
+											 : "internal_error",
+				 "disk %" PRId64 ": %s", d->key, err);
+			return;
 		}
-		rc = bw_target_finish(&t, d->create_pid, d->log_path, err, sizeof(err));
-		if (rc == BW_EBUSY)
-			continue;
-		d->create_pid = 0;
-		if (rc != 0)
-			break;
 		d->created = true;
+		crash_point("creating", i + 1);
 	}
-	if (i < j->n_disks) {
-		struct job_disk *d = &j->disks[i];
-		copy_text(d->error, sizeof(d->error), err);
-		job_fail(j, rc == BW_ECHILD || rc == BW_EPERM || rc == BW_EEXIST ? "target_error"
-									 : "internal_error",
-		     "disk %" PRId64 ": %s", d->key, err);
-		return;
-	}
-	if (all) {
-		struct batch b = {j, {0}, 0, NULL, 0};
-		if (commit(&b, BW_JOB_TARGETS_CREATED, NULL) == 0)
-			crash_point("targets_created", 0);
-	}
+	struct batch b = {j, {0}, 0, NULL, 0};
+	if (commit(&b, BW_JOB_TARGETS_CREATED, NULL) == 0)
+		crash_point("targets_created", 0);
 }
 
 static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsize)
@@ -1067,7 +1042,7 @@ static bool children_busy(const struct job *j)
 {
 	for (size_t i = 0; i < j->n_disks; i++) {
 		const struct job_disk *d = &j->disks[i];
-		if (d->nbd.stopping || d->fin != FIN_NONE || d->create_pid > 0 || d->check_pid > 0)
+		if (d->nbd.stopping || d->fin != FIN_NONE || d->check_pid > 0)
 			return true;
 	}
 	return false;
@@ -1169,8 +1144,8 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 		d->nbd.probe_fd = -1;
 		d->nbd.pidfd = -1;
 		snprintf(d->export_name, sizeof(d->export_name), "%s-%" PRId64, spec->job_id, d->key);
-		struct bw_target t = {cfg->nbd_qemu_img, j->repository, j->vm_dir, d->key,
-				      spec->job_id, d->size_bytes, d->parent_path, 0640};
+		struct bw_target t = {j->repository, j->vm_dir, d->key, spec->job_id, d->size_bytes,
+				      d->parent_path, 0640};
 		if (j->repository == NULL || bw_target_path(&t, d->qcow2_path, sizeof(d->qcow2_path)) != 0)
 			goto fail;
 		snprintf(d->log_path, sizeof(d->log_path), "%s/logs/%s-%" PRId64 ".log",

@@ -50,7 +50,6 @@ struct job_disk {
 	char log_path[4096];
 	struct bw_nbd nbd;
 	bool created;   /* this job created its image */
-	pid_t create_pid; /* qemu-img create still running */
 	enum { FIN_NONE, FIN_STOPPING, FIN_CHECKING } fin; /* finalizing: where this disk is */
 	pid_t check_pid;  /* qemu-img check still running */
 	int64_t check_by_ms;

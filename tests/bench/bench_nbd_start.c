@@ -37,9 +37,9 @@
  *
  *   prepare K DIR BASEPORT SIZE_MIB serial|parallel [pss]
  *	Times "prepare K disks" to "all K servers ready". serial: bw_target_create for each
- *	disk (the API: one qemu-img at a time), then bw_nbd_spawn for each; parallel: the same
- *	directories, then every `qemu-img create` started at once with bw_spawn and reaped with
- *	a blocking waitpid (what a parallel bw_target_create could do), then bw_nbd_spawn for
+ *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn for each; parallel: the
+ *	same directories, then every `qemu-img create` started at once with bw_spawn and reaped
+ *	with a blocking waitpid (the primitive it replaced), then bw_nbd_spawn for
  *	each. Then bw_nbd_poll_ready round-robin with 1 ms sleeps until all are ready. With
  *	"pss", sums Pss/Rss of every server from /proc/<pid>/smaps_rollup. Then stops all
  *	(BW_NBD_DISCARD), counts those left alive and removes the images. Every server pid is
@@ -50,9 +50,9 @@
  *	port_retries counts them and the time includes them.
  *
  *   create-cost N DIR
- *	N times, alternately: bw_target_create (qemu-img through bw_run) and the same
- *	`qemu-img create` through bw_spawn + a blocking waitpid; prints the median, minimum
- *	and 90th percentile of both (the difference is bw_run's polling, not qemu-img).
+ *	N times, alternately: bw_target_create (the qcow2 written in-process) and the same
+ *	image by `qemu-img create` through bw_spawn + a blocking waitpid; prints the median,
+ *	minimum and 90th percentile of both.
  */
 
 enum {
@@ -361,7 +361,7 @@ static int cmd_prepare(int argc, char **argv)
 	for (long i = 0; i < k; i++) {
 		struct disk *x = &d[i];
 		snprintf(x->job_id, sizeof(x->job_id), "bench-%ld", (long)getpid());
-		x->t = (struct bw_target){"qemu-img", repo, vm_dir, 2000 + i, x->job_id,
+		x->t = (struct bw_target){repo, vm_dir, 2000 + i, x->job_id,
 					  (int64_t)size_mib << 20, NULL, 0640};
 		snprintf(x->export_name, sizeof(x->export_name), "disk-%ld", 2000 + i);
 		snprintf(x->log, sizeof(x->log), "%s/nbd-%ld.log", repo, i);
@@ -535,7 +535,7 @@ static int cmd_create_cost(int argc, char **argv)
 	bw_target_vm_dir("bench-create-cost", NULL, vm_dir);
 	snprintf(job, sizeof(job), "cost-%ld", (long)getpid());
 	for (long i = 0; i < n && !stop_requested; i++) {
-		struct bw_target t = {"qemu-img", argv[1], vm_dir, i, job, 1L << 30, NULL, 0640};
+		struct bw_target t = {argv[1], vm_dir, i, job, 1L << 30, NULL, 0640};
 		char path[PATH_MAX];
 		if (bw_target_path(&t, path, sizeof(path)) != 0)
 			goto out;

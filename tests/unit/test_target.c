@@ -4,11 +4,13 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "target.h"
@@ -85,7 +87,7 @@ static struct bw_target target(const char *job, int64_t key, int64_t size, const
 {
 	static char vm_dir[BW_VM_DIR_MAX];
 	bw_target_vm_dir("vm-1", NULL, vm_dir);
-	return (struct bw_target){"qemu-img", repo, vm_dir, key, job, size, parent, 0640};
+	return (struct bw_target){repo, vm_dir, key, job, size, parent, 0640};
 }
 
 static int64_t info_int(const char *path, const char *field)
@@ -139,21 +141,54 @@ static void test_symlink_out_of_repository_refused(void **state)
 	rmdir(outside);
 }
 
-static void test_qemu_img_failure_leaves_nothing(void **state)
+static void test_unusable_size_leaves_nothing(void **state)
 {
 	(void)state;
 	char err[512], path[PATH_MAX];
-	/* qemu-img refuses a size that is not a number of bytes it accepts */
-	struct bw_target t = target("bk-3", 2002, -1, NULL);
-	assert_int_equal(bw_target_create(&t, err, sizeof(err)), BW_ECHILD);
-	assert_true(strlen(err) > 0);
-	assert_int_equal(bw_target_path(&t, path, sizeof(path)), 0);
-	assert_int_equal(access(path, F_OK), -1);
-	struct bw_target bad = t;
-	bad.qemu_img = "/nonexistent/qemu-img";
-	bad.size_bytes = 1048576;
-	assert_int_equal(bw_target_create(&bad, err, sizeof(err)), BW_ENOENT);
-	assert_int_equal(access(path, F_OK), -1);
+	int64_t sizes[] = {-1, 0, (int64_t)1 << 62};
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		struct bw_target t = target("bk-3", 2002, sizes[i], NULL);
+		assert_int_equal(bw_target_create(&t, err, sizeof(err)), BW_EINVAL);
+		assert_non_null(strstr(err, "qcow2"));
+		assert_int_equal(bw_target_path(&t, path, sizeof(path)), 0);
+		assert_int_equal(access(path, F_OK), -1);
+	}
+}
+
+/* Runs a shell command; its exit status. */
+static int sh(const char *fmt, const char *path)
+{
+	char cmd[PATH_MAX * 2 + 256];
+	snprintf(cmd, sizeof(cmd), fmt, path, path);
+	return WEXITSTATUS(system(cmd));
+}
+
+/* Our qcow2 is one QEMU takes as its own: qemu-img check finds no error and no leak,
+ * before and after writes through it, at sizes around every layout boundary. */
+static void test_qemu_accepts_the_images(void **state)
+{
+	(void)state;
+	char err[512], path[PATH_MAX];
+	int64_t mib = 1048576, sizes[] = {1024, mib, 512 * mib, 512 * mib + 512,
+					  4096LL * 1024 * mib + 512, 65536LL * 1024 * mib};
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		char job[32];
+		snprintf(job, sizeof(job), "bk-q%zu", i);
+		struct bw_target t = target(job, 2003, sizes[i], NULL);
+		assert_int_equal(bw_target_create(&t, err, sizeof(err)), 0);
+		assert_int_equal(bw_target_path(&t, path, sizeof(path)), 0);
+		assert_true(info_int(path, "virtual-size") == sizes[i]);
+		assert_int_equal(sh("qemu-img check -q '%s'", path), 0);
+		/* the first and the last 512 bytes written, read back, the image still clean */
+		char cmd[PATH_MAX + 200];
+		snprintf(cmd, sizeof(cmd),
+			 "qemu-io -f qcow2 -c 'write -P 0xab 0 512' -c 'write -P 0xcd %" PRId64
+			 " 512' -c 'read -P 0xab 0 512' -c 'read -P 0xcd %" PRId64 " 512' '%%s' "
+			 ">/dev/null && qemu-img check -q '%%s'",
+			 sizes[i] - 512, sizes[i] - 512);
+		assert_int_equal(sh(cmd, path), 0);
+		assert_int_equal(bw_target_remove(&t), 0);
+	}
 }
 
 static void test_overlay_and_parent_checks(void **state)
@@ -218,7 +253,8 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_symlink_out_of_repository_refused, setup,
 						teardown),
-		cmocka_unit_test_setup_teardown(test_qemu_img_failure_leaves_nothing, setup,
+		cmocka_unit_test_setup_teardown(test_unusable_size_leaves_nothing, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_qemu_accepts_the_images, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_overlay_and_parent_checks, setup, teardown),
 	};
