@@ -980,8 +980,10 @@ void job_free(struct job *j)
 
 static void step(struct job *j, int64_t now)
 {
-	if (j->adopting)
-		return; /* the SNA's answer decides (recover.c) */
+	if (j->adopting) {
+		recover_ask(j, now); /* the SNA's answer decides (recover.c) */
+		return;
+	}
 	switch (j->state) {
 	case BW_JOB_CLAIMED:
 	case BW_JOB_WAITING_PORTS:
@@ -1061,8 +1063,8 @@ int jobs_timeout_ms(struct worker *w)
 			continue; /* waiting on curl, which has its own timeout */
 		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_TARGETS_CREATED)
 			t = 0;
-		else if (j->state == BW_JOB_SNA_REQUESTED)
-			continue;
+		else if (j->state == BW_JOB_SNA_REQUESTED && !j->adopting)
+			continue; /* the start call's answer moves it */
 		else
 			t = j->next_try_ms > now ? j->next_try_ms - now : 0;
 		if (best < 0 || t < best)

@@ -83,16 +83,29 @@ static void take_server(struct job *j, struct job_disk *d, const struct bw_reape
 static void adopt_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
+	const struct bw_config *cfg = j->w->cfg;
 	j->call = NULL;
-	j->adopting = false;
+	/* the same patience as for a running job: a 404 sna.lost_after times in a row, no
+	 * answer sna.max_attempts times; until then the question is asked again */
+	j->next_try_ms = worker_now_ms() + (int64_t)cfg->sna_poll_interval_s * 1000;
 	if (r->outcome == BW_SNA_NOT_FOUND) {
-		job_fail(j, "worker_lost", "its worker died and the SNA does not know the job (404)");
+		if (++j->lost < cfg->sna_lost_after)
+			return;
+		j->adopting = false;
+		job_fail(j, "worker_lost", "its worker died and the SNA does not know the job "
+			 "(404, %d times)", j->lost);
 		return;
 	}
 	if (r->outcome != BW_SNA_OK) {
-		job_fail(j, "worker_lost", "its worker died and the SNA gave no answer: %s", r->error);
+		if (++j->unanswered < cfg->sna_max_attempts)
+			return;
+		j->adopting = false;
+		job_fail(j, "worker_lost", "its worker died and the SNA gave no answer %d times: %s",
+			 j->unanswered, r->error);
 		return;
 	}
+	j->adopting = false;
+	j->lost = j->unanswered = 0;
 	struct json_object *doc = json_tokener_parse(r->body), *v, *disks = NULL;
 	const char *status = doc && json_object_object_get_ex(doc, "status", &v)
 				     ? json_object_get_string(v)
@@ -197,12 +210,9 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 			j->deadline_ms = INT64_MAX; /* every disk reported: backup.completed next */
 		} else {
 			/* the SNA may have the job: its answer decides between adopting and
-			 * compensating */
+			 * compensating (recover_ask, from the loop) */
 			j->adopting = true;
-			if (bw_sna_progress(w->sna, j->spec->job_id, adopt_cb, j, &j->call) != 0) {
-				j->adopting = false;
-				job_fail(j, "worker_lost", "its worker died; the SNA cannot be asked");
-			}
+			j->next_try_ms = 0;
 		}
 		break;
 	default:
@@ -210,6 +220,14 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 			 r->boot_changed ? " (the host rebooted since)" : "");
 		break;
 	}
+}
+
+void recover_ask(struct job *j, int64_t now)
+{
+	if (j->call != NULL || now < j->next_try_ms)
+		return;
+	if (bw_sna_progress(j->w->sna, j->spec->job_id, adopt_cb, j, &j->call) != 0)
+		j->next_try_ms = now + 1000;
 }
 
 void recover_pass(struct worker *w)

@@ -157,6 +157,9 @@ void crash_point(const char *point, size_t index);
 /* Takes over the jobs of this host's dead workers: adopts, resumes or compensates them. */
 void recover_pass(struct worker *w);
 
+/* An adopting job asks the SNA about its job (again, when it is time). */
+void recover_ask(struct job *j, int64_t now);
+
 int64_t worker_now_ms(void);
 
 #endif

@@ -265,6 +265,22 @@ def dead_victim_with_servers(env, job_id):
     return nbd_pids(env, job_id)
 
 
+def case_adopt_patience(env, failures):
+    """The SNA answers 404 once when the adopter first asks: it asks again, adopts, completes."""
+    job_id = "patience-1"
+    dead_victim_with_servers(env, job_id)
+    env.sim_post("/_sim/faults", {"forget_job": True, "slow_bytes_per_s": 512 * 1024})
+    env.start("keeper", keeper=True)
+    log = os.path.join(env.tmp, "keeper.log")
+    end = time.time() + 30
+    while time.time() < end and f"job={job_id} taken over" not in open(log).read():
+        time.sleep(0.05)
+    time.sleep(0.5)  # the first question was answered 404; sna.lost_after is 3
+    env.sim_post("/_sim/faults", {})
+    check_job(env, job_id, "completed", failures, adopter="keeper")
+    env.stop("keeper")
+
+
 def case_pid_reuse(env, failures):
     """A recorded pid that now names another process is never signalled."""
     job_id = "reuse-1"
@@ -337,7 +353,8 @@ def case_drain(env, failures):
 
 
 CASES = {"crash_points": case_crash_points, "rolling_restart": case_rolling_restart,
-         "two_reapers": case_two_reapers, "pid_reuse": case_pid_reuse,
+         "two_reapers": case_two_reapers, "adopt_patience": case_adopt_patience,
+         "pid_reuse": case_pid_reuse,
          "boot_changed": case_boot_changed, "drain": case_drain}
 
 
