@@ -938,8 +938,9 @@ static void follow(struct job *j, int64_t now)
 			if (j->state == BW_JOB_FAILED)
 				return;
 		} else if (!d->completed && d->spawned && bw_nbd_reap(&d->nbd)) {
-			char err[700], what[96];
-			bw_status_text(d->nbd.status, what, sizeof(what));
+			char err[700], what[96] = "exited (adopted: its log says how)";
+			if (d->nbd.status != -1)
+				bw_status_text(d->nbd.status, what, sizeof(what));
 			snprintf(err, sizeof(err), "qemu-nbd pid %ld %s", (long)d->nbd.pid, what);
 			copy_text(d->error, sizeof(d->error), err);
 			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
