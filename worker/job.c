@@ -494,12 +494,22 @@ static void start_servers(struct job *j)
 	crash_point("serving", 0);
 }
 
-static void build_url(struct job *j, struct job_disk *d)
+#define TARGETS_MAX (BW_MESSAGE_MAX_DISKS * 450)
+
+/* Sets every disk's nbd_url and writes the one targets string "key:url,key:url,..". */
+static void build_targets(struct job *j, char *targets)
 {
 	const char *h = j->w->cfg->nbd_advertise_host;
 	bool v6 = strchr(h, ':') != NULL;
-	snprintf(d->nbd_url, sizeof(d->nbd_url), "nbd://%s%s%s:%d/%s", v6 ? "[" : "", h,
-		 v6 ? "]" : "", d->port, d->export_name);
+	size_t used = 0;
+	targets[0] = '\0';
+	for (size_t i = 0; i < j->n_disks; i++) {
+		struct job_disk *d = &j->disks[i];
+		snprintf(d->nbd_url, sizeof(d->nbd_url), "nbd://%s%s%s:%d/%s", v6 ? "[" : "", h,
+			 v6 ? "]" : "", d->port, d->export_name);
+		used += (size_t)snprintf(targets + used, TARGETS_MAX - used, "%s%" PRId64 ":%s",
+					 i ? "," : "", d->key, d->nbd_url);
+	}
 }
 
 static void start_done_cb(void *arg, const struct bw_sna_result *r);
@@ -523,14 +533,11 @@ static void call_sna(struct job *j)
 		return;
 	}
 	struct json_object *body = json_object_new_object(), *disks = json_object_new_array();
-	char targets[64 * 450] = "";
+	char targets[TARGETS_MAX];
 	const char *first_change = "";
-	size_t used = 0;
+	build_targets(j, targets);
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		build_url(j, d);
-		used += (size_t)snprintf(targets + used, sizeof(targets) - used, "%s%" PRId64 ":%s",
-					 i ? "," : "", d->key, d->nbd_url);
 		struct json_object *o = json_object_new_object();
 		add_int(o, "key", d->key);
 		add_str(o, "nbd_url", d->nbd_url);
@@ -621,14 +628,11 @@ void job_started(struct job *j, const char *sna_job_id)
 	struct batch b = {j, {0}, 0, NULL, 0};
 	struct json_object *e = ev(&b, "backup.started", NULL);
 	add_str(e, "sna_job_id", sna_job_id);
-	char targets[64 * 450] = "";
-	size_t used = 0;
+	char targets[TARGETS_MAX];
+	build_targets(j, targets);
 	struct json_object *disks = json_object_new_array();
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		build_url(j, d);
-		used += (size_t)snprintf(targets + used, sizeof(targets) - used, "%s%" PRId64 ":%s",
-					 i ? "," : "", d->key, d->nbd_url);
 		struct json_object *o = json_object_new_object();
 		add_int(o, "key", d->key);
 		add_str(o, "mode", d->parent_path ? "incremental" : "full");
