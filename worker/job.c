@@ -758,17 +758,17 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	unlink(log);
 	d->completed = true;
 	d->fin = FIN_NONE;
-	if (bw_ledger_disk_update(w->ledger, &j->fence, d->key, "completed", 0, 0, true) != 0)
-		bw_log_warnx("job=%s disk=%" PRId64 " ledger: cannot record completion",
-			     j->spec->job_id, d->key);
-	if (d->port && bw_ledger_release(w->ledger, &j->fence, d->port) == 0)
-		d->port = 0;
 
+	/* the event and the disk's row in one transaction, then its port */
 	char key[24];
 	snprintf(key, sizeof(key), "%" PRId64, d->key);
-	struct batch b = {j, {0}, 0, NULL, 0};
+	struct bw_disk_update u = {d->key, "completed", 0, 0, true};
+	struct batch b = {j, {0}, 0, &u, 1};
 	disk_result(ev(&b, "backup.disk.completed", key), d);
-	if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
+	int crc = commit(&b, BW_JOB_FINALIZING, NULL);
+	if (d->port && bw_ledger_release(w->ledger, &j->fence, d->port) == 0)
+		d->port = 0;
+	if (crc != 0)
 		return;
 	crash_point("disk_completed", (size_t)(d - j->disks) + 1);
 	bw_log_info("job=%s disk=%" PRId64 " completed: %s change_id=%s", j->spec->job_id, d->key,
