@@ -1,12 +1,14 @@
-/* testutil.h: what the C tests share: a scratch directory and a shell command (test code only). */
+/* testutil.h: what the C tests and benchmarks share: a scratch directory, a shell command, a full write (test code only). */
 #ifndef BW_TESTUTIL_H
 #define BW_TESTUTIL_H
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 /* Runs a formatted shell command; returns its exit status (-1 when it did not exit). */
 static inline int bw_test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -19,6 +21,22 @@ static inline int bw_test_sh(const char *fmt, ...)
 	va_end(ap);
 	int rc = system(cmd);
 	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+/* Writes all of buf to fd (retrying short writes and EINTR); 0, or -1 on an error. */
+static inline int bw_test_write_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+	while (len > 0) {
+		ssize_t w = write(fd, p, len);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return -1;
+		p += w;
+		len -= (size_t)w;
+	}
+	return 0;
 }
 
 /* Makes a new scratch directory /tmp/bw-test-<name>-XXXXXX into dir[size]; true on success. */

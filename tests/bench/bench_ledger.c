@@ -1,6 +1,7 @@
 /* bench_ledger.c: ledger reserve+release cycles/s and latency next to a raw SQLite loop. */
 #include "error.h"
 #include "ledger.h"
+#include "../testutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -497,21 +498,6 @@ static int result_path(char *buf, size_t size, const char *dir, int index)
 	return n < 0 || (size_t)n >= size ? -1 : 0;
 }
 
-static int write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-	while (len > 0) {
-		ssize_t w = write(fd, p, len);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return -1;
-		p += w;
-		len -= (size_t)w;
-	}
-	return 0;
-}
-
 static int write_result(const struct child *c)
 {
 	char path[4096];
@@ -522,8 +508,8 @@ static int write_result(const struct child *c)
 	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0)
 		return -1;
-	if (write_all(fd, &c->res, sizeof(c->res)) == 0 &&
-	    write_all(fd, c->samples, c->res.n_samples * sizeof(uint64_t)) == 0)
+	if (bw_test_write_all(fd, &c->res, sizeof(c->res)) == 0 &&
+	    bw_test_write_all(fd, c->samples, c->res.n_samples * sizeof(uint64_t)) == 0)
 		rc = 0;
 	if (close(fd) != 0)
 		rc = -1;
@@ -542,7 +528,7 @@ static int child_main(struct child *c, int ready_fd, int go_fd)
 	c->res.magic = RESULT_MAGIC;
 	setup = c->o->mode == MODE_LEDGER ? ledger_setup(c) : raw_setup(c);
 	c->res.setup_ok = setup == 0;
-	(void)write_all(ready_fd, &byte, 1);
+	(void)bw_test_write_all(ready_fd, &byte, 1);
 	close(ready_fd);
 	while (read(go_fd, &byte, 1) < 0 && errno == EINTR)
 		;

@@ -3,6 +3,7 @@
 #include "error.h"
 #include "nbd.h"
 #include "target.h"
+#include "../testutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -135,21 +136,6 @@ static uint64_t splitmix64(uint64_t *s)
 	return z ^ (z >> 31);
 }
 
-static int write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-	while (len > 0) {
-		ssize_t w = write(fd, p, len);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return -1;
-		p += w;
-		len -= (size_t)w;
-	}
-	return 0;
-}
-
 static int cmd_gen(int argc, char **argv)
 {
 	long size_mib, seed = 1;
@@ -174,7 +160,7 @@ static int cmd_gen(int argc, char **argv)
 				buf[j] = splitmix64(&state);
 			n_random++;
 		}
-		if (write_all(fd, random_chunk ? buf : zero, CHUNK) != 0) {
+		if (bw_test_write_all(fd, random_chunk ? buf : zero, CHUNK) != 0) {
 			fprintf(stderr, "gen: write %s: %s\n", argv[0], strerror(errno));
 			goto out;
 		}

@@ -407,6 +407,23 @@ CASES = {"full_and_incremental": case_full_and_incremental, "rejected": case_rej
          "faults": case_faults, "duplicate_and_ports": case_duplicate_and_ports}
 
 
+def run_case(env, name, case, after=None):
+    """Runs one case (then after(), if given) and prints ok or FAIL with every failure; a
+    broken case fails, the others still run. Returns True when it passed."""
+    failures = []
+    t0 = time.time()
+    try:
+        case(env, failures)
+    except Exception as e:
+        failures.append(f"{type(e).__name__}: {e}")
+    if after:
+        after()
+    print(f"{'FAIL' if failures else 'ok  '} {name} ({time.time() - t0:.1f} s)")
+    for f in failures:
+        print(f"     {f}")
+    return not failures
+
+
 def main():
     worker, ctl = sys.argv[1], sys.argv[2]
     names = sys.argv[3:] or list(CASES)
@@ -417,20 +434,10 @@ def main():
         env.start_worker("w2")
         env.wait_queue()
         for name in names:
-            failures = []
-            t0 = time.time()
-            try:
-                CASES[name](env, failures)
-            except Exception as e:  # a broken case fails, the others still run
-                failures.append(f"{type(e).__name__}: {e}")
-            if failures:
-                failed += 1
-                print(f"FAIL {name} ({time.time() - t0:.1f} s)")
-                for f in failures:
-                    print(f"     {f}")
-            else:
+            if run_case(env, name, CASES[name]):
                 passed += 1
-                print(f"ok   {name} ({time.time() - t0:.1f} s)")
+            else:
+                failed += 1
         codes = env.stop_workers()
         if any(c != 0 for c in codes.values()):
             failed += 1

@@ -3,7 +3,6 @@
 simulator and several bw-worker processes. A victim worker SIGKILLs itself at a step boundary
 (BW_CRASH_AT, see worker/job.c) while a keeper worker runs its recovery pass every second.
 Usage: recovery.py BW_WORKER BW_CTL [CASE...]   (env BW_RECOVERY_ROUNDS: runs per crash point)"""
-import json
 import os
 import signal
 import sqlite3
@@ -79,6 +78,18 @@ class Recovery(e2e.Env):
     def starts(self, job_id):
         return [r for r in self.sim_get("/_sim/requests")["requests"]
                 if r["path"].endswith("/backup/start") and r["body"].get("job_id") == job_id]
+
+
+def wait_started(env, jobs, failures, timeout=60):
+    """Until every job's backup.started arrived; a failure when one did not in time."""
+    end = time.time() + timeout
+    while time.time() < end:
+        env.drain_events(0.2)
+        late = [j for j in jobs
+                if not any(e["event"] == "backup.started" for e in env.job_events(j))]
+        if not late:
+            return
+    failures.append(f"no backup.started within {timeout} s for {late}")
 
 
 def nbd_pids(env, job_id):
@@ -194,11 +205,7 @@ def case_rolling_restart(env, failures):
     jobs = [f"roll-{i}" for i in range(4)]
     for j in jobs:
         env.publish(vm_message(j, VM, DISKS))
-    end = time.time() + 60
-    while time.time() < end:
-        env.drain_events(0.2)
-        if all(any(e["event"] == "backup.started" for e in env.job_events(j)) for j in jobs):
-            break
+    wait_started(env, jobs, failures)
     t0 = time.time()
     code = env.stop("roller")
     if code != 0:
@@ -227,11 +234,7 @@ def case_two_reapers(env, failures):
     jobs = [f"twin-{i}" for i in range(2)]
     for j in jobs:
         env.publish(vm_message(j, VM, DISKS))
-    end = time.time() + 60
-    while time.time() < end:
-        env.drain_events(0.2)
-        if all(any(e["event"] == "backup.started" for e in env.job_events(j)) for j in jobs):
-            break
+    wait_started(env, jobs, failures)
     victim.kill()
     victim.wait()
     env.workers.pop("victim2")
@@ -337,10 +340,7 @@ def case_drain(env, failures):
     p = env.start("drainer")
     env.wait_consumer()
     env.publish(vm_message("drain-1", VM, DISKS))
-    end = time.time() + 30
-    while time.time() < end and not any(e["event"] == "backup.started"
-                                         for e in env.job_events("drain-1")):
-        env.drain_events(0.2)
+    wait_started(env, ["drain-1"], failures, timeout=30)
     r = subprocess.run([env.worker, "--config", env.config("drainer"), "--drain"],
                        capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or "draining worker drainer" not in r.stdout:
@@ -367,22 +367,13 @@ def main():
     passed = failed = 0
     try:
         for name in names:
-            failures = []
-            t0 = time.time()
-            try:
-                CASES[name](env, failures)
-            except Exception as e:  # a broken case fails, the others still run
-                failures.append(f"{type(e).__name__}: {e}")
-            for wid in list(env.workers):
-                env.stop(wid)
-            if failures:
-                failed += 1
-                print(f"FAIL {name} ({time.time() - t0:.1f} s)")
-                for f in failures:
-                    print(f"     {f}")
-            else:
+            def stop_all():
+                for wid in list(env.workers):
+                    env.stop(wid)
+            if e2e.run_case(env, name, CASES[name], stop_all):
                 passed += 1
-                print(f"ok   {name} ({time.time() - t0:.1f} s)")
+            else:
+                failed += 1
     finally:
         if failed:
             for log in sorted(os.listdir(env.tmp)):

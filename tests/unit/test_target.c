@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "target.h"
@@ -155,14 +154,6 @@ static void test_unusable_size_leaves_nothing(void **state)
 	}
 }
 
-/* Runs a shell command; its exit status. */
-static int sh(const char *fmt, const char *path)
-{
-	char cmd[PATH_MAX * 2 + 256];
-	snprintf(cmd, sizeof(cmd), fmt, path, path);
-	return WEXITSTATUS(system(cmd));
-}
-
 /* Our qcow2 is one QEMU takes as its own: qemu-img check finds no error and no leak,
  * before and after writes through it, at sizes around every layout boundary. */
 static void test_qemu_accepts_the_images(void **state)
@@ -178,15 +169,15 @@ static void test_qemu_accepts_the_images(void **state)
 		assert_int_equal(bw_target_create(&t, err, sizeof(err)), 0);
 		assert_int_equal(bw_target_path(&t, path, sizeof(path)), 0);
 		assert_true(info_int(path, "virtual-size") == sizes[i]);
-		assert_int_equal(sh("qemu-img check -q '%s'", path), 0);
+		assert_int_equal(bw_test_sh("qemu-img check -q '%s'", path), 0);
 		/* the first and the last 512 bytes written, read back, the image still clean */
-		char cmd[PATH_MAX + 200];
-		snprintf(cmd, sizeof(cmd),
-			 "qemu-io -f qcow2 -c 'write -P 0xab 0 512' -c 'write -P 0xcd %" PRId64
-			 " 512' -c 'read -P 0xab 0 512' -c 'read -P 0xcd %" PRId64 " 512' '%%s' "
-			 ">/dev/null && qemu-img check -q '%%s'",
-			 sizes[i] - 512, sizes[i] - 512);
-		assert_int_equal(sh(cmd, path), 0);
+		int64_t last = sizes[i] - 512;
+		assert_int_equal(bw_test_sh("qemu-io -f qcow2 -c 'write -P 0xab 0 512' -c 'write -P "
+					    "0xcd %" PRId64 " 512' -c 'read -P 0xab 0 512' -c 'read -P "
+					    "0xcd %" PRId64 " 512' '%s' >/dev/null && "
+					    "qemu-img check -q '%s'",
+					    last, last, path, path),
+				 0);
 		assert_int_equal(bw_target_remove(&t), 0);
 	}
 }
