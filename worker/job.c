@@ -756,6 +756,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 		return;
 	}
 	unlink(log);
+	unlink(d->log_path); /* its server's log: nothing to tell of a disk that completed */
 	d->completed = true;
 	d->fin = FIN_NONE;
 

@@ -266,6 +266,9 @@ def case_full_and_incremental(env, failures):
         if r.returncode != 0:
             failures.append(f"full: disk {key} differs from its snapshot")
     failures += [f"full: {x}" for x in leftovers(env)]
+    logs = [f for f in os.listdir(os.path.join(env.state, "logs")) if f.startswith("e2e-full-1-")]
+    if logs:
+        failures.append(f"full: per-disk logs left for a completed job: {logs}")
 
     # an incremental on top: each overlay, read through its chain, equals the new source
     for key in ("2000", "16000"):
