@@ -1,14 +1,19 @@
 /* log.c: one line per call, written with a single write(2) so lines of processes sharing stderr do not interleave. */
 #include "log.h"
+
+#include "clock.h"
 #include "error.h"
+#include "text.h"
 
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 #include <unistd.h>
+
+/* A line's bound: journald takes longer ones, but a line is read by a person. */
+#define LOG_LINE_MAX 4096
 
 /* The logger's settings: the only globals common/ keeps. */
 static const char *log_prog = "bw";
@@ -44,31 +49,34 @@ int bw_log_level_parse(const char *s, enum bw_log_level *out)
 	return BW_EINVAL;
 }
 
+/*
+ * One line per call, whatever the arguments hold: the message is escaped as a whole
+ * (bw_text_escape), so text from outside can neither break the line nor forge another one,
+ * and it is cut to LOG_LINE_MAX bytes.
+ */
 static void vlog(enum bw_log_level level, int err, const char *fmt, va_list ap)
 {
 	static const char *tags[] = {"warn", "info", "debug"};
-	char line[4096];
+	char line[LOG_LINE_MAX], msg[LOG_LINE_MAX];
 	size_t n = 0;
 
+	int m = vsnprintf(msg, sizeof(msg), fmt, ap);
+	size_t mlen = m < 0 ? 0 : (size_t)m < sizeof(msg) ? (size_t)m : sizeof(msg) - 1;
+	if (err && mlen < sizeof(msg) - 1) {
+		m = snprintf(msg + mlen, sizeof(msg) - mlen, ": %s", strerror(err));
+		if (m > 0)
+			mlen = mlen + (size_t)m < sizeof(msg) ? mlen + (size_t)m : sizeof(msg) - 1;
+	}
 	if (log_timestamps) {
-		struct timespec ts;
-		struct tm tm;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		gmtime_r(&ts.tv_sec, &tm);
-		n += strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-		n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03ldZ ", ts.tv_nsec / 1000000);
+		bw_clock_rfc3339_now(line);
+		n = strlen(line);
+		line[n++] = ' ';
 	}
 	n += (size_t)snprintf(line + n, sizeof(line) - n, "%s[%ld] %s: ", log_prog, (long)getpid(),
 			      tags[level]);
-	if (n < sizeof(line)) {
-		int m = vsnprintf(line + n, sizeof(line) - n, fmt, ap);
-		if (m > 0)
-			n += (size_t)m;
-	}
-	if (err && n < sizeof(line))
-		n += (size_t)snprintf(line + n, sizeof(line) - n, ": %s", strerror(err));
-	if (n > sizeof(line) - 2)
-		n = sizeof(line) - 2; /* truncated: still one line */
+	if (n > sizeof(line) - 16)
+		n = sizeof(line) - 16; /* a program name that long: still room for "..." */
+	n += bw_text_escape(line + n, sizeof(line) - n - 1, msg, mlen);
 	line[n++] = '\n';
 
 	const char *p = line;

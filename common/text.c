@@ -2,6 +2,7 @@
 #include "text.h"
 
 #include <stdio.h>
+#include <string.h>
 
 static bool is_alnum(unsigned char c)
 {
@@ -141,6 +142,53 @@ void bw_text_json_quote(struct bw_buf *b, const char *s, size_t n)
 		}
 	}
 	bw_buf_append(b, "\"", 1);
+}
+
+/* One step of bw_text_escape: the length of the character at s[i..n) (1 for a bad byte)
+ * and whether it is written escaped. */
+static size_t escape_unit(const char *s, size_t i, size_t n, bool *escape)
+{
+	uint32_t cp = 0;
+	size_t len = bw_utf8_decode((const unsigned char *)s + i, n - i, &cp);
+	*escape = len == 0 || bw_is_control(cp) || cp == '\\';
+	return len ? len : 1;
+}
+
+size_t bw_text_escape(char *dst, size_t size, const char *s, size_t n)
+{
+	static const char hex[] = "0123456789abcdef";
+	bool escape;
+	/* the whole text when it fits, else as much as fits before "..." */
+	size_t full = 0, limit = size - 1;
+	for (size_t i = 0; i < n && full <= limit; i += escape_unit(s, i, n, &escape)) {
+		size_t take = escape_unit(s, i, n, &escape);
+		full += escape ? 4 * take : take;
+	}
+	if (full > limit)
+		limit = size - 4;
+	size_t o = 0;
+	for (size_t i = 0, take; i < n; i += take) {
+		take = escape_unit(s, i, n, &escape);
+		if (o + (escape ? 4 * take : take) > limit)
+			break;
+		for (size_t k = 0; k < take; k++) {
+			unsigned char c = (unsigned char)s[i + k];
+			if (!escape) {
+				dst[o++] = (char)c;
+				continue;
+			}
+			dst[o++] = '\\';
+			dst[o++] = 'x';
+			dst[o++] = hex[c >> 4];
+			dst[o++] = hex[c & 15];
+		}
+	}
+	if (full > size - 1) {
+		memcpy(dst + o, "...", 3);
+		o += 3;
+	}
+	dst[o] = '\0';
+	return o;
 }
 
 uint64_t bw_fnv1a64(const void *data, size_t n)

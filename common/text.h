@@ -37,6 +37,18 @@ bool bw_text_has_control(const char *s, size_t n);
  */
 void bw_text_json_quote(struct bw_buf *b, const char *s, size_t n);
 
+/* Text from outside (an SNA reply, a transport error) is cut to this many bytes. */
+#define BW_TEXT_OUTSIDE_MAX 512
+
+/*
+ * Writes s[0..n) into dst[0..size) (size >= 8) fit for one log line or one event field:
+ * valid UTF-8 without control characters is kept; a control character (U+0000-U+001F,
+ * U+007F-U+009F), a backslash and every byte that is not valid UTF-8 are written as \xNN
+ * escapes of their bytes. Never cuts an escape or a character in two; when the text does
+ * not fit it ends with "...". Returns the length written (always NUL-terminated).
+ */
+size_t bw_text_escape(char *dst, size_t size, const char *s, size_t n);
+
 /* FNV-1a, 64 bit, of data[0..n). */
 uint64_t bw_fnv1a64(const void *data, size_t n);
 

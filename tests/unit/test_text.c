@@ -97,10 +97,41 @@ static void test_buf(void **state)
 	free(out);
 }
 
+static void test_escape(void **state)
+{
+	(void)state;
+	char out[64];
+	/* a forged log line stays on one line; C1 controls, backslashes and bad bytes escaped */
+	const char forged[] = "x\n2026-12-01T00:00:00.000Z bw-worker: job=a completed";
+	bw_text_escape(out, sizeof(out), forged, strlen(forged));
+	assert_null(strchr(out, '\n'));
+	assert_memory_equal(out, "x\\x0a2026", 9);
+	assert_int_equal(bw_text_escape(out, sizeof(out), "a\xc2\x85" "b\\c\xff\x01", 8), 23);
+	assert_string_equal(out, "a\\xc2\\x85b\\x5cc\\xff\\x01");
+	assert_int_equal(bw_text_escape(out, sizeof(out), "caf\xc3\xa9", 5), 5); /* UTF-8 kept */
+	assert_int_equal(bw_text_escape(out, sizeof(out), "", 0), 0);
+	/* bounded: never more than size - 1 bytes, never a cut character or escape */
+	char big[2000];
+	memset(big, 'a', sizeof(big));
+	assert_int_equal(bw_text_escape(out, sizeof(out), big, sizeof(big)), 63);
+	assert_string_equal(out + 60, "...");
+	assert_int_equal(bw_text_escape(out, sizeof(out), big, 63), 63); /* fits exactly */
+	assert_null(strstr(out, "..."));
+	for (size_t i = 0; i < sizeof(big); i += 2)
+		memcpy(big + i, "\xc3\xa9", 2);
+	size_t n = bw_text_escape(out, sizeof(out), big, sizeof(big));
+	assert_true(n <= 63);
+	assert_int_equal(bw_utf8_length(out, n), (n - 3) / 2 + 3);
+	memset(big, '\n', sizeof(big));
+	n = bw_text_escape(out, sizeof(out), big, sizeof(big));
+	assert_int_equal((n - 3) % 4, 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_safe_id),
+		cmocka_unit_test(test_escape),
 		cmocka_unit_test(test_utf8_decode),
 		cmocka_unit_test(test_length_and_control),
 		cmocka_unit_test(test_json_quote_matches_python),
