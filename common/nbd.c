@@ -394,3 +394,22 @@ void bw_nbd_release(struct bw_nbd *n)
 	n->pidfd = -1;
 	probe_close(n);
 }
+
+void bw_nbd_init(struct bw_nbd *n)
+{
+	memset(n, 0, sizeof(*n));
+	n->probe_fd = -1;
+	n->pidfd = -1;
+}
+
+void bw_nbd_mark_gone(struct bw_nbd *n, pid_t pid, const char *log_path)
+{
+	struct stat st;
+	bw_nbd_init(n);
+	n->pid = pid;
+	n->exited = true;
+	n->status = -1;
+	n->ready = true;
+	snprintf(n->log_path, sizeof(n->log_path), "%s", log_path);
+	n->log_size = stat(log_path, &st) == 0 ? st.st_size : 0;
+}

@@ -112,6 +112,16 @@ int bw_nbd_adopt(pid_t pid, uint64_t start_time, int port, const char *log_path,
  */
 int bw_nbd_find(const char *export_name, pid_t *pid, uint64_t *start_time) BW_MUST_CHECK;
 
+/* A server record before anything is known of it (no process, no descriptors). */
+void bw_nbd_init(struct bw_nbd *n);
+
+/*
+ * Records a server of a dead worker that is not running any more or must not be touched
+ * (the pid may name another process now): never signalled, its end judged as clean (what
+ * it served is checked by qemu-img check before use); log_path is its log.
+ */
+void bw_nbd_mark_gone(struct bw_nbd *n, pid_t pid, const char *log_path);
+
 /* Releases what n holds (its pidfd); never signals the process. */
 void bw_nbd_release(struct bw_nbd *n);
 
