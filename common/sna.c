@@ -1,30 +1,357 @@
-/* sna.c: start, progress and cleanup calls to the SNA, with bounded requests and jittered retries. */
+/* sna.c: the SNA's wire format (requests built, replies read strictly) and the client: bounded requests, jittered retries. */
 #include "sna.h"
+
+#include "buf.h"
+#include "clock.h"
+#include "json.h"
+#include "rand.h"
 
 #include <curl/curl.h>
 #include <errno.h>
-#include <stdint.h>
+#include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/select.h>
-#include <time.h>
 #include <unistd.h>
+
+/* curl's fdset misses sockets while it resolves or connects: the loop never sleeps longer
+ * than this while a call is active */
+#define CURL_BLIND_MS 50
+
+const char *bw_sna_status_name(enum bw_sna_status s)
+{
+	switch (s) {
+#define BW__SNA_STATUS_NAME(name, text)                                                            \
+	case BW_SNA_##name:                                                                        \
+		return text;
+		BW_SNA_STATUS_MAP(BW__SNA_STATUS_NAME)
+#undef BW__SNA_STATUS_NAME
+	}
+	return "unknown";
+}
+
+static bool status_parse(const char *s, size_t n, enum bw_sna_status *out)
+{
+#define BW__SNA_STATUS_PARSE(name, text)                                                           \
+	if (n == sizeof(text) - 1 && memcmp(s, text, n) == 0) {                                    \
+		*out = BW_SNA_##name;                                                              \
+		return true;                                                                       \
+	}
+	BW_SNA_STATUS_MAP(BW__SNA_STATUS_PARSE)
+#undef BW__SNA_STATUS_PARSE
+	return false;
+}
+
+/* ---- the start request ------------------------------------------------------------------- */
+
+void bw_sna_nbd_url(char *out, size_t size, const char *host, int port, const char *export_name)
+{
+	bool v6 = strchr(host, ':') != NULL;
+	snprintf(out, size, "nbd://%s%s%s:%d/%s", v6 ? "[" : "", host, v6 ? "]" : "", port,
+		 export_name);
+}
+
+static void put_targets(struct bw_buf *b, const struct bw_sna_start_request *r)
+{
+	char url[512];
+	for (size_t i = 0; i < r->n_disks; i++) {
+		const struct bw_sna_target *t = &r->disks[i];
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name);
+		bw_buf_printf(b, "%s%" PRId64 ":%s", i ? "," : "", t->key, url);
+	}
+}
+
+int bw_sna_targets(const struct bw_sna_start_request *r, char **out)
+{
+	struct bw_buf b = BW_BUF_INIT;
+	put_targets(&b, r);
+	return bw_buf_steal(&b, out);
+}
+
+static void put_str(struct bw_buf *b, const char *key, const char *v, bool more)
+{
+	bw_buf_printf(b, "\"%s\":", key);
+	bw_text_json_quote(b, v ? v : "", v ? strlen(v) : 0);
+	if (more)
+		bw_buf_puts(b, ",");
+}
+
+/* The body of §3.1, built in b (which the caller wipes: it holds the password). */
+static void start_body(struct bw_buf *b, const struct bw_sna_start_request *r)
+{
+	const char *first_change = "";
+	for (size_t i = 0; i < r->n_disks && first_change[0] == '\0'; i++)
+		if (r->disks[i].previous_change_id)
+			first_change = r->disks[i].previous_change_id;
+	struct bw_buf targets = BW_BUF_INIT;
+	put_targets(&targets, r);
+	bw_buf_puts(b, "{");
+	put_str(b, "job_id", r->job_id, true);
+	put_str(b, "vm_name", r->vm_name, true);
+	put_str(b, "vm_path", r->vm_path, true);
+	put_str(b, "vcenter_host", r->vcenter_host, true);
+	put_str(b, "vcenter_user", r->vcenter_user, true);
+	put_str(b, "vcenter_password", r->vcenter_password, true);
+	put_str(b, "backup_type", r->incremental ? "incremental" : "full", true);
+	put_str(b, "previous_change_id", first_change, true);
+	put_str(b, "nbd_host", r->nbd_host, true);
+	put_str(b, "nbd_targets", targets.data, true);
+	bw_buf_puts(b, "\"disks\":[");
+	for (size_t i = 0; i < r->n_disks; i++) {
+		const struct bw_sna_target *t = &r->disks[i];
+		char url[512];
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name);
+		bw_buf_printf(b, "%s{\"key\":%" PRId64 ",", i ? "," : "", t->key);
+		put_str(b, "nbd_url", url, true);
+		bw_buf_printf(b, "\"size_bytes\":%" PRId64 ",", t->size_bytes);
+		put_str(b, "previous_change_id", t->previous_change_id, false);
+		bw_buf_puts(b, "}");
+	}
+	bw_buf_puts(b, "]}");
+	if (targets.failed)
+		b->failed = true;
+	bw_buf_free(&targets);
+}
+
+/* ---- replies ----------------------------------------------------------------------------- */
+
+/* An integer 0 - 2^63-1 in the JSON Schema sense (1.0 is 1), exactly. */
+static bool byte_count(struct json_object *o, int64_t *out)
+{
+	if (json_object_get_type(o) == json_type_int) {
+		int64_t v = json_object_get_int64(o);
+		/* json-c saturates: INT64_MAX may stand for anything up to 2^64-1 and beyond */
+		if (v < 0 || (v == INT64_MAX && json_object_get_uint64(o) != (uint64_t)INT64_MAX))
+			return false;
+		*out = v;
+		return true;
+	}
+	int64_t v;
+	if (json_object_get_type(o) != json_type_double || !bw_json_get_integer(o, &v) ||
+	    json_object_get_double(o) < 0 || json_object_get_double(o) >= 9223372036854775808.0)
+		return false;
+	*out = v;
+	return true;
+}
+
+static struct json_object *field(struct json_object *obj, const char *name)
+{
+	struct json_object *v = NULL;
+	return json_object_object_get_ex(obj, name, &v) ? v : NULL;
+}
+
+/* A string member (NULL when absent, *bad when of another type). */
+static const char *string_field(struct json_object *obj, const char *name, size_t *len, bool *bad)
+{
+	struct json_object *v = field(obj, name);
+	if (v == NULL)
+		return NULL;
+	if (!json_object_is_type(v, json_type_string)) {
+		*bad = true;
+		return NULL;
+	}
+	*len = (size_t)json_object_get_string_len(v);
+	return json_object_get_string(v);
+}
+
+/* The contract's rule for a completed disk (§3.2); false with why[] when unproven. */
+static bool proven(const struct bw_sna_disk_progress *d, const struct bw_sna_disk_ref *ref,
+		   char *why, size_t whysz)
+{
+	if (d->change_id[0] == '\0')
+		snprintf(why, whysz, "reported completed without a change_id");
+	else if (d->bytes_transferred != d->total_bytes)
+		snprintf(why, whysz, "reported completed after %" PRId64 " of %" PRId64 " bytes",
+			 d->bytes_transferred, d->total_bytes);
+	else if (ref->full && d->total_bytes != ref->size_bytes)
+		snprintf(why, whysz, "reported completed with %" PRId64 " bytes in all for a full "
+			 "disk of %" PRId64, d->total_bytes, ref->size_bytes);
+	else
+		return true;
+	return false;
+}
+
+/* Says why a reply is not an answer; returns BW_ESNA. */
+static int unreadable(char *why, size_t whysz, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int unreadable(char *why, size_t whysz, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, whysz, fmt, ap);
+	va_end(ap);
+	return BW_ESNA;
+}
+
+static int parse_disk(struct json_object *o, size_t i, const struct bw_sna_disk_ref *refs,
+		      size_t n, struct bw_sna_progress *p, char *why, size_t whysz)
+{
+	struct bw_sna_disk_progress *d = &p->disks[p->n_disks];
+	const struct bw_sna_disk_ref *ref = NULL;
+	int64_t key;
+	size_t len = 0;
+	bool bad = false;
+	const char *s;
+	if (!json_object_is_type(o, json_type_object))
+		return unreadable(why, whysz, "disks[%zu] is not an object", i);
+	if (field(o, "key") == NULL || !bw_json_get_integer(field(o, "key"), &key) ||
+	    json_object_is_type(field(o, "key"), json_type_boolean))
+		return unreadable(why, whysz, "disks[%zu].key is not an integer", i);
+	for (size_t k = 0; k < n && ref == NULL; k++)
+		if (refs[k].key == key)
+			ref = &refs[k];
+	if (ref == NULL)
+		return unreadable(why, whysz, "disks[%zu].key %" PRId64 " is not a disk of this job", i, key);
+	for (size_t k = 0; k < p->n_disks; k++)
+		if (p->disks[k].key == key)
+			return unreadable(why, whysz, "disks[%zu].key %" PRId64 " is there twice", i, key);
+	d->key = key;
+	s = string_field(o, "status", &len, &bad);
+	if (s == NULL || !status_parse(s, len, &d->status))
+		return unreadable(why, whysz, "disks[%zu].status is not one of pending, running, completed, failed", i);
+	if (field(o, "bytes_transferred") == NULL ||
+	    !byte_count(field(o, "bytes_transferred"), &d->bytes_transferred))
+		return unreadable(why, whysz, "disks[%zu].bytes_transferred is not an integer 0 - 2^63-1", i);
+	if (field(o, "total_bytes") == NULL || !byte_count(field(o, "total_bytes"), &d->total_bytes))
+		return unreadable(why, whysz, "disks[%zu].total_bytes is not an integer 0 - 2^63-1", i);
+	s = string_field(o, "change_id", &len, &bad);
+	if (bad)
+		return unreadable(why, whysz, "disks[%zu].change_id is not a string", i);
+	if (s) {
+		size_t cps = bw_utf8_length(s, len);
+		if (cps > BW_SNA_CHANGE_ID_MAX_CP || bw_text_has_control(s, len))
+			return unreadable(why, whysz, "disks[%zu].change_id is longer than %d characters or holds a "
+				   "control character", i, BW_SNA_CHANGE_ID_MAX_CP);
+		memcpy(d->change_id, s, len);
+		d->change_id[len] = '\0';
+	}
+	if (d->status == BW_SNA_COMPLETED)
+		d->proven = proven(d, ref, d->why, sizeof(d->why));
+	p->n_disks++;
+	return 0;
+}
+
+/* Reads the parsed reply doc into *out (allocated here; the caller frees it, also on error). */
+static int parse_progress(struct json_object *doc, const struct bw_sna_disk_ref *disks, size_t n,
+			  struct bw_sna_progress **out, char *why, size_t whysz)
+{
+	size_t len = 0;
+	bool bad = false;
+	if (!json_object_is_type(doc, json_type_object))
+		return unreadable(why, whysz, "not a JSON object");
+	if (string_field(doc, "job_id", &len, &bad) == NULL)
+		return unreadable(why, whysz, "job_id is not a string");
+	struct json_object *list = field(doc, "disks");
+	if (list == NULL || !json_object_is_type(list, json_type_array))
+		return unreadable(why, whysz, "disks is not an array");
+	size_t count = json_object_array_length(list);
+	if (count > n)
+		return unreadable(why, whysz, "disks has %zu entries for a job of %zu disk(s)", count, n);
+	struct bw_sna_progress *p = calloc(1, sizeof(*p) + count * sizeof(p->disks[0]));
+	if ((*out = p) == NULL)
+		return BW_ENOMEM;
+	const char *s = string_field(doc, "status", &len, &bad);
+	if (s == NULL || !status_parse(s, len, &p->status))
+		return unreadable(why, whysz, "status is not one of pending, running, completed, failed");
+	s = string_field(doc, "error", &len, &bad);
+	if (bad)
+		return unreadable(why, whysz, "error is not a string");
+	if (s)
+		bw_text_escape(p->error, sizeof(p->error), s, len);
+	for (size_t i = 0; i < count; i++) {
+		int rc = parse_disk(json_object_array_get_idx(list, i), i, disks, n, p, why, whysz);
+		if (rc != 0)
+			return rc;
+	}
+	return 0;
+}
+
+int bw_sna_progress_parse(const char *body, size_t len, const struct bw_sna_disk_ref *disks,
+			  size_t n, struct bw_sna_progress **out, char *why, size_t whysz)
+{
+	struct json_object *doc = NULL;
+	struct bw_sna_progress *p = NULL;
+	char jwhy[160];
+	if (len > BW_SNA_REPLY_MAX)
+		return unreadable(why, whysz, "the reply is larger than %d bytes", BW_SNA_REPLY_MAX);
+	int rc = bw_json_parse_strict(body, len, &doc, jwhy, sizeof(jwhy));
+	if (rc == BW_ENOMEM)
+		return rc;
+	if (rc != 0)
+		return unreadable(why, whysz, "not JSON: %s", jwhy);
+	rc = parse_progress(doc, disks, n, &p, why, whysz);
+	json_object_put(doc);
+	if (rc != 0) {
+		free(p);
+		return rc;
+	}
+	*out = p;
+	return 0;
+}
+
+/* The body's JSON object, or NULL (not JSON, not an object, too large). */
+static struct json_object *reply_object(const char *body, size_t len)
+{
+	struct json_object *doc = NULL;
+	char why[8];
+	if (len > BW_SNA_REPLY_MAX || bw_json_parse_strict(body, len, &doc, why, sizeof(why)) != 0)
+		return NULL;
+	if (!json_object_is_type(doc, json_type_object)) {
+		json_object_put(doc);
+		return NULL;
+	}
+	return doc;
+}
+
+bool bw_sna_start_reply_parse(const char *body, size_t len, const char *job_id, char *id)
+{
+	struct json_object *doc = reply_object(body, len);
+	size_t n = 0;
+	bool bad = false;
+	const char *s = doc ? string_field(doc, "job_id", &n, &bad) : NULL;
+	bool named = s && n > 0 && n <= BW_TEXT_OUTSIDE_MAX && bw_utf8_length(s, n) != SIZE_MAX &&
+		     !bw_text_has_control(s, n);
+	snprintf(id, BW_SNA_TEXT_SIZE, "%s", named ? s : job_id);
+	json_object_put(doc);
+	return named;
+}
+
+bool bw_sna_cleanup_reply_parse(const char *body, size_t len, char *text)
+{
+	struct json_object *doc = reply_object(body, len);
+	size_t n = 0;
+	bool bad = false;
+	const char *s = doc ? string_field(doc, "error", &n, &bad) : NULL;
+	if (s == NULL && doc)
+		s = string_field(doc, "message", &n, &bad);
+	text[0] = '\0';
+	if (s)
+		bw_text_escape(text, BW_SNA_TEXT_SIZE, s, n);
+	json_object_put(doc);
+	return s != NULL;
+}
+
+/* ---- the client ------------------------------------------------------------------------ */
 
 enum kind { K_START, K_PROGRESS, K_CLEANUP };
 
 struct bw_sna_call {
 	struct bw_sna *s;
 	enum kind kind;
+	char job_id[BW_SNA_TEXT_SIZE];
 	char url[1024];
-	char *body; /* request body (POST) */
+	struct bw_buf body; /* request body (POST); wiped when freed: it may hold the password */
 	char idem[200];
+	struct bw_sna_disk_ref *disks; /* progress: the job's disks */
+	size_t n_disks;
 	bw_sna_done_cb cb;
 	void *arg;
 	CURL *easy; /* NULL while waiting for a retry */
 	struct curl_slist *headers;
 	char *resp;
 	size_t resp_len;
+	bool flooded; /* the last reply was cut at BW_SNA_REPLY_MAX: not an answer */
 	int attempts;
 	int64_t retry_at_ms;
 	struct bw_sna_result result;
@@ -37,15 +364,7 @@ struct bw_sna {
 	char *token;
 	CURLM *multi;
 	struct bw_sna_call *calls;
-	uint64_t rng;
 };
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int bw_sna_new(struct bw_sna **out, const struct bw_sna_opts *o)
 {
@@ -69,7 +388,6 @@ int bw_sna_new(struct bw_sna **out, const struct bw_sna_opts *o)
 	size_t n = strlen(s->url);
 	while (n > 0 && s->url[n - 1] == '/')
 		s->url[--n] = '\0';
-	s->rng = (uint64_t)mono_ms() * 6364136223846793005ULL ^ (uint64_t)getpid() ^ 1;
 	*out = s;
 	return 0;
 }
@@ -88,10 +406,10 @@ static void call_release_transfer(struct bw_sna_call *c)
 static void call_free(struct bw_sna_call *c)
 {
 	call_release_transfer(c);
-	if (c->body) {
-		explicit_bzero(c->body, strlen(c->body)); /* it may hold the vCenter password */
-		free(c->body);
-	}
+	if (c->body.data)
+		explicit_bzero(c->body.data, c->body.cap);
+	bw_buf_free(&c->body);
+	free(c->disks);
 	free(c->resp);
 	free(c);
 }
@@ -118,8 +436,8 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *arg)
 {
 	struct bw_sna_call *c = arg;
 	size_t n = size * nmemb;
-	if (c->resp_len + n > 1 << 20)
-		return 0; /* an SNA reply is small: refuse a flood */
+	if (c->resp_len + n > BW_SNA_REPLY_MAX)
+		return 0; /* not an answer (§3.2): refuse the flood */
 	char *p = realloc(c->resp, c->resp_len + n + 1);
 	if (p == NULL)
 		return 0;
@@ -138,6 +456,7 @@ static int launch(struct bw_sna_call *c)
 	free(c->resp);
 	c->resp = NULL;
 	c->resp_len = 0;
+	c->flooded = false;
 	c->easy = curl_easy_init();
 	if (c->easy == NULL)
 		return BW_ENOMEM;
@@ -162,8 +481,8 @@ static int launch(struct bw_sna_call *c)
 	curl_easy_setopt(c->easy, CURLOPT_PRIVATE, c);
 	if (c->kind != K_PROGRESS) {
 		curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->body);
-		curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)strlen(c->body));
+		curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->body.data);
+		curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)c->body.len);
 	}
 	if (curl_multi_add_handle(s->multi, c->easy) != CURLM_OK) {
 		call_release_transfer(c);
@@ -173,24 +492,27 @@ static int launch(struct bw_sna_call *c)
 	return 0;
 }
 
-static int add_call(struct bw_sna *s, enum kind kind, const char *job_id, const char *path,
-		    const char *body, bw_sna_done_cb cb, void *arg, struct bw_sna_call **out)
+/* A new call of kind for job_id (its body, if any, already in *c). */
+static struct bw_sna_call *call_new(struct bw_sna *s, enum kind kind, const char *job_id)
 {
 	struct bw_sna_call *c = calloc(1, sizeof(*c));
 	if (c == NULL)
-		return BW_ENOMEM;
+		return NULL;
 	c->s = s;
 	c->kind = kind;
+	c->body = (struct bw_buf)BW_BUF_INIT;
+	snprintf(c->job_id, sizeof(c->job_id), "%s", job_id);
+	return c;
+}
+
+static int add_call(struct bw_sna_call *c, const char *path, bw_sna_done_cb cb, void *arg,
+		    struct bw_sna_call **out)
+{
+	struct bw_sna *s = c->s;
 	c->cb = cb;
 	c->arg = arg;
 	snprintf(c->url, sizeof(c->url), "%s%s", s->url, path);
-	if (kind == K_START)
-		snprintf(c->idem, sizeof(c->idem), "Idempotency-Key: %s", job_id);
-	if (body && (c->body = strdup(body)) == NULL) {
-		free(c);
-		return BW_ENOMEM;
-	}
-	int rc = launch(c);
+	int rc = c->body.failed ? BW_ENOMEM : launch(c);
 	if (rc != 0) {
 		call_free(c);
 		return rc;
@@ -202,26 +524,49 @@ static int add_call(struct bw_sna *s, enum kind kind, const char *job_id, const 
 	return 0;
 }
 
-int bw_sna_start(struct bw_sna *s, const char *job_id, const char *body, bw_sna_done_cb cb,
+int bw_sna_start(struct bw_sna *s, const struct bw_sna_start_request *r, bw_sna_done_cb cb,
 		 void *arg, struct bw_sna_call **call)
 {
-	return add_call(s, K_START, job_id, "/api/v1/backup/start", body, cb, arg, call);
+	if (!bw_text_is_safe_id(r->job_id, strlen(r->job_id)))
+		return BW_EINVAL;
+	struct bw_sna_call *c = call_new(s, K_START, r->job_id);
+	if (c == NULL)
+		return BW_ENOMEM;
+	snprintf(c->idem, sizeof(c->idem), "Idempotency-Key: %s", r->job_id);
+	start_body(&c->body, r);
+	return add_call(c, "/api/v1/backup/start", cb, arg, call);
 }
 
-int bw_sna_progress(struct bw_sna *s, const char *job_id, bw_sna_done_cb cb, void *arg,
-		    struct bw_sna_call **call)
+int bw_sna_progress(struct bw_sna *s, const char *job_id, const struct bw_sna_disk_ref *disks,
+		    size_t n, bw_sna_done_cb cb, void *arg, struct bw_sna_call **call)
 {
+	if (!bw_text_is_safe_id(job_id, strlen(job_id)))
+		return BW_EINVAL;
+	struct bw_sna_call *c = call_new(s, K_PROGRESS, job_id);
+	if (c == NULL || (c->disks = calloc(n ? n : 1, sizeof(*disks))) == NULL) {
+		free(c);
+		return BW_ENOMEM;
+	}
+	memcpy(c->disks, disks, n * sizeof(*disks));
+	c->n_disks = n;
 	char path[300];
-	snprintf(path, sizeof(path), "/api/v1/progress/%s", job_id); /* job_id: safe alphabet */
-	return add_call(s, K_PROGRESS, job_id, path, NULL, cb, arg, call);
+	snprintf(path, sizeof(path), "/api/v1/progress/%s", job_id); /* the safe alphabet */
+	return add_call(c, path, cb, arg, call);
 }
 
 int bw_sna_cleanup(struct bw_sna *s, const char *job_id, bw_sna_done_cb cb, void *arg,
 		   struct bw_sna_call **call)
 {
-	char body[300];
-	snprintf(body, sizeof(body), "{\"job_id\":\"%s\",\"action\":\"cleanup_all\"}", job_id);
-	return add_call(s, K_CLEANUP, job_id, "/api/v1/cleanup", body, cb, arg, call);
+	if (!bw_text_is_safe_id(job_id, strlen(job_id)))
+		return BW_EINVAL;
+	struct bw_sna_call *c = call_new(s, K_CLEANUP, job_id);
+	if (c == NULL)
+		return BW_ENOMEM;
+	bw_buf_puts(&c->body, "{");
+	put_str(&c->body, "job_id", job_id, true);
+	put_str(&c->body, "action", "cleanup_all", false);
+	bw_buf_puts(&c->body, "}");
+	return add_call(c, "/api/v1/cleanup", cb, arg, call);
 }
 
 static void unlink_call(struct bw_sna *s, struct bw_sna_call *c)
@@ -248,6 +593,18 @@ size_t bw_sna_active(const struct bw_sna *s)
 	return n;
 }
 
+/* "HTTP 400: <the start of the body>", escaped: what a refusal said, for logs and events. */
+static void status_text(struct bw_sna_call *c, long status)
+{
+	struct bw_sna_result *r = &c->result;
+	int n = snprintf(r->error, sizeof(r->error), "HTTP %ld", status);
+	if (c->resp_len == 0 || status < 300 || n < 0)
+		return;
+	char excerpt[200];
+	bw_text_escape(excerpt, sizeof(excerpt), c->resp, c->resp_len);
+	snprintf(r->error + n, sizeof(r->error) - (size_t)n, ": %s", excerpt);
+}
+
 /* Classifies one finished request; returns true when the call is over. */
 static bool finished(struct bw_sna_call *c, CURLcode code)
 {
@@ -256,11 +613,21 @@ static bool finished(struct bw_sna_call *c, CURLcode code)
 	curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &status);
 	r->http_status = (int)status;
 	r->attempts = c->attempts;
+	if (code == CURLE_WRITE_ERROR && status > 0) {
+		/* the write callback refused a reply over BW_SNA_REPLY_MAX: the status stands,
+		 * the body is no answer */
+		c->flooded = true;
+		code = CURLE_OK;
+		free(c->resp);
+		c->resp = NULL;
+		c->resp_len = 0;
+	}
 	if (code != CURLE_OK) {
-		snprintf(r->error, sizeof(r->error), "%s", curl_easy_strerror(code));
+		const char *e = curl_easy_strerror(code);
+		bw_text_escape(r->error, sizeof(r->error), e, strlen(e));
 		r->http_status = 0;
 	} else {
-		snprintf(r->error, sizeof(r->error), "HTTP %ld", status);
+		status_text(c, status);
 	}
 	bool transient = code != CURLE_OK || status >= 500;
 	if (!transient) {
@@ -277,23 +644,38 @@ static bool finished(struct bw_sna_call *c, CURLcode code)
 	r->outcome = BW_SNA_UNAVAILABLE;
 	if (c->kind == K_PROGRESS || c->attempts >= c->s->o.max_attempts)
 		return true;
-	/* full jitter: uniform in [0, min(cap, base * 2^(n-1))] */
-	int64_t cap = (int64_t)c->s->o.backoff_base_ms << (c->attempts - 1 < 30 ? c->attempts - 1 : 30);
-	if (cap > (int64_t)c->s->o.backoff_cap_s * 1000)
-		cap = (int64_t)c->s->o.backoff_cap_s * 1000;
-	c->s->rng = c->s->rng * 6364136223846793005ULL + 1442695040888963407ULL;
-	c->retry_at_ms = mono_ms() + (int64_t)((c->s->rng >> 33) % (uint64_t)(cap + 1));
+	c->retry_at_ms = bw_clock_mono_ms() + bw_backoff_ms(c->s->o.backoff_base_ms,
+							    (int64_t)c->s->o.backoff_cap_s * 1000,
+							    c->attempts);
 	return false;
 }
 
+/* Runs the callback of a call that is over, with its reply read into the result. */
 static void complete(struct bw_sna *s, struct bw_sna_call *c)
 {
+	struct bw_sna_result *r = &c->result;
+	struct bw_sna_progress *p = NULL;
+	const char *body = c->resp ? c->resp : "";
 	unlink_call(s, c);
-	c->result.body = c->resp ? c->resp : (char *)"";
-	c->result.len = c->resp_len;
+	if (r->outcome == BW_SNA_OK && c->kind == K_START) {
+		bw_sna_start_reply_parse(body, c->resp_len, c->job_id, r->sna_job_id);
+	} else if (r->outcome == BW_SNA_OK && c->kind == K_PROGRESS) {
+		char why[200];
+		int rc = c->flooded ? BW_ESNA
+				    : bw_sna_progress_parse(body, c->resp_len, c->disks, c->n_disks,
+							    &p, why, sizeof(why));
+		if (c->flooded)
+			snprintf(why, sizeof(why), "the reply is larger than %d bytes", BW_SNA_REPLY_MAX);
+		if (rc != 0) {
+			r->outcome = BW_SNA_UNREADABLE;
+			snprintf(r->error, sizeof(r->error), "HTTP %d, not an answer: %s",
+				 r->http_status, rc == BW_ENOMEM ? "out of memory" : why);
+		}
+		r->progress = p;
+	}
 	if (c->cb)
-		c->cb(c->arg, &c->result);
-	c->result.body = NULL;
+		c->cb(c->arg, r);
+	free(p);
 	call_free(c);
 }
 
@@ -315,14 +697,12 @@ void bw_sna_perform(struct bw_sna *s)
 			complete(s, c);
 	}
 	/* retries that are due */
-	int64_t now = mono_ms();
+	int64_t now = bw_clock_mono_ms();
 	for (struct bw_sna_call *c = s->calls, *next; c; c = next) {
 		next = c->next;
-		if (c->easy == NULL && c->retry_at_ms <= now) {
-			if (launch(c) != 0) {
-				snprintf(c->result.error, sizeof(c->result.error), "cannot start a request");
-				complete(s, c);
-			}
+		if (c->easy == NULL && c->retry_at_ms <= now && launch(c) != 0) {
+			snprintf(c->result.error, sizeof(c->result.error), "cannot start a request");
+			complete(s, c);
 		}
 	}
 	curl_multi_perform(s->multi, &running);
@@ -350,7 +730,7 @@ int bw_sna_timeout_ms(struct bw_sna *s)
 {
 	long t = -1;
 	curl_multi_timeout(s->multi, &t);
-	int64_t now = mono_ms();
+	int64_t now = bw_clock_mono_ms();
 	for (struct bw_sna_call *c = s->calls; c; c = c->next) {
 		if (c->easy)
 			continue;
@@ -358,20 +738,7 @@ int bw_sna_timeout_ms(struct bw_sna *s)
 		if (t < 0 || left < t)
 			t = (long)left;
 	}
-	/* curl's fdset misses sockets while it resolves or connects: never sleep long then */
-	if (bw_sna_active(s) > 0 && (t < 0 || t > 50))
-		t = 50;
+	if (bw_sna_active(s) > 0 && (t < 0 || t > CURL_BLIND_MS))
+		t = CURL_BLIND_MS;
 	return (int)t;
-}
-
-void bw_sna_run(struct bw_sna *s, int timeout_ms)
-{
-	int64_t until = mono_ms() + timeout_ms;
-	while (bw_sna_active(s) > 0 && mono_ms() < until) {
-		struct pollfd fds[64];
-		int n = bw_sna_pollfds(s, fds, 64);
-		int t = bw_sna_timeout_ms(s);
-		poll(fds, (nfds_t)n, t < 0 || t > 100 ? 100 : t);
-		bw_sna_perform(s);
-	}
 }

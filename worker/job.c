@@ -2,6 +2,7 @@
 #include "worker.h"
 
 #include "child.h"
+#include "clock.h"
 #include "credentials.h"
 #include "log.h"
 #include "target.h"
@@ -19,20 +20,24 @@
 #include <time.h>
 #include <unistd.h>
 
+/* how often a job waiting for ports asks the ledger again */
 #define PORT_RETRY_MS 1000
+/* a port someone else holds is left alone this long before it is tried again */
 #define QUARANTINE_S 300
+/* backup.progress at most this often: consumers want a pulse, not a stream */
 #define PROGRESS_EVENT_MS 5000
+/* every qemu-nbd of a job must greet within this (it starts in milliseconds) */
 #define NBD_READY_MS 30000
+/* a finishing qemu-nbd flushes its image on exit; a large dirty cache takes time */
 #define NBD_STOP_MS 60000
+/* qemu-img check of a multi-TiB image reads every L2 table */
 #define CHECK_MS 600000
-#define MAX_EVENTS 70
-
-int64_t worker_now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+/* a request that could not even be handed to curl is tried again after this */
+#define SNA_RETRY_MS 1000
+/* the events one transition commits (each one today; room for a pair) */
+#define BATCH_MAX 4
+/* compensation's actions: a stop, a port and an image per disk, and the SNA's cleanup */
+#define ACTIONS_MAX (3 * BW_MESSAGE_MAX_DISKS + 1)
 
 /*
  * Fault injection for the crash tests: BW_CRASH_AT=<point>[:<n>] makes the worker SIGKILL
@@ -65,50 +70,49 @@ void crash_point(const char *point, size_t index)
 /* Events built for one transition: seq follows on from the job's. */
 struct batch {
 	struct job *j;
-	struct json_object *o[MAX_EVENTS];
+	struct bw_event_text ev[BATCH_MAX];
 	size_t n;
+	bool failed; /* a builder ran out of memory: the commit fails */
 	const struct bw_disk_update *disks; /* disk rows written in the same transaction */
 	size_t n_disks;
 };
 
-static struct json_object *ev(struct batch *b, const char *event, const char *extra)
+#define BATCH(job) {(job), {{0}}, 0, false, NULL, 0}
+
+/* The seq of the next event of the batch. */
+static int64_t next_seq(const struct batch *b)
 {
-	char seqbuf[24];
-	int64_t seq = b->j->seq + 1 + (int64_t)b->n;
-	if (extra == NULL && strcmp(event, "backup.progress") == 0) {
-		snprintf(seqbuf, sizeof(seqbuf), "%" PRId64, seq);
-		extra = seqbuf;
-	}
-	struct json_object *o = bw_event_begin(&b->j->ctx, event, seq, extra);
-	if (o && b->n < MAX_EVENTS)
-		b->o[b->n++] = o;
-	return o;
+	return b->j->seq + 1 + (int64_t)b->n;
+}
+
+/* The slot the next builder writes into (the last one again when full: counted as failed). */
+static struct bw_event_text *slot(struct batch *b)
+{
+	return &b->ev[b->n < BATCH_MAX ? b->n : BATCH_MAX - 1];
+}
+
+/* Takes what a builder returned into the batch. */
+static void keep(struct batch *b, int rc)
+{
+	if (rc != 0 || b->n == BATCH_MAX)
+		b->failed = true;
+	else
+		b->n++;
 }
 
 /* Commits the move to state with the batch's events in one ledger transaction. */
 static int commit(struct batch *b, enum bw_job_state state, const char *last_error)
 {
 	struct job *j = b->j;
-	struct bw_event events[MAX_EVENTS];
-	char *bodies[MAX_EVENTS] = {0}, *ids[MAX_EVENTS] = {0}, *names[MAX_EVENTS] = {0};
-	int rc = 0;
-	for (size_t i = 0; i < b->n; i++) {
-		struct json_object *name = NULL;
-		json_object_object_get_ex(b->o[i], "event", &name);
-		names[i] = strdup(json_object_get_string(name));
-		int frc = bw_event_finish(b->o[i], &bodies[i], &ids[i]); /* puts o[i] */
-		if (frc != 0 || names[i] == NULL)
-			rc = BW_ENOMEM;
-		events[i] = (struct bw_event){ids[i], names[i], j->seq + 1 + (int64_t)i, bodies[i]};
-	}
-	if (rc == 0)
-		rc = bw_ledger_transition_disks(j->w->ledger, &j->fence, state, last_error, events,
-						b->n, b->disks, b->n_disks);
-	for (size_t i = 0; i < b->n; i++) {
-		free(bodies[i]);
-		free(ids[i]);
-		free(names[i]);
-	}
+	struct bw_event events[BATCH_MAX];
+	for (size_t i = 0; i < b->n; i++)
+		events[i] = (struct bw_event){b->ev[i].event_id, b->ev[i].name, b->ev[i].seq,
+					      b->ev[i].body};
+	int rc = b->failed ? BW_ENOMEM
+			   : bw_ledger_transition_disks(j->w->ledger, &j->fence, state, last_error,
+							events, b->n, b->disks, b->n_disks);
+	for (size_t i = 0; i < b->n; i++)
+		bw_event_text_free(&b->ev[i]);
 	if (rc == 0) {
 		j->seq += (int64_t)b->n;
 		j->state = state;
@@ -118,6 +122,7 @@ static int commit(struct batch *b, enum bw_job_state state, const char *last_err
 			     bw_ledger_errmsg(j->w->ledger));
 	}
 	b->n = 0;
+	b->failed = false;
 	return rc;
 }
 
@@ -131,38 +136,22 @@ static void copy_text(char *dst, size_t size, const char *src)
 	dst[n] = '\0';
 }
 
-static void add_str(struct json_object *o, const char *k, const char *v)
-{
-	json_object_object_add(o, k, json_object_new_string(v));
-}
-
-static void add_int(struct json_object *o, const char *k, int64_t v)
-{
-	json_object_object_add(o, k, json_object_new_int64(v));
-}
-
 /* ---- failure and compensation -------------------------------------------------------- */
 
-static bool reason_retryable(const char *reason)
-{
-	return strcmp(reason, "target_error") && strcmp(reason, "credential_error") &&
-	       strcmp(reason, "cancelled") && strcmp(reason, "sna_rejected");
-}
-
-static const char *disk_outcome(const struct job_disk *d)
+static enum bw_disk_outcome disk_outcome(const struct job_disk *d)
 {
 	if (d->completed)
-		return "completed";
+		return BW_DISK_COMPLETED;
 	if (d->failed)
-		return "failed";
-	return d->spawned ? "aborted" : "not_started";
+		return BW_DISK_FAILED;
+	return d->spawned ? BW_DISK_ABORTED : BW_DISK_NOT_STARTED;
 }
 
 /*
  * The job cannot complete: backup.failed now (stage, reason, per-disk status), then the
  * compensation runs in step() and ends with backup.cleanup.
  */
-void job_fail(struct job *j, const char *reason, const char *fmt, ...)
+void job_fail(struct job *j, enum bw_fail_reason reason, const char *fmt, ...)
 {
 	if (j->state == BW_JOB_FAILED || j->state == BW_JOB_COMPENSATED ||
 	    j->state == BW_JOB_COMPLETED)
@@ -173,45 +162,25 @@ void job_fail(struct job *j, const char *reason, const char *fmt, ...)
 	va_end(ap);
 	j->reason = reason;
 	j->stage = j->state;
-	j->cleanup_wanted = j->sna_called && strcmp(reason, "sna_rejected") != 0;
+	j->adopting = false;
+	j->cleanup_wanted = j->sna_called && reason != BW_FAIL_SNA_REJECTED;
 	bw_log_warnx("job=%s failed in %s: %s: %s", j->spec->job_id, bw_job_state_name(j->stage),
-		     reason, j->fail_message);
+		     bw_fail_reason_name(reason), j->fail_message);
 
-	struct batch b = {j, {0}, 0, NULL, 0};
-	struct json_object *e = ev(&b, "backup.failed", NULL);
-	add_str(e, "stage", bw_job_state_name(j->stage));
-	add_str(e, "reason", reason);
-	add_str(e, "message", j->fail_message);
-	json_object_object_add(e, "retryable", json_object_new_boolean(reason_retryable(reason)));
-	struct json_object *disks = json_object_new_array();
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct json_object *d = json_object_new_object();
-		add_int(d, "key", j->disks[i].key);
-		add_str(d, "status", disk_outcome(&j->disks[i]));
-		if (j->disks[i].error[0])
-			add_str(d, "error", j->disks[i].error);
-		json_object_array_add(disks, d);
-	}
-	json_object_object_add(e, "disks", disks);
-	if (commit(&b, BW_JOB_FAILED, reason) != 0)
+	struct bw_event_failed_disk disks[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++)
+		disks[i] = (struct bw_event_failed_disk){j->disks[i].key, disk_outcome(&j->disks[i]),
+							 j->disks[i].error};
+	struct batch b = BATCH(j);
+	keep(&b, bw_event_failed(&j->ctx, next_seq(&b), j->stage, reason, j->fail_message, disks,
+				 j->n_disks, slot(&b)));
+	if (commit(&b, BW_JOB_FAILED, bw_fail_reason_name(reason)) != 0)
 		j->state = BW_JOB_FAILED; /* compensate all the same; the ledger retries later */
 	crash_point("failed", 0);
 	if (j->call) {
 		bw_sna_cancel(j->w->sna, j->call);
 		j->call = NULL;
 	}
-}
-
-static struct json_object *action(struct json_object *actions, const char *kind, bool ok,
-				  const char *error)
-{
-	struct json_object *a = json_object_new_object();
-	add_str(a, "kind", kind);
-	add_str(a, "result", ok ? "done" : "failed");
-	if (error && error[0])
-		add_str(a, "error", error);
-	json_object_array_add(actions, a);
-	return a;
 }
 
 static void cleanup_done_cb(void *arg, const struct bw_sna_result *r)
@@ -281,7 +250,8 @@ static void compensate(struct job *j)
 	if (j->cleanup_wanted && !j->cleanup_done)
 		return;
 
-	struct json_object *actions = json_object_new_array(), *pending = json_object_new_array();
+	struct bw_cleanup_action a[ACTIONS_MAX];
+	size_t n = 0;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->stop_done) {
@@ -291,18 +261,9 @@ static void compensate(struct job *j)
 			if (d->stop_rc != 0)
 				bw_log_warnx("job=%s disk=%" PRId64 " stopping qemu-nbd: %s",
 					     j->spec->job_id, d->key, d->stop_error);
-			struct json_object *a = action(actions, "qemu_nbd_stopped", ok,
-						       ok ? NULL : d->stop_error);
-			add_int(a, "key", d->key);
-			add_int(a, "pid", d->nbd.pid);
-			if (!ok) {
-				struct json_object *p = json_object_new_object();
-				add_str(p, "kind", "qemu_nbd_stopped");
-				add_int(p, "pid", d->nbd.pid);
-				add_int(p, "key", d->key);
-				add_str(p, "error", d->stop_error);
-				json_object_array_add(pending, p);
-			}
+			a[n++] = (struct bw_cleanup_action){BW_ACTION_QEMU_NBD_STOPPED, d->key, 0,
+							    d->nbd.pid, NULL, ok,
+							    ok ? NULL : d->stop_error};
 		}
 		bw_nbd_release(&d->nbd);
 	}
@@ -311,10 +272,9 @@ static void compensate(struct job *j)
 		if (d->port == 0)
 			continue;
 		int rc = bw_ledger_release(w->ledger, &j->fence, d->port);
-		struct json_object *a = action(actions, "port_released", rc == 0 || rc == BW_ENOENT,
-					       rc && rc != BW_ENOENT ? bw_strerror(rc) : NULL);
-		add_int(a, "port", d->port);
-		add_int(a, "key", d->key);
+		bool ok = rc == 0 || rc == BW_ENOENT;
+		a[n++] = (struct bw_cleanup_action){BW_ACTION_PORT_RELEASED, d->key, d->port, 0, NULL,
+						    ok, ok ? NULL : bw_strerror(rc)};
 		d->port = 0;
 	}
 	size_t stray = 0; /* a port the job held but no disk in memory knew of */
@@ -325,36 +285,20 @@ static void compensate(struct job *j)
 		if (!d->created)
 			continue;
 		if (d->completed) {
-			struct json_object *a = action(actions, "qcow2_kept", true, NULL);
-			add_int(a, "key", d->key);
-			add_str(a, "path", d->qcow2_path);
+			a[n++] = (struct bw_cleanup_action){BW_ACTION_QCOW2_KEPT, d->key, 0, 0,
+							    d->qcow2_path, true, NULL};
 			continue;
 		}
 		bool ok = unlink(d->qcow2_path) == 0 || access(d->qcow2_path, F_OK) != 0;
-		struct json_object *a = action(actions, "qcow2_removed", ok, ok ? NULL : "unlink failed");
-		add_int(a, "key", d->key);
-		add_str(a, "path", d->qcow2_path);
-		if (!ok) {
-			struct json_object *p = json_object_new_object();
-			add_str(p, "kind", "qcow2_removed");
-			add_str(p, "path", d->qcow2_path);
-			json_object_array_add(pending, p);
-		}
+		a[n++] = (struct bw_cleanup_action){BW_ACTION_QCOW2_REMOVED, d->key, 0, 0,
+						    d->qcow2_path, ok, ok ? NULL : "unlink failed"};
 		d->created = false;
 	}
-	if (j->cleanup_wanted) {
-		action(actions, "sna_cleanup_requested", !j->cleanup_failed, j->cleanup_error);
-		if (j->cleanup_failed) {
-			struct json_object *p = json_object_new_object();
-			add_str(p, "kind", "sna_cleanup_requested");
-			add_str(p, "error", j->cleanup_error);
-			json_object_array_add(pending, p);
-		}
-	}
-	struct batch b = {j, {0}, 0, NULL, 0};
-	struct json_object *e = ev(&b, "backup.cleanup", NULL);
-	json_object_object_add(e, "actions", actions);
-	json_object_object_add(e, "pending", pending);
+	if (j->cleanup_wanted)
+		a[n++] = (struct bw_cleanup_action){BW_ACTION_SNA_CLEANUP_REQUESTED, 0, 0, 0, NULL,
+						    !j->cleanup_failed, j->cleanup_error};
+	struct batch b = BATCH(j);
+	keep(&b, bw_event_cleanup(&j->ctx, next_seq(&b), a, n, slot(&b)));
 	if (commit(&b, BW_JOB_COMPENSATED, NULL) == 0) {
 		j->done = true;
 		bw_log_info("job=%s compensated", j->spec->job_id);
@@ -381,7 +325,7 @@ static void try_reserve(struct job *j, int64_t now)
 					    BW_JOB_RESERVED, u, j->n_disks);
 	if (rc == BW_ENOPORTS) {
 		if (j->state == BW_JOB_CLAIMED) {
-			struct batch b = {j, {0}, 0, NULL, 0};
+			struct batch b = BATCH(j);
 			if (commit(&b, BW_JOB_WAITING_PORTS, NULL) != 0)
 				return;
 			crash_point("waiting_ports", 0);
@@ -390,7 +334,7 @@ static void try_reserve(struct job *j, int64_t now)
 				    j->n_disks, w->cfg->job_port_wait_s);
 		}
 		if (now >= j->ports_until_ms)
-			job_fail(j, "no_ports", "%zu ports not free within %d s in %d-%d", j->n_disks,
+			job_fail(j, BW_FAIL_NO_PORTS, "%zu ports not free within %d s in %d-%d", j->n_disks,
 			     w->cfg->job_port_wait_s, w->cfg->nbd_port_min, w->cfg->nbd_port_max);
 		j->next_try_ms = now + PORT_RETRY_MS;
 		return;
@@ -400,7 +344,7 @@ static void try_reserve(struct job *j, int64_t now)
 			j->next_try_ms = now + PORT_RETRY_MS;
 			return;
 		}
-		job_fail(j, "internal_error", "reserving ports: %s", bw_strerror(rc));
+		job_fail(j, BW_FAIL_INTERNAL_ERROR, "reserving ports: %s", bw_strerror(rc));
 		return;
 	}
 	for (size_t i = 0; i < j->n_disks; i++)
@@ -422,15 +366,16 @@ static void create_targets(struct job *j)
 		int rc = bw_target_create(&t, err, sizeof(err));
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, rc == BW_EPERM || rc == BW_EEXIST || rc == BW_EINVAL ? "target_error"
-											 : "internal_error",
+			job_fail(j, rc == BW_EPERM || rc == BW_EEXIST || rc == BW_EINVAL
+				    ? BW_FAIL_TARGET_ERROR
+				    : BW_FAIL_INTERNAL_ERROR,
 				 "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
 		d->created = true;
 		crash_point("creating", i + 1);
 	}
-	struct batch b = {j, {0}, 0, NULL, 0};
+	struct batch b = BATCH(j);
 	if (commit(&b, BW_JOB_TARGETS_CREATED, NULL) == 0)
 		crash_point("targets_created", 0);
 }
@@ -477,7 +422,7 @@ static void start_servers(struct job *j)
 			if (record_servers(j) != 0)
 				bw_log_warnx("job=%s ledger: cannot record its servers", j->spec->job_id);
 			copy_text(j->disks[i].error, sizeof(j->disks[i].error), err);
-			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", j->disks[i].key, err);
+			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", j->disks[i].key, err);
 			return;
 		}
 		crash_point("spawned", i + 1);
@@ -485,96 +430,81 @@ static void start_servers(struct job *j)
 	/* a crash before this commit leaves servers the ledger does not name: the recovery
 	 * finds them by their export name (bw_nbd_find) */
 	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
-	struct batch b = {j, {0}, 0, u, server_rows(j, u)};
+	struct batch b = BATCH(j);
+	b.disks = u;
+	b.n_disks = server_rows(j, u);
 	if (commit(&b, BW_JOB_SERVING, NULL) != 0) {
-		job_fail(j, "internal_error", "ledger: cannot record the servers");
+		job_fail(j, BW_FAIL_INTERNAL_ERROR, "ledger: cannot record the servers");
 		return;
 	}
-	j->next_try_ms = worker_now_ms() + NBD_READY_MS;
+	j->next_try_ms = bw_clock_mono_ms() + NBD_READY_MS;
 	crash_point("serving", 0);
 }
 
-#define TARGETS_MAX (BW_MESSAGE_MAX_DISKS * 450)
-
-/* Sets every disk's nbd_url and writes the one targets string "key:url,key:url,..". */
-static void build_targets(struct job *j, char *targets)
+/*
+ * The start request's view of the job (borrowed strings; targets[] the caller's), with
+ * every disk's nbd_url set for the events.
+ */
+static struct bw_sna_start_request sna_request(struct job *j, struct bw_sna_target *targets)
 {
-	const char *h = j->w->cfg->nbd_advertise_host;
-	bool v6 = strchr(h, ':') != NULL;
-	size_t used = 0;
-	targets[0] = '\0';
+	const char *host = j->w->cfg->nbd_advertise_host;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		snprintf(d->nbd_url, sizeof(d->nbd_url), "nbd://%s%s%s:%d/%s", v6 ? "[" : "", h,
-			 v6 ? "]" : "", d->port, d->export_name);
-		used += (size_t)snprintf(targets + used, TARGETS_MAX - used, "%s%" PRId64 ":%s",
-					 i ? "," : "", d->key, d->nbd_url);
+		targets[i] = (struct bw_sna_target){d->key, d->size_bytes, d->port, d->export_name,
+						    d->previous_change_id};
+		bw_sna_nbd_url(d->nbd_url, sizeof(d->nbd_url), host, d->port, d->export_name);
 	}
+	return (struct bw_sna_start_request){
+		.job_id = j->spec->job_id,
+		.vm_name = j->spec->vm_name,
+		.vm_path = j->spec->vm_path,
+		.incremental = j->spec->backup_type == BW_BACKUP_INCREMENTAL,
+		.nbd_host = host,
+		.disks = targets,
+		.n_disks = j->n_disks,
+	};
 }
 
 static void start_done_cb(void *arg, const struct bw_sna_result *r);
 
-/* Every server greets: build the targets and call the SNA, once for the whole VM. */
+/* Every server greets: call the SNA, once for the whole VM. */
 static void call_sna(struct job *j)
 {
 	struct worker *w = j->w;
-	char err[600];
+	char err[600], *targets = NULL;
 	struct bw_credential *cred = NULL;
 	int rc = bw_credential_load(w->cfg->credentials_dir, j->spec->credential_id, &cred, err,
 				    sizeof(err));
 	if (rc != 0) {
-		job_fail(j, "credential_error", "%s", err);
+		job_fail(j, BW_FAIL_CREDENTIAL_ERROR, "%s", err);
 		return;
 	}
 	/* persisted before the side effect: from here on the SNA may know this job */
-	struct batch b = {j, {0}, 0, NULL, 0};
+	struct batch b = BATCH(j);
 	if (commit(&b, BW_JOB_SNA_REQUESTED, NULL) != 0) {
 		bw_credential_free(cred);
 		return;
 	}
-	struct json_object *body = json_object_new_object(), *disks = json_object_new_array();
-	char targets[TARGETS_MAX];
-	const char *first_change = "";
-	build_targets(j, targets);
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct job_disk *d = &j->disks[i];
-		struct json_object *o = json_object_new_object();
-		add_int(o, "key", d->key);
-		add_str(o, "nbd_url", d->nbd_url);
-		add_int(o, "size_bytes", d->size_bytes);
-		add_str(o, "previous_change_id", d->previous_change_id ? d->previous_change_id : "");
-		json_object_array_add(disks, o);
-		if (first_change[0] == '\0' && d->previous_change_id)
-			first_change = d->previous_change_id;
-	}
-	add_str(body, "job_id", j->spec->job_id);
-	add_str(body, "vm_name", j->spec->vm_name);
-	add_str(body, "vm_path", j->spec->vm_path);
-	add_str(body, "vcenter_host", cred->vcenter_host);
-	add_str(body, "vcenter_user", cred->username);
-	add_str(body, "vcenter_password", cred->password);
-	add_str(body, "backup_type", j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
-	add_str(body, "previous_change_id", first_change);
-	add_str(body, "nbd_host", w->cfg->nbd_advertise_host);
-	add_str(body, "nbd_targets", targets);
-	json_object_object_add(body, "disks", disks);
-	const char *text = json_object_to_json_string_ext(body, JSON_C_TO_STRING_PLAIN |
-									 JSON_C_TO_STRING_NOSLASHESCAPE);
+	struct bw_sna_target t[BW_MESSAGE_MAX_DISKS];
+	struct bw_sna_start_request req = sna_request(j, t);
+	req.vcenter_host = cred->vcenter_host;
+	req.vcenter_user = cred->username;
+	req.vcenter_password = cred->password;
 	j->sna_called = true;
-	rc = bw_sna_start(w->sna, j->spec->job_id, text, start_done_cb, j, &j->call);
-	/* the body held the password: wipe json-c's text and the credential */
-	explicit_bzero((char *)text, strlen(text));
-	json_object_put(body);
+	rc = bw_sna_start(w->sna, &req, start_done_cb, j, &j->call); /* it wipes its copy */
 	bw_credential_free(cred);
+	if (rc == 0)
+		rc = bw_sna_targets(&req, &targets);
 	if (rc != 0) {
-		job_fail(j, "internal_error", "cannot send the SNA start request: %s", bw_strerror(rc));
+		job_fail(j, BW_FAIL_INTERNAL_ERROR, "cannot send the SNA start request: %s", bw_strerror(rc));
 		return;
 	}
 	crash_point("sna_requested", 0);
 	int64_t max_s = j->spec->max_duration_s ? j->spec->max_duration_s : w->cfg->job_max_duration_s;
-	j->deadline_ms = worker_now_ms() + max_s * 1000;
+	j->deadline_ms = bw_clock_mono_ms() + max_s * 1000;
 	bw_log_info("job=%s SNA start requested for %zu disk(s): %s", j->spec->job_id, j->n_disks,
 		    targets);
+	free(targets);
 }
 
 static void poll_servers(struct job *j, int64_t now)
@@ -610,7 +540,7 @@ static void poll_servers(struct job *j, int64_t now)
 			}
 		}
 		copy_text(d->error, sizeof(d->error), err);
-		job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
+		job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", d->key, err);
 		return;
 	}
 	if (all) {
@@ -618,38 +548,31 @@ static void poll_servers(struct job *j, int64_t now)
 		return;
 	}
 	if (now > j->next_try_ms)
-		job_fail(j, "qemu_nbd_failed", "not every qemu-nbd greeted within %d ms", NBD_READY_MS);
+		job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "not every qemu-nbd greeted within %d ms", NBD_READY_MS);
 }
 
 /* ---- the transfer ------------------------------------------------------------------------- */
 
-void job_started(struct job *j, const char *sna_job_id)
+/* The SNA accepted the job: backup.started and the move to transferring. */
+static void job_started(struct job *j, const char *sna_job_id)
 {
-	struct batch b = {j, {0}, 0, NULL, 0};
-	struct json_object *e = ev(&b, "backup.started", NULL);
-	add_str(e, "sna_job_id", sna_job_id);
-	char targets[TARGETS_MAX];
-	build_targets(j, targets);
-	struct json_object *disks = json_object_new_array();
+	struct bw_sna_target t[BW_MESSAGE_MAX_DISKS];
+	struct bw_sna_start_request req = sna_request(j, t);
+	struct bw_event_started_disk disks[BW_MESSAGE_MAX_DISKS];
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		struct json_object *o = json_object_new_object();
-		add_int(o, "key", d->key);
-		add_str(o, "mode", d->parent_path ? "incremental" : "full");
-		add_str(o, "status", "serving");
-		add_int(o, "nbd_port", d->port);
-		add_str(o, "export_name", d->export_name);
-		add_str(o, "nbd_url", d->nbd_url);
-		add_str(o, "qcow2_path", d->qcow2_path);
-		add_int(o, "qemu_nbd_pid", d->nbd.pid);
-		if (d->parent_path)
-			add_str(o, "parent_path", d->parent_path);
-		json_object_array_add(disks, o);
+		disks[i] = (struct bw_event_started_disk){d->key, d->port, d->export_name, d->nbd_url,
+							  d->qcow2_path, d->nbd.pid, d->parent_path};
 	}
-	add_str(e, "nbd_targets", targets);
-	json_object_object_add(e, "disks", disks);
+	char *targets = NULL;
+	struct batch b = BATCH(j);
+	int rc = bw_sna_targets(&req, &targets);
+	keep(&b, rc != 0 ? rc
+			 : bw_event_started(&j->ctx, next_seq(&b), sna_job_id, targets, disks,
+					    j->n_disks, slot(&b)));
+	free(targets);
 	(void)commit(&b, BW_JOB_TRANSFERRING, NULL);
-	j->next_try_ms = worker_now_ms(); /* first poll at once */
+	j->next_try_ms = bw_clock_mono_ms(); /* first poll at once */
 }
 
 static void start_done_cb(void *arg, const struct bw_sna_result *r)
@@ -658,48 +581,33 @@ static void start_done_cb(void *arg, const struct bw_sna_result *r)
 	j->call = NULL;
 	if (r->outcome == BW_SNA_REJECTED) {
 		j->sna_called = false; /* a definite 4xx: it accepted nothing */
-		job_fail(j, "sna_rejected", "the SNA rejected the start request: HTTP %d %.200s",
-			 r->http_status, r->body);
+		job_fail(j, BW_FAIL_SNA_REJECTED, "the SNA rejected the start request: %s", r->error);
 		return;
 	}
 	if (r->outcome != BW_SNA_OK) {
-		job_fail(j, "sna_unavailable", "no answer from the SNA after %d attempt(s): %s",
+		job_fail(j, BW_FAIL_SNA_UNAVAILABLE, "no answer from the SNA after %d attempt(s): %s",
 			 r->attempts, r->error);
 		return;
 	}
 	crash_point("sna_accepted", 0);
-	struct json_object *reply = json_tokener_parse(r->body), *v = NULL;
-	bool named = reply && json_object_object_get_ex(reply, "job_id", &v) &&
-		     json_object_is_type(v, json_type_string) && json_object_get_string_len(v) > 0;
-	job_started(j, named ? json_object_get_string(v) : j->spec->job_id);
-	json_object_put(reply);
-	bw_log_info("job=%s started on the SNA", j->spec->job_id);
+	job_started(j, r->sna_job_id);
+	bw_log_info("job=%s started on the SNA (its id: %s)", j->spec->job_id, r->sna_job_id);
 	if (j->w->stopping)
 		job_hand_over(j);
 }
 
-/* The per-disk result fields of backup.disk.completed and backup.completed. */
-static void disk_result(struct json_object *o, const struct job_disk *d)
+/* A finished disk's result for the events. */
+static struct bw_disk_result disk_result(const struct job_disk *d)
 {
-	add_int(o, "key", d->key);
-	add_str(o, "qcow2_path", d->qcow2_path);
-	add_str(o, "change_id", d->change_id);
-	add_int(o, "virtual_size", d->virtual_size);
-	add_int(o, "actual_size", d->actual_size);
-	add_str(o, "check", "ok");
+	return (struct bw_disk_result){d->key, d->qcow2_path, d->change_id, d->virtual_size,
+				       d->actual_size};
 }
 
-/* A disk the SNA reports completed: its bytes must all be there; then it finalizes. */
+/* A disk the SNA proved completed (CONTRACT §3.2): its server stops, then the check. */
 static int begin_finalize(struct job *j, struct job_disk *d)
 {
-	if (d->bytes < d->total) {
-		snprintf(d->error, sizeof(d->error),
-			 "reported completed after %" PRId64 " of %" PRId64 " bytes", d->bytes, d->total);
-		job_fail(j, "sna_failed", "disk %" PRId64 " %s", d->key, d->error);
-		return -1;
-	}
 	if (j->state != BW_JOB_FINALIZING) {
-		struct batch b = {j, {0}, 0, NULL, 0};
+		struct batch b = BATCH(j);
 		if (commit(&b, BW_JOB_FINALIZING, NULL) != 0)
 			return -1;
 	}
@@ -725,7 +633,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 		}
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": stop: %s", d->key, err);
+			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": stop: %s", d->key, err);
 			return;
 		}
 		bw_nbd_release(&d->nbd);
@@ -733,10 +641,10 @@ static void finalize_step(struct job *j, struct job_disk *d)
 					  err, sizeof(err));
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+			job_fail(j, BW_FAIL_CHECK_FAILED, "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
-		d->check_by_ms = worker_now_ms() + CHECK_MS;
+		d->check_by_ms = bw_clock_mono_ms() + CHECK_MS;
 		d->fin = FIN_CHECKING;
 		crash_point("checking", (size_t)(d - j->disks) + 1);
 		return;
@@ -744,15 +652,16 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	rc = bw_image_check_finish(d->check_pid, d->qcow2_path, log, &d->virtual_size,
 				   &d->actual_size, err, sizeof(err));
 	if (rc == BW_EBUSY) {
-		if (worker_now_ms() > d->check_by_ms)
-			job_fail(j, "check_failed", "disk %" PRId64 ": qemu-img check still running after %d s",
-			     d->key, CHECK_MS / 1000); /* the compensation ends it */
+		if (bw_clock_mono_ms() > d->check_by_ms)
+			job_fail(j, BW_FAIL_CHECK_FAILED,
+				 "disk %" PRId64 ": qemu-img check still running after %d s", d->key,
+				 CHECK_MS / 1000); /* the compensation ends it */
 		return;
 	}
 	d->check_pid = 0;
 	if (rc != 0) {
 		copy_text(d->error, sizeof(d->error), err);
-		job_fail(j, "check_failed", "disk %" PRId64 ": %s", d->key, err);
+		job_fail(j, BW_FAIL_CHECK_FAILED, "disk %" PRId64 ": %s", d->key, err);
 		return;
 	}
 	unlink(log);
@@ -761,11 +670,12 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	d->fin = FIN_NONE;
 
 	/* the event and the disk's row in one transaction, then its port */
-	char key[24];
-	snprintf(key, sizeof(key), "%" PRId64, d->key);
 	struct bw_disk_update u = {d->key, "completed", 0, 0, true};
-	struct batch b = {j, {0}, 0, &u, 1};
-	disk_result(ev(&b, "backup.disk.completed", key), d);
+	struct bw_disk_result res = disk_result(d);
+	struct batch b = BATCH(j);
+	b.disks = &u;
+	b.n_disks = 1;
+	keep(&b, bw_event_disk_completed(&j->ctx, next_seq(&b), &res, slot(&b)));
 	int crc = commit(&b, BW_JOB_FINALIZING, NULL);
 	if (d->port && bw_ledger_release(w->ledger, &j->fence, d->port) == 0)
 		d->port = 0;
@@ -783,53 +693,36 @@ static void finish_job(struct job *j)
 	int rc = bw_ledger_release_all(w->ledger, &j->fence, &released);
 	if (rc != 0)
 		bw_log_warnx("job=%s ledger: releasing ports: %s", j->spec->job_id, bw_strerror(rc));
-	struct batch b = {j, {0}, 0, NULL, 0};
-	struct json_object *e = ev(&b, "backup.completed", NULL);
-	add_int(e, "duration_ms", worker_now_ms() - j->claimed_ms);
-	struct json_object *disks = json_object_new_array();
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct json_object *o = json_object_new_object();
-		disk_result(o, &j->disks[i]);
-		json_object_array_add(disks, o);
-	}
-	json_object_object_add(e, "disks", disks);
+	struct bw_disk_result res[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++)
+		res[i] = disk_result(&j->disks[i]);
+	int64_t took = bw_clock_mono_ms() - j->claimed_ms;
+	struct batch b = BATCH(j);
+	keep(&b, bw_event_completed(&j->ctx, next_seq(&b), took, res, j->n_disks, slot(&b)));
 	if (commit(&b, BW_JOB_COMPLETED, NULL) == 0) {
 		j->done = true;
 		bw_log_info("job=%s completed: %zu disk(s) in %" PRId64 " ms", j->spec->job_id,
-			    j->n_disks, worker_now_ms() - j->claimed_ms);
+			    j->n_disks, took);
 	}
 }
 
+/* backup.progress when the bytes moved and the last one is old enough. */
 static void progress_event(struct job *j, int64_t now)
 {
-	int64_t bytes = 0, total = 0;
-	char sig[64];
+	struct bw_event_progress_disk disks[BW_MESSAGE_MAX_DISKS];
+	uint64_t sig = 14695981039346656037ULL; /* FNV-1a over the counts: did anything move? */
 	for (size_t i = 0; i < j->n_disks; i++) {
-		bytes += j->disks[i].bytes;
-		total += j->disks[i].total;
+		const struct job_disk *d = &j->disks[i];
+		disks[i] = (struct bw_event_progress_disk){d->key, d->status, d->bytes, d->total};
+		sig = (sig ^ (uint64_t)d->bytes) * 1099511628211ULL;
+		sig = (sig ^ (uint64_t)d->total) * 1099511628211ULL;
 	}
-	snprintf(sig, sizeof(sig), "%" PRId64 "/%" PRId64, bytes, total);
-	if (strcmp(sig, j->progress_last) == 0 || now - j->progress_sent_ms < PROGRESS_EVENT_MS)
+	if ((j->progress_sent_ms && sig == j->progress_sig) || now - j->progress_sent_ms < PROGRESS_EVENT_MS)
 		return;
-	struct batch b = {j, {0}, 0, NULL, 0};
-	struct json_object *e = ev(&b, "backup.progress", NULL);
-	json_object_object_add(e, "percent",
-			       json_object_new_double(total > 0 ? 100.0 * (double)bytes / (double)total
-								: 0.0));
-	add_int(e, "bytes_transferred", bytes);
-	add_int(e, "total_bytes", total);
-	struct json_object *disks = json_object_new_array();
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct json_object *o = json_object_new_object();
-		add_int(o, "key", j->disks[i].key);
-		add_str(o, "status", j->disks[i].status[0] ? j->disks[i].status : "pending");
-		add_int(o, "bytes_transferred", j->disks[i].bytes);
-		add_int(o, "total_bytes", j->disks[i].total);
-		json_object_array_add(disks, o);
-	}
-	json_object_object_add(e, "disks", disks);
+	struct batch b = BATCH(j);
+	keep(&b, bw_event_progress(&j->ctx, next_seq(&b), disks, j->n_disks, slot(&b)));
 	if (commit(&b, j->state, NULL) == 0) {
-		snprintf(j->progress_last, sizeof(j->progress_last), "%s", sig);
+		j->progress_sig = sig;
 		j->progress_sent_ms = now;
 	}
 }
@@ -842,95 +735,175 @@ struct job_disk *job_disk_by_key(struct job *j, int64_t key)
 	return NULL;
 }
 
-static void progress_cb(void *arg, const struct bw_sna_result *r)
+/*
+ * A counted progress reply (CONTRACT §3.2): per-disk progress; a disk completed on
+ * evidence finalizes; a disk the SNA calls failed, or completed without the evidence, and
+ * a job it calls failed, fail the job sna_failed once the disks completed in the same reply
+ * are finalized.
+ */
+static void progress_answer(struct job *j, const struct bw_sna_progress *p)
 {
-	struct job *j = arg;
-	j->call = NULL;
-	j->next_try_ms = worker_now_ms() + (int64_t)j->w->cfg->sna_poll_interval_s * 1000;
-	if (r->outcome == BW_SNA_NOT_FOUND) {
-		if (++j->lost >= j->w->cfg->sna_lost_after)
-			job_fail(j, "sna_lost_job", "the SNA answered 404 for this job %d times in a row",
-			     j->lost);
-		return;
-	}
-	j->lost = 0;
-	if (r->outcome != BW_SNA_OK) {
-		/* transient, but not forever: as many polls as a call has attempts */
-		if (++j->unanswered >= j->w->cfg->sna_max_attempts)
-			job_fail(j, "sna_unavailable", "no progress answer from the SNA %d times in a row: %s",
-			     j->unanswered, r->error);
-		return;
-	}
-	j->unanswered = 0;
-	crash_point("transferring", 0);
-	job_progress_answer(j, r->body);
-}
-
-void job_progress_answer(struct job *j, const char *body)
-{
-	struct json_object *doc = json_tokener_parse(body), *v, *disks;
-	if (doc == NULL || !json_object_object_get_ex(doc, "disks", &disks) ||
-	    !json_object_is_type(disks, json_type_array)) {
-		json_object_put(doc);
-		bw_log_warnx("job=%s unreadable progress reply", j->spec->job_id);
-		return;
-	}
-	bool any_failed = false;
-	for (size_t i = 0; i < json_object_array_length(disks); i++) {
-		struct json_object *o = json_object_array_get_idx(disks, i);
-		struct job_disk *d = json_object_object_get_ex(o, "key", &v)
-					     ? job_disk_by_key(j, json_object_get_int64(v))
-					     : NULL;
+	char why[sizeof(j->deferred_message)] = "";
+	for (size_t i = 0; i < p->n_disks; i++) {
+		const struct bw_sna_disk_progress *r = &p->disks[i];
+		struct job_disk *d = job_disk_by_key(j, r->key); /* the parser saw it is ours */
 		if (d == NULL || d->completed || d->fin != FIN_NONE)
 			continue;
-		if (json_object_object_get_ex(o, "bytes_transferred", &v))
-			d->bytes = json_object_get_int64(v);
-		if (json_object_object_get_ex(o, "total_bytes", &v))
-			d->total = json_object_get_int64(v);
-		if (json_object_object_get_ex(o, "status", &v))
-			snprintf(d->status, sizeof(d->status), "%s", json_object_get_string(v));
-		if (json_object_object_get_ex(o, "change_id", &v) &&
-		    json_object_is_type(v, json_type_string))
-			snprintf(d->change_id, sizeof(d->change_id), "%s", json_object_get_string(v));
-		if (strcmp(d->status, "failed") == 0) {
+		d->status = r->status;
+		d->bytes = r->bytes_transferred;
+		d->total = r->total_bytes;
+		if (r->status == BW_SNA_FAILED) {
 			d->failed = true;
-			any_failed = true;
 			snprintf(d->error, sizeof(d->error), "the SNA reported this disk failed");
+		} else if (r->status == BW_SNA_COMPLETED && !r->proven) {
+			d->failed = true;
+			snprintf(d->error, sizeof(d->error), "the SNA %s", r->why);
+			if (why[0] == '\0')
+				snprintf(why, sizeof(why), "disk %" PRId64 ": the SNA %s (not taken as "
+					 "a completed disk)", d->key, r->why);
+		} else if (r->status == BW_SNA_COMPLETED) {
+			snprintf(d->change_id, sizeof(d->change_id), "%s", r->change_id);
 		}
 	}
-	const char *job_status = json_object_object_get_ex(doc, "status", &v) ? json_object_get_string(v) : "";
-	char error[300] = "";
-	if (json_object_object_get_ex(doc, "error", &v) && json_object_is_type(v, json_type_string))
-		snprintf(error, sizeof(error), "%s", json_object_get_string(v));
-	bool job_failed = strcmp(job_status, "failed") == 0;
-	json_object_put(doc);
-
-	/* disks completed in this answer finalize first, even when another one failed */
-	bool finalizing = false;
+	bool finalizing = false, unreported = false;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
-		if (!d->completed && d->fin == FIN_NONE && strcmp(d->status, "completed") == 0 &&
+		/* disks completed in this answer finalize first, even when another one failed */
+		if (!d->completed && d->fin == FIN_NONE && d->status == BW_SNA_COMPLETED &&
 		    !d->failed && begin_finalize(j, d) != 0)
 			return;
 		finalizing |= d->fin != FIN_NONE;
+		unreported |= !d->completed && d->fin == FIN_NONE && !d->failed;
 	}
-	if (any_failed || job_failed) {
-		j->deferred_reason = "sna_failed";
-		snprintf(j->deferred_message, sizeof(j->deferred_message),
-			 "the SNA reported the transfer failed%s%s", error[0] ? ": " : "", error);
+	if (why[0] == '\0' && p->status == BW_SNA_FAILED)
+		snprintf(why, sizeof(why), "the SNA reported the transfer failed%s%s",
+			 p->error[0] ? ": " : "", p->error);
+	if (why[0] == '\0' && p->status == BW_SNA_COMPLETED && unreported)
+		snprintf(why, sizeof(why), "the SNA reports the job completed but not every disk");
+	for (size_t i = 0; i < j->n_disks && why[0] == '\0'; i++)
+		if (j->disks[i].failed)
+			snprintf(why, sizeof(why), "the SNA reported disk %" PRId64 " failed%s%s",
+				 j->disks[i].key, p->error[0] ? ": " : "", p->error);
+	if (why[0]) {
+		j->deferred = true;
+		snprintf(j->deferred_message, sizeof(j->deferred_message), "%s", why);
 		if (!finalizing)
-			job_fail(j, j->deferred_reason, "%s", j->deferred_message);
+			job_fail(j, BW_FAIL_SNA_FAILED, "%s", j->deferred_message);
 		return;
 	}
 	/* once a disk finalizes the job stays finalizing (the ledger moves forward only) while
 	 * the others still transfer */
-	progress_event(j, worker_now_ms());
+	progress_event(j, bw_clock_mono_ms());
+}
+
+/*
+ * The SNA's first counted word on a job of a dead worker: adopt it when the SNA runs it and
+ * every disk still to come has its server (or the SNA has finished that disk); else
+ * compensate it.
+ */
+static void adopt_answer(struct job *j, const struct bw_sna_progress *p)
+{
+	j->adopting = false;
+	if (p->status == BW_SNA_FAILED) {
+		job_fail(j, BW_FAIL_SNA_FAILED, "its worker died; the SNA reports the job failed%s%s",
+			 p->error[0] ? ": " : "", p->error);
+		return;
+	}
+	for (size_t i = 0; i < j->n_disks; i++) {
+		const struct job_disk *d = &j->disks[i];
+		if (d->completed || (d->spawned && !d->nbd.exited))
+			continue;
+		bool finished = false;
+		for (size_t k = 0; k < p->n_disks; k++)
+			finished |= p->disks[k].key == d->key && p->disks[k].status == BW_SNA_COMPLETED;
+		if (!finished) {
+			job_fail(j, BW_FAIL_WORKER_LOST,
+				 "its worker died and disk %" PRId64 " lost its qemu-nbd (pid %ld) "
+				 "before the SNA finished it", d->key, (long)d->nbd.pid);
+			return;
+		}
+	}
+	int64_t max_s = j->spec->max_duration_s ? j->spec->max_duration_s
+						: j->w->cfg->job_max_duration_s;
+	j->deadline_ms = j->claimed_ms + max_s * 1000;
+	if (j->state == BW_JOB_SNA_REQUESTED)
+		job_started(j, j->spec->job_id);
+	bw_log_info("job=%s adopted in %s: the SNA reports it %s", j->spec->job_id,
+		    bw_job_state_name(j->state), bw_sna_status_name(p->status));
+	progress_answer(j, p);
+}
+
+/*
+ * A progress poll ended. One patience for a running job and an adopting one: sna.lost_after
+ * 404s in a row, or sna.max_attempts polls in a row without an answer (no reply, an error
+ * status, a reply of another shape: CONTRACT §3.2), fail it; until then it asks again.
+ */
+static void progress_cb(void *arg, const struct bw_sna_result *r)
+{
+	struct job *j = arg;
+	const struct bw_config *cfg = j->w->cfg;
+	j->call = NULL;
+	j->next_try_ms = bw_clock_mono_ms() + (int64_t)cfg->sna_poll_interval_s * 1000;
+	if (r->outcome == BW_SNA_NOT_FOUND) {
+		j->unanswered = 0;
+		if (++j->lost < cfg->sna_lost_after)
+			return;
+		if (j->adopting)
+			job_fail(j, BW_FAIL_WORKER_LOST, "its worker died and the SNA does not know "
+				 "the job (404, %d times)", j->lost);
+		else
+			job_fail(j, BW_FAIL_SNA_LOST_JOB,
+				 "the SNA answered 404 for this job %d times in a row", j->lost);
+		return;
+	}
+	j->lost = 0;
+	if (r->outcome != BW_SNA_OK) {
+		bw_log_warnx("job=%s no progress answer from the SNA (%d in a row): %s",
+			     j->spec->job_id, j->unanswered + 1, r->error);
+		if (++j->unanswered < cfg->sna_max_attempts)
+			return;
+		if (j->adopting)
+			job_fail(j, BW_FAIL_WORKER_LOST, "its worker died and the SNA gave no answer "
+				 "%d times: %s", j->unanswered, r->error);
+		else
+			job_fail(j, BW_FAIL_SNA_UNAVAILABLE, "no progress answer from the SNA %d times "
+				 "in a row: %s", j->unanswered, r->error);
+		return;
+	}
+	j->unanswered = 0;
+	if (j->adopting) {
+		adopt_answer(j, r->progress);
+		return;
+	}
+	crash_point("transferring", 0);
+	progress_answer(j, r->progress);
+}
+
+/* Asks the SNA how the transfer goes, when it is time and nothing is asked yet. */
+static void poll_progress(struct job *j, int64_t now)
+{
+	if (j->call != NULL || now < j->next_try_ms)
+		return;
+	struct bw_sna_disk_ref refs[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++)
+		refs[i] = (struct bw_sna_disk_ref){j->disks[i].key, j->disks[i].size_bytes,
+						   j->disks[i].parent_path == NULL};
+	if (bw_sna_progress(j->w->sna, j->spec->job_id, refs, j->n_disks, progress_cb, j,
+			    &j->call) != 0)
+		j->next_try_ms = now + SNA_RETRY_MS;
+}
+
+void job_adopt(struct job *j)
+{
+	j->adopting = true;
+	j->lost = j->unanswered = 0;
+	j->next_try_ms = 0;
 }
 
 static void follow(struct job *j, int64_t now)
 {
 	if (now > j->deadline_ms) {
-		job_fail(j, "deadline_exceeded", "the transfer did not end within %" PRId64 " s",
+		job_fail(j, BW_FAIL_DEADLINE_EXCEEDED, "the transfer did not end within %" PRId64 " s",
 		     j->spec->max_duration_s ? j->spec->max_duration_s
 					     : (int64_t)j->w->cfg->job_max_duration_s);
 		return;
@@ -948,15 +921,15 @@ static void follow(struct job *j, int64_t now)
 				bw_status_text(d->nbd.status, what, sizeof(what));
 			snprintf(err, sizeof(err), "qemu-nbd pid %ld %s", (long)d->nbd.pid, what);
 			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, "qemu_nbd_failed", "disk %" PRId64 ": %s", d->key, err);
+			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", d->key, err);
 			return;
 		}
 		all &= d->completed;
 		finalizing |= d->fin != FIN_NONE;
 		reported &= d->completed || d->fin != FIN_NONE;
 	}
-	if (j->deferred_reason && !finalizing) {
-		job_fail(j, j->deferred_reason, "%s", j->deferred_message);
+	if (j->deferred && !finalizing) {
+		job_fail(j, BW_FAIL_SNA_FAILED, "%s", j->deferred_message);
 		return;
 	}
 	if (all) {
@@ -964,9 +937,8 @@ static void follow(struct job *j, int64_t now)
 		return;
 	}
 	/* progress is asked for until the SNA reported every disk completed */
-	if (!reported && j->call == NULL && now >= j->next_try_ms &&
-	    bw_sna_progress(j->w->sna, j->spec->job_id, progress_cb, j, &j->call) != 0)
-		j->next_try_ms = now + 1000;
+	if (!reported)
+		poll_progress(j, now);
 }
 
 /* ---- the job's life ------------------------------------------------------------------- */
@@ -978,7 +950,6 @@ void job_free(struct job *j)
 	for (size_t i = 0; i < j->n_disks; i++)
 		bw_nbd_release(&j->disks[i].nbd);
 	free(j->disks);
-	json_object_put(j->vm);
 	bw_job_spec_free(j->spec);
 	free(j->message);
 	free(j);
@@ -987,7 +958,7 @@ void job_free(struct job *j)
 static void step(struct job *j, int64_t now)
 {
 	if (j->adopting) {
-		recover_ask(j, now); /* the SNA's answer decides (recover.c) */
+		poll_progress(j, now); /* the SNA's answer decides (adopt_answer) */
 		return;
 	}
 	switch (j->state) {
@@ -1022,7 +993,7 @@ static void step(struct job *j, int64_t now)
 
 void jobs_step(struct worker *w)
 {
-	int64_t now = worker_now_ms();
+	int64_t now = bw_clock_mono_ms();
 	for (struct job *j = w->jobs; j; j = j->next) {
 		/* a few steps at a time: each one is short and persisted first */
 		for (int k = 0; k < 8 && !j->done; k++) {
@@ -1058,7 +1029,7 @@ static bool children_busy(const struct job *j)
 
 int jobs_timeout_ms(struct worker *w)
 {
-	int64_t now = worker_now_ms(), best = -1;
+	int64_t now = bw_clock_mono_ms(), best = -1;
 	for (struct job *j = w->jobs; j; j = j->next) {
 		int64_t t;
 		if (j->state == BW_JOB_SERVING)
@@ -1102,7 +1073,7 @@ void jobs_shutdown(struct worker *w)
 		else if (j->state == BW_JOB_SNA_REQUESTED)
 			continue; /* handed over once the SNA answers the start (start_done_cb) */
 		else
-			job_fail(j, "worker_shutdown", "the worker was told to stop");
+			job_fail(j, BW_FAIL_WORKER_SHUTDOWN, "the worker was told to stop");
 	}
 }
 
@@ -1134,14 +1105,12 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 	j->w = w;
 	j->spec = spec;
 	if ((j->message = strndup(body, len)) == NULL ||
-	    (j->disks = calloc(spec->n_disks, sizeof(*j->disks))) == NULL ||
-	    (j->vm = bw_event_vm(spec)) == NULL)
+	    (j->disks = calloc(spec->n_disks, sizeof(*j->disks))) == NULL)
 		goto fail;
 	j->n_disks = spec->n_disks;
 	j->repository = bw_config_repository(cfg, spec->repository_id);
 	bw_target_vm_dir(spec->vm_id, spec->vm_name, j->vm_dir);
-	j->ctx = (struct bw_event_ctx){spec->job_id, w->host, cfg->worker_id, j->vm, spec->policy_id,
-				       spec->tags};
+	j->ctx = (struct bw_event_ctx){spec, w->host, cfg->worker_id};
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		const struct bw_disk_spec *ds = &spec->disks[i];
@@ -1149,8 +1118,7 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 		d->size_bytes = ds->size_bytes;
 		d->parent_path = ds->parent_path;
 		d->previous_change_id = ds->previous_change_id;
-		d->nbd.probe_fd = -1;
-		d->nbd.pidfd = -1;
+		bw_nbd_init(&d->nbd);
 		snprintf(d->export_name, sizeof(d->export_name), "%s-%" PRId64, spec->job_id, d->key);
 		struct bw_target t = {j->repository, j->vm_dir, d->key, spec->job_id, d->size_bytes,
 				      d->parent_path, 0640};
@@ -1203,20 +1171,14 @@ int job_receive(struct worker *w, const char *body, size_t len)
 		nd[i] = (struct bw_job_disk_new){j->disks[i].key, j->disks[i].export_name,
 						 j->disks[i].qcow2_path};
 
-	struct json_object *e = bw_event_begin(&j->ctx, "backup.accepted", 1, NULL);
-	if (e == NULL)
+	struct bw_event_text e;
+	if ((rc = bw_event_accepted(&j->ctx, &e)) != 0)
 		goto out;
-	add_str(e, "backup_type", j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
-	add_int(e, "disk_count", (int64_t)j->n_disks);
-	char *ebody = NULL, *eid = NULL;
-	if ((rc = bw_event_finish(e, &ebody, &eid)) != 0)
-		goto out;
-	struct bw_event accepted = {eid, "backup.accepted", 1, ebody};
+	struct bw_event accepted = {e.event_id, e.name, e.seq, e.body};
 	struct bw_known existing;
 	rc = bw_ledger_claim(w->ledger, j->spec->job_id, j->message, nd, j->n_disks, &accepted,
 			     &j->generation, &existing);
-	free(ebody);
-	free(eid);
+	bw_event_text_free(&e);
 	if (rc == BW_EEXIST) {
 		const char *state = bw_job_state_name(existing.state);
 		if (existing.same_message)
@@ -1238,7 +1200,7 @@ int job_receive(struct worker *w, const char *body, size_t len)
 	j->seq = 1;
 	j->state = BW_JOB_CLAIMED;
 	j->fence = (struct bw_fence){j->spec->job_id, j->generation};
-	j->claimed_ms = worker_now_ms();
+	j->claimed_ms = bw_clock_mono_ms();
 	job_enqueue(w, j);
 	bw_log_info("job=%s claimed: vm=%s %zu disk(s), %s", j->spec->job_id, j->spec->vm_path,
 		    j->n_disks, j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");

@@ -1,22 +1,14 @@
 /* recover.c: the jobs of this host's dead workers: adopted when they still run, resumed when they were ending, compensated otherwise. */
 #include "worker.h"
 
+#include "clock.h"
 #include "log.h"
 
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
-
-static int64_t wall_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /*
  * A disk is completed when its backup.disk.completed was committed: the results come
@@ -28,34 +20,21 @@ static bool load_result(struct job *j, struct job_disk *d)
 	snprintf(id, sizeof(id), "%s/backup.disk.completed/%" PRId64, j->spec->job_id, d->key);
 	if (bw_ledger_event_body(j->w->ledger, id, &body) != 0)
 		return false;
-	struct json_object *o = json_tokener_parse(body), *v;
+	int rc = bw_event_disk_completed_read(body, d->change_id, sizeof(d->change_id),
+					      &d->virtual_size, &d->actual_size);
 	free(body);
-	if (o == NULL)
+	if (rc != 0)
 		return false;
-	if (json_object_object_get_ex(o, "change_id", &v))
-		snprintf(d->change_id, sizeof(d->change_id), "%s", json_object_get_string(v));
-	if (json_object_object_get_ex(o, "virtual_size", &v))
-		d->virtual_size = json_object_get_int64(v);
-	if (json_object_object_get_ex(o, "actual_size", &v))
-		d->actual_size = json_object_get_int64(v);
-	json_object_put(o);
 	d->completed = true;
-	snprintf(d->status, sizeof(d->status), "completed");
+	d->status = BW_SNA_COMPLETED;
 	return true;
 }
 
-/* A server that is not running any more (or must not be touched): never signalled, its
- * end judged as clean (what it served is checked by qemu-img check before use). */
+/* A server that is not running any more (or must not be touched): never signalled. */
 static void server_gone(struct job_disk *d, pid_t pid)
 {
 	d->spawned = true;
-	d->nbd.pid = pid;
-	d->nbd.exited = true;
-	d->nbd.status = -1;
-	d->nbd.ready = true;
-	snprintf(d->nbd.log_path, sizeof(d->nbd.log_path), "%s", d->log_path);
-	struct stat st;
-	d->nbd.log_size = stat(d->log_path, &st) == 0 ? st.st_size : 0;
+	bw_nbd_mark_gone(&d->nbd, pid, d->log_path);
 }
 
 /* Takes over the servers of a disk: the recorded one, or one started but never recorded. */
@@ -80,81 +59,6 @@ static void take_server(struct job *j, struct job_disk *d, const struct bw_reape
 	}
 }
 
-static void adopt_cb(void *arg, const struct bw_sna_result *r)
-{
-	struct job *j = arg;
-	const struct bw_config *cfg = j->w->cfg;
-	j->call = NULL;
-	/* the same patience as for a running job: a 404 sna.lost_after times in a row, no
-	 * answer sna.max_attempts times; until then the question is asked again */
-	j->next_try_ms = worker_now_ms() + (int64_t)cfg->sna_poll_interval_s * 1000;
-	if (r->outcome == BW_SNA_NOT_FOUND) {
-		if (++j->lost < cfg->sna_lost_after)
-			return;
-		j->adopting = false;
-		job_fail(j, "worker_lost", "its worker died and the SNA does not know the job "
-			 "(404, %d times)", j->lost);
-		return;
-	}
-	if (r->outcome != BW_SNA_OK) {
-		if (++j->unanswered < cfg->sna_max_attempts)
-			return;
-		j->adopting = false;
-		job_fail(j, "worker_lost", "its worker died and the SNA gave no answer %d times: %s",
-			 j->unanswered, r->error);
-		return;
-	}
-	j->adopting = false;
-	j->lost = j->unanswered = 0;
-	struct json_object *doc = json_tokener_parse(r->body), *v, *disks = NULL;
-	const char *status = doc && json_object_object_get_ex(doc, "status", &v)
-				     ? json_object_get_string(v)
-				     : "";
-	if (doc)
-		json_object_object_get_ex(doc, "disks", &disks);
-	bool running = strcmp(status, "running") == 0 || strcmp(status, "completed") == 0 ||
-		       strcmp(status, "pending") == 0;
-	/* every disk still to come needs its server, unless the SNA has finished it */
-	const struct job_disk *orphan = NULL;
-	for (size_t i = 0; running && i < j->n_disks && orphan == NULL; i++) {
-		const struct job_disk *d = &j->disks[i];
-		if (d->completed || (d->spawned && !d->nbd.exited))
-			continue;
-		bool finished = false;
-		for (size_t k = 0; disks && k < json_object_array_length(disks); k++) {
-			struct json_object *o = json_object_array_get_idx(disks, k), *x;
-			if (json_object_object_get_ex(o, "key", &x) && json_object_get_int64(x) == d->key &&
-			    json_object_object_get_ex(o, "status", &x))
-				finished = strcmp(json_object_get_string(x), "completed") == 0;
-		}
-		if (!finished)
-			orphan = d;
-	}
-	char status_copy[32];
-	snprintf(status_copy, sizeof(status_copy), "%s", status);
-	json_object_put(doc);
-	if (!running) {
-		job_fail(j, strcmp(status_copy, "failed") == 0 ? "sna_failed" : "worker_lost",
-			 "its worker died; the SNA reports the job %s", status_copy[0] ? status_copy : "unreadable");
-		return;
-	}
-	if (orphan) {
-		job_fail(j, "worker_lost",
-			 "its worker died and disk %" PRId64 " lost its qemu-nbd (pid %ld) before the "
-			 "SNA finished it", orphan->key, (long)orphan->nbd.pid);
-		return;
-	}
-	int64_t max_s = j->spec->max_duration_s ? j->spec->max_duration_s
-						: j->w->cfg->job_max_duration_s;
-	j->deadline_ms = j->claimed_ms + max_s * 1000;
-	if (j->state == BW_JOB_SNA_REQUESTED)
-		job_started(j, j->spec->job_id);
-	bw_log_info("job=%s adopted in %s: the SNA reports it %s", j->spec->job_id,
-		    bw_job_state_name(j->state), status_copy);
-	j->next_try_ms = worker_now_ms() + (int64_t)j->w->cfg->sna_poll_interval_s * 1000;
-	job_progress_answer(j, r->body);
-}
-
 /* One job of a dead worker, now ours under a new generation. */
 static void take_over(struct worker *w, const struct bw_reaped_job *r)
 {
@@ -175,7 +79,7 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 	j->fence = (struct bw_fence){j->spec->job_id, j->generation};
 	j->seq = r->seq;
 	j->state = r->state;
-	j->claimed_ms = worker_now_ms() - (wall_ms() - r->created_at_ms);
+	j->claimed_ms = bw_clock_mono_ms() - (bw_clock_wall_ms() - r->created_at_ms);
 	j->sna_called = r->sna_called;
 	bool all_completed = true;
 	for (size_t i = 0; i < r->n_disks; i++) {
@@ -204,30 +108,21 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 	case BW_JOB_TRANSFERRING:
 	case BW_JOB_FINALIZING:
 		if (r->boot_changed) {
-			job_fail(j, "worker_lost", "the host rebooted while worker %s ran this job: "
+			job_fail(j, BW_FAIL_WORKER_LOST, "the host rebooted while worker %s ran this job: "
 				 "nothing of it runs any more", r->previous_owner);
 		} else if (all_completed && r->state == BW_JOB_FINALIZING) {
 			j->deadline_ms = INT64_MAX; /* every disk reported: backup.completed next */
 		} else {
 			/* the SNA may have the job: its answer decides between adopting and
-			 * compensating (recover_ask, from the loop) */
-			j->adopting = true;
-			j->next_try_ms = 0;
+			 * compensating (job.c, from the loop) */
+			job_adopt(j);
 		}
 		break;
 	default:
-		job_fail(j, "worker_lost", "worker %s died while preparing it%s", r->previous_owner,
+		job_fail(j, BW_FAIL_WORKER_LOST, "worker %s died while preparing it%s", r->previous_owner,
 			 r->boot_changed ? " (the host rebooted since)" : "");
 		break;
 	}
-}
-
-void recover_ask(struct job *j, int64_t now)
-{
-	if (j->call != NULL || now < j->next_try_ms)
-		return;
-	if (bw_sna_progress(j->w->sna, j->spec->job_id, adopt_cb, j, &j->call) != 0)
-		j->next_try_ms = now + 1000;
 }
 
 void recover_pass(struct worker *w)

@@ -2,7 +2,6 @@
 #ifndef BW_WORKER_H
 #define BW_WORKER_H
 
-#include <json-c/json.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -46,7 +45,7 @@ struct job_disk {
 	int port;
 	char export_name[200];
 	char qcow2_path[4096];
-	char nbd_url[400];
+	char nbd_url[512];
 	char log_path[4096];
 	struct bw_nbd nbd;
 	bool created;   /* this job created its image */
@@ -59,13 +58,13 @@ struct job_disk {
 	bool stop_done; /* compensation stopped its server (result in stop_rc, stop_error) */
 	int stop_rc;
 	char stop_error[300];
-	char status[16];
+	enum bw_sna_status status; /* the SNA's last word on it */
 	int64_t bytes;
 	int64_t total;
 	int64_t virtual_size; /* of the finished image */
 	int64_t actual_size;
-	char change_id[1100];
-	char error[300];
+	char change_id[BW_SNA_CHANGE_ID_SIZE];
+	char error[BW_SNA_TEXT_SIZE + 64]; /* bounded: it may quote the SNA */
 };
 
 struct job {
@@ -76,7 +75,6 @@ struct job {
 	int64_t seq;
 	enum bw_job_state state;
 	struct bw_fence fence;
-	struct json_object *vm;
 	struct bw_event_ctx ctx;
 	struct job_disk *disks;
 	size_t n_disks;
@@ -88,26 +86,27 @@ struct job {
 	int64_t next_try_ms;     /* next port attempt / progress poll */
 	int64_t deadline_ms;     /* the transfer deadline */
 	int64_t progress_sent_ms;
-	char progress_last[64];
+	uint64_t progress_sig; /* of the counts the last backup.progress reported */
 	struct bw_sna_call *call;
 	bool sna_called;  /* a start request may have been accepted */
+	/* the SNA's patience, for a running job and an adopting one alike: */
 	int lost;         /* consecutive progress 404s */
-	int unanswered;   /* consecutive progress polls with no answer (5xx, timeout, refused) */
+	int unanswered;   /* consecutive progress polls that were no answer (§3.2) */
 	bool done;        /* terminal and compensated, or handed over: free it */
 	bool adopting;    /* taken over from a dead worker: waiting for the SNA's word */
 
 	/* a failure the SNA reported while disks were finalizing: failed once they are done */
-	const char *deferred_reason;
-	char deferred_message[512];
+	bool deferred;
+	char deferred_message[BW_SNA_TEXT_SIZE + 128]; /* bounded: it may quote the SNA */
 
 	/* failure being compensated */
-	const char *reason;
+	enum bw_fail_reason reason;
 	enum bw_job_state stage;
-	char fail_message[512];
+	char fail_message[BW_SNA_TEXT_SIZE + 256];
 	bool cleanup_wanted; /* ask the SNA to clean up */
 	bool cleanup_done;
 	bool cleanup_failed;
-	char cleanup_error[256];
+	char cleanup_error[BW_SNA_TEXT_SIZE];
 
 	struct job *next;
 };
@@ -142,14 +141,14 @@ struct job_disk *job_disk_by_key(struct job *j, int64_t key);
 void job_free(struct job *j);
 
 /* backup.failed now (stage, reason, per-disk status); the compensation follows in the loop. */
-void job_fail(struct job *j, const char *reason, const char *fmt, ...)
+void job_fail(struct job *j, enum bw_fail_reason reason, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
-/* The SNA accepted the job: backup.started and the move to transferring. */
-void job_started(struct job *j, const char *sna_job_id);
-
-/* Handles a progress answer of the SNA (its body): per-disk progress, finalizing, failure. */
-void job_progress_answer(struct job *j, const char *body);
+/*
+ * A job of a dead worker that the SNA may still run: the loop asks the SNA with a running
+ * job's patience and adopts it (every disk still to come has its server) or compensates it.
+ */
+void job_adopt(struct job *j);
 
 /* Fault injection for the crash tests (BW_CRASH_AT, see job.c). */
 void crash_point(const char *point, size_t index);
@@ -157,9 +156,5 @@ void crash_point(const char *point, size_t index);
 /* Takes over the jobs of this host's dead workers: adopts, resumes or compensates them. */
 void recover_pass(struct worker *w);
 
-/* An adopting job asks the SNA about its job (again, when it is time). */
-void recover_ask(struct job *j, int64_t now);
-
-int64_t worker_now_ms(void);
 
 #endif
