@@ -34,6 +34,14 @@
 #define CHECK_MS 600000
 /* a request that could not even be handed to curl is tried again after this */
 #define SNA_RETRY_MS 1000
+/* an image is read by the hub's group (restores), written by the worker alone */
+#define IMAGE_MODE 0640
+/* a job in serving probes its servers' greetings this often */
+#define GREETING_POLL_MS 2
+/* a job stopping or awaiting children looks at them this often (SIGCHLD wakes it sooner) */
+#define CHILDREN_POLL_MS 20
+/* steps one job takes per loop turn before the next job's turn: each is short */
+#define STEPS_PER_TURN 8
 /* the events one transition commits (each one today; room for a pair) */
 #define BATCH_MAX 4
 /* compensation's actions: a stop, a port and an image per disk, and the SNA's cleanup */
@@ -362,7 +370,7 @@ static void create_targets(struct job *j)
 		if (d->created)
 			continue;
 		struct bw_target t = {j->repository, j->vm_dir, d->key, j->spec->job_id,
-				      d->size_bytes, d->parent_path, 0640};
+				      d->size_bytes, d->parent_path, IMAGE_MODE};
 		int rc = bw_target_create(&t, err, sizeof(err));
 		if (rc != 0) {
 			copy_text(d->error, sizeof(d->error), err);
@@ -710,13 +718,14 @@ static void finish_job(struct job *j)
 static void progress_event(struct job *j, int64_t now)
 {
 	struct bw_event_progress_disk disks[BW_MESSAGE_MAX_DISKS];
-	uint64_t sig = 14695981039346656037ULL; /* FNV-1a over the counts: did anything move? */
+	int64_t counts[2 * BW_MESSAGE_MAX_DISKS];
 	for (size_t i = 0; i < j->n_disks; i++) {
 		const struct job_disk *d = &j->disks[i];
 		disks[i] = (struct bw_event_progress_disk){d->key, d->status, d->bytes, d->total};
-		sig = (sig ^ (uint64_t)d->bytes) * 1099511628211ULL;
-		sig = (sig ^ (uint64_t)d->total) * 1099511628211ULL;
+		counts[2 * i] = d->bytes;
+		counts[2 * i + 1] = d->total;
 	}
+	uint64_t sig = bw_fnv1a64(counts, 2 * j->n_disks * sizeof(counts[0])); /* did they move? */
 	if ((j->progress_sent_ms && sig == j->progress_sig) || now - j->progress_sent_ms < PROGRESS_EVENT_MS)
 		return;
 	struct batch b = BATCH(j);
@@ -996,7 +1005,7 @@ void jobs_step(struct worker *w)
 	int64_t now = bw_clock_mono_ms();
 	for (struct job *j = w->jobs; j; j = j->next) {
 		/* a few steps at a time: each one is short and persisted first */
-		for (int k = 0; k < 8 && !j->done; k++) {
+		for (int k = 0; k < STEPS_PER_TURN && !j->done; k++) {
 			enum bw_job_state before = j->state;
 			step(j, now);
 			if (j->state == before)
@@ -1033,9 +1042,9 @@ int jobs_timeout_ms(struct worker *w)
 	for (struct job *j = w->jobs; j; j = j->next) {
 		int64_t t;
 		if (j->state == BW_JOB_SERVING)
-			t = 2; /* greeting probes */
+			t = GREETING_POLL_MS;
 		else if (children_busy(j))
-			t = 20;
+			t = CHILDREN_POLL_MS;
 		else if (j->call)
 			continue; /* waiting on curl, which has its own timeout */
 		else if (j->state == BW_JOB_FAILED || j->state == BW_JOB_TARGETS_CREATED)
@@ -1121,7 +1130,7 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 		bw_nbd_init(&d->nbd);
 		snprintf(d->export_name, sizeof(d->export_name), "%s-%" PRId64, spec->job_id, d->key);
 		struct bw_target t = {j->repository, j->vm_dir, d->key, spec->job_id, d->size_bytes,
-				      d->parent_path, 0640};
+				      d->parent_path, IMAGE_MODE};
 		if (j->repository == NULL || bw_target_path(&t, d->qcow2_path, sizeof(d->qcow2_path)) != 0)
 			goto fail;
 		snprintf(d->log_path, sizeof(d->log_path), "%s/logs/%s-%" PRId64 ".log",
