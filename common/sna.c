@@ -672,6 +672,10 @@ static void complete(struct bw_sna *s, struct bw_sna_call *c)
 				 r->http_status, rc == BW_ENOMEM ? "out of memory" : why);
 		}
 		r->progress = p;
+	} else if (c->kind == K_CLEANUP && r->outcome != BW_SNA_OK && r->http_status) {
+		char said[BW_SNA_TEXT_SIZE];
+		if (bw_sna_cleanup_reply_parse(body, c->resp_len, said))
+			snprintf(r->error, sizeof(r->error), "HTTP %d: %.400s", r->http_status, said);
 	}
 	if (c->cb)
 		c->cb(c->arg, r);
