@@ -49,10 +49,26 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 NBD_URL_RE = re.compile(r"^nbd://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:,\s\[\]]+):(?P<port>[0-9]{1,5})/(?P<export>[^,\s]+)$")
 REQUIRED = ("job_id", "vm_name", "vm_path", "vcenter_host", "vcenter_user", "vcenter_password",
             "backup_type", "nbd_host", "nbd_targets", "disks")
+# A hostile SNA (tests/e2e/hostile.py): what progress_garbage / start_garbage put in place of
+# a reply's body, and how lie_complete lies (see hostile_progress, hostile_start below).
+GARBAGE_CLASSES = ("wrong_types", "nulls", "deep", "not_json", "huge", "huge_padding", "oversize",
+                   "control", "unknown_status", "foreign_key")
+LIE_CLASSES = ("no_bytes", "short_total", "empty_change_id", "null_change_id", "object_change_id")
 FAULT_TYPES = {
     "start_5xx": int, "start_4xx": bool, "hang_start_s": float, "die_mid_transfer": bool,
     "fail_disk": int, "forget_job": bool, "slow_bytes_per_s": int, "complete_early": bool,
+    "start_garbage": GARBAGE_CLASSES, "progress_garbage": GARBAGE_CLASSES,
+    "progress_garbage_n": int, "lie_complete": LIE_CLASSES,
 }
+# Knobs that /_sim/faults?job=ID may set for one job_id alone (all taken when its start is
+# accepted, slow_bytes_per_s also read live).
+JOB_KNOBS = ("fail_disk", "slow_bytes_per_s", "complete_early", "start_garbage", "progress_garbage",
+             "progress_garbage_n", "lie_complete")
+HUGE_BYTES = 900 * 1024      # under the contract's 1 MiB limit of a progress reply: must be read
+OVERSIZE_BYTES = 1536 * 1024  # over it: an unanswered poll whatever it says
+DEEP_LEVELS = 100000
+HUGE_UNIT = "HUGE\u2603"      # 7 bytes of UTF-8; the tests count it to measure what got through
+FORGED_LOG = "\n2026-12-01T00:00:00.000Z bw-worker: job=%s completed"
 
 # Optional: record, for each start/cleanup body received, what the project's JSON Schemas
 # (schemas/sna/) think of it. The deployed SNA does not check these; tests can.
@@ -255,6 +271,7 @@ class Job:
         self.threads = []
         self.cleaned = False
         self.thread = None
+        self.garbage_sent = 0     # progress_garbage replies sent so far
 
     def reported_status(self):
         if self.status == "pending":
@@ -278,6 +295,179 @@ class Job:
                 "error": "; ".join(errs) if status == "failed" else ""}
 
 
+class Raw:
+    """A reply body sent as it is (a fault): bytes, its Content-Type and the knob that made it."""
+
+    def __init__(self, data, ctype="application/json", label=""):
+        self.data = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+        self.ctype = ctype
+        self.label = label
+
+
+def deep_json(levels, inner="0"):
+    """levels nested arrays around inner, as text (json.dumps would recurse too deep)."""
+    return "[" * levels + inner + "]" * levels
+
+
+def huge_text(nbytes):
+    return HUGE_UNIT * (nbytes // len(HUGE_UNIT.encode()))
+
+
+def claimed_change_id(job, d):
+    """The change id a lying SNA reports: the snapshot's, or (still pending) the next one."""
+    if d.change_id:
+        return d.change_id
+    disk = job.vm.disks.get(d.key)
+    return disk.change_id(disk.gen + 1) if disk else "52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 00/1"
+
+
+def perfect_lie(job):
+    """Every disk completed with all its bytes and a change id, whatever the copy did."""
+    out = []
+    for d in job.disks:
+        full = d.size if d.mode == "full" else d.total
+        out.append({"key": d.key, "status": "completed", "bytes_transferred": full,
+                    "total_bytes": full, "change_id": claimed_change_id(job, d)})
+    return out
+
+
+def hostile_progress(cls, job, truth, i):
+    """The body of the i-th (from 1) garbage progress reply of class cls (GARBAGE_CLASSES).
+    Most classes wrap a perfect lie (every disk completed, all bytes, a change id), so that a
+    reader that takes any of it shows at once. Classes with several variants rotate."""
+    jid = job.job_id
+    lie = perfect_lie(job)
+    label = f"progress_garbage:{cls}"
+    if cls == "wrong_types":
+        variants = [
+            {"job_id": jid, "status": 7,
+             "disks": [dict(x, key=str(x["key"]), bytes_transferred=str(x["bytes_transferred"]),
+                            total_bytes=str(x["total_bytes"])) for x in lie], "error": ""},
+            {"job_id": jid, "status": "completed",  # 2^63: out of range, clamps to equal
+             "disks": [dict(x, bytes_transferred=1 << 63, total_bytes=1 << 63) for x in lie], "error": ""},
+            {"job_id": jid, "status": "completed", "disks": {str(x["key"]): x for x in lie}, "error": 0},
+            {"job_id": jid, "status": "completed",
+             "disks": [dict(x, key=True, bytes_transferred=-1, total_bytes=-1) for x in lie], "error": False},
+        ]
+        return Raw(json.dumps(variants[(i - 1) % len(variants)]), label=label)
+    if cls == "nulls":
+        variants = [
+            {"job_id": jid, "status": None, "disks": [], "error": None},
+            {"job_id": jid, "status": "completed", "disks": None, "error": ""},
+            {"job_id": jid, "status": "running",
+             "disks": [{"key": d.key, "status": None, "bytes_transferred": None, "total_bytes": None,
+                        "change_id": None} for d in job.disks], "error": None},
+            None,
+            {"job_id": None, "status": "completed", "disks": [dict(x, key=None) for x in lie], "error": ""},
+        ]
+        return Raw(json.dumps(variants[(i - 1) % len(variants)]), label=label)
+    if cls == "deep":
+        head = '{"job_id": %s, "status": "completed", ' % json.dumps(jid)
+        variants = [
+            head + '"disks": ' + deep_json(DEEP_LEVELS) + ', "error": ""}',
+            head + '"disks": [' + ", ".join(  # each change_id 100000 arrays deep
+                json.dumps({k: v for k, v in x.items() if k != "change_id"})[:-1] + ', "change_id": '
+                + deep_json(DEEP_LEVELS, json.dumps(x["change_id"])) + "}" for x in lie) + '], "error": ""}',
+        ]
+        return Raw(variants[(i - 1) % len(variants)], label=label)
+    if cls == "not_json":
+        full = json.dumps({"job_id": jid, "status": "completed", "disks": lie, "error": ""})
+        variants = [
+            Raw("<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n<body><h1>Bad Gateway"
+                "</h1><p>The proxy server received an invalid response from an upstream server.</p>"
+                "<hr><address>nginx</address></body></html>\n", "text/html", label),
+            Raw(full[:len(full) // 2], label=label),                     # truncated
+            Raw(full + "\n}garbage after the document", label=label),   # trailing bytes
+            Raw(b"", label=label),                                      # empty
+            Raw(b"\xff\xfe{\"job_id\": \"\xc3\x28\"}", label=label),    # not UTF-8
+        ]
+        return variants[(i - 1) % len(variants)]
+    if cls == "huge":
+        # Right types: a counted reply saying the job failed, with a 900 KiB error string.
+        body = dict(truth, status="failed", error="")
+        body["error"] = huge_text(HUGE_BYTES)
+        return Raw(json.dumps(body, ensure_ascii=False), label=label)
+    if cls == "huge_padding":
+        # The truth plus 900 KiB in an unknown field: a counted reply (fields may be added).
+        return Raw(json.dumps(dict(truth, padding=huge_text(HUGE_BYTES)), ensure_ascii=False), label=label)
+    if cls == "oversize":
+        # A perfect lie over the 1 MiB limit: an unanswered poll, never a completion.
+        body = {"job_id": jid, "status": "completed", "disks": lie, "error": "",
+                "padding": "p" * OVERSIZE_BYTES}
+        return Raw(json.dumps(body), label=label)
+    if cls == "control":
+        forged = FORGED_LOG % jid
+        body = dict(truth, job_id=jid + forged, status="failed",
+                    error="disk 2000: \x1b[31mfailed\x1b[0m\r\x00\x07\x7f\u0085\u2028" + forged
+                          + "\n" + forged.lstrip("\n") + "\ttab")
+        return Raw(json.dumps(body), label=label)
+    if cls == "unknown_status":
+        return Raw(json.dumps({"job_id": jid, "status": "done",
+                               "disks": [dict(x, status="done") for x in lie], "error": ""}), label=label)
+    if cls == "foreign_key":
+        keys = {d.key for d in job.disks}
+        foreign = next(k for k in range(31999, 1, -1) if k not in keys)
+        disks = [dict(x, key=foreign) if n == 0 else x for n, x in enumerate(lie)]
+        return Raw(json.dumps({"job_id": jid, "status": "completed", "disks": disks, "error": ""}), label=label)
+    raise ValueError(cls)
+
+
+def lie_progress(cls, job):
+    """lie_complete: every disk completed from the first reply on, without the evidence."""
+    disks = []
+    for d in job.disks:
+        full = d.size if d.mode == "full" else d.total
+        cid = claimed_change_id(job, d)
+        x = {"key": d.key, "status": "completed"}
+        if cls == "no_bytes":
+            x.update(bytes_transferred=0, total_bytes=full, change_id=cid)
+        elif cls == "short_total":
+            x.update(bytes_transferred=1, total_bytes=1, change_id=cid)
+        elif cls == "empty_change_id":
+            x.update(bytes_transferred=full, total_bytes=full, change_id="")
+        elif cls == "null_change_id":
+            x.update(change_id=None)
+        elif cls == "object_change_id":
+            x.update(bytes_transferred=1, total_bytes=1, change_id={"a": 1})
+        else:
+            raise ValueError(cls)
+        disks.append(x)
+    return Raw(json.dumps({"job_id": job.job_id, "status": "completed", "disks": disks, "error": ""}),
+               label=f"lie_complete:{cls}")
+
+
+def hostile_start(cls, job_id, reply):
+    """The body of an accepted (200) start reply of class cls: the status still says accepted."""
+    label = f"start_garbage:{cls}"
+    if cls == "wrong_types":
+        return Raw(json.dumps({"job_id": 7, "status": 200, "message": ["started"], "started_at": 0,
+                               "pid": "x"}), label=label)
+    if cls == "nulls":
+        return Raw(json.dumps({"job_id": None, "status": None, "message": None, "started_at": None}),
+                   label=label)
+    if cls == "deep":
+        return Raw('{"job_id": ' + deep_json(DEEP_LEVELS, json.dumps(job_id)) + ', "status": "started"}',
+                   label=label)
+    if cls == "not_json":
+        return Raw("<html><body><h1>200 OK</h1><p>Backup queued.</p></body></html>\n", "text/html", label)
+    if cls == "huge":
+        return Raw(json.dumps(dict(reply, job_id=job_id + huge_text(HUGE_BYTES)), ensure_ascii=False),
+                   label=label)
+    if cls == "huge_padding":
+        return Raw(json.dumps(dict(reply, padding=huge_text(HUGE_BYTES)), ensure_ascii=False), label=label)
+    if cls == "oversize":
+        return Raw(json.dumps(dict(reply, padding="p" * OVERSIZE_BYTES)), label=label)
+    if cls == "control":
+        forged = FORGED_LOG % job_id
+        return Raw(json.dumps(dict(reply, job_id=job_id + forged + "\r\x1b[2K\x00",
+                                   message="started" + forged)), label=label)
+    if cls == "unknown_status":
+        return Raw(json.dumps(dict(reply, status="done")), label=label)
+    if cls == "foreign_key":
+        return Raw(json.dumps(dict(reply, job_id="someone-elses-job-1", disks=[{"key": 31999}])), label=label)
+    raise ValueError(cls)
+
+
 class Sim:
     def __init__(self, state, token, connections, block_size):
         self.state = os.path.abspath(state)
@@ -291,6 +481,7 @@ class Sim:
         self.requests = []
         self.snapshots = []
         self.faults = {}
+        self.job_faults = {}      # job_id -> knobs for that job alone (JOB_KNOBS)
         self.procs = set()        # every live nbdcopy/cp child
         self.dying = False
         os.makedirs(os.path.join(self.state, "vms"), exist_ok=True)
@@ -439,33 +630,56 @@ class Sim:
             return {"vm_path": vm_path, "key": key, "change_id": disk.change_id(),
                     "blocks": last - first + 1, "block_size": bs}
 
-    def set_faults(self, body):
+    def set_faults(self, body, job_id=None):
+        """Merges body into the knobs (of job_id alone when given); returns them."""
+        if job_id is not None and not JOB_ID_RE.match(job_id):
+            raise HttpError(400, "job: 1-128 characters of [A-Za-z0-9._-], first alphanumeric")
         with self.lock:
-            if not body:
-                self.faults = {}
-                return dict(self.faults)
-            new = dict(self.faults)
-            for k, v in body.items():
-                if k not in FAULT_TYPES:
-                    raise HttpError(400, f"unknown fault knob {k!r} (known: {', '.join(FAULT_TYPES)})")
-                t = FAULT_TYPES[k]
-                if v is None or v is False or (not isinstance(v, bool) and v == 0):
-                    new.pop(k, None)
-                    continue
-                if t is bool:
-                    if v is not True:
-                        raise HttpError(400, f"{k}: true, false or null expected")
-                elif t is int:
-                    if k == "fail_disk" and isinstance(v, str) and re.fullmatch(r"[0-9]+", v):
-                        v = int(v)
-                    if not is_int(v) or v < 0:
-                        raise HttpError(400, f"{k}: a non-negative integer expected")
-                else:
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                        raise HttpError(400, f"{k}: a non-negative number expected")
-                new[k] = v
-            self.faults = new
+            cur = self.faults if job_id is None else self.job_faults.get(job_id, {})
+            new = self.checked_faults(cur, body, job_id) if body else {}
+            if job_id is None:
+                self.faults = new
+            elif new:
+                self.job_faults[job_id] = new
+            else:
+                self.job_faults.pop(job_id, None)
             return dict(new)
+
+    def job_knobs(self, job_id):
+        """The knobs a new job of job_id runs with: the global ones, then its own."""
+        with self.lock:
+            f = dict(self.faults)
+            f.update(self.job_faults.get(job_id, {}))
+            return f
+
+    @staticmethod
+    def checked_faults(cur, body, job_id):
+        new = dict(cur)
+        for k, v in body.items():
+            if k not in FAULT_TYPES:
+                raise HttpError(400, f"unknown fault knob {k!r} (known: {', '.join(FAULT_TYPES)})")
+            if job_id is not None and k not in JOB_KNOBS:
+                raise HttpError(400, f"{k} cannot be set for one job (those can: {', '.join(JOB_KNOBS)})")
+            t = FAULT_TYPES[k]
+            if v is None or v is False or (not isinstance(v, bool) and v == 0):
+                new.pop(k, None)
+                continue
+            if isinstance(t, tuple):
+                if v not in t:
+                    raise HttpError(400, f"{k}: one of {', '.join(t)} expected")
+            elif t is bool:
+                if v is not True:
+                    raise HttpError(400, f"{k}: true, false or null expected")
+            elif t is int:
+                if k == "fail_disk" and isinstance(v, str) and re.fullmatch(r"[0-9]+", v):
+                    v = int(v)
+                if not is_int(v) or v < 0:
+                    raise HttpError(400, f"{k}: a non-negative integer expected")
+            else:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise HttpError(400, f"{k}: a non-negative number expected")
+            new[k] = v
+        return new
 
     def reset(self):
         with self.lock:
@@ -476,6 +690,7 @@ class Sim:
             self.requests = []
             self.snapshots = []
             self.faults = {}
+            self.job_faults = {}
         for job in jobs:
             self.stop_job(job)
         for name in orphans:
@@ -588,13 +803,16 @@ class Sim:
                 dj.size = vm.disks[d["key"]].size
                 dj.total = dj.size if dj.mode == "full" else 0
                 djs.append(dj)
-            job = Job(job_id, vm, btype, djs, dict(self.faults), body)
+            job = Job(job_id, vm, btype, djs, self.job_knobs(job_id), body)
             self.jobs[job_id] = job
             job.thread = threading.Thread(target=self.run_job, args=(job,), name=f"job-{job_id}", daemon=True)
             job.thread.start()
-        return {"job_id": job_id, "status": "started",
-                "message": f"backup of {body['vm_name']} started: {len(djs)} disk(s), {btype}",
-                "started_at": job.created_at, "pid": os.getpid()}
+        reply = {"job_id": job_id, "status": "started",
+                 "message": f"backup of {body['vm_name']} started: {len(djs)} disk(s), {btype}",
+                 "started_at": job.created_at, "pid": os.getpid()}
+        if job.faults.get("start_garbage"):
+            return hostile_start(job.faults["start_garbage"], job_id, reply)
+        return reply
 
     def progress(self, headers, job_id):
         self.check_auth(headers)
@@ -604,7 +822,15 @@ class Sim:
                 raise HttpError(404, f"job {job_id} not found")
             if self.faults.get("forget_job") and job.status != "pending":
                 raise HttpError(404, f"job {job_id} not found")
-            return job.progress()
+            truth = job.progress()
+            f = job.faults
+            cls, n = f.get("progress_garbage"), f.get("progress_garbage_n", 0)
+            if cls and (not n or job.garbage_sent < n):
+                job.garbage_sent += 1
+                return hostile_progress(cls, job, truth, job.garbage_sent)
+            if f.get("lie_complete"):
+                return lie_progress(f["lie_complete"], job)
+            return truth
 
     def cleanup(self, headers, raw):
         self.check_auth(headers)
@@ -832,7 +1058,8 @@ class Sim:
                         if job.cancel.is_set():
                             raise Cancelled()
                         with self.lock:
-                            rate = self.faults.get("slow_bytes_per_s", 0)
+                            rate = self.job_faults.get(job.job_id, self.faults).get(
+                                "slow_bytes_per_s", self.faults.get("slow_bytes_per_s", 0))
                         n = min(chunk if not rate else max(4096, min(chunk, rate // 4)), off + length - pos)
                         data = os.pread(fd, n, pos)
                         if len(data) != n:
@@ -942,10 +1169,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(n) if n > 0 else b""
 
     def reply(self, status, obj):
-        data = (json.dumps(obj) + "\n").encode()
+        if isinstance(obj, Raw):
+            data, ctype = obj.data, obj.ctype
+        else:
+            data, ctype = (json.dumps(obj) + "\n").encode(), "application/json"
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             if status == 401:
                 self.send_header("WWW-Authenticate", "Bearer")
@@ -1003,6 +1233,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif path == "/api/v1/cleanup" and isinstance(body, dict):
                 rec["contract_errors"] = contract_errors("cleanup-request", body)
             rec["status"] = status
+            if isinstance(obj, Raw):
+                rec["fault"] = obj.label
+                rec["reply_bytes"] = len(obj.data)
             if status >= 400:
                 rec["error"] = obj.get("error")
         self.reply(status, obj)
@@ -1030,10 +1263,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with sim.lock:
                 return 200, {"snapshots": json.loads(json.dumps(sim.snapshots))}
         if path == "/_sim/faults" and method == "POST":
-            return 200, {"faults": sim.set_faults(parse_json(raw) if raw.strip() else {})}
+            job = q["job"][0] if "job" in q else None
+            return 200, {"faults": sim.set_faults(parse_json(raw) if raw.strip() else {}, job)}
         if path == "/_sim/faults" and method == "GET":
             with sim.lock:
-                return 200, {"faults": dict(sim.faults)}
+                if "job" in q:
+                    return 200, {"faults": dict(sim.job_faults.get(q["job"][0], {}))}
+                return 200, {"faults": dict(sim.faults), "jobs": json.loads(json.dumps(sim.job_faults))}
         if path == "/_sim/reset" and method == "POST":
             return 200, sim.reset()
         if path == "/_sim/jobs" and method == "GET":

@@ -16,7 +16,11 @@ disks (2000: 8 MiB, 2001: 4 MiB + 512 B, 16000: 1 MiB), and checks:
   * the fault knobs (start_5xx, start_4xx, hang_start_s, forget_job, fail_disk,
     complete_early, slow_bytes_per_s, die_mid_transfer), invalid change ids, cleanup;
   * /_sim/requests and /_sim/snapshots: one accepted start and one snapshot per job;
-  * restart on the same state (VMs and change ids survive, jobs do not) and SIGTERM -> 0.
+  * restart on the same state (VMs and change ids survive, jobs do not) and SIGTERM -> 0;
+  * a hostile SNA: per-job knobs; every progress_garbage class (each reply uncountable by
+    CONTRACT §3.2 but huge and huge_padding, which a worker must read), progress_garbage_n
+    (garbage, then the truth, the copy going on beneath), every start_garbage class (a 200
+    that still accepts the job) and every lie_complete class (with a copy still running).
 Every progress answer is checked against schemas/sna/progress-response.json when the schema
 tests are importable. Prints "N passed, M failed"; exits 1 on any failure. Every process
 it starts is stopped by PID and its temporary directory removed, also on failure.
@@ -713,8 +717,203 @@ def run(env):
     ok(st == 200 and not os.path.exists(os.path.join(env.state, "jobs", "bk-10")),
        "cleanup removes the leftover snapshot of a lost job")
     ok(env.cleanup("bk-10")[0] == 404, "and then it is gone (404)")
+
+    # ------------------------------------------------------------------ a hostile SNA
+    hostile(env)
     rc = env.stop(env.sim)
     ok(rc == 0, "SIGTERM: the simulator exits 0", str(rc))
+
+
+GARBAGE = ("wrong_types", "nulls", "deep", "not_json", "huge", "huge_padding", "oversize", "control",
+           "unknown_status", "foreign_key")
+COUNTED = ("huge", "huge_padding")  # right types and under 1 MiB: a worker must read these
+FORGED = "\n2026-12-01T00:00:00.000Z bw-worker: job=%s completed"
+
+
+def raw_get(env, path):
+    """(status, Content-Type, body bytes) of a GET with the token."""
+    c = http.client.HTTPConnection("127.0.0.1", env.port, timeout=30)
+    try:
+        c.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        r = c.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read()
+    finally:
+        c.close()
+
+
+def raw_start(env, body):
+    c = http.client.HTTPConnection("127.0.0.1", env.port, timeout=30)
+    try:
+        c.request("POST", "/api/v1/backup/start", body=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json", "Idempotency-Key": body["job_id"],
+                           "Authorization": f"Bearer {TOKEN}"})
+        r = c.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read()
+    finally:
+        c.close()
+
+
+def decoded(data):
+    """The JSON document in data, or the reason it is none (like a strict parser)."""
+    try:
+        return json.loads(data.decode("utf-8")), None
+    except RecursionError:
+        return None, "too deep"
+    except (UnicodeDecodeError, ValueError) as e:
+        return None, str(e)[:60]
+
+
+def countable(doc, data, job_keys):
+    """What a strict worker makes of a progress reply (CONTRACT §3.2): None when it counts, else why."""
+    if len(data) > 1 << 20:
+        return "over 1 MiB"
+    if not isinstance(doc, dict):
+        return "not an object"
+    if schemas is not None:
+        errs = schemas.check("progress-response", doc)
+        if errs:
+            return errs[0]
+    for d in doc.get("disks") or []:
+        if d.get("key") not in job_keys:
+            return "a foreign disk key"
+        for f in ("bytes_transferred", "total_bytes"):
+            if not 0 <= d[f] < 1 << 63:
+                return f"{f} out of 0 - 2^63-1"
+    return None
+
+
+def hostile(env):
+    """The hostile knobs: per-job faults, progress_garbage (+ _n), start_garbage, lie_complete."""
+    # per-job knobs
+    st, rep = env.http("POST", "/_sim/faults?job=bk-g0", body={"progress_garbage": "nope"})
+    ok(st == 400 and "one of" in rep.get("error", ""), "progress_garbage: an unknown class is 400", f"{st} {rep}")
+    st, rep = env.http("POST", "/_sim/faults?job=bk-g0", body={"start_4xx": True})
+    ok(st == 400, "a knob that cannot be set for one job: 400", f"{st} {rep}")
+    st, rep = env.http("POST", "/_sim/faults?job=bad:id", body={"lie_complete": "no_bytes"})
+    ok(st == 400, "per-job knobs need a valid job_id", f"{st} {rep}")
+    st, rep = env.http("POST", "/_sim/faults?job=bk-g0", body={"lie_complete": "no_bytes", "slow_bytes_per_s": 5})
+    st2, glob = env.http("GET", "/_sim/faults")
+    st3, mine = env.http("GET", "/_sim/faults?job=bk-g0")
+    ok(st == 200 and glob["faults"] == {} and mine["faults"] == {"lie_complete": "no_bytes", "slow_bytes_per_s": 5},
+       "per-job knobs are kept apart from the global ones", f"{rep} {glob} {mine}")
+    env.http("POST", "/_sim/faults?job=bk-g0", body={})
+    ok(env.http("GET", "/_sim/faults?job=bk-g0")[1]["faults"] == {}, "{} clears one job's knobs")
+
+    # progress_garbage: every class, on jobs whose targets are dead (the bodies do not need a copy)
+    keys = list(SIZES)
+    for cls in GARBAGE:
+        jid = f"bk-g-{cls.replace('_', '-')}"
+        env.http("POST", f"/_sim/faults?job={jid}", body={"progress_garbage": cls})
+        ok(env.start(start_body(jid, "full", dead_targets(env, jid)))[0] == 200, f"progress_garbage {cls}: start 200")
+        why = []
+        for i in range(5):
+            st, ctype, data = raw_get(env, f"/api/v1/progress/{jid}")
+            doc, err = decoded(data)
+            why.append(err or countable(doc, data, keys))
+            ok(st == 200, f"progress_garbage {cls} reply {i + 1}: status 200", str(st))
+            if cls == "huge" or cls == "huge_padding":
+                ok(800 * 1024 < len(data) < 1 << 20, f"progress_garbage {cls}: a body of ~900 KiB", str(len(data)))
+            if cls == "oversize":
+                ok(len(data) > 1 << 20, "progress_garbage oversize: over 1 MiB", str(len(data)))
+            if cls == "deep":
+                ok(data.count(b"[") >= 100000, "progress_garbage deep: 100000 levels", str(data.count(b"[")))
+            if cls == "huge" and doc:
+                ok(doc["status"] == "failed" and len(doc["error"].encode()) > 800 * 1024,
+                   "progress_garbage huge: a counted failure with a 900 KiB error", doc["status"])
+            if cls == "control" and doc:
+                ok((FORGED % jid) in doc["error"] and (FORGED % jid) in doc["job_id"] and "\x1b" in doc["error"],
+                   "progress_garbage control: a forged log line in error and job_id", repr(doc["error"][:80]))
+            if cls == "not_json" and i == 0:
+                ok(ctype == "text/html" and b"<html>" in data, "progress_garbage not_json: first an HTML page", ctype)
+            if cls == "unknown_status" and doc:
+                ok(doc["status"] == "done", "progress_garbage unknown_status: status done")
+            if cls == "foreign_key" and doc:
+                ok(len([d for d in doc["disks"] if d["key"] not in SIZES]) == 1,
+                   "progress_garbage foreign_key: one disk key is not the job's", str([d["key"] for d in doc["disks"]]))
+        if cls in COUNTED:
+            ok(all(w is None for w in why), f"progress_garbage {cls}: every reply is a countable one", str(why))
+        else:
+            ok(all(w is not None for w in why), f"progress_garbage {cls}: no reply is countable", str(why))
+        recs = [r for r in sim_requests(env) if r["path"] == f"/api/v1/progress/{jid}"]
+        ok([r.get("fault") for r in recs] == [f"progress_garbage:{cls}"] * 5,
+           f"progress_garbage {cls}: /_sim/requests marks the 5 replies", str([r.get("fault") for r in recs]))
+        env.cleanup(jid)
+
+    # start_garbage: a 200 whose body is garbage; the job is accepted all the same
+    for cls in GARBAGE:
+        jid = f"bk-s-{cls.replace('_', '-')}"
+        env.http("POST", f"/_sim/faults?job={jid}", body={"start_garbage": cls})
+        st, ctype, data = raw_start(env, start_body(jid, "full", dead_targets(env, jid)))
+        doc, err = decoded(data)
+        named = doc.get("job_id") if isinstance(doc, dict) else None
+        ok(st == 200 and env.progress(jid)[0] == 200, f"start_garbage {cls}: 200 and the job is accepted", str(st))
+        if cls in ("wrong_types", "nulls", "deep", "not_json"):
+            ok(not isinstance(named, str), f"start_garbage {cls}: the body has no string job_id", repr(named)[:80])
+        elif cls == "huge":
+            ok(isinstance(named, str) and len(named.encode()) > 800 * 1024, "start_garbage huge: a 900 KiB job_id")
+        elif cls == "control":
+            ok(isinstance(named, str) and (FORGED % jid) in named, "start_garbage control: a forged log line in job_id")
+        elif cls == "foreign_key":
+            ok(named == "someone-elses-job-1", "start_garbage foreign_key: another job's id", repr(named))
+        else:
+            ok(named == jid, f"start_garbage {cls}: names the job", repr(named)[:80])
+        env.cleanup(jid)
+
+    # lie_complete: every class on dead targets (nothing is ever written)
+    for cls in ("no_bytes", "short_total", "empty_change_id", "null_change_id", "object_change_id"):
+        jid = f"bk-l-{cls.replace('_', '-')}"
+        env.http("POST", f"/_sim/faults?job={jid}", body={"lie_complete": cls})
+        env.start(start_body(jid, "full", dead_targets(env, jid)))
+        st, doc = env.progress(jid)
+        disks = doc.get("disks", [])
+        ok(st == 200 and doc["status"] == "completed" and len(disks) == 3
+           and all(d["status"] == "completed" for d in disks), f"lie_complete {cls}: every disk completed at once",
+           str(doc))
+        want = {
+            "no_bytes": lambda d: d["bytes_transferred"] == 0 and d["total_bytes"] == SIZES[d["key"]] and d["change_id"],
+            "short_total": lambda d: d["bytes_transferred"] == d["total_bytes"] == 1 and d["change_id"],
+            "empty_change_id": lambda d: d["bytes_transferred"] == d["total_bytes"] == SIZES[d["key"]]
+            and d["change_id"] == "",
+            "null_change_id": lambda d: d["change_id"] is None and "bytes_transferred" not in d
+            and "total_bytes" not in d,
+            "object_change_id": lambda d: d["change_id"] == {"a": 1} and d["bytes_transferred"] == d["total_bytes"] == 1,
+        }[cls]
+        ok(all(want(d) for d in disks), f"lie_complete {cls}: the disks carry the lie", str(disks))
+        env.cleanup(jid)
+
+    # progress_garbage_n on real targets: 2 garbage replies, then the truth; the copy went on
+    jid = "bk-gn"
+    env.http("POST", f"/_sim/faults?job={jid}", body={"progress_garbage": "not_json", "progress_garbage_n": 2})
+    imgs = make_images(env, jid)
+    servers = env.serve(jid, imgs)
+    ok(env.start(start_body(jid, "full", [(k, servers[k][1], SIZES[k], "") for k in SIZES]))[0] == 200,
+       "progress_garbage_n: start accepted")
+    first = [raw_get(env, f"/api/v1/progress/{jid}")[2] for _ in range(2)]
+    ok(all(decoded(b)[0] is None for b in first), "progress_garbage_n 2: the first two replies are not JSON")
+    st, pg = env.wait_job(jid, "after progress_garbage_n")
+    ok(st == 200 and pg["status"] == "completed", "progress_garbage_n: then the truth, and the job completed", str(pg))
+    env.stop_servers(servers, "progress_garbage_n")
+    snap = [s for s in sim_snapshots(env) if s["job_id"] == jid][0]["disks"]
+    for k in SIZES:
+        rc, out = qemu_img("compare", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
+        ok(rc == 0, f"progress_garbage_n disk {k}: the copy went on under the garbage (image equals snapshot)", out)
+    env.cleanup(jid)
+
+    # lie_complete on real targets with a slow copy: the lie from the first reply, the copy still running
+    jid = "bk-lie"
+    env.http("POST", f"/_sim/faults?job={jid}", body={"lie_complete": "short_total", "slow_bytes_per_s": 1 << 20})
+    imgs = make_images(env, jid)
+    servers = env.serve(jid, imgs)
+    env.start(start_body(jid, "full", [(k, servers[k][1], SIZES[k], "") for k in SIZES]))
+    st, doc = env.progress(jid)
+    time.sleep(0.5)
+    real = {d["key"]: d for j in env.http("GET", "/_sim/jobs")[1]["jobs"] if j["job_id"] == jid for d in j["disks"]}
+    ok(st == 200 and doc["status"] == "completed" and real[2000]["status"] in ("pending", "running")
+       and real[2000]["bytes"] < SIZES[2000] and real[2000]["method"] == "libnbd",
+       "lie_complete short_total: completed at once while the (slowed) copy still runs", f"{doc} {real.get(2000)}")
+    st, rep = env.cleanup(jid)
+    ok(st == 200, "cleanup stops the copy behind a lie", f"{st} {rep}")
+    env.stop_servers(servers, "lie_complete")
 
 
 def main():
