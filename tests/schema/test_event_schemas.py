@@ -344,7 +344,7 @@ INVALID_EXPECT = {
     "backup-start-request.invalid-nbd-targets": "nbd_targets pattern",
     "backup-start-request.invalid-no-disks": "disks minItems",
     "backup-start-request.invalid-size-bytes": "disks[0].size_bytes multipleOf",
-    "progress-response.invalid-completed-without-change-id": "disks[1].change_id minLength",
+    "progress-response.invalid-change-id-control": "disks[0].change_id pattern",
     "progress-response.invalid-disk-status": "disks[0].status enum",
     "progress-response.invalid-missing-status": "$ required status",
     "progress-response.invalid-status": "status enum",
