@@ -402,6 +402,85 @@ static void check_vm(struct check *c, struct json_object *vm)
 	c->vd->vm_valid = c->vd->n == before;
 }
 
+/* A disk's valid key with its index, and the lowest index that has the same key. */
+struct key_at {
+	int64_t key;
+	size_t idx;
+	size_t first;
+};
+
+static int key_at_by_key(const void *a, const void *b)
+{
+	const struct key_at *x = a, *y = b;
+	if (x->key != y->key)
+		return x->key < y->key ? -1 : 1;
+	return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+static int key_at_by_idx(const void *a, const void *b)
+{
+	const struct key_at *x = a, *y = b;
+	return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+/*
+ * The disks whose key an earlier disk already has, in disk order, each with the first disk
+ * that has it: a malloc'd array in *out (NULL when none; caller frees) of *n_out entries.
+ * Only keys that pass their own rules count: an invalid key is never "already used".
+ * The keys are sorted with their indices (glibc's qsort is a merge sort: O(n log n) in
+ * the worst case), not compared pairwise: a 16 MiB body holds a million disk objects.
+ * Returns false when out of memory.
+ */
+static bool duplicate_keys(struct json_object *disks, size_t n, struct key_at **out,
+			   size_t *n_out)
+{
+	struct key_at *ka = NULL;
+	size_t m = 0, cap = 0;
+	*out = NULL;
+	*n_out = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct json_object *d = json_object_array_get_idx(disks, i), *v;
+		int64_t key;
+		if (!json_object_is_type(d, json_type_object) ||
+		    !json_object_object_get_ex(d, "key", &v) || !bw_json_get_integer(v, &key) ||
+		    key < 1 || key > KEY_MAX)
+			continue;
+		if (m == cap) {
+			size_t ncap = cap ? cap * 2 : 64;
+			struct key_at *p = realloc(ka, ncap * sizeof(*ka));
+			if (p == NULL) {
+				free(ka);
+				return false;
+			}
+			ka = p;
+			cap = ncap;
+		}
+		ka[m++] = (struct key_at){key, i, i};
+	}
+	if (m < 2) {
+		free(ka);
+		return true;
+	}
+	qsort(ka, m, sizeof(*ka), key_at_by_key);
+	/* Each run of one key: its first entry is the lowest index; the others are repeats,
+	 * moved to the front (w never passes r). */
+	size_t w = 0;
+	for (size_t r = 1; r < m; r++) {
+		if (ka[r].key == ka[r - 1].key) {
+			ka[r].first = ka[r - 1].first;
+			ka[w++] = ka[r];
+		}
+	}
+	if (w == 0) {
+		free(ka);
+		return true;
+	}
+	qsort(ka, w, sizeof(*ka), key_at_by_idx);
+	*out = ka;
+	*n_out = w;
+	return true;
+}
+
 /* The disks[] of a job whose backup_type is type (NULL when it is itself invalid). */
 static void check_disks(struct check *c, struct json_object *disks, const char *type)
 {
@@ -422,18 +501,28 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		INVALID(c, "disks", "max_items", "has %zu disks, at most %d allowed", n,
 			BW_MESSAGE_MAX_DISKS);
 
-	struct bw_disk_spec *specs = calloc(n ? n : 1, sizeof(*specs));
+	struct key_at *dups = NULL;
+	size_t n_dups = 0, next_dup = 0;
+	if (!duplicate_keys(disks, n, &dups, &n_dups)) {
+		c->oom = true;
+		return;
+	}
+	/* Only a valid job's disks are kept (64 at most): past them one scratch entry is
+	 * reused, so a million disk objects cost no million entries. */
+	size_t kept = n < BW_MESSAGE_MAX_DISKS ? n : BW_MESSAGE_MAX_DISKS;
+	struct bw_disk_spec *specs = calloc(kept + 1, sizeof(*specs));
 	if (specs == NULL) {
+		free(dups);
 		c->oom = true;
 		return;
 	}
 	c->spec->disks = specs;
-	c->spec->n_disks = n;
+	c->spec->n_disks = kept + 1; /* so that bw_job_spec_free frees the scratch entry too */
 
 	bool have_base = false, stopped = false;
 	for (size_t i = 0; i < n; i++) {
 		struct json_object *d = json_object_array_get_idx(disks, i);
-		struct bw_disk_spec *ds = &specs[i];
+		struct bw_disk_spec *ds = &specs[i < kept ? i : kept];
 		struct json_object *v;
 		snprintf(path, sizeof(path), "disks[%zu]", i);
 
@@ -441,25 +530,25 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 			stopped = true;
 			break;
 		}
+		if (i >= kept) {
+			free(ds->label);
+			free(ds->parent_path);
+			free(ds->previous_change_id);
+			*ds = (struct bw_disk_spec){0};
+		}
+		while (next_dup < n_dups && dups[next_dup].idx < i)
+			next_dup++;
 		if (!json_object_is_type(d, json_type_object)) {
 			INVALID(c, path, "type", "must be an object, not %s", type_name(d));
 			continue;
 		}
 		if (required(c, d, path, "key", &v)) {
 			join(field, sizeof(field), path, "key");
-			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key)) {
-				for (size_t j = 0; j < i; j++) {
-					if (specs[j].key == ds->key) {
-						INVALID(c, field, "unique",
-							"disk key %" PRId64
-							" is already used by disks[%zu]",
-							ds->key, j);
-						break;
-					}
-				}
-			} else {
-				ds->key = 0; /* never equal to a valid key */
-			}
+			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key) &&
+			    next_dup < n_dups && dups[next_dup].idx == i)
+				INVALID(c, field, "unique",
+					"disk key %" PRId64 " is already used by disks[%zu]", ds->key,
+					dups[next_dup].first);
 		}
 		if (required(c, d, path, "size_bytes", &v)) {
 			join(field, sizeof(field), path, "size_bytes");
@@ -504,6 +593,13 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		}
 		note_unknown(c, d, path, known);
 	}
+	free(dups);
+	if (n > kept) { /* the scratch entry goes now; a rejected spec keeps the first 64 */
+		free(specs[kept].label);
+		free(specs[kept].parent_path);
+		free(specs[kept].previous_change_id);
+	}
+	c->spec->n_disks = kept;
 	if (incremental && !have_base && !stopped)
 		INVALID(c, "disks", "incremental_base",
 			"an incremental job needs at least one disk with parent_path and "

@@ -245,6 +245,45 @@ static void test_bounded_verdict(void **state)
 	free(tags);
 }
 
+/* A repeated disk key names the first disk that has it, however many disks come between. */
+static void test_duplicate_keys(void **state)
+{
+	(void)state;
+	const char *three = "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\","
+			    "\"path\":\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\","
+			    "\"credential_id\":\"c\",\"disks\":[{\"key\":7,\"size_bytes\":512},"
+			    "{\"key\":0,\"size_bytes\":512},{\"key\":7.0,\"size_bytes\":512},"
+			    "{\"key\":7,\"size_bytes\":512},{\"key\":0,\"size_bytes\":512}]}";
+	struct bw_verdict *vd = reject(three, 262144);
+	const char *want[] = {"disks[1].key: minimum", "disks[2].key: unique", "disks[3].key: unique",
+			      "disks[4].key: minimum", NULL};
+	assert_rules(vd, want);
+	assert_string_equal(vd->v[1].message, "disk key 7 is already used by disks[0]");
+	assert_string_equal(vd->v[2].message, "disk key 7 is already used by disks[0]");
+	bw_verdict_free(vd);
+
+	/* 40,000 disks, keys 1..20000 twice: disks[20000+i] repeats disks[i] */
+	struct bw_buf b = BW_BUF_INIT;
+	char *body = NULL;
+	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+			"\"c\",\"disks\":[");
+	for (int i = 0; i < 40000; i++)
+		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 20000 + 1);
+	bw_buf_puts(&b, "]}");
+	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	vd = reject(body, 4u << 20);
+	assert_int_equal(vd->n, 101);
+	assert_entry(vd, 0, "disks: max_items");
+	assert_entry(vd, 1, "disks[20000].key: unique");
+	assert_string_equal(vd->v[1].message, "disk key 1 is already used by disks[0]");
+	assert_entry(vd, 99, "disks[20098].key: unique");
+	assert_string_equal(vd->v[99].message, "disk key 99 is already used by disks[98]");
+	assert_entry(vd, 100, "$: truncated");
+	bw_verdict_free(vd);
+	free(body);
+}
+
 /* The ignored-fields list of a valid spec is bounded and says how many it left out. */
 static void test_unknown_fields_bounded(void **state)
 {
@@ -375,6 +414,7 @@ int main(void)
 		cmocka_unit_test(test_incremental_rules),
 		cmocka_unit_test(test_document_level),
 		cmocka_unit_test(test_bounded_verdict),
+		cmocka_unit_test(test_duplicate_keys),
 		cmocka_unit_test(test_unknown_fields_bounded),
 		cmocka_unit_test(test_host_rules),
 	};
