@@ -786,6 +786,10 @@ int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config
 
 	if (c.vd == NULL)
 		return BW_ENOMEM;
+	/* CONTRACT §4: a rejection names the body's job_id when it follows the rule, as
+	 * every valid spec's does. */
+	if ((c.vd->job_id = strdup(spec->job_id)) == NULL)
+		c.oom = true;
 	const char *repo = bw_config_repository(cfg, spec->repository_id);
 	if (repo == NULL)
 		violate(&c, BW_REJECT_UNKNOWN_REPOSITORY, "repository_id", "unknown_repository",

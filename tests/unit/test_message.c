@@ -392,6 +392,8 @@ static void test_host_rules(void **state)
 		} else {
 			assert_int_equal(rc, BW_EMESSAGE);
 			assert_int_equal(vd->reason, cases[i].reason);
+			assert_non_null(vd->job_id); /* CONTRACT §4: the message's job_id */
+			assert_string_equal(vd->job_id, "j");
 			assert_int_equal(vd->n, 1);
 			char got[256];
 			snprintf(got, sizeof(got), "%s: %s", vd->v[0].path, vd->v[0].rule);
