@@ -35,45 +35,95 @@ const char *bw_reject_reason_name(enum bw_reject_reason reason)
 	return reason_names[reason];
 }
 
+/* The ignored-fields list of a valid spec stops growing here (it is only logged). */
+#define UNKNOWN_LIST_MAX 4096
+
 /* The validation pass: the verdict being built and the spec being filled. */
 struct check {
 	struct bw_verdict *vd;
 	struct bw_job_spec *spec;
 	struct bw_buf unknown;
+	size_t unknown_more; /* ignored fields past UNKNOWN_LIST_MAX, counted only */
+	size_t dropped;      /* violations found past BW_VERDICT_MAX_ERRORS, counted only */
+	char stopped_at[PATH_DISPLAY_MAX + 32]; /* where a walk stopped once the verdict was full */
 	bool oom;
 };
+
+/* Appends one entry to the verdict, whose array holds BW_VERDICT_MAX_ERRORS + 1 entries. */
+static void add_violation(struct check *c, const char *path, const char *rule, const char *msg)
+{
+	struct bw_verdict *vd = c->vd;
+	if (vd->v == NULL && (vd->v = calloc(BW_VERDICT_MAX_ERRORS + 1, sizeof(*vd->v))) == NULL) {
+		c->oom = true;
+		return;
+	}
+	struct bw_violation *v = &vd->v[vd->n];
+	v->path = strdup(path);
+	v->message = strdup(msg);
+	v->rule = rule;
+	if (v->path == NULL || v->message == NULL) {
+		free(v->path);
+		free(v->message);
+		c->oom = true;
+		return;
+	}
+	vd->n++;
+}
 
 static void violate(struct check *c, enum bw_reject_reason reason, const char *path,
 		    const char *rule, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/*
+ * Records a violated rule. Past BW_VERDICT_MAX_ERRORS it is only counted (and still decides
+ * the reason): close_verdict() then ends the list with one "truncated" entry.
+ */
 static void violate(struct check *c, enum bw_reject_reason reason, const char *path,
 		    const char *rule, const char *fmt, ...)
 {
 	struct bw_verdict *vd = c->vd;
+	if (vd->reason == BW_REJECT_NONE || reason < vd->reason)
+		vd->reason = reason;
+	if (vd->n >= BW_VERDICT_MAX_ERRORS) {
+		c->dropped++;
+		return;
+	}
 	char msg[512];
 	va_list ap;
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	add_violation(c, path, rule, msg);
+}
 
-	struct bw_violation *v = realloc(vd->v, (vd->n + 1) * sizeof(*v));
-	if (v == NULL) {
-		c->oom = true;
+/*
+ * True once a violation had to be left out: a walk over a large array or object (disks,
+ * tags) stops there, noting where. A 16 MiB body of empty disk objects would otherwise be
+ * walked to its end for violations nobody is shown.
+ */
+static bool verdict_full(struct check *c, const char *where)
+{
+	if (c->dropped == 0)
+		return false;
+	if (c->stopped_at[0] == '\0')
+		snprintf(c->stopped_at, sizeof(c->stopped_at), "%s", where);
+	return true;
+}
+
+/* Ends a verdict that had to leave violations out with the one "truncated" entry. */
+static void close_verdict(struct check *c)
+{
+	char msg[sizeof(c->stopped_at) + 160];
+	if (c->dropped == 0)
 		return;
-	}
-	vd->v = v;
-	v[vd->n].path = strdup(path);
-	v[vd->n].message = strdup(msg);
-	v[vd->n].rule = rule;
-	if (v[vd->n].path == NULL || v[vd->n].message == NULL) {
-		free(v[vd->n].path);
-		free(v[vd->n].message);
-		c->oom = true;
-		return;
-	}
-	vd->n++;
-	if (vd->reason == BW_REJECT_NONE || reason < vd->reason)
-		vd->reason = reason;
+	if (c->stopped_at[0])
+		snprintf(msg, sizeof(msg),
+			 "only the first %d violations are listed: %zu more found before the "
+			 "check stopped at %s, and there may be more after it",
+			 BW_VERDICT_MAX_ERRORS, c->dropped, c->stopped_at);
+	else
+		snprintf(msg, sizeof(msg), "only the first %d violations are listed: %zu more left out",
+			 BW_VERDICT_MAX_ERRORS, c->dropped);
+	add_violation(c, "$", "truncated", msg);
 }
 
 #define INVALID(c, path, rule, ...) violate(c, BW_REJECT_INVALID_MESSAGE, path, rule, __VA_ARGS__)
@@ -225,10 +275,12 @@ static bool required(struct check *c, struct json_object *obj, const char *paren
 	return false;
 }
 
-/* Records the members of obj not named in known[] as ignored fields. */
+/* Records the members of obj not named in known[] as ignored fields (a bounded list). */
 static void note_unknown(struct check *c, struct json_object *obj, const char *parent,
 			 const char *const *known)
 {
+	if (c->vd->n > 0)
+		return; /* the message is rejected: the list would be thrown away */
 	json_object_object_foreach(obj, k, v)
 	{
 		(void)v;
@@ -237,6 +289,10 @@ static void note_unknown(struct check *c, struct json_object *obj, const char *p
 			found = strcmp(*p, k) == 0;
 		if (found)
 			continue;
+		if (c->unknown.len >= UNKNOWN_LIST_MAX) {
+			c->unknown_more++;
+			continue;
+		}
 		if (c->unknown.len)
 			bw_buf_puts(&c->unknown, ", ");
 		bw_buf_puts(&c->unknown, parent);
@@ -299,6 +355,10 @@ static void check_tags(struct check *c, struct json_object *tags)
 		size_t kn = strlen(k); /* json-c keys are NUL-terminated: a \u0000 cuts them */
 		size_t kcp = bw_utf8_length(k, kn);
 		tag_path(path, sizeof(path), k, kn);
+		if (verdict_full(c, path)) {
+			ok = false;
+			break;
+		}
 		if (kcp == 0) {
 			INVALID(c, path, "key_min_length", "tag keys must not be empty");
 			ok = false;
@@ -342,6 +402,85 @@ static void check_vm(struct check *c, struct json_object *vm)
 	c->vd->vm_valid = c->vd->n == before;
 }
 
+/* A disk's valid key with its index, and the lowest index that has the same key. */
+struct key_at {
+	int64_t key;
+	size_t idx;
+	size_t first;
+};
+
+static int key_at_by_key(const void *a, const void *b)
+{
+	const struct key_at *x = a, *y = b;
+	if (x->key != y->key)
+		return x->key < y->key ? -1 : 1;
+	return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+static int key_at_by_idx(const void *a, const void *b)
+{
+	const struct key_at *x = a, *y = b;
+	return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+/*
+ * The disks whose key an earlier disk already has, in disk order, each with the first disk
+ * that has it: a malloc'd array in *out (NULL when none; caller frees) of *n_out entries.
+ * Only keys that pass their own rules count: an invalid key is never "already used".
+ * The keys are sorted with their indices (glibc's qsort is a merge sort: O(n log n) in
+ * the worst case), not compared pairwise: a 16 MiB body holds a million disk objects.
+ * Returns false when out of memory.
+ */
+static bool duplicate_keys(struct json_object *disks, size_t n, struct key_at **out,
+			   size_t *n_out)
+{
+	struct key_at *ka = NULL;
+	size_t m = 0, cap = 0;
+	*out = NULL;
+	*n_out = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct json_object *d = json_object_array_get_idx(disks, i), *v;
+		int64_t key;
+		if (!json_object_is_type(d, json_type_object) ||
+		    !json_object_object_get_ex(d, "key", &v) || !bw_json_get_integer(v, &key) ||
+		    key < 1 || key > KEY_MAX)
+			continue;
+		if (m == cap) {
+			size_t ncap = cap ? cap * 2 : 64;
+			struct key_at *p = realloc(ka, ncap * sizeof(*ka));
+			if (p == NULL) {
+				free(ka);
+				return false;
+			}
+			ka = p;
+			cap = ncap;
+		}
+		ka[m++] = (struct key_at){key, i, i};
+	}
+	if (m < 2) {
+		free(ka);
+		return true;
+	}
+	qsort(ka, m, sizeof(*ka), key_at_by_key);
+	/* Each run of one key: its first entry is the lowest index; the others are repeats,
+	 * moved to the front (w never passes r). */
+	size_t w = 0;
+	for (size_t r = 1; r < m; r++) {
+		if (ka[r].key == ka[r - 1].key) {
+			ka[r].first = ka[r - 1].first;
+			ka[w++] = ka[r];
+		}
+	}
+	if (w == 0) {
+		free(ka);
+		return true;
+	}
+	qsort(ka, w, sizeof(*ka), key_at_by_idx);
+	*out = ka;
+	*n_out = w;
+	return true;
+}
+
 /* The disks[] of a job whose backup_type is type (NULL when it is itself invalid). */
 static void check_disks(struct check *c, struct json_object *disks, const char *type)
 {
@@ -362,40 +501,54 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		INVALID(c, "disks", "max_items", "has %zu disks, at most %d allowed", n,
 			BW_MESSAGE_MAX_DISKS);
 
-	struct bw_disk_spec *specs = calloc(n ? n : 1, sizeof(*specs));
+	struct key_at *dups = NULL;
+	size_t n_dups = 0, next_dup = 0;
+	if (!duplicate_keys(disks, n, &dups, &n_dups)) {
+		c->oom = true;
+		return;
+	}
+	/* Only a valid job's disks are kept (64 at most): past them one scratch entry is
+	 * reused, so a million disk objects cost no million entries. */
+	size_t kept = n < BW_MESSAGE_MAX_DISKS ? n : BW_MESSAGE_MAX_DISKS;
+	struct bw_disk_spec *specs = calloc(kept + 1, sizeof(*specs));
 	if (specs == NULL) {
+		free(dups);
 		c->oom = true;
 		return;
 	}
 	c->spec->disks = specs;
-	c->spec->n_disks = n;
+	c->spec->n_disks = kept + 1; /* so that bw_job_spec_free frees the scratch entry too */
 
-	bool have_base = false;
+	bool have_base = false, stopped = false;
 	for (size_t i = 0; i < n; i++) {
 		struct json_object *d = json_object_array_get_idx(disks, i);
-		struct bw_disk_spec *ds = &specs[i];
+		struct bw_disk_spec *ds = &specs[i < kept ? i : kept];
 		struct json_object *v;
 		snprintf(path, sizeof(path), "disks[%zu]", i);
 
+		if (verdict_full(c, path)) {
+			stopped = true;
+			break;
+		}
+		if (i >= kept) {
+			free(ds->label);
+			free(ds->parent_path);
+			free(ds->previous_change_id);
+			*ds = (struct bw_disk_spec){0};
+		}
+		while (next_dup < n_dups && dups[next_dup].idx < i)
+			next_dup++;
 		if (!json_object_is_type(d, json_type_object)) {
 			INVALID(c, path, "type", "must be an object, not %s", type_name(d));
 			continue;
 		}
 		if (required(c, d, path, "key", &v)) {
 			join(field, sizeof(field), path, "key");
-			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key)) {
-				for (size_t j = 0; j < i; j++) {
-					if (specs[j].key == ds->key) {
-						INVALID(c, field, "unique",
-							"disk key %" PRId64
-							" is already used by disks[%zu]",
-							ds->key, j);
-						break;
-					}
-				}
-			} else {
-				ds->key = 0; /* never equal to a valid key */
-			}
+			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key) &&
+			    next_dup < n_dups && dups[next_dup].idx == i)
+				INVALID(c, field, "unique",
+					"disk key %" PRId64 " is already used by disks[%zu]", ds->key,
+					dups[next_dup].first);
 		}
 		if (required(c, d, path, "size_bytes", &v)) {
 			join(field, sizeof(field), path, "size_bytes");
@@ -440,7 +593,14 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		}
 		note_unknown(c, d, path, known);
 	}
-	if (incremental && !have_base)
+	free(dups);
+	if (n > kept) { /* the scratch entry goes now; a rejected spec keeps the first 64 */
+		free(specs[kept].label);
+		free(specs[kept].parent_path);
+		free(specs[kept].previous_change_id);
+	}
+	c->spec->n_disks = kept;
+	if (incremental && !have_base && !stopped)
 		INVALID(c, "disks", "incremental_base",
 			"an incremental job needs at least one disk with parent_path and "
 			"previous_change_id");
@@ -519,7 +679,7 @@ static struct bw_verdict *verdict_new(void)
 int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_job_spec **spec,
 		     struct bw_verdict **verdict)
 {
-	struct check c = {NULL, NULL, BW_BUF_INIT, false};
+	struct check c = {.unknown = BW_BUF_INIT};
 	struct json_object *doc = NULL;
 	char why[160];
 	int rc = BW_ENOMEM;
@@ -550,6 +710,7 @@ int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_j
 	check_document(&c, doc);
 
 decided:
+	close_verdict(&c);
 	rc = BW_ENOMEM;
 	if (c.oom || c.unknown.failed)
 		goto out;
@@ -559,6 +720,8 @@ decided:
 		rc = BW_EMESSAGE;
 		goto out;
 	}
+	if (c.unknown_more)
+		bw_buf_printf(&c.unknown, ", and %zu more", c.unknown_more);
 	if (c.unknown.len && bw_buf_steal(&c.unknown, &c.spec->unknown_fields) != 0)
 		goto out;
 	*spec = c.spec;
@@ -618,11 +781,15 @@ static const char *parent_rule(const char *repo, const char *rel, char *detail, 
 int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config *cfg,
 			  struct bw_verdict **verdict)
 {
-	struct check c = {verdict_new(), NULL, BW_BUF_INIT, false};
+	struct check c = {.vd = verdict_new(), .unknown = BW_BUF_INIT};
 	char path[PATH_MAX + 64], detail[PATH_MAX];
 
 	if (c.vd == NULL)
 		return BW_ENOMEM;
+	/* CONTRACT §4: a rejection names the body's job_id when it follows the rule, as
+	 * every valid spec's does. */
+	if ((c.vd->job_id = strdup(spec->job_id)) == NULL)
+		c.oom = true;
 	const char *repo = bw_config_repository(cfg, spec->repository_id);
 	if (repo == NULL)
 		violate(&c, BW_REJECT_UNKNOWN_REPOSITORY, "repository_id", "unknown_repository",
@@ -644,6 +811,7 @@ int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config
 		violate(&c, BW_REJECT_INVALID_PARENT, path, rule, "parent image unusable: %s",
 			detail);
 	}
+	close_verdict(&c);
 	if (c.oom) {
 		bw_verdict_free(c.vd);
 		return BW_ENOMEM;

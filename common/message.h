@@ -35,11 +35,19 @@ struct bw_violation {
 	char *message;    /* human text, safe to print (no raw control characters) */
 };
 
+/*
+ * A verdict lists at most this many violations (CONTRACT §2: errors[] of backup.rejected);
+ * past it, one more entry {"$", "truncated", "... N more ..."} ends the list, so n is at
+ * most BW_VERDICT_MAX_ERRORS + 1. The listed ones are the first found, in the order the
+ * rules are checked; walks over disks and tags stop once one had to be left out.
+ */
+#define BW_VERDICT_MAX_ERRORS 100
+
 /* The outcome of a rejected message. */
 struct bw_verdict {
 	enum bw_reject_reason reason; /* the first failing class, in the order of the enum */
 	struct bw_violation *v;
-	size_t n;
+	size_t n; /* at most BW_VERDICT_MAX_ERRORS + 1 (the last one then "truncated") */
 	char *job_id;   /* the body's job_id when it is a string that follows the rule, else NULL */
 	bool vm_valid;  /* vm, policy_id and tags may be echoed in backup.rejected only when valid */
 	bool policy_valid;
@@ -71,13 +79,15 @@ struct bw_job_spec {
 	struct bw_disk_spec *disks;
 	size_t n_disks;
 	int64_t max_duration_s; /* 0 when absent (use the config's default) */
-	char *unknown_fields;   /* "a, vm.b, disks[0].c" of ignored fields, or NULL */
+	char *unknown_fields;   /* "a, vm.b, disks[0].c" of ignored fields, or NULL; about 4 KiB
+				   at most, then ", and N more" */
 };
 
 /*
  * Validates body[0..len) against every message rule of CONTRACT §2 (not the host's rules).
  * Returns 0 and stores a new spec in *spec (free with bw_job_spec_free); or BW_EMESSAGE
- * and stores in *verdict every violated rule (free with bw_verdict_free); or BW_ENOMEM.
+ * and stores in *verdict every violated rule, bounded as BW_VERDICT_MAX_ERRORS says (free
+ * with bw_verdict_free); or BW_ENOMEM.
  * A body over max_bytes is rejected unread (too_large).
  */
 int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_job_spec **spec,
@@ -87,7 +97,8 @@ int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_j
  * Checks the host's rules for a valid spec: the repository is configured, the credential
  * file <credentials.dir>/<credential_id>.json exists, and every parent_path names a qcow2
  * file inside the repository (symlinks resolved). Returns 0, or BW_EMESSAGE with *verdict
- * (reason unknown_repository, unknown_credential or invalid_parent), or BW_ENOMEM.
+ * (reason unknown_repository, unknown_credential or invalid_parent; its job_id is the
+ * spec's, its doc NULL), or BW_ENOMEM.
  */
 int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config *cfg,
 			  struct bw_verdict **verdict) BW_MUST_CHECK;

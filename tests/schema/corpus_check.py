@@ -26,7 +26,7 @@ RULES = {
     "type", "required", "const", "enum", "min_length", "max_length", "charset", "control_chars",
     "minimum", "maximum", "multiple_of", "min_items", "max_items", "max_properties",
     "key_min_length", "key_max_length", "key_control_chars", "unique", "forbidden_in_full",
-    "incremental_base", "relative_path", "invalid_json", "too_large",
+    "incremental_base", "relative_path", "invalid_json", "too_large", "truncated",
 }
 DOC_LEVEL = {"$: too_large": "too_large", "$: invalid_json": "invalid_json", "$: type": "invalid_message"}
 PATH = re.compile(r'^(\$|[a-z_]+(\[\d+\])?(\.[A-Za-z0-9_-]+|\["(?:[^"\\]|\\.)*"\])*(\[\d+\])?)$')

@@ -6,7 +6,19 @@ Usage: differential.py BW_CTL CORPUS_DIR
 For every CORPUS_DIR/*.json, runs `BW_CTL validate FILE` (exit 0 = valid, 1 = invalid,
 anything else = a failure) and compares its verdict with check() below (the schema plus the
 document-level rules) and with the file's name (valid-* / invalid-*). For an invalid file the
-set of `path: rule` lines bw-ctl prints (`FILE: path: rule`) must equal the file's .expect.
+set of `path: rule` lines bw-ctl prints (`FILE: path: rule`) must equal the file's .expect,
+and every line but `$: truncated` must also be a violation the schema finds (schema_lines():
+jsonschema's errors written in bw's path and rule names), so a line in an .expect that the
+schema would not report fails too.
+
+Bounded verdicts (CONTRACT §2: at most 100 errors, then {"path": "$", "rule": "truncated"}):
+bw stops checking once a violation has to be left out, while jsonschema reports all of them,
+so the two lists cannot be equal there. What is compared instead, for a file whose output
+holds `$: truncated`: bw printed exactly 101 lines with `$: truncated` last; its 100 other
+lines are schema violations (the subset check above, as for every file); and the schema
+finds more than 100 distinct violations, so the truncation was due. A file with at most 100
+schema violations must not be truncated. Which 100 bw lists (the first in its checking
+order) is held by the .expect, exactly as for any other file.
 Prints every disagreement, then `N passed, M failed`; exits 1 on any failure, 2 on usage errors.
 
 Importable: check(raw_bytes) -> (valid, reason) is the reference validator that
@@ -29,6 +41,8 @@ SCHEMA_PATH = os.path.normpath(os.path.join(HERE, "..", "..", "schemas", "backup
 
 MAX_BODY = 262144   # CONTRACT.md §2: config default 256 KiB
 MAX_DEPTH = 64      # arrays + objects, the top-level object counting as 1
+MAX_ERRORS = 100    # CONTRACT.md §2: errors[] of backup.rejected, then one "truncated" entry
+TRUNCATED = "$: truncated"
 BW_CTL_TIMEOUT_S = 30
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -112,6 +126,14 @@ def schema_errors(doc, schema_path=SCHEMA_PATH):
                   key=lambda e: (list(map(str, e.absolute_path)), e.validator))
 
 
+@functools.lru_cache(maxsize=2)
+def _evaluate(raw_bytes, schema_path):
+    """(doc, errors) of a body within the size limit; raises InvalidJSON. Cached: a 256 KiB
+    body of empty disks has some 175,000 schema errors and takes seconds to check."""
+    doc = decode_strict(raw_bytes)
+    return doc, schema_errors(doc, schema_path)
+
+
 def check(raw_bytes, schema_path=SCHEMA_PATH):
     """Validate one raw backup.start body exactly as CONTRACT.md §2 says.
 
@@ -120,15 +142,95 @@ def check(raw_bytes, schema_path=SCHEMA_PATH):
     if len(raw_bytes) > MAX_BODY:
         return False, "too_large: %d bytes > %d" % (len(raw_bytes), MAX_BODY)
     try:
-        doc = decode_strict(raw_bytes)
+        doc, errors = _evaluate(raw_bytes, schema_path)
     except InvalidJSON as e:
         return False, "invalid_json: %s" % e
-    errors = schema_errors(doc, schema_path)
     if errors:
         e = errors[0]
         more = " (+%d more)" % (len(errors) - 1) if len(errors) > 1 else ""
         return False, "invalid_message: %s: %s%s" % (_json_path(e), e.message[:200], more)
     return True, None
+
+
+# --- the schema's errors in bw's words ------------------------------------------------------
+
+_KEYWORD_RULES = {
+    "type": "type", "const": "const", "enum": "enum", "minLength": "min_length",
+    "maxLength": "max_length", "minimum": "minimum", "maximum": "maximum",
+    "multipleOf": "multiple_of", "minItems": "min_items", "maxItems": "max_items",
+    "maxProperties": "max_properties", "x-uniqueKey": "unique", "contains": "incremental_base",
+}
+_SIMPLE_TAG_KEY = re.compile(r"[A-Za-z0-9_-]+")
+PATH_DISPLAY_MAX = 300  # common/message.c: a longer tag key is shown cut in a path
+
+
+def _tag_segment(key):
+    """A tag key in a bw path: .team, or ["cost center"] JSON-escaped and cut as bw cuts it."""
+    if _SIMPLE_TAG_KEY.fullmatch(key) and len(key.encode("utf-8")) < PATH_DISPLAY_MAX:
+        return "." + key
+    quoted = json.dumps(key)
+    if len(quoted) > PATH_DISPLAY_MAX:
+        quoted = quoted[:PATH_DISPLAY_MAX - 5] + '..."'
+    return "[%s]" % quoted
+
+
+def bw_path(parts):
+    """A jsonschema path (deque of str/int) as bw writes it: disks[1].key, tags["a b"], $."""
+    out = ""
+    for i, p in enumerate(parts):
+        if isinstance(p, int):
+            out += "[%d]" % p
+        elif i == 1 and parts[0] == "tags":
+            out += _tag_segment(p)
+        else:
+            out += ("." if out else "") + p
+    return out or "$"
+
+
+def _pattern_rule(pattern, schema):
+    defs = schema.get("$defs", {})
+    if pattern == defs.get("identifier", {}).get("pattern"):
+        return "charset"
+    if pattern == defs.get("no_control", {}).get("pattern"):
+        return "control_chars"
+    return "relative_path"  # the one other pattern: parent_path's
+
+
+def schema_lines(doc, errors, schema_path=SCHEMA_PATH):
+    """The set of `path: rule` lines the schema's errors stand for, in bw's names (README:
+    violation names). A keyword this does not know gives `path: ?<keyword>`, which bw never
+    prints, so a new keyword in the schema shows up as a disagreement, not a silent pass."""
+    with open(schema_path, "rb") as f:
+        schema = json.loads(f.read().decode("utf-8"))
+    lines = set()
+    for e in errors:
+        parts = list(e.absolute_path)
+        path = bw_path(parts)
+        kw = e.validator
+        in_names = "propertyNames" in e.absolute_schema_path
+        if in_names:  # jsonschema reports a key's errors on the object, the key as instance
+            path = bw_path(parts + [e.instance])
+        if kw is None:  # the `false` schema: parent_path / previous_change_id in a full job
+            lines.add("%s: forbidden_in_full" % path)
+        elif kw == "required":
+            for name in e.validator_value:
+                if isinstance(e.instance, dict) and name not in e.instance:
+                    lines.add("%s: required" % bw_path(parts + [name]))
+        elif kw == "dependentRequired":
+            for name, deps in e.validator_value.items():
+                for dep in deps:
+                    if isinstance(e.instance, dict) and name in e.instance and dep not in e.instance:
+                        lines.add("%s: required" % bw_path(parts + [dep]))
+        elif kw == "pattern":
+            rule = _pattern_rule(e.validator_value, schema)
+            lines.add("%s: %s%s" % (path, "key_" if in_names else "", rule))
+        elif kw in ("minLength", "maxLength") and in_names:
+            lines.add("%s: key_%s" % (path, _KEYWORD_RULES[kw]))
+        elif kw in _KEYWORD_RULES:
+            lines.add("%s: %s" % (path, _KEYWORD_RULES[kw]))
+        else:
+            lines.add("%s: ?%s" % (path, kw))
+    return lines
 
 
 # --- the differential run ----------------------------------------------------------------
@@ -155,6 +257,25 @@ def parse_bw_ctl_output(stdout, file_arg):
             continue
         got.append("%s: %s" % (path, rule))
     return got, bad
+
+
+def compare_with_schema(raw, got):
+    """bw's lines for an invalid_message body against the schema's (module docstring)."""
+    problems = []
+    doc, errors = _evaluate(raw, SCHEMA_PATH)
+    ref = schema_lines(doc, errors)
+    for line in got:
+        if line != TRUNCATED and line not in ref:
+            problems.append("bw-ctl: %s is not a violation the schema finds" % line)
+    if TRUNCATED in got:
+        if len(got) != MAX_ERRORS + 1 or got[-1] != TRUNCATED:
+            problems.append("bw-ctl: a truncated verdict must be %d lines with %s last (got %d, last %s)"
+                            % (MAX_ERRORS + 1, TRUNCATED, len(got), got[-1] if got else "-"))
+        if len(ref) <= MAX_ERRORS:
+            problems.append("bw-ctl: truncated, but the schema finds only %d violations" % len(ref))
+    elif len(got) > MAX_ERRORS:
+        problems.append("bw-ctl: %d lines, more than %d without %s" % (len(got), MAX_ERRORS, TRUNCATED))
+    return problems
 
 
 def run_one(bw_ctl, file_arg, name):
@@ -210,6 +331,8 @@ def run_one(bw_ctl, file_arg, name):
             problems.append("missing  %s" % line)
         for line in sorted(have - want):
             problems.append("extra    %s" % line)
+        if ref_reason and ref_reason.startswith("invalid_message"):
+            problems += compare_with_schema(raw, got)
     if problems and stderr:
         problems.append("bw-ctl stderr: %s" % stderr[:500])
     return problems

@@ -153,6 +153,9 @@ def rejected_event_id(raw):
     return "rejected/%016x" % fnv1a64(raw)
 
 
+REJECTED_MAX_ERRORS = 100  # CONTRACT.md §2: errors[] of backup.rejected, then "truncated"
+
+
 def _targets(disks):
     return ",".join(f"{d.get('key')}:{d.get('nbd_url')}" for d in disks)
 
@@ -179,6 +182,13 @@ def cross_field_errors(name, doc):
         if event == "backup.rejected":
             if isinstance(eid, str) and not re.fullmatch(r"rejected/[0-9a-f]{16}", eid):
                 errs.append(f"event_id: {eid!r} is not rejected/<16 hex>")
+            # CONTRACT §2: past 100 errors, the last entry is the one "truncated".
+            errors = doc.get("errors")
+            if isinstance(errors, list):
+                at = [i for i, e in enumerate(errors) if isinstance(e, dict) and e.get("rule") == "truncated"]
+                if (at and at != [REJECTED_MAX_ERRORS]) or (len(errors) == REJECTED_MAX_ERRORS + 1 and not at):
+                    errs.append(f"errors: {len(errors)} entries, truncated at {at}: a truncated entry "
+                                f"comes only last, after {REJECTED_MAX_ERRORS} others, and only then")
         elif isinstance(job, str) and isinstance(event, str):
             if event == "backup.progress":
                 want = f"{job}/{event}/{seq}"
@@ -257,6 +267,12 @@ CROSS_FIELD_CASES = [
     ("backup.failed.valid", _m_set(["occurred_at"], "2026-02-30T10:00:00.000Z"), "no such date"),
     ("backup.failed.valid", _m_set(["event"], "backup.completed"), "event of another schema (with a matching id)"),
     ("backup-start-request.valid-2", _m_set(["previous_change_id"], "other"), "top-level change id not the first per-disk"),
+    ("backup.rejected.valid-truncated", lambda d: d["errors"].insert(0, d["errors"].pop()), "truncated not last"),
+    ("backup.rejected.valid-truncated", lambda d: d["errors"].pop(0), "100 errors ending with truncated"),
+    ("backup.rejected.valid-truncated", lambda d: d["errors"].__setitem__(100, dict(d["errors"][0])),
+     "101 errors without truncated"),
+    ("backup.rejected.valid", lambda d: d["errors"].append({"path": "$", "rule": "truncated", "message": "x"}),
+     "truncated after 2 errors"),
     ("backup-start-request.valid", _m_set(["nbd_targets"], "2000:nbd://127.0.0.1:10100/x"), "targets not matching disks"),
 ]
 
@@ -325,6 +341,9 @@ INVALID_EXPECT = {
     "backup.cleanup.invalid-port": "actions[2].port maximum",
     "backup.cleanup.invalid-result": "actions[0].result enum",
     "backup.rejected.invalid-error-without-rule": "errors[0] required rule",
+    "backup.rejected.invalid-102-errors": "errors maxItems",
+    "backup.rejected.invalid-truncated-path": "errors[100].path const",
+    "backup.rejected.invalid-two-truncated": "errors maxContains",
     "backup.rejected.invalid-event-id-job": "event_id pattern",
     "backup.rejected.invalid-event-id-upper-hex": "event_id pattern",
     "backup.rejected.invalid-job-id-absent": "$ required job_id",

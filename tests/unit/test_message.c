@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "buf.h"
 #include "message.h"
 
 static const char example[] =
@@ -154,6 +155,166 @@ static void test_document_level(void **state)
 	bw_verdict_free(vd);
 }
 
+/* A full job "job" of n copies of disk, with schema_version sv and tags; malloc'd. */
+static char *many_disks(const char *job, int sv, const char *tags, const char *disk, size_t n)
+{
+	struct bw_buf b = BW_BUF_INIT;
+	char *out = NULL;
+	bw_buf_printf(&b,
+		      "{\"schema_version\":%d,\"job_id\":\"%s\",\"vm\":{\"name\":\"n\",\"path\":"
+		      "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+		      "\"c\",\"tags\":%s,\"disks\":[",
+		      sv, job, tags);
+	for (size_t i = 0; i < n; i++)
+		bw_buf_printf(&b, "%s%s", i ? "," : "", disk);
+	bw_buf_puts(&b, "]}");
+	assert_false(b.failed);
+	assert_int_equal(bw_buf_steal(&b, &out), 0);
+	return out;
+}
+
+static void assert_entry(const struct bw_verdict *vd, size_t i, const char *want)
+{
+	char got[512];
+	assert_true(i < vd->n);
+	snprintf(got, sizeof(got), "%s: %s", vd->v[i].path, vd->v[i].rule);
+	assert_string_equal(got, want);
+}
+
+/* CONTRACT §2: at most 100 errors, then one "$: truncated" saying how many more. */
+static void test_bounded_verdict(void **state)
+{
+	(void)state;
+	const char *bad = "{\"key\":0,\"size_bytes\":1}"; /* 3 rules: minimum, minimum, multiple_of */
+
+	/* 1 + 33 * 3 = 100: listed in full, no truncated entry */
+	char *body = many_disks("bk-1", 2, "{}", bad, 33);
+	struct bw_verdict *vd = reject(body, 262144);
+	assert_int_equal(vd->n, 100);
+	assert_entry(vd, 0, "schema_version: const");
+	assert_entry(vd, 99, "disks[32].size_bytes: multiple_of");
+	bw_verdict_free(vd);
+	free(body);
+
+	/* 101: the last one checked is left out and counted exactly (nothing stopped early) */
+	body = many_disks("bk:1", 2, "{}", bad, 33);
+	vd = reject(body, 262144);
+	assert_int_equal(vd->n, 101);
+	assert_entry(vd, 1, "job_id: charset");
+	assert_entry(vd, 99, "disks[32].size_bytes: minimum");
+	assert_entry(vd, 100, "$: truncated");
+	assert_string_equal(vd->v[100].message,
+			    "only the first 100 violations are listed: 1 more left out");
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_MESSAGE);
+	assert_null(vd->job_id);
+	bw_verdict_free(vd);
+	free(body);
+
+	/* 200,000 empty disks (400,001 broken rules): the walk stops at disks[50] */
+	body = many_disks("bk-1", 1, "{}", "{}", 200000);
+	vd = reject(body, 32u << 20);
+	assert_int_equal(vd->n, 101);
+	assert_entry(vd, 0, "disks: max_items");
+	assert_entry(vd, 1, "disks[0].key: required");
+	assert_entry(vd, 99, "disks[49].key: required");
+	assert_entry(vd, 100, "$: truncated");
+	assert_non_null(strstr(vd->v[100].message, "1 more found before the check stopped at disks[50]"));
+	assert_string_equal(vd->job_id, "bk-1");
+	assert_true(vd->vm_valid);
+	bw_verdict_free(vd);
+	free(body);
+
+	/* 300 tags of the wrong type: the tags walk stops too, and tags are not echoed */
+	struct bw_buf t = BW_BUF_INIT;
+	char *tags = NULL;
+	bw_buf_puts(&t, "{");
+	for (int i = 0; i < 300; i++)
+		bw_buf_printf(&t, "%s\"t%03d\":%d", i ? "," : "", i, i);
+	bw_buf_puts(&t, "}");
+	assert_int_equal(bw_buf_steal(&t, &tags), 0);
+	body = many_disks("bk-1", 1, tags, "{\"key\":1,\"size_bytes\":512}", 1);
+	vd = reject(body, 262144);
+	assert_int_equal(vd->n, 101);
+	assert_entry(vd, 0, "tags: max_properties");
+	assert_entry(vd, 99, "tags.t098: type");
+	assert_entry(vd, 100, "$: truncated");
+	assert_non_null(strstr(vd->v[100].message, "stopped at tags.t100"));
+	assert_false(vd->tags_valid);
+	bw_verdict_free(vd);
+	free(body);
+	free(tags);
+}
+
+/* A repeated disk key names the first disk that has it, however many disks come between. */
+static void test_duplicate_keys(void **state)
+{
+	(void)state;
+	const char *three = "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\","
+			    "\"path\":\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\","
+			    "\"credential_id\":\"c\",\"disks\":[{\"key\":7,\"size_bytes\":512},"
+			    "{\"key\":0,\"size_bytes\":512},{\"key\":7.0,\"size_bytes\":512},"
+			    "{\"key\":7,\"size_bytes\":512},{\"key\":0,\"size_bytes\":512}]}";
+	struct bw_verdict *vd = reject(three, 262144);
+	const char *want[] = {"disks[1].key: minimum", "disks[2].key: unique", "disks[3].key: unique",
+			      "disks[4].key: minimum", NULL};
+	assert_rules(vd, want);
+	assert_string_equal(vd->v[1].message, "disk key 7 is already used by disks[0]");
+	assert_string_equal(vd->v[2].message, "disk key 7 is already used by disks[0]");
+	bw_verdict_free(vd);
+
+	/* 40,000 disks, keys 1..20000 twice: disks[20000+i] repeats disks[i] */
+	struct bw_buf b = BW_BUF_INIT;
+	char *body = NULL;
+	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+			"\"c\",\"disks\":[");
+	for (int i = 0; i < 40000; i++)
+		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 20000 + 1);
+	bw_buf_puts(&b, "]}");
+	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	vd = reject(body, 4u << 20);
+	assert_int_equal(vd->n, 101);
+	assert_entry(vd, 0, "disks: max_items");
+	assert_entry(vd, 1, "disks[20000].key: unique");
+	assert_string_equal(vd->v[1].message, "disk key 1 is already used by disks[0]");
+	assert_entry(vd, 99, "disks[20098].key: unique");
+	assert_string_equal(vd->v[99].message, "disk key 99 is already used by disks[98]");
+	assert_entry(vd, 100, "$: truncated");
+	bw_verdict_free(vd);
+	free(body);
+}
+
+/* The ignored-fields list of a valid spec is bounded and says how many it left out. */
+static void test_unknown_fields_bounded(void **state)
+{
+	(void)state;
+	struct bw_buf b = BW_BUF_INIT;
+	char *body = NULL;
+	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+			"\"c\",\"disks\":[{\"key\":1,\"size_bytes\":512}]");
+	for (int i = 0; i < 5000; i++)
+		bw_buf_printf(&b, ",\"x_%04d\":%d", i, i);
+	bw_buf_puts(&b, "}");
+	assert_int_equal(bw_buf_steal(&b, &body), 0);
+
+	struct bw_job_spec *spec = NULL;
+	struct bw_verdict *vd = NULL;
+	assert_int_equal(bw_message_parse(body, strlen(body), 262144, &spec, &vd), 0);
+	const char *u = spec->unknown_fields;
+	assert_true(strlen(u) < 4096 + 64);
+	assert_memory_equal(u, "\"x_0000\", \"x_0001\"", 18);
+	size_t listed = 1, more = 0;
+	for (const char *p = u; (p = strstr(p, ", \"")) != NULL; p++)
+		listed++;
+	const char *tail = strstr(u, ", and ");
+	assert_non_null(tail);
+	assert_int_equal(sscanf(tail, ", and %zu more", &more), 1);
+	assert_int_equal(listed + more, 5000);
+	bw_job_spec_free(spec);
+	free(body);
+}
+
 static void write_file(const char *path, const void *data, size_t n, mode_t mode)
 {
 	FILE *f = fopen(path, "wb");
@@ -231,6 +392,8 @@ static void test_host_rules(void **state)
 		} else {
 			assert_int_equal(rc, BW_EMESSAGE);
 			assert_int_equal(vd->reason, cases[i].reason);
+			assert_non_null(vd->job_id); /* CONTRACT §4: the message's job_id */
+			assert_string_equal(vd->job_id, "j");
 			assert_int_equal(vd->n, 1);
 			char got[256];
 			snprintf(got, sizeof(got), "%s: %s", vd->v[0].path, vd->v[0].rule);
@@ -252,6 +415,9 @@ int main(void)
 		cmocka_unit_test(test_every_rule_reported),
 		cmocka_unit_test(test_incremental_rules),
 		cmocka_unit_test(test_document_level),
+		cmocka_unit_test(test_bounded_verdict),
+		cmocka_unit_test(test_duplicate_keys),
+		cmocka_unit_test(test_unknown_fields_bounded),
 		cmocka_unit_test(test_host_rules),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

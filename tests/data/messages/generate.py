@@ -13,7 +13,7 @@ JSON-escaped), `$` for the whole document; a missing field's path names the fiel
   an empty id gets only min_length), control_chars, minimum, maximum, multiple_of,
   min_items, max_items, max_properties, key_min_length, key_max_length, key_control_chars
   (tag keys), unique (every later duplicate disk key), forbidden_in_full, incremental_base
-  (on `disks`), relative_path.
+  (on `disks`), relative_path; `$: truncated` after the first 100 when more are broken.
 Every rule is checked independently, except that a wrong-typed value gets only `type` and a
 missing object gets only its own `required`. In a full job a disk with one of parent_path /
 previous_change_id gets forbidden_in_full only (no `required` for the other).
@@ -615,13 +615,56 @@ invalid("size-limit-plus-one", padded_to(full(), MAX_BODY + 1), "$: too_large")
 invalid("size-limit-garbage", b"\xff" * (MAX_BODY + 4096), "$: too_large")
 
 
+# Bounded verdicts (CONTRACT §2): at most 100 violations are listed, then the line
+# "$: truncated". bw lists the first 100 in its checking order (the top-level fields in the
+# contract's order, then the tags, then the disks one by one, each disk's fields in order)
+# and stops checking once one had to be left out; these expectations follow that order.
+BAD_DISK = {"key": 0, "size_bytes": 1}  # 3 violations: key minimum, size minimum and multiple_of
+
+
+def bad_disks(n):
+    return [dict(BAD_DISK) for _ in range(n)]
+
+
+def bad_disk_lines(n):
+    return [line % i for i in range(n) for line in
+            ("disks[%d].key: minimum", "disks[%d].size_bytes: minimum", "disks[%d].size_bytes: multiple_of")]
+
+
+invalid("violations-100-listed-in-full", with_(f("disks", bad_disks(33)), "schema_version", 2),
+        "schema_version: const", *bad_disk_lines(33))
+invalid("violations-101-truncated", with_(with_(f("disks", bad_disks(33)), "schema_version", 2), "job_id", "bk:1"),
+        "schema_version: const", "job_id: charset", *bad_disk_lines(33)[:98], "$: truncated")
+invalid("violations-192-truncated", f("disks", bad_disks(64)), *bad_disk_lines(64)[:100], "$: truncated")
+invalid("violations-tags-200-truncated", f("tags", {"t%03d" % i: i for i in range(200)}),
+        "tags: max_properties", *["tags.t%03d: type" % i for i in range(99)], "$: truncated")
+
+
+def empty_disks_at_limit():
+    """The CONTRACT example whose disks are as many {} as fit in exactly MAX_BODY bytes."""
+    m = full()
+    m["disks"] = []
+    head, tail = json.dumps(m, separators=(",", ":")).encode().split(b"[]")
+    n = (MAX_BODY - len(head) - len(tail) - 1) // 3
+    b = head + b"[" + b",".join([b"{}"] * n) + b"]" + tail
+    b += b" " * (MAX_BODY - len(b))
+    assert len(b) == MAX_BODY and n > 87000, (len(b), n)
+    return b
+
+
+# 87,000 disks of {}: 174,000 violations, which once made a 12.8 MB backup.rejected.
+invalid("violations-empty-disks-at-size-limit", empty_disks_at_limit(), "disks: max_items",
+        *[line % i for i in range(50) for line in ("disks[%d].key: required", "disks[%d].size_bytes: required")][:99],
+        "$: truncated")
+
+
 # --- writing -------------------------------------------------------------------------------
 
 NAME = re.compile(r"^(valid|invalid)-[a-z0-9]+(-[a-z0-9]+)*$")
 RULE = re.compile(r"^(type|required|const|enum|min_length|max_length|charset|control_chars|minimum|maximum|"
                   r"multiple_of|min_items|max_items|max_properties|key_min_length|key_max_length|"
                   r"key_control_chars|unique|forbidden_in_full|incremental_base|relative_path|"
-                  r"invalid_json|too_large)$")
+                  r"invalid_json|too_large|truncated)$")
 
 
 def main():
