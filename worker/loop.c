@@ -132,8 +132,15 @@ int worker_run(const struct bw_config *cfg)
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGUSR1);
-	sigprocmask(SIG_BLOCK, &mask, NULL);
-	sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+	/*
+	 * Blocked signals reach the loop only through the signalfd: without one, SIGTERM would
+	 * stay blocked and the worker could not be stopped but by SIGKILL. Refuse to start.
+	 */
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) != 0 ||
+	    (sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+		bw_log_warn("cannot receive signals through a signalfd");
+		goto out;
+	}
 
 	int rc = bw_ledger_open(&w.ledger, cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max);
 	if (rc != 0) {
