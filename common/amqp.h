@@ -136,10 +136,10 @@ enum bw_amqp_role { BW_AMQP_CONSUMER, BW_AMQP_PUBLISHER };
 
 /*
  * A link keeps one connection of a role up: when it is lost it is connected again after a
- * capped exponential backoff with full jitter (attempt n waits a uniform time in
- * [0, min(cap, base * 2^n)]), restoring in order: connection, channel, qos, confirm mode,
- * topology, consumer. Deliveries of an older connection are never acked on the new one
- * (bw_amqp_ack refuses their tags).
+ * capped exponential backoff with full jitter (bw_backoff_ms: after n failed connects in a
+ * row, a uniform wait in [0, min(cap, base * 2^n)]), restoring in order: connection,
+ * channel, qos, confirm mode, topology, consumer. Deliveries of an older connection are
+ * never acked on the new one (bw_amqp_ack refuses their tags).
  */
 struct bw_amqp_link {
 	struct bw_amqp_opts opts;
@@ -153,7 +153,6 @@ struct bw_amqp_link {
 	struct bw_amqp *c;  /* NULL while down */
 	unsigned attempts;  /* failed connects in a row */
 	int64_t next_try_ms; /* monotonic; 0: now */
-	uint64_t rng;
 	uint64_t connects;  /* successful (re)connects */
 };
 

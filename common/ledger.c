@@ -1,6 +1,9 @@
 /* ledger.c: the host's SQLite ledger: short fenced transactions, flock-proven liveness, the outbox. */
 #include "ledger.h"
+
+#include "clock.h"
 #include "proc.h"
+#include "rand.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -114,11 +117,16 @@ static const char *const migrations[] = {schema_v1};
 /* Where a job is done with: nothing left to do for anybody. */
 #define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
 
-#define BUSY_BOUND_NS (2 * 1000000000LL) /* one busy wait before the transaction is retried */
-#define GATE_WAIT_NS (2 * 1000000000LL)  /* one wait for the writers' gate */
-#define GATE_MAGIC 0x62776761u             /* "bwga" */
+#define BUSY_BOUND_MS 2000 /* one busy wait before the transaction is retried */
+#define GATE_WAIT_MS 2000  /* one wait for the writers' gate */
+#define GATE_MAGIC 0x62776761u /* "bwga" */
 #define TXN_ATTEMPTS 5
-#define REGISTER_WAIT_NS (3 * 1000000000LL) /* a live twin holds its lock longer */
+/* A retried transaction waits 1 ms plus a full-jitter backoff from 4 ms, doubling (up to
+ * 32 ms before the last attempt): the lock's holder is in a short transaction. */
+#define TXN_RETRY_MIN_MS 1
+#define TXN_RETRY_BASE_MS 4
+#define TXN_RETRY_CAP_MS 32
+#define REGISTER_WAIT_MS 3000 /* a live twin holds its lock longer */
 
 enum stmt_id {
 	ST_FENCE,
@@ -202,8 +210,7 @@ struct bw_ledger {
 	bool readonly;
 	int port_min, port_max;
 	sqlite3_stmt *st[ST__COUNT];
-	uint64_t rng;
-	int64_t busy_since_ns;
+	int64_t busy_since_ms;
 	struct gate *gate; /* writers' gate, mmap'd; NULL for a read-only handle */
 	char errmsg[256];  /* SQLite's words for the last failed transaction */
 	bool no_wait;      /* the busy handler gives up at once (the checkpoint) */
@@ -217,29 +224,6 @@ struct bw_ledger {
 };
 
 /* ---- small helpers ---------------------------------------------------------------------- */
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static uint64_t rnd(struct bw_ledger *l)
-{
-	/* xorshift64*: jitter only, not security */
-	l->rng ^= l->rng >> 12;
-	l->rng ^= l->rng << 25;
-	l->rng ^= l->rng >> 27;
-	return l->rng * 2685821657736338717ULL;
-}
 
 static void sleep_us(uint64_t us)
 {
@@ -358,18 +342,18 @@ static char *dup_col(sqlite3_stmt *s, int col)
 /*
  * Busy handler: short random sleeps (20 us to 1 ms) instead of SQLite's backoff that grows
  * to 100 ms, so a waiting process keeps trying while the lock is released thousands of
- * times a second and is not starved by newcomers; bounded by BUSY_BOUND_NS.
+ * times a second and is not starved by newcomers; bounded by BUSY_BOUND_MS.
  */
 static int busy_cb(void *arg, int count)
 {
 	struct bw_ledger *l = arg;
-	int64_t now = mono_ns();
+	int64_t now = bw_clock_mono_ms();
 	if (count == 0)
-		l->busy_since_ns = now;
-	if (l->no_wait || now - l->busy_since_ns > BUSY_BOUND_NS)
+		l->busy_since_ms = now;
+	if (l->no_wait || now - l->busy_since_ms > BUSY_BOUND_MS)
 		return 0;
 	uint64_t cap = count < 50 ? 200 : 1000;
-	sleep_us(20 + rnd(l) % cap);
+	sleep_us(20 + bw_rand_below_incl(cap - 1));
 	return 1;
 }
 
@@ -441,11 +425,9 @@ static int gate_lock(struct bw_ledger *l)
 {
 	if (l->gate == NULL)
 		return 0;
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	int64_t ns = ts.tv_nsec + GATE_WAIT_NS;
-	ts.tv_sec += (time_t)(ns / 1000000000LL);
-	ts.tv_nsec = (long)(ns % 1000000000LL);
+	/* pthread_mutex_timedlock takes a CLOCK_REALTIME deadline */
+	int64_t until = bw_clock_wall_ms() + GATE_WAIT_MS;
+	struct timespec ts = {(time_t)(until / 1000), (long)(until % 1000) * 1000000};
 	int rc;
 	while ((rc = pthread_mutex_timedlock(&l->gate->mutex, &ts)) == EINTR)
 		;
@@ -476,8 +458,11 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 {
 	int rc = BW_EBUSY;
 	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
-		if (attempt > 0)
-			sleep_us(1000 + rnd(l) % (2000u << attempt));
+		if (attempt > 0) {
+			int64_t wait_ms = TXN_RETRY_MIN_MS +
+					  bw_backoff_ms(TXN_RETRY_BASE_MS, TXN_RETRY_CAP_MS, attempt);
+			sleep_us((uint64_t)wait_ms * 1000);
+		}
 		if ((rc = gate_lock(l)) == BW_EBUSY)
 			continue;
 		if (rc != 0)
@@ -542,7 +527,7 @@ static bool legal_move(enum bw_job_state from, enum bw_job_state to)
 
 static int history(struct bw_ledger *l, const char *job_id, const char *state, int64_t gen)
 {
-	return run(l, ST_HISTORY, "tttii", job_id, state, l->worker_id, gen, now_ms());
+	return run(l, ST_HISTORY, "tttii", job_id, state, l->worker_id, gen, bw_clock_wall_ms());
 }
 
 static int append_events(struct bw_ledger *l, const char *job_id, int64_t seq,
@@ -552,7 +537,7 @@ static int append_events(struct bw_ledger *l, const char *job_id, int64_t seq,
 		if (events[i].seq != seq + 1 + (int64_t)i)
 			return BW_EINVAL;
 		int rc = run(l, ST_OUTBOX_INSERT, "ttitti", events[i].event_id, job_id,
-			     events[i].seq, events[i].routing_key, events[i].body, now_ms());
+			     events[i].seq, events[i].routing_key, events[i].body, bw_clock_wall_ms());
 		if (rc != 0)
 			return rc;
 	}
@@ -678,9 +663,6 @@ static int open_db(struct bw_ledger **out, const char *path, bool readonly)
 		return BW_ENOMEM;
 	l->lock_fd = -1;
 	l->readonly = readonly;
-	l->rng = (uint64_t)mono_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9e3779b97f4a7c15ULL;
-	if (l->rng == 0)
-		l->rng = 1;
 
 	int flags = readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
 	int rc = sqlite3_open_v2(path, &l->db, flags | SQLITE_OPEN_NOMUTEX, NULL);
@@ -722,7 +704,7 @@ int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int p
 		rc = exec(l, "PRAGMA journal_mode = WAL");
 		if (rc != BW_EBUSY)
 			break;
-		sleep_us(10000 + rnd(l) % 10000);
+		sleep_us(10000 + bw_rand_below_incl(9999));
 	}
 	if (rc == 0)
 		rc = exec(l, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
@@ -793,7 +775,7 @@ static int register_txn(struct bw_ledger *l, void *arg)
 {
 	struct register_ctx *r = arg;
 	sqlite3_stmt *s;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	int rc;
 
 	/* A previous incarnation of this id is dead: we hold its lock. Its jobs stay for reap. */
@@ -844,11 +826,11 @@ int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *l
 	 * A reaper (for the length of its transaction) or bw-ctl workers (for an instant) may
 	 * hold a dead worker's lock: wait a bounded time before calling the id taken.
 	 */
-	int64_t give_up = mono_ns() + REGISTER_WAIT_NS;
+	int64_t give_up = bw_clock_mono_ms() + REGISTER_WAIT_MS;
 	while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
 		int err = errno;
-		if (err == EWOULDBLOCK && mono_ns() < give_up) {
-			sleep_us(1000 + rnd(l) % 9000);
+		if (err == EWOULDBLOCK && bw_clock_mono_ms() < give_up) {
+			sleep_us(1000 + bw_rand_below_incl(8999));
 			continue;
 		}
 		close(fd);
@@ -874,7 +856,7 @@ int bw_ledger_heartbeat(struct bw_ledger *l)
 {
 	if (l->worker_id == NULL)
 		return BW_EINVAL;
-	return run(l, ST_HEARTBEAT, "ii", l->incarnation, now_ms());
+	return run(l, ST_HEARTBEAT, "ii", l->incarnation, bw_clock_wall_ms());
 }
 
 static int unregister_txn(struct bw_ledger *l, void *arg)
@@ -927,7 +909,7 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 {
 	struct claim_ctx *c = arg;
 	int err = 0, rc;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 
 	c->exists = false;
 	sqlite3_stmt *s = query(l, ST_JOB_STATE, &err, "tt", c->job_id, c->message);
@@ -1017,7 +999,7 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 		return rc;
 	const char *name = bw_job_state_name(t->state);
 	if ((rc = run(l, ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
-		      seq + (int64_t)t->n, now_ms(), t->last_error)) != 0)
+		      seq + (int64_t)t->n, bw_clock_wall_ms(), t->last_error)) != 0)
 		return rc;
 	return history(l, t->f->job_id, name, t->f->generation);
 }
@@ -1092,7 +1074,7 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 		      size_t n, int *ports)
 {
 	int err = 0, rc;
-	int64_t cursor = l->port_min, now = now_ms();
+	int64_t cursor = l->port_min, now = bw_clock_wall_ms();
 	size_t got = 0;
 
 	if ((rc = run(l, ST_QUARANTINE_EXPIRE, "i", now)) != 0)
@@ -1251,7 +1233,7 @@ static int quarantine_txn(struct bw_ledger *l, void *arg)
 {
 	struct quarantine_ctx *q = arg;
 	int err = 0;
-	int64_t now = now_ms(), key;
+	int64_t now = bw_clock_wall_ms(), key;
 	int rc = fence(l, q->f, NULL, NULL);
 	if (rc != 0)
 		return rc;
@@ -1443,7 +1425,7 @@ static int reap_txn(struct bw_ledger *l, void *arg)
 	if (rc != SQLITE_DONE)
 		return sql_err(l, rc);
 
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	for (size_t i = 0; i < r->n_jobs; i++) {
 		struct bw_reaped_job *j = &r->jobs[i];
 		if (sqlite3_prepare_v2(l->db,
@@ -1573,7 +1555,7 @@ static int outbox_append_txn(struct bw_ledger *l, void *arg)
 {
 	const struct bw_event *e = arg;
 	return run(l, ST_OUTBOX_APPEND, "titti", e->event_id, e->seq, e->routing_key, e->body,
-		   now_ms());
+		   bw_clock_wall_ms());
 }
 
 int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event)
@@ -1646,7 +1628,7 @@ struct published_ctx {
 static int published_txn(struct bw_ledger *l, void *arg)
 {
 	struct published_ctx *p = arg;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	for (size_t i = 0; i < p->n; i++) {
 		int rc = run(l, ST_OUTBOX_PUBLISHED, "ii", p->ids[i], now);
 		if (rc != 0)
@@ -1690,7 +1672,7 @@ int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest
 		*count = (size_t)sqlite3_column_int64(s, 0);
 		*oldest_age_ms = sqlite3_column_type(s, 1) == SQLITE_NULL
 					 ? 0
-					 : now_ms() - sqlite3_column_int64(s, 1);
+					 : bw_clock_wall_ms() - sqlite3_column_int64(s, 1);
 	}
 	sqlite3_finalize(s);
 	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
@@ -1711,7 +1693,7 @@ void bw_outbox_free(struct bw_outbox_row *rows, size_t n)
 static int expire_txn(struct bw_ledger *l, void *arg)
 {
 	(void)arg;
-	return run(l, ST_QUARANTINE_EXPIRE, "i", now_ms());
+	return run(l, ST_QUARANTINE_EXPIRE, "i", bw_clock_wall_ms());
 }
 
 int bw_ledger_maintain(struct bw_ledger *l)
@@ -1733,15 +1715,12 @@ int bw_ledger_maintain(struct bw_ledger *l)
 
 /* ---- reading ----------------------------------------------------------------------------- */
 
+/* A stored time as an RFC 3339 string; NULL (JSON null) for none (0) or one out of range. */
 static struct json_object *time_json(int64_t ms)
 {
-	char buf[40];
-	time_t t = (time_t)(ms / 1000);
-	struct tm tm;
-	if (ms <= 0 || gmtime_r(&t, &tm) == NULL)
+	char buf[BW_RFC3339_SIZE];
+	if (ms <= 0 || bw_clock_rfc3339(ms, buf)[0] == '\0')
 		return NULL;
-	size_t n = strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(buf + n, sizeof(buf) - n, ".%03dZ", (int)(ms % 1000));
 	return json_object_new_string(buf);
 }
 
@@ -1804,7 +1783,7 @@ int bw_ledger_list_ports(struct bw_ledger *l, struct json_object **out)
 	snprintf(sql, sizeof(sql),
 		 "SELECT port, state, job_id, disk_key, owner, until FROM ports"
 		 " WHERE state = 'reserved' OR until > %lld ORDER BY port",
-		 (long long)now_ms());
+		 (long long)bw_clock_wall_ms());
 	return rows_json(l, sql, NULL, "issist", out);
 }
 

@@ -1,6 +1,7 @@
 /* loop.c: the worker's one event loop: broker, SNA, children and signals, never waiting past a deadline. */
 #include "worker.h"
 
+#include "clock.h"
 #include "log.h"
 
 #include <errno.h>
@@ -188,11 +189,11 @@ int worker_run(const struct bw_config *cfg)
 	bw_log_info("worker %s up: ledger %s, ports %d-%d, up to %d job(s)", cfg->worker_id,
 		    cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max, cfg->worker_max_jobs);
 	recover_pass(&w); /* before the first delivery: what dead workers left comes first */
-	w.last_recovery_ms = worker_now_ms();
+	w.last_recovery_ms = bw_clock_mono_ms();
 
 	int64_t stop_by = 0;
 	for (;;) {
-		int64_t now = worker_now_ms();
+		int64_t now = bw_clock_mono_ms();
 		bool fresh;
 		if (!w.stopping && !w.draining && w.consumer.c == NULL) {
 			rc = bw_amqp_link_up(&w.consumer, &fresh, err, sizeof(err));
@@ -286,7 +287,7 @@ int worker_run(const struct bw_config *cfg)
 				    "transferring ones handed over (%d job(s))",
 				    si.ssi_signo, w.n_jobs);
 			w.stopping = true;
-			stop_by = worker_now_ms() + (int64_t)cfg->worker_shutdown_grace_s * 1000;
+			stop_by = bw_clock_mono_ms() + (int64_t)cfg->worker_shutdown_grace_s * 1000;
 			bw_amqp_link_down(&w.consumer); /* stop consuming at once */
 			if (held.have) {
 				bw_delivery_free(&held.d);
