@@ -4,8 +4,7 @@
 #include "ledger.h"
 #include "log.h"
 #include "proc.h"
-
-int worker_run(const struct bw_config *cfg);
+#include "worker.h"
 
 #include <getopt.h>
 #include <signal.h>
