@@ -155,6 +155,8 @@ enum stmt_id {
 	ST_OUTBOX_FAILED,
 	ST_OUTBOX_APPEND,
 	ST_HEARTBEAT,
+	ST_WORKER_GET,
+	ST_WORKER_JOBS,
 	ST__COUNT
 };
 
@@ -203,6 +205,9 @@ static const char *const stmt_sql[ST__COUNT] = {
 	[ST_OUTBOX_APPEND] = "INSERT OR IGNORE INTO outbox (event_id, job_id, seq, routing_key, body,"
 			     " created_at) VALUES (?1, NULL, ?2, ?3, ?4, ?5)",
 	[ST_HEARTBEAT] = "UPDATE workers SET heartbeat_at = ?2 WHERE incarnation = ?1",
+	[ST_WORKER_GET] = "SELECT incarnation, pid, start_time, started_at, heartbeat_at"
+			  " FROM workers WHERE worker_id = ?1",
+	[ST_WORKER_JOBS] = "SELECT count(*) FROM jobs WHERE owner = ?1 AND " SQL_UNFINISHED,
 };
 
 struct bw_ledger {
@@ -850,6 +855,36 @@ int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *l
 	l->lock_fd = fd;
 	l->incarnation = r.incarnation;
 	return 0;
+}
+
+int bw_ledger_worker_get(struct bw_ledger *l, const char *worker_id, struct bw_worker_row *out)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, ST_WORKER_GET, &err, "t", worker_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		*out = (struct bw_worker_row){sqlite3_column_int64(s, 0),
+					      (pid_t)sqlite3_column_int64(s, 1),
+					      (uint64_t)sqlite3_column_int64(s, 2),
+					      sqlite3_column_int64(s, 3), sqlite3_column_int64(s, 4)};
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+}
+
+int bw_ledger_worker_jobs(struct bw_ledger *l, const char *worker_id, size_t *n)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, ST_WORKER_JOBS, &err, "t", worker_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*n = (size_t)sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
 }
 
 int bw_ledger_heartbeat(struct bw_ledger *l)

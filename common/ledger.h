@@ -109,6 +109,29 @@ const char *bw_ledger_errmsg(const struct bw_ledger *l);
 int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *lock_dir)
 	BW_MUST_CHECK;
 
+/* A worker's row as it registered (bw_ledger_register). */
+struct bw_worker_row {
+	int64_t incarnation;
+	pid_t pid;
+	uint64_t start_time; /* of the process, as bw_proc_start_time gives it */
+	int64_t started_at_ms;   /* ms since the epoch */
+	int64_t heartbeat_at_ms; /* monitoring only */
+};
+
+/*
+ * Reads the row of worker worker_id into *out (also on a read-only handle). The row names
+ * a process; whether it still runs is bw_proc_same(pid, start_time). Returns 0; BW_ENOENT
+ * when no worker of that id is registered; BW_EBUSY, BW_EIO.
+ */
+int bw_ledger_worker_get(struct bw_ledger *l, const char *worker_id, struct bw_worker_row *out)
+	BW_MUST_CHECK;
+
+/*
+ * Stores in *n how many unfinished jobs (neither completed nor compensated: a failed job
+ * still owes its compensation) worker_id owns. Returns 0, BW_EBUSY, BW_EIO.
+ */
+int bw_ledger_worker_jobs(struct bw_ledger *l, const char *worker_id, size_t *n) BW_MUST_CHECK;
+
 /* Records the heartbeat time (monitoring only). Returns 0, BW_EBUSY, BW_EIO. */
 int bw_ledger_heartbeat(struct bw_ledger *l) BW_MUST_CHECK;
 
