@@ -379,18 +379,6 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 	return start_consumer(c, err, errsize);
 }
 
-int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch)
-{
-	char err[256];
-	if (prefetch == c->prefetch)
-		return 0;
-	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)prefetch, 0);
-	int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, sizeof(err));
-	if (rc == 0)
-		c->prefetch = prefetch;
-	return rc;
-}
-
 void bw_delivery_free(struct bw_delivery *d)
 {
 	free(d->body);

@@ -78,9 +78,6 @@ struct bw_delivery {
 int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
 		    size_t errsize) BW_MUST_CHECK;
 
-/* Changes the prefetch (free job slots); 0 = none. */
-int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch) BW_MUST_CHECK;
-
 /*
  * Handles what arrived, without waiting for more than one message's remaining frames:
  * returns 0 with *got set when a delivery is in *d (free with bw_delivery_free), 0 with
