@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "ledger.h"
+#include "ledger_views.h"
 #include "proc.h"
 
 struct fixture {
