@@ -1,17 +1,19 @@
 /* amqp.c: connect, declare, consume and publish with confirms over librabbitmq-c 0.11, without long waits. */
 #include "amqp.h"
 
+#include "clock.h"
+#include "rand.h"
+
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
-#include <time.h>
-#include <unistd.h>
 
 #define CHANNEL 1
 #define FRAME_MAX 131072
@@ -377,18 +379,6 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 	return start_consumer(c, err, errsize);
 }
 
-int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch)
-{
-	char err[256];
-	if (prefetch == c->prefetch)
-		return 0;
-	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)prefetch, 0);
-	int rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, sizeof(err));
-	if (rc == 0)
-		c->prefetch = prefetch;
-	return rc;
-}
-
 void bw_delivery_free(struct bw_delivery *d)
 {
 	free(d->body);
@@ -676,23 +666,12 @@ int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, c
 
 /* ---- links ------------------------------------------------------------------------------ */
 
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void schedule_retry(struct bw_amqp_link *link)
 {
-	unsigned shift = link->attempts < 20 ? link->attempts : 20;
-	int64_t cap = (int64_t)link->backoff_base_ms << shift;
-	if (cap > link->backoff_cap_ms)
-		cap = link->backoff_cap_ms;
-	if (link->rng == 0)
-		link->rng = (uint64_t)mono_ms() * 2654435761u ^ (uint64_t)getpid() << 20 ^ 1;
-	link->rng = link->rng * 6364136223846793005ULL + 1442695040888963407ULL;
-	link->next_try_ms = mono_ms() + (int64_t)((link->rng >> 33) % (uint64_t)(cap + 1));
+	/* attempts counts the failures before this one: the first retry waits up to base */
+	int attempt = link->attempts < INT_MAX ? (int)link->attempts + 1 : INT_MAX;
+	link->next_try_ms = bw_clock_mono_ms() +
+			    bw_backoff_ms(link->backoff_base_ms, link->backoff_cap_ms, attempt);
 	link->attempts++;
 }
 
@@ -701,7 +680,7 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	*fresh = false;
 	if (link->c)
 		return 0;
-	if (link->next_try_ms && mono_ms() < link->next_try_ms)
+	if (link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
 		return BW_EBUSY;
 
 	struct bw_amqp *c = NULL;
@@ -737,6 +716,6 @@ int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link)
 {
 	if (link->c || link->next_try_ms == 0)
 		return 0;
-	int64_t left = link->next_try_ms - mono_ms();
+	int64_t left = link->next_try_ms - bw_clock_mono_ms();
 	return left > 0 ? (int)left : 0;
 }

@@ -78,9 +78,6 @@ struct bw_delivery {
 int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
 		    size_t errsize) BW_MUST_CHECK;
 
-/* Changes the prefetch (free job slots); 0 = none. */
-int bw_amqp_set_prefetch(struct bw_amqp *c, int prefetch) BW_MUST_CHECK;
-
 /*
  * Handles what arrived, without waiting for more than one message's remaining frames:
  * returns 0 with *got set when a delivery is in *d (free with bw_delivery_free), 0 with
@@ -136,10 +133,10 @@ enum bw_amqp_role { BW_AMQP_CONSUMER, BW_AMQP_PUBLISHER };
 
 /*
  * A link keeps one connection of a role up: when it is lost it is connected again after a
- * capped exponential backoff with full jitter (attempt n waits a uniform time in
- * [0, min(cap, base * 2^n)]), restoring in order: connection, channel, qos, confirm mode,
- * topology, consumer. Deliveries of an older connection are never acked on the new one
- * (bw_amqp_ack refuses their tags).
+ * capped exponential backoff with full jitter (bw_backoff_ms: after n failed connects in a
+ * row, a uniform wait in [0, min(cap, base * 2^n)]), restoring in order: connection,
+ * channel, qos, confirm mode, topology, consumer. Deliveries of an older connection are
+ * never acked on the new one (bw_amqp_ack refuses their tags).
  */
 struct bw_amqp_link {
 	struct bw_amqp_opts opts;
@@ -153,7 +150,6 @@ struct bw_amqp_link {
 	struct bw_amqp *c;  /* NULL while down */
 	unsigned attempts;  /* failed connects in a row */
 	int64_t next_try_ms; /* monotonic; 0: now */
-	uint64_t rng;
 	uint64_t connects;  /* successful (re)connects */
 };
 

@@ -1,6 +1,7 @@
 /* child.c: fork+exec with a close-on-exec error pipe, reset signals, per-child logs. */
 #define _GNU_SOURCE /* execvpe, close_range */
 #include "child.h"
+#include "clock.h"
 #include "proc.h"
 
 #include <errno.h>
@@ -13,7 +14,6 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -153,13 +153,6 @@ out:
 	return rc;
 }
 
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, size_t errsize)
 {
 	pid_t pid;
@@ -168,7 +161,7 @@ int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, siz
 		return rc;
 	/* Wait on a pidfd: woken the moment the tool exits, not at the next poll tick. */
 	int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
-	int64_t deadline = mono_ms() + timeout_ms;
+	int64_t deadline = bw_clock_mono_ms() + timeout_ms;
 	int st = 0;
 	for (;;) {
 		pid_t r = waitpid(pid, &st, WNOHANG);
@@ -178,7 +171,7 @@ int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, siz
 			rc = BW_ESYS;
 			break;
 		}
-		int64_t left = deadline - mono_ms();
+		int64_t left = deadline - bw_clock_mono_ms();
 		if (left <= 0) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &st, 0);

@@ -9,7 +9,9 @@
 /*
  * X(name, value, transient, text)
  * transient: a retry (or a requeue) can help; permanent: fail or reject now.
- * Values are stable: they may appear in logs and the ledger. Append only.
+ * Values are stable: they may appear in logs and the ledger. Append only, and never give a
+ * removed code's value to another (retired, unused: 10 ETOOBIG, 19 ESNAREJECT,
+ * 22 ECANCELED).
  */
 #define BW_ERRNO_MAP(X)                                                                    \
 	X(EINVAL, 1, false, "invalid argument")                                            \
@@ -21,7 +23,6 @@
 	X(ERANGE, 7, false, "value out of range")                                          \
 	X(ECONFIG, 8, false, "invalid configuration")                                      \
 	X(EJSON, 9, false, "invalid JSON")                                                 \
-	X(ETOOBIG, 10, false, "message too large")                                         \
 	X(EMESSAGE, 11, false, "invalid message")                                          \
 	X(EBUSY, 12, true, "resource busy")                                                \
 	X(ETIMEDOUT, 13, true, "timed out")                                                \
@@ -29,11 +30,9 @@
 	X(EADDRINUSE, 15, true, "address in use")                                          \
 	X(ECHILD, 16, true, "child process failed")                                        \
 	X(EAMQP, 17, true, "broker error")                                                 \
-	X(ESNA, 18, true, "SNA error")                                                     \
-	X(ESNAREJECT, 19, false, "SNA rejected the request")                               \
+	X(ESNA, 18, true, "no answer from the SNA (a reply of another shape)")             \
 	X(EFENCED, 20, false, "stale owner generation")                                    \
 	X(ESTATE, 21, false, "invalid state transition")                                   \
-	X(ECANCELED, 22, false, "cancelled")                                               \
 	X(ESYS, 23, true, "unexpected system error")                                       \
 	X(ENOTSUP, 24, false, "not supported")
 

@@ -1,18 +1,21 @@
 /* ledger.c: the host's SQLite ledger: short fenced transactions, flock-proven liveness, the outbox. */
 #include "ledger.h"
+
+#include "clock.h"
+#include "gate.h"
+#include "ledger_internal.h"
 #include "proc.h"
+#include "rand.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <pthread.h>
 #include <sqlite3.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -28,6 +31,7 @@
  * misreading it. Invariants live in the schema (keys, UNIQUE, CHECK), not only in code.
  */
 #define LEDGER_SCHEMA_VERSION 1
+#define LEDGER_SCHEMA_VERSION_TEXT "1" /* the same, for the statement that sets it */
 
 static const char schema_v1[] =
 	"CREATE TABLE meta ("
@@ -114,97 +118,154 @@ static const char *const migrations[] = {schema_v1};
 /* Where a job is done with: nothing left to do for anybody. */
 #define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
 
-#define BUSY_BOUND_NS (2 * 1000000000LL) /* one busy wait before the transaction is retried */
-#define GATE_WAIT_NS (2 * 1000000000LL)  /* one wait for the writers' gate */
-#define GATE_MAGIC 0x62776761u             /* "bwga" */
+#define BUSY_BOUND_MS 2000 /* one busy wait before the transaction is retried */
+#define GATE_WAIT_MS 2000  /* one wait for the writers' gate */
 #define TXN_ATTEMPTS 5
-#define REGISTER_WAIT_NS (3 * 1000000000LL) /* a live twin holds its lock longer */
+/* A retried transaction waits 1 ms plus a full-jitter backoff from 4 ms, doubling (up to
+ * 32 ms before the last attempt): the lock's holder is in a short transaction. */
+#define TXN_RETRY_MIN_MS 1
+#define TXN_RETRY_BASE_MS 4
+#define TXN_RETRY_CAP_MS 32
+#define REGISTER_WAIT_MS 3000 /* a live twin holds its lock longer */
 
-enum stmt_id {
-	ST_FENCE,
-	ST_JOB_STATE,
-	ST_JOB_INSERT,
-	ST_DISK_INSERT,
-	ST_HISTORY,
-	ST_OUTBOX_INSERT,
-	ST_JOB_UPDATE,
-	ST_DISK_UPDATE,
-	ST_QUARANTINE_EXPIRE,
-	ST_CURSOR_GET,
-	ST_CURSOR_SET,
-	ST_FREE_PORTS,
-	ST_PORT_HELD_BY_DISK,
-	ST_PORT_INSERT,
-	ST_DISK_SET_PORT,
-	ST_PORT_RELEASE,
-	ST_DISK_CLEAR_PORT,
-	ST_PORT_RELEASE_ALL,
-	ST_DISK_CLEAR_PORTS,
-	ST_PORT_DISK,
-	ST_PORT_QUARANTINE,
-	ST_OUTBOX_NEXT,
-	ST_OUTBOX_PUBLISHED,
-	ST_OUTBOX_FAILED,
-	ST_OUTBOX_APPEND,
-	ST_HEARTBEAT,
-	ST__COUNT
-};
-
-static const char *const stmt_sql[ST__COUNT] = {
-	[ST_FENCE] = "SELECT generation, seq, state FROM jobs WHERE job_id = ?1",
-	[ST_JOB_STATE] = "SELECT state, message = ?2 FROM jobs WHERE job_id = ?1",
-	[ST_JOB_INSERT] = "INSERT INTO jobs (job_id, state, owner, owner_incarnation, owner_boot_id,"
+/*
+ * The statement table: every SQL statement the ledger runs, by id (ledger_internal.h),
+ * prepared once per handle (stmt) and run through run/query. Only the migration scripts
+ * above are run otherwise (exec_script): they are several DDL statements each.
+ */
+static const char *const stmt_sql[BW__ST_COUNT] = {
+	[BW__ST_FENCE] = "SELECT generation, seq, state FROM jobs WHERE job_id = ?1",
+	[BW__ST_JOB_STATE] = "SELECT state, message = ?2 FROM jobs WHERE job_id = ?1",
+	[BW__ST_JOB_INSERT] = "INSERT INTO jobs (job_id, state, owner, owner_incarnation, owner_boot_id,"
 			  " generation, attempt, seq, message, created_at, updated_at)"
 			  " VALUES (?1, 'claimed', ?2, ?3, ?4, 1, 1, 1, ?5, ?6, ?6)",
-	[ST_DISK_INSERT] = "INSERT INTO job_disks (job_id, disk_key, export_name, qcow2_path, state)"
+	[BW__ST_DISK_INSERT] = "INSERT INTO job_disks (job_id, disk_key, export_name, qcow2_path, state)"
 			   " VALUES (?1, ?2, ?3, ?4, 'pending')",
-	[ST_HISTORY] = "INSERT INTO job_history (job_id, state, owner, generation, at)"
+	[BW__ST_HISTORY] = "INSERT INTO job_history (job_id, state, owner, generation, at)"
 		       " VALUES (?1, ?2, ?3, ?4, ?5)",
-	[ST_OUTBOX_INSERT] = "INSERT INTO outbox (event_id, job_id, seq, routing_key, body, created_at)"
+	[BW__ST_OUTBOX_INSERT] = "INSERT INTO outbox (event_id, job_id, seq, routing_key, body, created_at)"
 			     " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-	[ST_JOB_UPDATE] = "UPDATE jobs SET state = ?3, seq = ?4, updated_at = ?5,"
+	[BW__ST_JOB_UPDATE] = "UPDATE jobs SET state = ?3, seq = ?4, updated_at = ?5,"
 			  " last_error = coalesce(?6, last_error)"
 			  " WHERE job_id = ?1 AND generation = ?2",
-	[ST_DISK_UPDATE] = "UPDATE job_disks SET state = ?3, nbd_pid = ?4, nbd_start_time = ?5,"
+	[BW__ST_DISK_UPDATE] = "UPDATE job_disks SET state = ?3, nbd_pid = ?4, nbd_start_time = ?5,"
 			   " qcow2_created = ?6 WHERE job_id = ?1 AND disk_key = ?2",
-	[ST_QUARANTINE_EXPIRE] = "DELETE FROM ports WHERE state = 'quarantined' AND until <= ?1",
-	[ST_CURSOR_GET] = "SELECT value FROM meta WHERE key = 'next_port'",
-	[ST_CURSOR_SET] = "UPDATE meta SET value = ?1 WHERE key = 'next_port'",
+	[BW__ST_QUARANTINE_EXPIRE] = "DELETE FROM ports WHERE state = 'quarantined' AND until <= ?1",
+	[BW__ST_CURSOR_GET] = "SELECT value FROM meta WHERE key = 'next_port'",
+	[BW__ST_CURSOR_SET] = "UPDATE meta SET value = ?1 WHERE key = 'next_port'",
 	/* Free ports from the cursor on; the caller wraps around with ?1 = 0. */
-	[ST_FREE_PORTS] = "SELECT port FROM port_pool p WHERE port >= ?1 AND port < ?2"
+	[BW__ST_FREE_PORTS] = "SELECT port FROM port_pool p WHERE port >= ?1 AND port < ?2"
 			  " AND NOT EXISTS (SELECT 1 FROM ports r WHERE r.port = p.port)"
 			  " ORDER BY port LIMIT ?3",
-	[ST_PORT_HELD_BY_DISK] = "SELECT port FROM ports WHERE job_id = ?1 AND disk_key = ?2",
-	[ST_PORT_INSERT] = "INSERT INTO ports (port, state, job_id, disk_key, owner, generation, since)"
+	[BW__ST_PORT_HELD_BY_DISK] = "SELECT port FROM ports WHERE job_id = ?1 AND disk_key = ?2",
+	[BW__ST_PORT_INSERT] = "INSERT INTO ports (port, state, job_id, disk_key, owner, generation, since)"
 			   " VALUES (?1, 'reserved', ?2, ?3, ?4, ?5, ?6)",
-	[ST_DISK_SET_PORT] = "UPDATE job_disks SET port = ?3 WHERE job_id = ?1 AND disk_key = ?2",
-	[ST_PORT_RELEASE] = "DELETE FROM ports WHERE port = ?1 AND job_id = ?2 AND state = 'reserved'",
-	[ST_DISK_CLEAR_PORT] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1 AND port = ?2",
-	[ST_PORT_RELEASE_ALL] = "DELETE FROM ports WHERE job_id = ?1 AND state = 'reserved'",
-	[ST_DISK_CLEAR_PORTS] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1",
-	[ST_PORT_DISK] = "SELECT disk_key FROM ports WHERE port = ?1 AND job_id = ?2"
+	[BW__ST_DISK_SET_PORT] = "UPDATE job_disks SET port = ?3 WHERE job_id = ?1 AND disk_key = ?2",
+	[BW__ST_PORT_RELEASE] = "DELETE FROM ports WHERE port = ?1 AND job_id = ?2 AND state = 'reserved'",
+	[BW__ST_DISK_CLEAR_PORT] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1 AND port = ?2",
+	[BW__ST_PORT_RELEASE_ALL] = "DELETE FROM ports WHERE job_id = ?1 AND state = 'reserved'",
+	[BW__ST_DISK_CLEAR_PORTS] = "UPDATE job_disks SET port = NULL WHERE job_id = ?1",
+	[BW__ST_PORT_DISK] = "SELECT disk_key FROM ports WHERE port = ?1 AND job_id = ?2"
 			 " AND state = 'reserved'",
-	[ST_PORT_QUARANTINE] = "UPDATE ports SET state = 'quarantined', job_id = NULL,"
+	[BW__ST_PORT_QUARANTINE] = "UPDATE ports SET state = 'quarantined', job_id = NULL,"
 			       " disk_key = NULL, owner = NULL, generation = NULL, until = ?2,"
 			       " since = ?3 WHERE port = ?1",
-	[ST_OUTBOX_NEXT] = "SELECT id, event_id, routing_key, body, attempts FROM outbox"
+	[BW__ST_OUTBOX_NEXT] = "SELECT id, event_id, routing_key, body, attempts FROM outbox"
 			   " WHERE published_at IS NULL AND id > ?2 ORDER BY id LIMIT ?1",
-	[ST_OUTBOX_PUBLISHED] = "UPDATE outbox SET published_at = ?2, attempts = attempts + 1"
+	[BW__ST_OUTBOX_PUBLISHED] = "UPDATE outbox SET published_at = ?2, attempts = attempts + 1"
 				" WHERE id = ?1 AND published_at IS NULL",
-	[ST_OUTBOX_FAILED] = "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
-	[ST_OUTBOX_APPEND] = "INSERT OR IGNORE INTO outbox (event_id, job_id, seq, routing_key, body,"
+	[BW__ST_OUTBOX_FAILED] = "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+	[BW__ST_OUTBOX_APPEND] = "INSERT OR IGNORE INTO outbox (event_id, job_id, seq, routing_key, body,"
 			     " created_at) VALUES (?1, NULL, ?2, ?3, ?4, ?5)",
-	[ST_HEARTBEAT] = "UPDATE workers SET heartbeat_at = ?2 WHERE incarnation = ?1",
+	[BW__ST_HEARTBEAT] = "UPDATE workers SET heartbeat_at = ?2 WHERE incarnation = ?1",
+	[BW__ST_WORKER_GET] = "SELECT incarnation, pid, start_time, started_at, heartbeat_at"
+			  " FROM workers WHERE worker_id = ?1",
+	[BW__ST_WORKER_JOBS] = "SELECT count(*) FROM jobs WHERE owner = ?1 AND " SQL_UNFINISHED,
+
+	/* opening and migrating */
+	[BW__ST_META_GET] = "SELECT value FROM meta WHERE key = ?1",
+	[BW__ST_META_SET] = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+	[BW__ST_USER_VERSION] = "PRAGMA user_version",
+	[BW__ST_SET_USER_VERSION] = "PRAGMA user_version = " LEDGER_SCHEMA_VERSION_TEXT,
+	[BW__ST_POOL_CLEAR] = "DELETE FROM port_pool",
+	[BW__ST_POOL_FILL] = "WITH RECURSIVE r(p) AS (SELECT ?1 UNION ALL SELECT p + 1 FROM r"
+			 " WHERE p < ?2) INSERT INTO port_pool SELECT p FROM r",
+	[BW__ST_JOURNAL_WAL] = "PRAGMA journal_mode = WAL",
+	[BW__ST_SYNCHRONOUS] = "PRAGMA synchronous = FULL",
+	[BW__ST_FOREIGN_KEYS] = "PRAGMA foreign_keys = ON",
+
+	/* transactions and upkeep */
+	[BW__ST_BEGIN] = "BEGIN IMMEDIATE",
+	[BW__ST_COMMIT] = "COMMIT",
+	[BW__ST_ROLLBACK] = "ROLLBACK",
+	[BW__ST_CHECKPOINT] = "PRAGMA wal_checkpoint(TRUNCATE)",
+
+	/* workers */
+	[BW__ST_WORKER_DELETE_ID] = "DELETE FROM workers WHERE worker_id = ?1",
+	[BW__ST_WORKER_INSERT] = "INSERT INTO workers (worker_id, pid, start_time, boot_id, lock_path,"
+			     " started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+	[BW__ST_WORKER_UNREGISTER] = "DELETE FROM workers WHERE incarnation = ?1 AND NOT EXISTS"
+				 " (SELECT 1 FROM jobs WHERE owner_incarnation = ?1 AND "
+				 SQL_UNFINISHED ")",
+
+	/* recovery */
+	[BW__ST_WORKERS_OTHERS] = "SELECT incarnation, lock_path, boot_id, pid, start_time FROM workers"
+			      " WHERE incarnation != ?1",
+	[BW__ST_WORKER_DELETE] = "DELETE FROM workers WHERE incarnation = ?1",
+	/* Every unfinished job whose owner incarnation has no row is an orphan. */
+	[BW__ST_ORPHANS] = "SELECT job_id, state, generation, owner, owner_boot_id, message, seq,"
+		       " created_at, EXISTS (SELECT 1 FROM job_history h"
+		       "  WHERE h.job_id = jobs.job_id AND h.state IN"
+		       "  ('sna_requested', 'transferring', 'finalizing'))"
+		       " FROM jobs WHERE " SQL_UNFINISHED " AND owner_incarnation NOT IN"
+		       " (SELECT incarnation FROM workers) ORDER BY created_at",
+	[BW__ST_JOB_ADOPT] = "UPDATE jobs SET generation = ?2, owner = ?3, owner_incarnation = ?4,"
+			 " owner_boot_id = ?5, attempt = attempt + 1, updated_at = ?6"
+			 " WHERE job_id = ?1",
+	[BW__ST_PORTS_ADOPT] = "UPDATE ports SET owner = ?2, generation = ?3 WHERE job_id = ?1",
+	[BW__ST_JOB_DISKS] = "SELECT disk_key, coalesce(port, 0), nbd_pid, nbd_start_time, state,"
+			 " export_name, qcow2_path, qcow2_created FROM job_disks"
+			 " WHERE job_id = ?1 ORDER BY rowid",
+	[BW__ST_EVENT_BODY] = "SELECT body FROM outbox WHERE event_id = ?1",
+
+	/* outbox */
+	[BW__ST_REPUBLISH] = "UPDATE outbox SET published_at = NULL WHERE id = (SELECT max(id) FROM"
+			 " outbox WHERE job_id = ?1 AND routing_key IN"
+			 " ('backup.completed', 'backup.failed'))",
+	[BW__ST_OUTBOX_BACKLOG] = "SELECT count(*), min(created_at) FROM outbox"
+			      " WHERE published_at IS NULL",
+
+	/*
+	 * bw-ctl's views (ledger_views.c): the column names are the JSON keys, and each
+	 * view's kinds string there follows these columns in order.
+	 */
+	[BW__ST_VIEW_JOBS] = "SELECT job_id, state, owner, generation, attempt,"
+			 " (SELECT count(*) FROM job_disks d WHERE d.job_id = j.job_id) AS disk_count,"
+			 " created_at, updated_at, last_error FROM jobs j"
+			 " ORDER BY created_at DESC, job_id",
+	/* An expired quarantine (until <= ?1, now) is free: not listed even before upkeep. */
+	[BW__ST_VIEW_PORTS] = "SELECT port, state, job_id, disk_key, owner, until FROM ports"
+			  " WHERE state = 'reserved' OR until > ?1 ORDER BY port",
+	[BW__ST_VIEW_WORKERS] = "SELECT worker_id, incarnation, pid, start_time, boot_id, lock_path,"
+			    " started_at, heartbeat_at FROM workers ORDER BY worker_id",
+	[BW__ST_VIEW_JOB] = "SELECT job_id, state, owner, generation, attempt, seq, created_at,"
+			" updated_at, last_error, message FROM jobs WHERE job_id = ?1",
+	[BW__ST_VIEW_JOB_DISKS] = "SELECT disk_key AS key, state, port, export_name, qcow2_path,"
+			      " qcow2_created, nbd_pid, nbd_start_time FROM job_disks"
+			      " WHERE job_id = ?1 ORDER BY rowid",
+	[BW__ST_VIEW_JOB_HISTORY] = "SELECT state, owner, generation, at FROM job_history"
+				" WHERE job_id = ?1 ORDER BY id",
+	[BW__ST_VIEW_JOB_EVENTS] = "SELECT seq, event_id, routing_key, created_at, published_at,"
+			       " attempts, last_error FROM outbox WHERE job_id = ?1 ORDER BY seq",
 };
 
 struct bw_ledger {
 	sqlite3 *db;
 	bool readonly;
 	int port_min, port_max;
-	sqlite3_stmt *st[ST__COUNT];
-	uint64_t rng;
-	int64_t busy_since_ns;
-	struct gate *gate; /* writers' gate, mmap'd; NULL for a read-only handle */
+	sqlite3_stmt *st[BW__ST_COUNT];
+	int64_t busy_since_ms;
+	struct bw_gate *gate; /* writers' gate (gate.h); NULL for a read-only handle */
 	char errmsg[256];  /* SQLite's words for the last failed transaction */
 	bool no_wait;      /* the busy handler gives up at once (the checkpoint) */
 
@@ -217,29 +278,6 @@ struct bw_ledger {
 };
 
 /* ---- small helpers ---------------------------------------------------------------------- */
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static uint64_t rnd(struct bw_ledger *l)
-{
-	/* xorshift64*: jitter only, not security */
-	l->rng ^= l->rng >> 12;
-	l->rng ^= l->rng << 25;
-	l->rng ^= l->rng >> 27;
-	return l->rng * 2685821657736338717ULL;
-}
 
 static void sleep_us(uint64_t us)
 {
@@ -279,7 +317,7 @@ static int sql_err(struct bw_ledger *l, int rc)
 }
 
 /* The prepared statement id, reset and unbound, ready for binding. */
-static sqlite3_stmt *stmt(struct bw_ledger *l, enum stmt_id id)
+static sqlite3_stmt *stmt(struct bw_ledger *l, enum bw__stmt id)
 {
 	sqlite3_stmt *s = l->st[id];
 	if (s == NULL) {
@@ -294,7 +332,7 @@ static sqlite3_stmt *stmt(struct bw_ledger *l, enum stmt_id id)
 }
 
 /* Binds by format: 't' text, 'i' int64, 'n' NULL-able text; runs to completion. */
-static int run(struct bw_ledger *l, enum stmt_id id, const char *types, ...)
+static int run(struct bw_ledger *l, enum bw__stmt id, const char *types, ...)
 	__attribute__((warn_unused_result));
 
 static int bind_va(sqlite3_stmt *s, const char *types, va_list ap)
@@ -312,7 +350,7 @@ static int bind_va(sqlite3_stmt *s, const char *types, va_list ap)
 	return rc;
 }
 
-static int run(struct bw_ledger *l, enum stmt_id id, const char *types, ...)
+static int run(struct bw_ledger *l, enum bw__stmt id, const char *types, ...)
 {
 	sqlite3_stmt *s = stmt(l, id);
 	if (s == NULL)
@@ -328,23 +366,62 @@ static int run(struct bw_ledger *l, enum stmt_id id, const char *types, ...)
 	return err;
 }
 
-/* Prepares and binds id; the caller steps it. NULL on failure (*err set). */
-static sqlite3_stmt *query(struct bw_ledger *l, enum stmt_id id, int *err, const char *types, ...)
+static sqlite3_stmt *query_va(struct bw_ledger *l, enum bw__stmt id, int *err, const char *types,
+			      va_list ap)
 {
 	sqlite3_stmt *s = stmt(l, id);
 	if (s == NULL) {
 		*err = sql_err(l, sqlite3_errcode(l->db));
 		return NULL;
 	}
-	va_list ap;
-	va_start(ap, types);
 	int rc = bind_va(s, types, ap);
-	va_end(ap);
 	if (rc != SQLITE_OK) {
 		*err = sql_err(l, rc);
 		return NULL;
 	}
 	return s;
+}
+
+/* Prepares and binds id; the caller steps and resets it. NULL on failure (*err set). */
+static sqlite3_stmt *query(struct bw_ledger *l, enum bw__stmt id, int *err, const char *types, ...)
+{
+	va_list ap;
+	va_start(ap, types);
+	sqlite3_stmt *s = query_va(l, id, err, types, ap);
+	va_end(ap);
+	return s;
+}
+
+sqlite3_stmt *bw__ledger_query(struct bw_ledger *l, enum bw__stmt id, int *err,
+			       const char *types, ...)
+{
+	va_list ap;
+	va_start(ap, types);
+	sqlite3_stmt *s = query_va(l, id, err, types, ap);
+	va_end(ap);
+	return s;
+}
+
+int bw__ledger_sql_err(struct bw_ledger *l, int rc)
+{
+	return sql_err(l, rc);
+}
+
+/* Runs a statement that returns one integer (count, pragma value) into *out. */
+static int query_int(struct bw_ledger *l, enum bw__stmt id, int64_t *out, const char *types, ...)
+{
+	int err = 0;
+	va_list ap;
+	va_start(ap, types);
+	sqlite3_stmt *s = query_va(l, id, &err, types, ap);
+	va_end(ap);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*out = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
 }
 
 static char *dup_col(sqlite3_stmt *s, int col)
@@ -358,117 +435,32 @@ static char *dup_col(sqlite3_stmt *s, int col)
 /*
  * Busy handler: short random sleeps (20 us to 1 ms) instead of SQLite's backoff that grows
  * to 100 ms, so a waiting process keeps trying while the lock is released thousands of
- * times a second and is not starved by newcomers; bounded by BUSY_BOUND_NS.
+ * times a second and is not starved by newcomers; bounded by BUSY_BOUND_MS.
  */
 static int busy_cb(void *arg, int count)
 {
 	struct bw_ledger *l = arg;
-	int64_t now = mono_ns();
+	int64_t now = bw_clock_mono_ms();
 	if (count == 0)
-		l->busy_since_ns = now;
-	if (l->no_wait || now - l->busy_since_ns > BUSY_BOUND_NS)
+		l->busy_since_ms = now;
+	if (l->no_wait || now - l->busy_since_ms > BUSY_BOUND_MS)
 		return 0;
 	uint64_t cap = count < 50 ? 200 : 1000;
-	sleep_us(20 + rnd(l) % cap);
+	sleep_us(20 + bw_rand_below_incl(cap - 1));
 	return 1;
 }
 
-static int exec(struct bw_ledger *l, const char *sql)
+/* Runs a migration script (several DDL statements): the only SQL outside the table. */
+static int exec_script(struct bw_ledger *l, const char *sql)
 {
 	return sql_err(l, sqlite3_exec(l->db, sql, NULL, NULL, NULL));
-}
-
-/*
- * The writers' gate. Waiting writers that poll BEGIN IMMEDIATE (SQLite's way) burn CPU,
- * open a read snapshot at every try (so WAL checkpoints never complete and the WAL grows)
- * and hand the lock over unfairly. So every write transaction first takes a robust,
- * process-shared mutex kept in <ledger>-gate: waiters sleep in the kernel and are woken
- * one by one; the wait is bounded (pthread_mutex_timedlock); a writer that dies holding it
- * leaves it EOWNERDEAD and the next one takes over (SQLite has rolled the dead writer's
- * transaction back). Readers (bw-ctl) never take it.
- */
-struct gate {
-	uint32_t magic;
-	uint32_t version;
-	pthread_mutex_t mutex;
-};
-
-static int gate_open(struct bw_ledger *l, const char *path)
-{
-	char gp[PATH_MAX];
-	struct stat st;
-	int rc = 0;
-	if ((size_t)snprintf(gp, sizeof(gp), "%s-gate", path) >= sizeof(gp))
-		return BW_ERANGE;
-	int fd = open(gp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
-		return bw_err_from_errno(errno);
-	/* Initialisation is a one-time race between processes: the file lock settles it. */
-	while (flock(fd, LOCK_EX) != 0) {
-		if (errno != EINTR) {
-			rc = bw_err_from_errno(errno);
-			goto out;
-		}
-	}
-	if (fstat(fd, &st) != 0 || (st.st_size < 4096 && ftruncate(fd, 4096) != 0)) {
-		rc = bw_err_from_errno(errno);
-		goto out;
-	}
-	struct gate *g = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (g == MAP_FAILED) {
-		rc = bw_err_from_errno(errno);
-		goto out;
-	}
-	if (g->magic != GATE_MAGIC) {
-		pthread_mutexattr_t a;
-		pthread_mutexattr_init(&a);
-		pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-		pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-		pthread_mutex_init(&g->mutex, &a);
-		pthread_mutexattr_destroy(&a);
-		g->version = 1;
-		g->magic = GATE_MAGIC;
-	}
-	l->gate = g;
-out:
-	/* Unlock explicitly: the mapping keeps the open file, and with it a lock, alive. */
-	flock(fd, LOCK_UN);
-	close(fd);
-	return rc;
-}
-
-static int gate_lock(struct bw_ledger *l)
-{
-	if (l->gate == NULL)
-		return 0;
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	int64_t ns = ts.tv_nsec + GATE_WAIT_NS;
-	ts.tv_sec += (time_t)(ns / 1000000000LL);
-	ts.tv_nsec = (long)(ns % 1000000000LL);
-	int rc;
-	while ((rc = pthread_mutex_timedlock(&l->gate->mutex, &ts)) == EINTR)
-		;
-	if (rc == EOWNERDEAD) {
-		pthread_mutex_consistent(&l->gate->mutex);
-		return 0;
-	}
-	if (rc == 0)
-		return 0;
-	snprintf(l->errmsg, sizeof(l->errmsg), "writers' gate: %s", strerror(rc));
-	return rc == ETIMEDOUT ? BW_EBUSY : BW_EIO;
-}
-
-static void gate_unlock(struct bw_ledger *l)
-{
-	if (l->gate)
-		pthread_mutex_unlock(&l->gate->mutex);
 }
 
 typedef int (*txn_fn)(struct bw_ledger *l, void *ctx);
 
 /*
- * Runs fn inside BEGIN IMMEDIATE ... COMMIT; rolls back when fn fails. A transaction that
+ * Runs fn inside the writers' gate (gate.h: waiting writers sleep in the kernel instead of
+ * polling SQLite) and BEGIN IMMEDIATE ... COMMIT; rolls back when fn fails. A transaction that
  * stays busy is retried TXN_ATTEMPTS times with jitter, then BW_EBUSY. fn must do SQL only
  * (no I/O, no waiting) and be safe to run again from the start.
  */
@@ -476,25 +468,31 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 {
 	int rc = BW_EBUSY;
 	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
-		if (attempt > 0)
-			sleep_us(1000 + rnd(l) % (2000u << attempt));
-		if ((rc = gate_lock(l)) == BW_EBUSY)
+		if (attempt > 0) {
+			int64_t wait_ms = TXN_RETRY_MIN_MS +
+					  bw_backoff_ms(TXN_RETRY_BASE_MS, TXN_RETRY_CAP_MS, attempt);
+			sleep_us((uint64_t)wait_ms * 1000);
+		}
+		rc = l->gate ? bw_gate_lock(l->gate, GATE_WAIT_MS, l->errmsg, sizeof(l->errmsg)) : 0;
+		if (rc == BW_EBUSY)
 			continue;
 		if (rc != 0)
 			return rc;
-		rc = exec(l, "BEGIN IMMEDIATE");
+		rc = run(l, BW__ST_BEGIN, "");
 		if (rc == 0) {
 			rc = fn(l, ctx);
 			if (rc != 0)
 				snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
 			if (rc == 0)
-				rc = exec(l, "COMMIT");
-			if (rc != 0)
-				(void)exec(l, "ROLLBACK");
+				rc = run(l, BW__ST_COMMIT, "");
+			if (rc != 0 && run(l, BW__ST_ROLLBACK, "") != 0) {
+				/* rc already says why the transaction failed */
+			}
 		} else {
 			snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
 		}
-		gate_unlock(l);
+		if (l->gate)
+			bw_gate_unlock(l->gate);
 		if (rc != BW_EBUSY)
 			return rc;
 	}
@@ -506,7 +504,7 @@ static int fence(struct bw_ledger *l, const struct bw_fence *f, int64_t *seq,
 		 enum bw_job_state *state)
 {
 	int err = 0;
-	sqlite3_stmt *s = query(l, ST_FENCE, &err, "t", f->job_id);
+	sqlite3_stmt *s = query(l, BW__ST_FENCE, &err, "t", f->job_id);
 	if (s == NULL)
 		return err;
 	int rc = sqlite3_step(s);
@@ -542,7 +540,7 @@ static bool legal_move(enum bw_job_state from, enum bw_job_state to)
 
 static int history(struct bw_ledger *l, const char *job_id, const char *state, int64_t gen)
 {
-	return run(l, ST_HISTORY, "tttii", job_id, state, l->worker_id, gen, now_ms());
+	return run(l, BW__ST_HISTORY, "tttii", job_id, state, l->worker_id, gen, bw_clock_wall_ms());
 }
 
 static int append_events(struct bw_ledger *l, const char *job_id, int64_t seq,
@@ -551,8 +549,8 @@ static int append_events(struct bw_ledger *l, const char *job_id, int64_t seq,
 	for (size_t i = 0; i < n; i++) {
 		if (events[i].seq != seq + 1 + (int64_t)i)
 			return BW_EINVAL;
-		int rc = run(l, ST_OUTBOX_INSERT, "ttitti", events[i].event_id, job_id,
-			     events[i].seq, events[i].routing_key, events[i].body, now_ms());
+		int rc = run(l, BW__ST_OUTBOX_INSERT, "ttitti", events[i].event_id, job_id,
+			     events[i].seq, events[i].routing_key, events[i].body, bw_clock_wall_ms());
 		if (rc != 0)
 			return rc;
 	}
@@ -598,71 +596,40 @@ struct migrate_ctx {
 
 static int get_meta(struct bw_ledger *l, const char *key, int64_t *out)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db, "SELECT value FROM meta WHERE key = ?1", -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
-	int rc = sqlite3_step(s);
-	if (rc == SQLITE_ROW)
-		*out = sqlite3_column_int64(s, 0);
-	sqlite3_finalize(s);
-	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+	return query_int(l, BW__ST_META_GET, out, "t", key);
 }
 
 static int set_meta(struct bw_ledger *l, const char *key, int64_t value)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db, "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, value);
-	int rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	return sql_err(l, rc);
+	return run(l, BW__ST_META_SET, "ti", key, value);
 }
 
 static int user_version(struct bw_ledger *l, int64_t *out)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db, "PRAGMA user_version", -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	int rc = sqlite3_step(s);
-	if (rc == SQLITE_ROW)
-		*out = sqlite3_column_int64(s, 0);
-	sqlite3_finalize(s);
-	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+	return query_int(l, BW__ST_USER_VERSION, out, "");
 }
 
 static int migrate_txn(struct bw_ledger *l, void *arg)
 {
 	struct migrate_ctx *m = arg;
 	int64_t version = 0, lo = 0, hi = 0;
-	char sql[160];
 	int rc = user_version(l, &version);
 	if (rc != 0)
 		return rc;
 	if (version > LEDGER_SCHEMA_VERSION)
 		return BW_ENOTSUP;
 	for (int64_t v = version; v < LEDGER_SCHEMA_VERSION; v++)
-		if ((rc = exec(l, migrations[v])) != 0)
+		if ((rc = exec_script(l, migrations[v])) != 0)
 			return rc;
-	if (version < LEDGER_SCHEMA_VERSION) {
-		snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", LEDGER_SCHEMA_VERSION);
-		if ((rc = exec(l, sql)) != 0)
-			return rc;
-	}
+	if (version < LEDGER_SCHEMA_VERSION && (rc = run(l, BW__ST_SET_USER_VERSION, "")) != 0)
+		return rc;
 
 	/* The port pool is the configured range; rebuilt only when the range changed. */
 	if (get_meta(l, "port_min", &lo) == 0 && get_meta(l, "port_max", &hi) == 0 &&
 	    lo == m->port_min && hi == m->port_max)
 		return 0;
-	snprintf(sql, sizeof(sql),
-		 "DELETE FROM port_pool;"
-		 "WITH RECURSIVE r(p) AS (SELECT %d UNION ALL SELECT p + 1 FROM r WHERE p < %d)"
-		 " INSERT INTO port_pool SELECT p FROM r;",
-		 m->port_min, m->port_max);
-	if ((rc = exec(l, sql)) != 0)
+	if ((rc = run(l, BW__ST_POOL_CLEAR, "")) != 0 ||
+	    (rc = run(l, BW__ST_POOL_FILL, "ii", (int64_t)m->port_min, (int64_t)m->port_max)) != 0)
 		return rc;
 	if ((rc = set_meta(l, "port_min", m->port_min)) != 0 ||
 	    (rc = set_meta(l, "port_max", m->port_max)) != 0 ||
@@ -678,9 +645,6 @@ static int open_db(struct bw_ledger **out, const char *path, bool readonly)
 		return BW_ENOMEM;
 	l->lock_fd = -1;
 	l->readonly = readonly;
-	l->rng = (uint64_t)mono_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9e3779b97f4a7c15ULL;
-	if (l->rng == 0)
-		l->rng = 1;
 
 	int flags = readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
 	int rc = sqlite3_open_v2(path, &l->db, flags | SQLITE_OPEN_NOMUTEX, NULL);
@@ -713,19 +677,26 @@ int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int p
 		return rc;
 	l->port_min = port_min;
 	l->port_max = port_max;
-	if ((rc = gate_open(l, path)) != 0) {
+	char gate_path[PATH_MAX];
+	if ((size_t)snprintf(gate_path, sizeof(gate_path), "%s-gate", path) >= sizeof(gate_path))
+		rc = BW_ERANGE;
+	else
+		rc = bw_gate_open(&l->gate, gate_path);
+	if (rc != 0) {
 		bw_ledger_close(l);
 		return rc;
 	}
 	/* journal_mode=WAL needs a moment of exclusive access the first time: retry on busy. */
 	for (int i = 0; i < 50; i++) {
-		rc = exec(l, "PRAGMA journal_mode = WAL");
+		rc = run(l, BW__ST_JOURNAL_WAL, "");
 		if (rc != BW_EBUSY)
 			break;
-		sleep_us(10000 + rnd(l) % 10000);
+		sleep_us(10000 + bw_rand_below_incl(9999));
 	}
 	if (rc == 0)
-		rc = exec(l, "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON");
+		rc = run(l, BW__ST_SYNCHRONOUS, "");
+	if (rc == 0)
+		rc = run(l, BW__ST_FOREIGN_KEYS, "");
 	if (rc == 0)
 		rc = with_txn(l, migrate_txn, &m);
 	if (rc != 0) {
@@ -761,11 +732,10 @@ void bw_ledger_close(struct bw_ledger *l)
 {
 	if (l == NULL)
 		return;
-	for (int i = 0; i < ST__COUNT; i++)
+	for (int i = 0; i < BW__ST_COUNT; i++)
 		sqlite3_finalize(l->st[i]);
 	sqlite3_close_v2(l->db);
-	if (l->gate)
-		munmap(l->gate, 4096);
+	bw_gate_close(l->gate);
 	if (l->lock_fd >= 0)
 		close(l->lock_fd);
 	free(l->worker_id);
@@ -792,34 +762,14 @@ struct register_ctx {
 static int register_txn(struct bw_ledger *l, void *arg)
 {
 	struct register_ctx *r = arg;
-	sqlite3_stmt *s;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	int rc;
 
 	/* A previous incarnation of this id is dead: we hold its lock. Its jobs stay for reap. */
-	if (sqlite3_prepare_v2(l->db, "DELETE FROM workers WHERE worker_id = ?1", -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, r->worker_id, -1, SQLITE_STATIC);
-	rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	if (rc != SQLITE_DONE)
-		return sql_err(l, rc);
-
-	if (sqlite3_prepare_v2(l->db,
-			       "INSERT INTO workers (worker_id, pid, start_time, boot_id, lock_path,"
-			       " started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, r->worker_id, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 2, getpid());
-	sqlite3_bind_int64(s, 3, (int64_t)r->start_time);
-	sqlite3_bind_text(s, 4, l->boot_id, -1, SQLITE_STATIC);
-	sqlite3_bind_text(s, 5, r->lock_path, -1, SQLITE_STATIC);
-	sqlite3_bind_int64(s, 6, now);
-	rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	if (rc != SQLITE_DONE)
-		return sql_err(l, rc);
+	if ((rc = run(l, BW__ST_WORKER_DELETE_ID, "t", r->worker_id)) != 0 ||
+	    (rc = run(l, BW__ST_WORKER_INSERT, "tiitti", r->worker_id, (int64_t)getpid(),
+		      (int64_t)r->start_time, l->boot_id, r->lock_path, now)) != 0)
+		return rc;
 	r->incarnation = sqlite3_last_insert_rowid(l->db);
 	return 0;
 }
@@ -844,11 +794,11 @@ int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *l
 	 * A reaper (for the length of its transaction) or bw-ctl workers (for an instant) may
 	 * hold a dead worker's lock: wait a bounded time before calling the id taken.
 	 */
-	int64_t give_up = mono_ns() + REGISTER_WAIT_NS;
+	int64_t give_up = bw_clock_mono_ms() + REGISTER_WAIT_MS;
 	while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
 		int err = errno;
-		if (err == EWOULDBLOCK && mono_ns() < give_up) {
-			sleep_us(1000 + rnd(l) % 9000);
+		if (err == EWOULDBLOCK && bw_clock_mono_ms() < give_up) {
+			sleep_us(1000 + bw_rand_below_incl(8999));
 			continue;
 		}
 		close(fd);
@@ -870,28 +820,49 @@ int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *l
 	return 0;
 }
 
+int bw_ledger_worker_get(struct bw_ledger *l, const char *worker_id, struct bw_worker_row *out)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_WORKER_GET, &err, "t", worker_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		*out = (struct bw_worker_row){sqlite3_column_int64(s, 0),
+					      (pid_t)sqlite3_column_int64(s, 1),
+					      (uint64_t)sqlite3_column_int64(s, 2),
+					      sqlite3_column_int64(s, 3), sqlite3_column_int64(s, 4)};
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+}
+
+int bw_ledger_worker_jobs(struct bw_ledger *l, const char *worker_id, size_t *n)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_WORKER_JOBS, &err, "t", worker_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*n = (size_t)sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+}
+
 int bw_ledger_heartbeat(struct bw_ledger *l)
 {
 	if (l->worker_id == NULL)
 		return BW_EINVAL;
-	return run(l, ST_HEARTBEAT, "ii", l->incarnation, now_ms());
+	return run(l, BW__ST_HEARTBEAT, "ii", l->incarnation, bw_clock_wall_ms());
 }
 
 static int unregister_txn(struct bw_ledger *l, void *arg)
 {
 	bool *removed = arg;
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db,
-			       "DELETE FROM workers WHERE incarnation = ?1 AND NOT EXISTS"
-			       " (SELECT 1 FROM jobs WHERE owner_incarnation = ?1 AND " SQL_UNFINISHED
-			       ")",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_int64(s, 1, l->incarnation);
-	int rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	*removed = sqlite3_changes(l->db) > 0;
-	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+	int rc = run(l, BW__ST_WORKER_UNREGISTER, "i", l->incarnation);
+	*removed = rc == 0 && sqlite3_changes(l->db) > 0;
+	return rc;
 }
 
 int bw_ledger_unregister(struct bw_ledger *l)
@@ -927,10 +898,10 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 {
 	struct claim_ctx *c = arg;
 	int err = 0, rc;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 
 	c->exists = false;
-	sqlite3_stmt *s = query(l, ST_JOB_STATE, &err, "tt", c->job_id, c->message);
+	sqlite3_stmt *s = query(l, BW__ST_JOB_STATE, &err, "tt", c->job_id, c->message);
 	if (s == NULL)
 		return err;
 	rc = sqlite3_step(s);
@@ -946,11 +917,11 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 	if (c->exists)
 		return 0; /* nothing changes */
 
-	if ((rc = run(l, ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
+	if ((rc = run(l, BW__ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
 		      l->boot_id, c->message, now)) != 0)
 		return rc;
 	for (size_t i = 0; i < c->n_disks; i++)
-		if ((rc = run(l, ST_DISK_INSERT, "titt", c->job_id, c->disks[i].key,
+		if ((rc = run(l, BW__ST_DISK_INSERT, "titt", c->job_id, c->disks[i].key,
 			      c->disks[i].export_name, c->disks[i].qcow2_path)) != 0)
 			return rc;
 	if ((rc = history(l, c->job_id, "claimed", 1)) != 0)
@@ -993,7 +964,7 @@ static int update_disks(struct bw_ledger *l, const struct bw_fence *f,
 {
 	int rc = 0;
 	for (size_t i = 0; rc == 0 && i < n; i++) {
-		rc = run(l, ST_DISK_UPDATE, "titiii", f->job_id, u[i].key, u[i].state,
+		rc = run(l, BW__ST_DISK_UPDATE, "titiii", f->job_id, u[i].key, u[i].state,
 			 (int64_t)u[i].nbd_pid, (int64_t)u[i].nbd_start_time,
 			 (int64_t)u[i].qcow2_created);
 		if (rc == 0 && sqlite3_changes(l->db) == 0)
@@ -1016,8 +987,8 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 	    (rc = update_disks(l, t->f, t->disks, t->n_disks)) != 0)
 		return rc;
 	const char *name = bw_job_state_name(t->state);
-	if ((rc = run(l, ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
-		      seq + (int64_t)t->n, now_ms(), t->last_error)) != 0)
+	if ((rc = run(l, BW__ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
+		      seq + (int64_t)t->n, bw_clock_wall_ms(), t->last_error)) != 0)
 		return rc;
 	return history(l, t->f->job_id, name, t->f->generation);
 }
@@ -1073,7 +1044,7 @@ int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t
 static int free_ports(struct bw_ledger *l, int from, int to, size_t n, int *out, size_t *got)
 {
 	int err = 0;
-	sqlite3_stmt *s = query(l, ST_FREE_PORTS, &err, "iii", (int64_t)from, (int64_t)to,
+	sqlite3_stmt *s = query(l, BW__ST_FREE_PORTS, &err, "iii", (int64_t)from, (int64_t)to,
 				(int64_t)(n - *got));
 	if (s == NULL)
 		return err;
@@ -1092,12 +1063,12 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 		      size_t n, int *ports)
 {
 	int err = 0, rc;
-	int64_t cursor = l->port_min, now = now_ms();
+	int64_t cursor = l->port_min, now = bw_clock_wall_ms();
 	size_t got = 0;
 
-	if ((rc = run(l, ST_QUARANTINE_EXPIRE, "i", now)) != 0)
+	if ((rc = run(l, BW__ST_QUARANTINE_EXPIRE, "i", now)) != 0)
 		return rc;
-	sqlite3_stmt *s = query(l, ST_CURSOR_GET, &err, "");
+	sqlite3_stmt *s = query(l, BW__ST_CURSOR_GET, &err, "");
 	if (s == NULL)
 		return err;
 	rc = sqlite3_step(s);
@@ -1113,9 +1084,9 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 	if (got < n)
 		return BW_ENOPORTS;
 	for (size_t i = 0; i < n; i++) {
-		if ((rc = run(l, ST_PORT_INSERT, "ititii", (int64_t)ports[i], f->job_id, keys[i],
+		if ((rc = run(l, BW__ST_PORT_INSERT, "ititii", (int64_t)ports[i], f->job_id, keys[i],
 			      l->worker_id ? l->worker_id : "-", f->generation, now)) != 0 ||
-		    (rc = run(l, ST_DISK_SET_PORT, "tii", f->job_id, keys[i], (int64_t)ports[i])) !=
+		    (rc = run(l, BW__ST_DISK_SET_PORT, "tii", f->job_id, keys[i], (int64_t)ports[i])) !=
 			    0)
 			return rc;
 		if (sqlite3_changes(l->db) != 1)
@@ -1124,7 +1095,7 @@ static int take_ports(struct bw_ledger *l, const struct bw_fence *f, const int64
 	int next = ports[n - 1] + 1;
 	if (next > l->port_max)
 		next = l->port_min;
-	return run(l, ST_CURSOR_SET, "i", (int64_t)next);
+	return run(l, BW__ST_CURSOR_SET, "i", (int64_t)next);
 }
 
 struct reserve_ctx {
@@ -1143,7 +1114,7 @@ static int reserve_txn(struct bw_ledger *l, void *arg)
 	if (rc != 0)
 		return rc;
 	for (size_t i = 0; i < r->n; i++) {
-		sqlite3_stmt *s = query(l, ST_PORT_HELD_BY_DISK, &err, "ti", r->f->job_id, r->keys[i]);
+		sqlite3_stmt *s = query(l, BW__ST_PORT_HELD_BY_DISK, &err, "ti", r->f->job_id, r->keys[i]);
 		if (s == NULL)
 			return err;
 		rc = sqlite3_step(s);
@@ -1202,11 +1173,11 @@ static int release_txn(struct bw_ledger *l, void *arg)
 	struct release_ctx *r = arg;
 	int rc = fence(l, r->f, NULL, NULL);
 	if (rc == 0)
-		rc = run(l, ST_PORT_RELEASE, "it", (int64_t)r->port, r->f->job_id);
+		rc = run(l, BW__ST_PORT_RELEASE, "it", (int64_t)r->port, r->f->job_id);
 	if (rc != 0)
 		return rc;
 	r->released = (size_t)sqlite3_changes(l->db);
-	return run(l, ST_DISK_CLEAR_PORT, "ti", r->f->job_id, (int64_t)r->port);
+	return run(l, BW__ST_DISK_CLEAR_PORT, "ti", r->f->job_id, (int64_t)r->port);
 }
 
 int bw_ledger_release(struct bw_ledger *l, const struct bw_fence *f, int port)
@@ -1223,11 +1194,11 @@ static int release_all_txn(struct bw_ledger *l, void *arg)
 	struct release_ctx *r = arg;
 	int rc = fence(l, r->f, NULL, NULL);
 	if (rc == 0)
-		rc = run(l, ST_PORT_RELEASE_ALL, "t", r->f->job_id);
+		rc = run(l, BW__ST_PORT_RELEASE_ALL, "t", r->f->job_id);
 	if (rc != 0)
 		return rc;
 	r->released = (size_t)sqlite3_changes(l->db);
-	return run(l, ST_DISK_CLEAR_PORTS, "t", r->f->job_id);
+	return run(l, BW__ST_DISK_CLEAR_PORTS, "t", r->f->job_id);
 }
 
 int bw_ledger_release_all(struct bw_ledger *l, const struct bw_fence *f, size_t *released)
@@ -1251,11 +1222,11 @@ static int quarantine_txn(struct bw_ledger *l, void *arg)
 {
 	struct quarantine_ctx *q = arg;
 	int err = 0;
-	int64_t now = now_ms(), key;
+	int64_t now = bw_clock_wall_ms(), key;
 	int rc = fence(l, q->f, NULL, NULL);
 	if (rc != 0)
 		return rc;
-	sqlite3_stmt *s = query(l, ST_PORT_DISK, &err, "it", (int64_t)q->port, q->f->job_id);
+	sqlite3_stmt *s = query(l, BW__ST_PORT_DISK, &err, "it", (int64_t)q->port, q->f->job_id);
 	if (s == NULL)
 		return err;
 	rc = sqlite3_step(s);
@@ -1265,9 +1236,9 @@ static int quarantine_txn(struct bw_ledger *l, void *arg)
 		return BW_ENOENT;
 	if (rc != SQLITE_ROW)
 		return sql_err(l, rc);
-	if ((rc = run(l, ST_PORT_QUARANTINE, "iii", (int64_t)q->port,
+	if ((rc = run(l, BW__ST_PORT_QUARANTINE, "iii", (int64_t)q->port,
 		      now + (int64_t)q->seconds * 1000, now)) != 0 ||
-	    (rc = run(l, ST_DISK_CLEAR_PORT, "ti", q->f->job_id, (int64_t)q->port)) != 0)
+	    (rc = run(l, BW__ST_DISK_CLEAR_PORT, "ti", q->f->job_id, (int64_t)q->port)) != 0)
 		return rc;
 	q->no_ports = false;
 	rc = take_ports(l, q->f, &key, 1, &q->replacement);
@@ -1352,15 +1323,10 @@ static void reaped_clear(struct reap_ctx *r)
 
 static int load_disks(struct bw_ledger *l, struct bw_reaped_job *j)
 {
-	sqlite3_stmt *s;
-	int rc;
-	if (sqlite3_prepare_v2(l->db,
-			       "SELECT disk_key, coalesce(port, 0), nbd_pid, nbd_start_time, state,"
-			       " export_name, qcow2_path, qcow2_created FROM job_disks"
-			       " WHERE job_id = ?1 ORDER BY rowid",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
+	int err = 0, rc;
+	sqlite3_stmt *s = query(l, BW__ST_JOB_DISKS, &err, "t", j->job_id);
+	if (s == NULL)
+		return err;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct bw_reaped_disk *d = realloc(j->disks, (j->n_disks + 1) * sizeof(*d));
 		if (d == NULL) {
@@ -1383,38 +1349,24 @@ static int load_disks(struct bw_ledger *l, struct bw_reaped_job *j)
 			break;
 		}
 	}
-	sqlite3_finalize(s);
+	sqlite3_reset(s);
 	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
 }
 
 static int reap_txn(struct bw_ledger *l, void *arg)
 {
 	struct reap_ctx *r = arg;
-	sqlite3_stmt *s = NULL;
-	int rc;
+	int err = 0, rc;
 
 	reaped_clear(r); /* a retried transaction starts over */
-	for (size_t i = 0; i < r->n_dead; i++) {
-		if (sqlite3_prepare_v2(l->db, "DELETE FROM workers WHERE incarnation = ?1", -1, &s,
-				       NULL))
-			return sql_err(l, sqlite3_errcode(l->db));
-		sqlite3_bind_int64(s, 1, r->dead[i].incarnation);
-		rc = sqlite3_step(s);
-		sqlite3_finalize(s);
-		if (rc != SQLITE_DONE)
-			return sql_err(l, rc);
-	}
+	for (size_t i = 0; i < r->n_dead; i++)
+		if ((rc = run(l, BW__ST_WORKER_DELETE, "i", r->dead[i].incarnation)) != 0)
+			return rc;
 
 	/* Every unfinished job whose owner incarnation has no row is an orphan: ours now. */
-	if (sqlite3_prepare_v2(l->db,
-			       "SELECT job_id, state, generation, owner, owner_boot_id, message, seq,"
-			       " created_at, EXISTS (SELECT 1 FROM job_history h"
-			       "  WHERE h.job_id = jobs.job_id AND h.state IN"
-			       "  ('sna_requested', 'transferring', 'finalizing'))"
-			       " FROM jobs WHERE " SQL_UNFINISHED " AND owner_incarnation NOT IN"
-			       " (SELECT incarnation FROM workers) ORDER BY created_at",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
+	sqlite3_stmt *s = query(l, BW__ST_ORPHANS, &err, "");
+	if (s == NULL)
+		return err;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		struct bw_reaped_job *j = realloc(r->jobs, (r->n_jobs + 1) * sizeof(*j));
 		if (j == NULL) {
@@ -1439,40 +1391,18 @@ static int reap_txn(struct bw_ledger *l, void *arg)
 			break;
 		}
 	}
-	sqlite3_finalize(s);
+	sqlite3_reset(s);
 	if (rc != SQLITE_DONE)
 		return sql_err(l, rc);
 
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	for (size_t i = 0; i < r->n_jobs; i++) {
 		struct bw_reaped_job *j = &r->jobs[i];
-		if (sqlite3_prepare_v2(l->db,
-				       "UPDATE jobs SET generation = ?2, owner = ?3,"
-				       " owner_incarnation = ?4, owner_boot_id = ?5,"
-				       " attempt = attempt + 1, updated_at = ?6 WHERE job_id = ?1;",
-				       -1, &s, NULL))
-			return sql_err(l, sqlite3_errcode(l->db));
-		sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 2, j->generation);
-		sqlite3_bind_text(s, 3, l->worker_id, -1, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 4, l->incarnation);
-		sqlite3_bind_text(s, 5, l->boot_id, -1, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 6, now);
-		rc = sqlite3_step(s);
-		sqlite3_finalize(s);
-		if (rc != SQLITE_DONE)
-			return sql_err(l, rc);
-		if (sqlite3_prepare_v2(l->db,
-				       "UPDATE ports SET owner = ?2, generation = ?3 WHERE job_id = ?1",
-				       -1, &s, NULL))
-			return sql_err(l, sqlite3_errcode(l->db));
-		sqlite3_bind_text(s, 1, j->job_id, -1, SQLITE_STATIC);
-		sqlite3_bind_text(s, 2, l->worker_id, -1, SQLITE_STATIC);
-		sqlite3_bind_int64(s, 3, j->generation);
-		rc = sqlite3_step(s);
-		sqlite3_finalize(s);
-		if (rc != SQLITE_DONE)
-			return sql_err(l, rc);
+		if ((rc = run(l, BW__ST_JOB_ADOPT, "tititi", j->job_id, j->generation, l->worker_id,
+			      l->incarnation, l->boot_id, now)) != 0 ||
+		    (rc = run(l, BW__ST_PORTS_ADOPT, "tti", j->job_id, l->worker_id,
+			      j->generation)) != 0)
+			return rc;
 		if ((rc = history(l, j->job_id, bw_job_state_name(j->state), j->generation)) != 0 ||
 		    (rc = load_disks(l, j)) != 0)
 			return rc;
@@ -1483,18 +1413,14 @@ static int reap_txn(struct bw_ledger *l, void *arg)
 int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
 {
 	struct reap_ctx r = {NULL, 0, NULL, 0};
-	sqlite3_stmt *s = NULL;
-	int rc;
+	int err = 0, rc;
 
 	if (l->worker_id == NULL)
 		return BW_EINVAL;
 	/* Probe the locks outside any transaction: flock does not wait, SQL does not either. */
-	if (sqlite3_prepare_v2(l->db,
-			       "SELECT incarnation, lock_path, boot_id, pid, start_time FROM workers"
-			       " WHERE incarnation != ?1",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_int64(s, 1, l->incarnation);
+	sqlite3_stmt *s = query(l, BW__ST_WORKERS_OTHERS, &err, "i", l->incarnation);
+	if (s == NULL)
+		return err;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
 		int fd;
 		const char *lock_path = (const char *)sqlite3_column_text(s, 1);
@@ -1519,7 +1445,7 @@ int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
 			break;
 		}
 	}
-	sqlite3_finalize(s);
+	sqlite3_reset(s);
 	rc = rc == SQLITE_DONE ? 0 : sql_err(l, rc);
 
 	if (rc == 0)
@@ -1537,15 +1463,15 @@ int bw_ledger_reap(struct bw_ledger *l, struct bw_reaped_job **jobs, size_t *n)
 
 int bw_ledger_event_body(struct bw_ledger *l, const char *event_id, char **body)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db, "SELECT body FROM outbox WHERE event_id = ?1", -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, event_id, -1, SQLITE_STATIC);
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_EVENT_BODY, &err, "t", event_id);
+	if (s == NULL)
+		return err;
 	int rc = sqlite3_step(s);
 	*body = NULL;
 	if (rc == SQLITE_ROW && (*body = dup_col(s, 0)) == NULL)
 		rc = SQLITE_NOMEM;
-	sqlite3_finalize(s);
+	sqlite3_reset(s);
 	if (rc == SQLITE_DONE)
 		return BW_ENOENT;
 	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
@@ -1572,8 +1498,8 @@ void bw_reaped_free(struct bw_reaped_job *jobs, size_t n)
 static int outbox_append_txn(struct bw_ledger *l, void *arg)
 {
 	const struct bw_event *e = arg;
-	return run(l, ST_OUTBOX_APPEND, "titti", e->event_id, e->seq, e->routing_key, e->body,
-		   now_ms());
+	return run(l, BW__ST_OUTBOX_APPEND, "titti", e->event_id, e->seq, e->routing_key, e->body,
+		   bw_clock_wall_ms());
 }
 
 int bw_ledger_outbox_append(struct bw_ledger *l, const struct bw_event *event)
@@ -1587,7 +1513,7 @@ int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
 	int err = 0, rc;
 	struct bw_outbox_row *out = NULL;
 	size_t got = 0;
-	sqlite3_stmt *s = query(l, ST_OUTBOX_NEXT, &err, "ii", (int64_t)max, after_id);
+	sqlite3_stmt *s = query(l, BW__ST_OUTBOX_NEXT, &err, "ii", (int64_t)max, after_id);
 	if (s == NULL)
 		return err;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
@@ -1620,17 +1546,8 @@ int bw_ledger_outbox_next(struct bw_ledger *l, int64_t after_id, size_t max,
 
 static int republish_txn(struct bw_ledger *l, void *arg)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db,
-			       "UPDATE outbox SET published_at = NULL WHERE id = (SELECT max(id) FROM"
-			       " outbox WHERE job_id = ?1 AND routing_key IN"
-			       " ('backup.completed', 'backup.failed'))",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
-	sqlite3_bind_text(s, 1, arg, -1, SQLITE_STATIC);
-	int rc = sqlite3_step(s);
-	sqlite3_finalize(s);
-	return rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+	const char *job_id = arg;
+	return run(l, BW__ST_REPUBLISH, "t", job_id);
 }
 
 int bw_ledger_republish_terminal(struct bw_ledger *l, const char *job_id)
@@ -1646,9 +1563,9 @@ struct published_ctx {
 static int published_txn(struct bw_ledger *l, void *arg)
 {
 	struct published_ctx *p = arg;
-	int64_t now = now_ms();
+	int64_t now = bw_clock_wall_ms();
 	for (size_t i = 0; i < p->n; i++) {
-		int rc = run(l, ST_OUTBOX_PUBLISHED, "ii", p->ids[i], now);
+		int rc = run(l, BW__ST_OUTBOX_PUBLISHED, "ii", p->ids[i], now);
 		if (rc != 0)
 			return rc;
 	}
@@ -1669,7 +1586,7 @@ struct failed_ctx {
 static int failed_txn(struct bw_ledger *l, void *arg)
 {
 	struct failed_ctx *f = arg;
-	return run(l, ST_OUTBOX_FAILED, "it", f->id, f->error);
+	return run(l, BW__ST_OUTBOX_FAILED, "it", f->id, f->error);
 }
 
 int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error)
@@ -1680,19 +1597,18 @@ int bw_ledger_outbox_failed(struct bw_ledger *l, int64_t id, const char *error)
 
 int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest_age_ms)
 {
-	sqlite3_stmt *s;
-	if (sqlite3_prepare_v2(l->db,
-			       "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL",
-			       -1, &s, NULL))
-		return sql_err(l, sqlite3_errcode(l->db));
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_OUTBOX_BACKLOG, &err, "");
+	if (s == NULL)
+		return err;
 	int rc = sqlite3_step(s);
 	if (rc == SQLITE_ROW) {
 		*count = (size_t)sqlite3_column_int64(s, 0);
 		*oldest_age_ms = sqlite3_column_type(s, 1) == SQLITE_NULL
 					 ? 0
-					 : now_ms() - sqlite3_column_int64(s, 1);
+					 : bw_clock_wall_ms() - sqlite3_column_int64(s, 1);
 	}
-	sqlite3_finalize(s);
+	sqlite3_reset(s);
 	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
 }
 
@@ -1711,7 +1627,7 @@ void bw_outbox_free(struct bw_outbox_row *rows, size_t n)
 static int expire_txn(struct bw_ledger *l, void *arg)
 {
 	(void)arg;
-	return run(l, ST_QUARANTINE_EXPIRE, "i", now_ms());
+	return run(l, BW__ST_QUARANTINE_EXPIRE, "i", bw_clock_wall_ms());
 }
 
 int bw_ledger_maintain(struct bw_ledger *l)
@@ -1726,166 +1642,7 @@ int bw_ledger_maintain(struct bw_ledger *l)
 	 * busy only means a reader still needs the WAL, and the next call tries again.
 	 */
 	l->no_wait = true;
-	rc = exec(l, "PRAGMA wal_checkpoint(TRUNCATE)");
+	rc = run(l, BW__ST_CHECKPOINT, "");
 	l->no_wait = false;
 	return rc == BW_EBUSY ? 0 : rc;
-}
-
-/* ---- reading ----------------------------------------------------------------------------- */
-
-static struct json_object *time_json(int64_t ms)
-{
-	char buf[40];
-	time_t t = (time_t)(ms / 1000);
-	struct tm tm;
-	if (ms <= 0 || gmtime_r(&t, &tm) == NULL)
-		return NULL;
-	size_t n = strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(buf + n, sizeof(buf) - n, ".%03dZ", (int)(ms % 1000));
-	return json_object_new_string(buf);
-}
-
-/* Turns every row of sql (bound with one optional text ?1) into an object; kinds per column:
- * 's' string (NULL stays null), 'i' integer, 't' time (ms → RFC 3339), 'b' boolean. */
-static int rows_json(struct bw_ledger *l, const char *sql, const char *arg, const char *kinds,
-		     struct json_object **out)
-{
-	sqlite3_stmt *s;
-	int rc;
-	struct json_object *arr = json_object_new_array();
-	if (arr == NULL)
-		return BW_ENOMEM;
-	if (sqlite3_prepare_v2(l->db, sql, -1, &s, NULL)) {
-		json_object_put(arr);
-		return sql_err(l, sqlite3_errcode(l->db));
-	}
-	if (arg)
-		sqlite3_bind_text(s, 1, arg, -1, SQLITE_STATIC);
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-		struct json_object *o = json_object_new_object();
-		for (int c = 0; kinds[c]; c++) {
-			struct json_object *v = NULL;
-			bool null = sqlite3_column_type(s, c) == SQLITE_NULL;
-			if (!null && kinds[c] == 's')
-				v = json_object_new_string((const char *)sqlite3_column_text(s, c));
-			else if (!null && kinds[c] == 'i')
-				v = json_object_new_int64(sqlite3_column_int64(s, c));
-			else if (!null && kinds[c] == 't')
-				v = time_json(sqlite3_column_int64(s, c));
-			else if (!null && kinds[c] == 'b')
-				v = json_object_new_boolean(sqlite3_column_int(s, c) != 0);
-			json_object_object_add(o, sqlite3_column_name(s, c), v);
-		}
-		json_object_array_add(arr, o);
-	}
-	sqlite3_finalize(s);
-	if (rc != SQLITE_DONE) {
-		json_object_put(arr);
-		return sql_err(l, rc);
-	}
-	*out = arr;
-	return 0;
-}
-
-int bw_ledger_list_jobs(struct bw_ledger *l, struct json_object **out)
-{
-	return rows_json(l,
-			 "SELECT job_id, state, owner, generation, attempt,"
-			 " (SELECT count(*) FROM job_disks d WHERE d.job_id = j.job_id) AS disk_count,"
-			 " created_at, updated_at, last_error FROM jobs j"
-			 " ORDER BY created_at DESC, job_id",
-			 NULL, "sssiiitts", out);
-}
-
-int bw_ledger_list_ports(struct bw_ledger *l, struct json_object **out)
-{
-	char sql[400];
-	/* An expired quarantine is free: it is not listed even before maintenance drops it. */
-	snprintf(sql, sizeof(sql),
-		 "SELECT port, state, job_id, disk_key, owner, until FROM ports"
-		 " WHERE state = 'reserved' OR until > %lld ORDER BY port",
-		 (long long)now_ms());
-	return rows_json(l, sql, NULL, "issist", out);
-}
-
-int bw_ledger_list_workers(struct bw_ledger *l, struct json_object **out)
-{
-	struct json_object *arr = NULL;
-	char boot[BW_BOOT_ID_LEN + 1] = "";
-	int rc = rows_json(l,
-			   "SELECT worker_id, incarnation, pid, start_time, boot_id, lock_path,"
-			   " started_at, heartbeat_at FROM workers ORDER BY worker_id",
-			   NULL, "siiisstt", &arr);
-	if (rc != 0)
-		return rc;
-	if (bw_proc_boot_id(boot) != 0)
-		boot[0] = '\0';
-	/* alive: the same test the reaper makes (never the heartbeat age). */
-	for (size_t i = 0; i < json_object_array_length(arr); i++) {
-		struct json_object *w = json_object_array_get_idx(arr, i), *v;
-		const char *lock = json_object_object_get_ex(w, "lock_path", &v)
-					   ? json_object_get_string(v)
-					   : "";
-		const char *b = json_object_object_get_ex(w, "boot_id", &v) ? json_object_get_string(v)
-									    : "";
-		pid_t pid = json_object_object_get_ex(w, "pid", &v) ? json_object_get_int(v) : 0;
-		uint64_t st = json_object_object_get_ex(w, "start_time", &v)
-				      ? (uint64_t)json_object_get_int64(v)
-				      : 0;
-		bool alive = strcmp(b, boot) == 0;
-		if (alive) {
-			int fd = open(lock, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-			if (fd < 0) {
-				alive = bw_proc_same(pid, st);
-			} else {
-				alive = flock(fd, LOCK_SH | LOCK_NB) != 0;
-				close(fd);
-			}
-		}
-		json_object_object_add(w, "alive", json_object_new_boolean(alive));
-	}
-	*out = arr;
-	return 0;
-}
-
-int bw_ledger_show_job(struct bw_ledger *l, const char *job_id, struct json_object **out)
-{
-	struct json_object *job = NULL, *part = NULL;
-	int rc = rows_json(l,
-			   "SELECT job_id, state, owner, generation, attempt, seq, created_at,"
-			   " updated_at, last_error, message FROM jobs WHERE job_id = ?1",
-			   job_id, "sssiiittss", &part);
-	if (rc != 0)
-		return rc;
-	if (json_object_array_length(part) == 0) {
-		json_object_put(part);
-		return BW_ENOENT;
-	}
-	job = json_object_get(json_object_array_get_idx(part, 0));
-	json_object_put(part);
-
-	static const struct {
-		const char *name, *sql, *kinds;
-	} parts[] = {
-		{"disks",
-		 "SELECT disk_key AS key, state, port, export_name, qcow2_path, qcow2_created,"
-		 " nbd_pid, nbd_start_time FROM job_disks WHERE job_id = ?1 ORDER BY rowid",
-		 "isissbii"},
-		{"history",
-		 "SELECT state, owner, generation, at FROM job_history WHERE job_id = ?1 ORDER BY id",
-		 "ssit"},
-		{"events",
-		 "SELECT seq, event_id, routing_key, created_at, published_at, attempts, last_error"
-		 " FROM outbox WHERE job_id = ?1 ORDER BY seq",
-		 "issttis"},
-	};
-	for (size_t i = 0; i < sizeof(parts) / sizeof(parts[0]); i++) {
-		if ((rc = rows_json(l, parts[i].sql, job_id, parts[i].kinds, &part)) != 0) {
-			json_object_put(job);
-			return rc;
-		}
-		json_object_object_add(job, parts[i].name, part);
-	}
-	*out = job;
-	return 0;
 }

@@ -2,7 +2,6 @@
 #ifndef BW_LEDGER_H
 #define BW_LEDGER_H
 
-#include <json-c/json.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -108,6 +107,29 @@ const char *bw_ledger_errmsg(const struct bw_ledger *l);
  */
 int bw_ledger_register(struct bw_ledger *l, const char *worker_id, const char *lock_dir)
 	BW_MUST_CHECK;
+
+/* A worker's row as it registered (bw_ledger_register). */
+struct bw_worker_row {
+	int64_t incarnation;
+	pid_t pid;
+	uint64_t start_time; /* of the process, as bw_proc_start_time gives it */
+	int64_t started_at_ms;   /* ms since the epoch */
+	int64_t heartbeat_at_ms; /* monitoring only */
+};
+
+/*
+ * Reads the row of worker worker_id into *out (also on a read-only handle). The row names
+ * a process; whether it still runs is bw_proc_same(pid, start_time). Returns 0; BW_ENOENT
+ * when no worker of that id is registered; BW_EBUSY, BW_EIO.
+ */
+int bw_ledger_worker_get(struct bw_ledger *l, const char *worker_id, struct bw_worker_row *out)
+	BW_MUST_CHECK;
+
+/*
+ * Stores in *n how many unfinished jobs (neither completed nor compensated: a failed job
+ * still owes its compensation) worker_id owns. Returns 0, BW_EBUSY, BW_EIO.
+ */
+int bw_ledger_worker_jobs(struct bw_ledger *l, const char *worker_id, size_t *n) BW_MUST_CHECK;
 
 /* Records the heartbeat time (monitoring only). Returns 0, BW_EBUSY, BW_EIO. */
 int bw_ledger_heartbeat(struct bw_ledger *l) BW_MUST_CHECK;
@@ -308,26 +330,12 @@ void bw_outbox_free(struct bw_outbox_row *rows, size_t n);
 int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest_age_ms)
 	BW_MUST_CHECK;
 
-/* ---- maintenance and reading ------------------------------------------------------------- */
+/* ---- maintenance ------------------------------------------------------------------------ */
 
 /* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired
  * quarantines. Cheap enough to call every minute. */
 int bw_ledger_maintain(struct bw_ledger *l) BW_MUST_CHECK;
 
-/*
- * Read-only views for bw-ctl, as new json-c arrays in *out (caller puts):
- * jobs: [{job_id, state, owner, generation, attempt, disk_count, created_at, updated_at,
- *         last_error}], newest first;
- * ports: [{port, state, job_id, disk_key, owner, until}] (reserved and quarantined ports);
- * workers: [{worker_id, incarnation, pid, start_time, boot_id, lock_path, started_at,
- *            heartbeat_at, alive}];
- * a job (object): the job fields, its disks, its state history with times, its events.
- * Times are RFC 3339 UTC strings. BW_ENOENT when show names an unknown job.
- */
-int bw_ledger_list_jobs(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
-int bw_ledger_list_ports(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
-int bw_ledger_list_workers(struct bw_ledger *l, struct json_object **out) BW_MUST_CHECK;
-int bw_ledger_show_job(struct bw_ledger *l, const char *job_id, struct json_object **out)
-	BW_MUST_CHECK;
+/* bw-ctl's read-only views (list jobs, ports, workers, show a job): ledger_views.h. */
 
 #endif

@@ -1,12 +1,16 @@
 /* relay.c: outbox → broker with publisher confirms; at least once, in order, never blocking. */
 #include "relay.h"
 
+#include "clock.h"
+#include "rand.h"
+
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
+/* Waits before sending again after failed publishes (full jitter, bw_backoff_ms): the
+ * first soon, since most failures are one lost connection; then at most every 30 s. */
 #define BACKOFF_BASE_MS 100
 #define BACKOFF_CAP_MS 30000
 #define CONFIRM_TIMEOUT_MS 30000 /* no confirm by then: the connection is treated as lost */
@@ -30,15 +34,7 @@ struct bw_relay {
 	int64_t retry_at_ms;    /* backoff after a failure: nothing is sent before */
 	unsigned failures;      /* consecutive failed attempts, for the backoff */
 	uint64_t confirmed, failed;
-	uint64_t rng;
 };
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int bw_relay_new(struct bw_relay **out, struct bw_ledger *l, const char *exchange, size_t window)
 {
@@ -53,7 +49,6 @@ int bw_relay_new(struct bw_relay **out, struct bw_ledger *l, const char *exchang
 	}
 	r->ledger = l;
 	r->window = window ? window : 1;
-	r->rng = (uint64_t)mono_ms() * 6364136223846793005ULL ^ (uint64_t)getpid();
 	*out = r;
 	return 0;
 }
@@ -88,7 +83,7 @@ int bw_relay_timeout_ms(const struct bw_relay *r)
 {
 	if (r->retry_at_ms == 0)
 		return -1;
-	int64_t left = r->retry_at_ms - mono_ms();
+	int64_t left = r->retry_at_ms - bw_clock_mono_ms();
 	return left > 0 ? (int)left : 0;
 }
 
@@ -148,13 +143,10 @@ static int settle(struct bw_relay *r)
 		/* Send again from the oldest failed event, after a capped, jittered backoff. */
 		if (first_failed - 1 < r->cursor)
 			r->cursor = first_failed - 1;
-		unsigned shift = r->failures < 10 ? r->failures : 10;
-		int64_t cap = (int64_t)BACKOFF_BASE_MS << shift;
-		if (cap > BACKOFF_CAP_MS)
-			cap = BACKOFF_CAP_MS;
-		r->rng = r->rng * 6364136223846793005ULL + 1442695040888963407ULL;
-		r->retry_at_ms = mono_ms() + cap / 2 + (int64_t)((r->rng >> 33) % (uint64_t)(cap / 2 + 1));
 		r->failures++;
+		int attempt = r->failures < INT_MAX ? (int)r->failures : INT_MAX;
+		r->retry_at_ms = bw_clock_mono_ms() +
+				 bw_backoff_ms(BACKOFF_BASE_MS, BACKOFF_CAP_MS, attempt);
 	}
 	return rc;
 }
@@ -171,14 +163,14 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 		snprintf(err, errsize, "ledger: %s", bw_strerror(src));
 		return src;
 	}
-	if (r->n > 0 && mono_ms() - r->f[0].sent_ms > CONFIRM_TIMEOUT_MS) {
+	if (r->n > 0 && bw_clock_mono_ms() - r->f[0].sent_ms > CONFIRM_TIMEOUT_MS) {
 		/* f[0] is the oldest in flight: a broker that takes this long is not answering */
 		snprintf(err, errsize, "no publisher confirm within %d ms", CONFIRM_TIMEOUT_MS);
 		bw_relay_reset(r);
 		return BW_EAMQP;
 	}
 	if (r->retry_at_ms) {
-		if (mono_ms() < r->retry_at_ms)
+		if (bw_clock_mono_ms() < r->retry_at_ms)
 			return 0;
 		r->retry_at_ms = 0;
 	}
@@ -206,7 +198,8 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 			bw_relay_reset(r);
 			break;
 		}
-		r->f[r->n++] = (struct flight){seq, rows[i].id, mono_ms(), false, false, ""};
+		r->f[r->n++] =
+			(struct flight){seq, rows[i].id, bw_clock_mono_ms(), false, false, ""};
 		r->cursor = rows[i].id;
 	}
 	bw_outbox_free(rows, n);

@@ -324,14 +324,3 @@ int bw_target_check_parent(const char *qemu_img_bin, const char *repository,
 	json_object_put(info);
 	return rc;
 }
-
-int bw_target_remove(const struct bw_target *t)
-{
-	char path[PATH_MAX];
-	int rc = bw_target_path(t, path, sizeof(path));
-	if (rc != 0)
-		return rc;
-	if (unlink(path) != 0 && errno != ENOENT)
-		return bw_err_from_errno(errno);
-	return 0;
-}

@@ -78,7 +78,4 @@ int bw_image_check_finish(pid_t pid, const char *path, const char *log_path,
  */
 int bw_image_sizes(const char *path, int64_t *virtual_size, int64_t *actual_size) BW_MUST_CHECK;
 
-/* Removes the image this job created (compensation). Returns 0 (also when already gone). */
-int bw_target_remove(const struct bw_target *t) BW_MUST_CHECK;
-
 #endif

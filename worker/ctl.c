@@ -2,6 +2,7 @@
 #include "config.h"
 #include "error.h"
 #include "ledger.h"
+#include "ledger_views.h"
 #include "log.h"
 #include "message.h"
 

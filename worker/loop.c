@@ -5,6 +5,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,8 +15,29 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* Ledger upkeep (WAL truncation, quarantine expiry) is cheap: once a minute is enough. */
 #define MAINTAIN_MS 60000
+/* The ledger's heartbeat time is for monitoring only: coarse is enough. */
 #define HEARTBEAT_MS 10000
+/* Connect, login and each broker RPC: a broker slower than this would stall the whole loop. */
+#define AMQP_TIMEOUT_MS 5000
+/* Reconnects: the first one soon (most losses are brief), then at least twice a minute. */
+#define AMQP_BACKOFF_BASE_MS 200
+#define AMQP_BACKOFF_CAP_MS 30000
+/* Events published and not yet confirmed: keeps the broker busy and the memory bounded. */
+#define RELAY_WINDOW 256
+/* Deliveries taken per turn, so that a full queue cannot starve the rest of the loop. */
+#define CONSUME_BATCH 16
+/* librabbitmq-c answers heartbeats only inside its calls and the broker wants a frame every
+ * heartbeat / 2: wait at most a quarter of the interval, which leaves a margin. */
+#define HEARTBEAT_WAIT_DIVISOR 4
+/* Input already read by the library, or confirms awaited, do not wake poll: look again soon. */
+#define BUSY_WAIT_MS 5
+/* Nothing wakes the loop for what other processes write to the shared ledger (their events
+ * in the outbox): it looks at least once a second. */
+#define MAX_WAIT_MS 1000
+/* The signalfd, the two broker sockets and the SNA's curl sockets (the rest waits a turn). */
+#define MAX_POLLFDS 80
 
 /* A delivery held while every job slot is busy; the others wait unacked in the prefetch. */
 struct held {
@@ -25,8 +47,12 @@ struct held {
 
 static int make_dirs(const struct bw_config *cfg)
 {
-	char logs[4200];
-	snprintf(logs, sizeof(logs), "%s/logs", cfg->worker_state_dir);
+	char logs[PATH_MAX];
+	int len = snprintf(logs, sizeof(logs), "%s/logs", cfg->worker_state_dir);
+	if (len < 0 || (size_t)len >= sizeof(logs)) {
+		bw_log_warnx("worker.state_dir is too long: %s", cfg->worker_state_dir);
+		return -1;
+	}
 	if ((mkdir(cfg->worker_state_dir, 0750) != 0 && errno != EEXIST) ||
 	    (mkdir(logs, 0750) != 0 && errno != EEXIST)) {
 		bw_log_warn("cannot create %s", logs);
@@ -58,7 +84,7 @@ static void consume(struct worker *w, struct held *held)
 	char err[512];
 	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
-	for (int k = 0; k < 16; k++) {
+	for (int k = 0; k < CONSUME_BATCH; k++) {
 		if (held->have) {
 			if (w->n_jobs >= w->cfg->worker_max_jobs)
 				return;
@@ -111,197 +137,307 @@ static int min_timeout(int a, int b)
 	return a < b ? a : b;
 }
 
-int worker_run(const struct bw_config *cfg);
-
-int worker_run(const struct bw_config *cfg)
-{
+/* Everything the loop keeps between turns. */
+struct loop {
 	struct worker w;
-	struct held held = {false, {0}};
-	char err[512];
-	int status = 1, sfd = -1;
+	struct held held;
+	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1 */
+	int64_t stop_by; /* stopping: leave by then, whatever is left (monotonic ms) */
+};
 
-	memset(&w, 0, sizeof(w));
-	w.cfg = cfg;
-	if (gethostname(w.host, sizeof(w.host) - 1) != 0)
-		snprintf(w.host, sizeof(w.host), "localhost");
-	if (make_dirs(cfg) != 0)
-		return 1;
+/* Forgets the delivery held for a free slot: unacked, the broker gives it to another. */
+static void drop_held(struct loop *lp)
+{
+	if (lp->held.have) {
+		bw_delivery_free(&lp->held.d);
+		lp->held.have = false;
+	}
+}
 
+/*
+ * Set-up: directories, the signalfd, the ledger registration, the SNA client, the relay,
+ * the two broker links, then one recovery pass before the first delivery (what dead
+ * workers left comes first). Returns 0, or -1 with the reason logged.
+ */
+static int loop_setup(struct loop *lp, const struct bw_config *cfg)
+{
+	struct worker *w = &lp->w;
 	sigset_t mask;
+
+	memset(lp, 0, sizeof(*lp));
+	lp->sfd = -1;
+	w->cfg = cfg;
+	if (gethostname(w->host, sizeof(w->host) - 1) != 0)
+		snprintf(w->host, sizeof(w->host), "localhost");
+	if (make_dirs(cfg) != 0)
+		return -1;
+
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGUSR1);
-	sigprocmask(SIG_BLOCK, &mask, NULL);
-	sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+	/*
+	 * Blocked signals reach the loop only through the signalfd: without one, SIGTERM would
+	 * stay blocked and the worker could not be stopped but by SIGKILL. Refuse to start.
+	 */
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) != 0 ||
+	    (lp->sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+		bw_log_warn("cannot receive signals through a signalfd");
+		return -1;
+	}
 
-	int rc = bw_ledger_open(&w.ledger, cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max);
+	int rc = bw_ledger_open(&w->ledger, cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max);
 	if (rc != 0) {
 		bw_log_warnx("ledger %s: %s", cfg->ledger_path, bw_strerror(rc));
-		goto out;
+		return -1;
 	}
-	rc = bw_ledger_register(w.ledger, cfg->worker_id, cfg->worker_state_dir);
+	rc = bw_ledger_register(w->ledger, cfg->worker_id, cfg->worker_state_dir);
 	if (rc != 0) {
 		bw_log_warnx("cannot register worker %s: %s%s", cfg->worker_id, bw_strerror(rc),
 			     rc == BW_EEXIST ? " (another process runs with this worker.id)" : "");
-		goto out;
+		return -1;
 	}
 	struct bw_sna_opts so = {cfg->sna_url,		   cfg->sna_token,
 				 cfg->sna_connect_timeout_s, cfg->sna_timeout_s,
 				 cfg->sna_max_attempts,	   cfg->sna_backoff_base_ms,
 				 cfg->sna_backoff_cap_s};
-	if (bw_sna_new(&w.sna, &so) != 0 ||
-	    bw_relay_new(&w.relay, w.ledger, cfg->amqp_events_exchange, 256) != 0) {
+	if (bw_sna_new(&w->sna, &so) != 0 ||
+	    bw_relay_new(&w->relay, w->ledger, cfg->amqp_events_exchange, RELAY_WINDOW) != 0) {
 		bw_log_warnx("out of memory");
-		goto out;
+		return -1;
 	}
-	w.topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
-					       cfg->amqp_events_exchange, cfg->amqp_dlx,
-					       cfg->amqp_dlq, cfg->amqp_delivery_limit,
-					       !cfg->amqp_declare};
+	w->topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
+						cfg->amqp_events_exchange, cfg->amqp_dlx,
+						cfg->amqp_dlq, cfg->amqp_delivery_limit,
+						!cfg->amqp_declare};
 	struct bw_amqp_opts ao = {cfg->amqp_url,
 				  cfg->amqp_heartbeat_s,
-				  5000,
+				  AMQP_TIMEOUT_MS,
 				  cfg->worker_id,
 				  cfg->amqp_tls_ca_file[0] ? cfg->amqp_tls_ca_file : NULL,
 				  cfg->amqp_tls_cert_file[0] ? cfg->amqp_tls_cert_file : NULL,
 				  cfg->amqp_tls_key_file[0] ? cfg->amqp_tls_key_file : NULL,
 				  cfg->amqp_tls_verify_peer,
 				  cfg->amqp_tls_verify_hostname};
-	w.consumer = (struct bw_amqp_link){.opts = ao,
-					   .role = BW_AMQP_CONSUMER,
-					   .topology = &w.topology,
-					   .queue = cfg->amqp_queue,
-					   .prefetch = cfg->amqp_prefetch,
-					   .backoff_base_ms = 200,
-					   .backoff_cap_ms = 30000};
-	w.publisher = w.consumer;
-	w.publisher.role = BW_AMQP_PUBLISHER;
-	w.publisher.queue = NULL;
+	w->consumer = (struct bw_amqp_link){.opts = ao,
+					    .role = BW_AMQP_CONSUMER,
+					    .topology = &w->topology,
+					    .queue = cfg->amqp_queue,
+					    .prefetch = cfg->amqp_prefetch,
+					    .backoff_base_ms = AMQP_BACKOFF_BASE_MS,
+					    .backoff_cap_ms = AMQP_BACKOFF_CAP_MS};
+	w->publisher = w->consumer;
+	w->publisher.role = BW_AMQP_PUBLISHER;
+	w->publisher.queue = NULL;
 	bw_log_info("worker %s up: ledger %s, ports %d-%d, up to %d job(s)", cfg->worker_id,
 		    cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max, cfg->worker_max_jobs);
-	recover_pass(&w); /* before the first delivery: what dead workers left comes first */
-	w.last_recovery_ms = bw_clock_mono_ms();
+	recover_pass(w); /* before the first delivery: what dead workers left comes first */
+	w->last_recovery_ms = bw_clock_mono_ms();
+	return 0;
+}
 
-	int64_t stop_by = 0;
-	for (;;) {
-		int64_t now = bw_clock_mono_ms();
-		bool fresh;
-		if (!w.stopping && !w.draining && w.consumer.c == NULL) {
-			rc = bw_amqp_link_up(&w.consumer, &fresh, err, sizeof(err));
-			if (rc == BW_ECONFIG) {
-				bw_log_warnx("consumer: %s", err);
-			} else if (rc == 0) {
-				bw_log_info("consuming %s", cfg->amqp_queue);
-			}
-		}
-		consume(&w, &held);
-		publish(&w);
-		bw_sna_perform(w.sna);
-		jobs_step(&w);
-		publish(&w);
-
-		if (!w.stopping && !w.draining &&
-		    now - w.last_recovery_ms >= (int64_t)cfg->worker_recovery_interval_s * 1000) {
-			recover_pass(&w);
-			w.last_recovery_ms = now;
-		}
-		if (now - w.last_maintain_ms > MAINTAIN_MS) {
-			if ((rc = bw_ledger_maintain(w.ledger)) != 0)
-				bw_log_debug("ledger maintenance: %s", bw_strerror(rc));
-			w.last_maintain_ms = now;
-		}
-		if (now - w.last_heartbeat_ms > HEARTBEAT_MS) {
-			if ((rc = bw_ledger_heartbeat(w.ledger)) != 0)
-				bw_log_debug("ledger heartbeat: %s", bw_strerror(rc));
-			w.last_heartbeat_ms = now;
-		}
-		if (w.stopping || w.draining) {
-			size_t backlog = 0;
-			int64_t age = 0;
-			if (bw_ledger_outbox_backlog(w.ledger, &backlog, &age) != 0)
-				backlog = 1; /* unknown: assume something is left */
-			if ((w.jobs == NULL && backlog == 0) || (w.stopping && now > stop_by)) {
-				if (w.jobs || backlog)
-					bw_log_warnx("stopping with %d job(s) and %zu event(s) left "
-						     "(the next worker on this host takes them)",
-						     w.n_jobs, backlog);
-				break;
-			}
-		}
-
-		struct pollfd fds[80];
-		int n = 0;
-		fds[n++] = (struct pollfd){sfd, POLLIN, 0};
-		if (w.consumer.c)
-			fds[n++] = (struct pollfd){bw_amqp_fd(w.consumer.c), POLLIN, 0};
-		if (w.publisher.c)
-			fds[n++] = (struct pollfd){bw_amqp_fd(w.publisher.c), POLLIN, 0};
-		n += bw_sna_pollfds(w.sna, fds + n, 80 - n);
-		int t = cfg->amqp_heartbeat_s * 1000 / 4;
-		t = min_timeout(t, jobs_timeout_ms(&w));
-		t = min_timeout(t, bw_sna_timeout_ms(w.sna));
-		t = min_timeout(t, bw_relay_timeout_ms(w.relay));
-		if (w.consumer.c == NULL && !w.stopping && !w.draining)
-			t = min_timeout(t, bw_amqp_link_timeout_ms(&w.consumer));
-		if (w.publisher.c == NULL)
-			t = min_timeout(t, bw_amqp_link_timeout_ms(&w.publisher));
-		if ((w.consumer.c && bw_amqp_pending(w.consumer.c)) ||
-		    (w.publisher.c && bw_amqp_pending(w.publisher.c)) ||
-		    bw_relay_inflight(w.relay) > 0)
-			t = min_timeout(t, 5);
-		if (t < 0 || t > 1000)
-			t = 1000;
-		poll(fds, (nfds_t)n, t);
-
-		struct signalfd_siginfo si;
-		while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-			if (si.ssi_signo == SIGCHLD)
-				continue; /* jobs_step reaps its own children */
-			if (si.ssi_signo == SIGUSR1) {
-				if (w.stopping || w.draining)
-					continue;
-				bw_log_info("SIGUSR1: draining: no new jobs; %d running job(s) run to "
-					    "their end, then the worker exits", w.n_jobs);
-				w.draining = true;
-				bw_amqp_link_down(&w.consumer); /* unacked deliveries go back at once */
-				if (held.have) {
-					bw_delivery_free(&held.d);
-					held.have = false;
-				}
-				continue;
-			}
-			if (w.stopping) {
-				bw_log_warnx("second signal: stopping now; the ledger stays consistent");
-				goto out_stop;
-			}
-			bw_log_info("signal %u: no new jobs; jobs still preparing are rolled back, "
-				    "transferring ones handed over (%d job(s))",
-				    si.ssi_signo, w.n_jobs);
-			w.stopping = true;
-			stop_by = bw_clock_mono_ms() + (int64_t)cfg->worker_shutdown_grace_s * 1000;
-			bw_amqp_link_down(&w.consumer); /* stop consuming at once */
-			if (held.have) {
-				bw_delivery_free(&held.d);
-				held.have = false; /* unacked: the broker redelivers it */
-			}
-			jobs_shutdown(&w);
-		}
-	}
-out_stop:
-	status = 0;
-out:
-	if (held.have)
-		bw_delivery_free(&held.d);
-	bw_amqp_link_down(&w.consumer);
-	bw_amqp_link_down(&w.publisher);
-	bw_relay_free(w.relay);
-	bw_sna_free(w.sna);
-	if (w.ledger && w.jobs == NULL && bw_ledger_unregister(w.ledger) != 0)
+/* Releases what loop_setup made; unregisters when no job is left. Safe after a failed set-up. */
+static void loop_teardown(struct loop *lp)
+{
+	struct worker *w = &lp->w;
+	drop_held(lp);
+	bw_amqp_link_down(&w->consumer);
+	bw_amqp_link_down(&w->publisher);
+	bw_relay_free(w->relay);
+	bw_sna_free(w->sna);
+	if (w->ledger && w->jobs == NULL && bw_ledger_unregister(w->ledger) != 0)
 		bw_log_warnx("could not unregister: the next worker's recovery pass will");
-	bw_ledger_close(w.ledger);
-	if (sfd >= 0)
-		close(sfd);
+	bw_ledger_close(w->ledger);
+	if (lp->sfd >= 0)
+		close(lp->sfd);
+}
+
+/* Milliseconds from now until due_ms (0 when due). */
+static int until_ms(int64_t due_ms, int64_t now)
+{
+	int64_t left = due_ms - now;
+	if (left <= 0)
+		return 0;
+	return left < INT_MAX ? (int)left : INT_MAX;
+}
+
+static bool taking_jobs(const struct worker *w)
+{
+	return !w->stopping && !w->draining;
+}
+
+/*
+ * The time to the next deadline (ms): the broker's heartbeats, the jobs', the SNA client's,
+ * the relay's, a link's reconnect, the loop's own timers; soon when input is already
+ * buffered; never more than MAX_WAIT_MS.
+ */
+static int next_deadline_ms(struct loop *lp, int64_t now)
+{
+	struct worker *w = &lp->w;
+	const struct bw_config *cfg = w->cfg;
+	int t = cfg->amqp_heartbeat_s * 1000 / HEARTBEAT_WAIT_DIVISOR;
+	t = min_timeout(t, jobs_timeout_ms(w));
+	t = min_timeout(t, bw_sna_timeout_ms(w->sna));
+	t = min_timeout(t, bw_relay_timeout_ms(w->relay));
+	if (w->consumer.c == NULL && taking_jobs(w))
+		t = min_timeout(t, bw_amqp_link_timeout_ms(&w->consumer));
+	if (w->publisher.c == NULL)
+		t = min_timeout(t, bw_amqp_link_timeout_ms(&w->publisher));
+	if ((w->consumer.c && bw_amqp_pending(w->consumer.c)) ||
+	    (w->publisher.c && bw_amqp_pending(w->publisher.c)) || bw_relay_inflight(w->relay) > 0)
+		t = min_timeout(t, BUSY_WAIT_MS);
+	int64_t recovery_due = w->last_recovery_ms + (int64_t)cfg->worker_recovery_interval_s * 1000;
+	if (taking_jobs(w))
+		t = min_timeout(t, until_ms(recovery_due, now));
+	t = min_timeout(t, until_ms(w->last_maintain_ms + MAINTAIN_MS, now));
+	t = min_timeout(t, until_ms(w->last_heartbeat_ms + HEARTBEAT_MS, now));
+	if (w->stopping)
+		t = min_timeout(t, until_ms(lp->stop_by, now));
+	if (t < 0 || t > MAX_WAIT_MS)
+		t = MAX_WAIT_MS;
+	return t;
+}
+
+/* Waits up to timeout_ms for input on the signalfd, the broker sockets or the SNA's. */
+static void wait_ready(struct loop *lp, int timeout_ms)
+{
+	struct worker *w = &lp->w;
+	struct pollfd fds[MAX_POLLFDS];
+	int n = 0;
+	fds[n++] = (struct pollfd){lp->sfd, POLLIN, 0};
+	if (w->consumer.c)
+		fds[n++] = (struct pollfd){bw_amqp_fd(w->consumer.c), POLLIN, 0};
+	if (w->publisher.c)
+		fds[n++] = (struct pollfd){bw_amqp_fd(w->publisher.c), POLLIN, 0};
+	n += bw_sna_pollfds(w->sna, fds + n, MAX_POLLFDS - n);
+	poll(fds, (nfds_t)n, timeout_ms);
+}
+
+enum turn { TURN_GO_ON, TURN_STOP };
+
+/*
+ * Handles the signals that arrived: SIGCHLD is only a wake-up (jobs_step reaps), SIGUSR1
+ * drains, a first SIGTERM/SIGINT stops taking jobs and winds down, a second one stops now.
+ */
+static enum turn read_signals(struct loop *lp)
+{
+	struct worker *w = &lp->w;
+	struct signalfd_siginfo si;
+	while (read(lp->sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo == SIGCHLD)
+			continue; /* jobs_step reaps its own children */
+		if (si.ssi_signo == SIGUSR1) {
+			if (!taking_jobs(w))
+				continue;
+			bw_log_info("SIGUSR1: draining: no new jobs; %d running job(s) run to "
+				    "their end, then the worker exits",
+				    w->n_jobs);
+			w->draining = true;
+			bw_amqp_link_down(&w->consumer); /* unacked deliveries go back at once */
+			drop_held(lp);
+			continue;
+		}
+		if (w->stopping) {
+			bw_log_warnx("second signal: stopping now; the ledger stays consistent");
+			return TURN_STOP;
+		}
+		bw_log_info("signal %u: no new jobs; jobs still preparing are rolled back, "
+			    "transferring ones handed over (%d job(s))",
+			    si.ssi_signo, w->n_jobs);
+		w->stopping = true;
+		lp->stop_by = bw_clock_mono_ms() + (int64_t)w->cfg->worker_shutdown_grace_s * 1000;
+		bw_amqp_link_down(&w->consumer); /* stop consuming at once */
+		drop_held(lp);                   /* unacked: the broker redelivers it */
+		jobs_shutdown(w);
+	}
+	return TURN_GO_ON;
+}
+
+/* Stopping or draining: done when no job and no unpublished event is left (or time is up). */
+static bool wound_down(struct loop *lp, int64_t now)
+{
+	struct worker *w = &lp->w;
+	size_t backlog = 0;
+	int64_t age = 0;
+	if (taking_jobs(w))
+		return false;
+	if (bw_ledger_outbox_backlog(w->ledger, &backlog, &age) != 0)
+		backlog = 1; /* unknown: assume something is left */
+	if (!((w->jobs == NULL && backlog == 0) || (w->stopping && now > lp->stop_by)))
+		return false;
+	if (w->jobs || backlog)
+		bw_log_warnx("stopping with %d job(s) and %zu event(s) left "
+			     "(the next worker on this host takes them)",
+			     w->n_jobs, backlog);
+	return true;
+}
+
+/* Runs the loop's own timers: recovery passes, ledger upkeep, the ledger heartbeat. */
+static void run_timers(struct worker *w, int64_t now)
+{
+	int rc;
+	if (taking_jobs(w) &&
+	    now - w->last_recovery_ms >= (int64_t)w->cfg->worker_recovery_interval_s * 1000) {
+		recover_pass(w);
+		w->last_recovery_ms = now;
+	}
+	if (now - w->last_maintain_ms >= MAINTAIN_MS) {
+		if ((rc = bw_ledger_maintain(w->ledger)) != 0)
+			bw_log_debug("ledger maintenance: %s", bw_strerror(rc));
+		w->last_maintain_ms = now;
+	}
+	if (now - w->last_heartbeat_ms >= HEARTBEAT_MS) {
+		if ((rc = bw_ledger_heartbeat(w->ledger)) != 0)
+			bw_log_debug("ledger heartbeat: %s", bw_strerror(rc));
+		w->last_heartbeat_ms = now;
+	}
+}
+
+/*
+ * Dispatch: the signals that arrived are handled, then everything that is ready runs and
+ * none of it waits: the consumer link comes up, deliveries are taken, events published,
+ * the SNA's transfers advanced, the jobs stepped, the timers run. TURN_STOP on a second
+ * stop signal, or when a stopping or draining worker is done.
+ */
+static enum turn dispatch(struct loop *lp)
+{
+	struct worker *w = &lp->w;
+	char err[512];
+	bool fresh;
+	if (read_signals(lp) == TURN_STOP)
+		return TURN_STOP;
+	int64_t now = bw_clock_mono_ms();
+	if (taking_jobs(w) && w->consumer.c == NULL) {
+		int rc = bw_amqp_link_up(&w->consumer, &fresh, err, sizeof(err));
+		if (rc == BW_ECONFIG)
+			bw_log_warnx("consumer: %s", err);
+		else if (rc == 0)
+			bw_log_info("consuming %s", w->cfg->amqp_queue);
+	}
+	consume(w, &lp->held);
+	publish(w);
+	bw_sna_perform(w->sna);
+	jobs_step(w);
+	publish(w);
+	run_timers(w, now);
+	return wound_down(lp, now) ? TURN_STOP : TURN_GO_ON;
+}
+
+/*
+ * The loop, as beanstalkd's prottick: after the set-up, dispatch what is ready, compute
+ * the time to the next deadline and wait that long (or until input), again. Returns the
+ * exit status: 0 after a stop or a drain, 1 when the set-up failed.
+ */
+int worker_run(const struct bw_config *cfg)
+{
+	struct loop lp;
+	int status = 1;
+	if (loop_setup(&lp, cfg) == 0) {
+		while (dispatch(&lp) == TURN_GO_ON)
+			wait_ready(&lp, next_deadline_ms(&lp, bw_clock_mono_ms()));
+		status = 0;
+	}
+	loop_teardown(&lp);
 	return status;
 }

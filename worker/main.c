@@ -4,8 +4,7 @@
 #include "ledger.h"
 #include "log.h"
 #include "proc.h"
-
-int worker_run(const struct bw_config *cfg);
+#include "worker.h"
 
 #include <getopt.h>
 #include <signal.h>
@@ -13,6 +12,9 @@ int worker_run(const struct bw_config *cfg);
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* --drain looks at the draining worker once a second: jobs end in seconds, not ms. */
+#define DRAIN_POLL_S 1
 
 static void usage(FILE *f)
 {
@@ -30,55 +32,31 @@ static void usage(FILE *f)
 		   "                     for that exit (--no-wait: return at once)\n");
 }
 
-/* Unfinished jobs owned by worker_id, from the ledger's job list. */
-static int owned_jobs(struct bw_ledger *l, const char *worker_id)
+/* Unfinished jobs owned by worker_id (-1 when the ledger cannot say). */
+static long owned_jobs(struct bw_ledger *l, const char *worker_id)
 {
-	struct json_object *jobs = NULL, *v;
-	int n = 0;
-	if (bw_ledger_list_jobs(l, &jobs) != 0)
-		return -1;
-	for (size_t i = 0; i < json_object_array_length(jobs); i++) {
-		struct json_object *j = json_object_array_get_idx(jobs, i);
-		enum bw_job_state st;
-		if (json_object_object_get_ex(j, "owner", &v) &&
-		    strcmp(json_object_get_string(v), worker_id) == 0 &&
-		    json_object_object_get_ex(j, "state", &v) &&
-		    bw_job_state_parse(json_object_get_string(v), &st) == 0 &&
-		    st != BW_JOB_COMPLETED && st != BW_JOB_COMPENSATED)
-			n++;
-	}
-	json_object_put(jobs);
-	return n;
+	size_t n = 0;
+	return bw_ledger_worker_jobs(l, worker_id, &n) == 0 ? (long)n : -1;
 }
 
 /* --drain: SIGUSR1 to the live worker the ledger records under cfg's worker.id. */
 static int drain(const struct bw_config *cfg, bool wait)
 {
 	struct bw_ledger *l = NULL;
-	struct json_object *workers = NULL, *v;
-	pid_t pid = 0;
-	uint64_t start = 0;
+	struct bw_worker_row row = {0, 0, 0, 0, 0};
 	int rc = bw_ledger_open_readonly(&l, cfg->ledger_path);
-	if (rc == 0)
-		rc = bw_ledger_list_workers(l, &workers);
+	if (rc == 0) {
+		rc = bw_ledger_worker_get(l, cfg->worker_id, &row);
+		if (rc == BW_ENOENT)
+			rc = 0; /* no row: no worker, said below */
+	}
 	if (rc != 0) {
 		fprintf(stderr, "bw-worker: ledger %s: %s\n", cfg->ledger_path, bw_strerror(rc));
 		bw_ledger_close(l);
 		return 1;
 	}
-	for (size_t i = 0; i < json_object_array_length(workers); i++) {
-		struct json_object *w = json_object_array_get_idx(workers, i);
-		if (!json_object_object_get_ex(w, "worker_id", &v) ||
-		    strcmp(json_object_get_string(v), cfg->worker_id) != 0)
-			continue;
-		pid = json_object_object_get_ex(w, "pid", &v) ? json_object_get_int(v) : 0;
-		start = json_object_object_get_ex(w, "start_time", &v)
-				? (uint64_t)json_object_get_int64(v)
-				: 0;
-	}
-	json_object_put(workers);
 	/* the recorded pid is signalled only while it is still that very process */
-	if (pid <= 0 || !bw_proc_same(pid, start)) {
+	if (row.pid <= 0 || !bw_proc_same(row.pid, row.start_time)) {
 		fprintf(stderr,
 			"bw-worker: no running worker \"%s\" on this host (--drain names the worker by "
 			"the config's worker.id; its default, hostname-pid, differs in every process)\n",
@@ -86,22 +64,22 @@ static int drain(const struct bw_config *cfg, bool wait)
 		bw_ledger_close(l);
 		return 1;
 	}
-	if (kill(pid, SIGUSR1) != 0) {
+	if (kill(row.pid, SIGUSR1) != 0) {
 		perror("bw-worker: kill");
 		bw_ledger_close(l);
 		return 1;
 	}
-	printf("draining worker %s (pid %ld): it takes no new jobs; %d job(s) to finish\n",
-	       cfg->worker_id, (long)pid, owned_jobs(l, cfg->worker_id));
+	printf("draining worker %s (pid %ld): it takes no new jobs; %ld job(s) to finish\n",
+	       cfg->worker_id, (long)row.pid, owned_jobs(l, cfg->worker_id));
 	fflush(stdout);
-	int last = -2;
-	while (wait && bw_proc_same(pid, start)) {
-		int n = owned_jobs(l, cfg->worker_id);
+	long last = -2;
+	while (wait && bw_proc_same(row.pid, row.start_time)) {
+		long n = owned_jobs(l, cfg->worker_id);
 		if (n != last && last != -2)
-			printf("%d job(s) left\n", n);
+			printf("%ld job(s) left\n", n);
 		fflush(stdout);
 		last = n;
-		sleep(1);
+		sleep(DRAIN_POLL_S);
 	}
 	if (wait)
 		printf("worker %s exited\n", cfg->worker_id);

@@ -17,6 +17,13 @@
 
 struct job;
 
+/*
+ * Runs the worker of cfg until it is stopped (SIGTERM/SIGINT) or drained (SIGUSR1): sets
+ * up (ledger registration, broker links, a first recovery pass), then the event loop.
+ * Returns the process's exit status: 0 after a stop or a drain, 1 when the set-up failed.
+ */
+int worker_run(const struct bw_config *cfg);
+
 struct worker {
 	const struct bw_config *cfg;
 	char host[256];

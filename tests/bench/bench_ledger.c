@@ -1,6 +1,7 @@
 /* bench_ledger.c: ledger reserve+release cycles/s and latency next to a raw SQLite loop. */
 #include "error.h"
 #include "ledger.h"
+#include "ledger_views.h"
 #include "../testutil.h"
 
 #include <errno.h>

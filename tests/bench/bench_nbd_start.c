@@ -490,7 +490,7 @@ stop:;
 			left++;
 		if (d[i].spawned)
 			bw_nbd_release(&d[i].n);
-		if (d[i].created && bw_target_remove(&d[i].t) != 0)
+		if (d[i].created && unlink(d[i].path) != 0)
 			fprintf(stderr, "prepare: cannot remove %s\n", d[i].path);
 	}
 	if (rc == 0)
@@ -532,14 +532,14 @@ static int cmd_create_cost(int argc, char **argv)
 			fprintf(stderr, "create-cost: bw_target_create: %s: %s\n", bw_err_name(r), err);
 			goto out;
 		}
-		if (bw_target_remove(&t) != 0)
+		if (unlink(path) != 0)
 			goto out;
 		pid_t pid;
 		t0 = now_ns();
 		if (spawn_qemu_img(path, t.size_bytes, &pid) != 0 || wait_ok(pid) != 0)
 			goto out;
 		raw[i] = ms_since(t0);
-		if (bw_target_remove(&t) != 0)
+		if (unlink(path) != 0)
 			goto out;
 	}
 	double ma = median(api, (size_t)n), mr = median(raw, (size_t)n); /* sorts them */

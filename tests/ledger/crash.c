@@ -24,6 +24,7 @@
 
 #include "error.h"
 #include "ledger.h"
+#include "ledger_views.h"
 #include "proc.h"
 
 /*

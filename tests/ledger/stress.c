@@ -21,6 +21,7 @@
 
 #include "error.h"
 #include "ledger.h"
+#include "ledger_views.h"
 
 /*
  * What is proved, and why the proof does not trust the ledger.

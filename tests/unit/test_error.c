@@ -17,6 +17,9 @@ static void test_names_and_texts(void **state)
 	assert_string_equal(bw_strerror(BW_ENOPORTS), "no free ports");
 	assert_string_equal(bw_strerror(-9999), "unknown error");
 	assert_string_equal(bw_err_name(-9999), "BW_E?");
+	/* retired values stay unknown (never reused) */
+	assert_string_equal(bw_err_name(-10), "BW_E?");
+	assert_string_equal(bw_err_name(-22), "BW_E?");
 }
 
 static void test_codes_are_negative_and_distinct(void **state)

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include "ledger.h"
+#include "ledger_views.h"
+#include "proc.h"
 
 struct fixture {
 	char dir[64];
@@ -419,6 +421,46 @@ static void test_readonly_views(void **state)
 	bw_ledger_close(ro);
 }
 
+/* --drain's calls: the worker's row (pid and start time) and the jobs it still owns. */
+static void test_worker_row_and_owned_jobs(void **state)
+{
+	struct fixture *fx = *state;
+	struct bw_worker_row row = {0, 0, 0, 0, 0};
+	uint64_t start = 0;
+	size_t n = 99;
+	assert_int_equal(bw_ledger_worker_get(fx->l, "w1", &row), 0);
+	assert_int_equal(bw_proc_start_time(getpid(), &start), 0);
+	assert_int_equal(row.pid, getpid());
+	assert_true(row.start_time == start);
+	assert_true(row.incarnation >= 1);
+	assert_true(row.started_at_ms > 0 && row.heartbeat_at_ms >= row.started_at_ms);
+	assert_true(bw_proc_same(row.pid, row.start_time));
+	row.pid = 0;
+	assert_int_equal(bw_ledger_worker_get(fx->l, "nobody", &row), BW_ENOENT);
+	assert_int_equal(row.pid, 0); /* untouched on failure */
+
+	assert_int_equal(bw_ledger_worker_jobs(fx->l, "w1", &n), 0);
+	assert_int_equal(n, 0);
+	int64_t gen = claim(fx->l, "job-w1", 1);
+	claim(fx->l, "job-w2", 1);
+	struct bw_fence f = {"job-w1", gen};
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_COMPLETED, NULL, NULL, 0), 0);
+	f.job_id = "job-w2";
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_FAILED, "x", NULL, 0), 0);
+	assert_int_equal(bw_ledger_worker_jobs(fx->l, "w1", &n), 0);
+	assert_int_equal(n, 1); /* the failed one still owes its compensation */
+
+	struct bw_ledger *ro = NULL;
+	assert_int_equal(bw_ledger_open_readonly(&ro, fx->path), 0);
+	assert_int_equal(bw_ledger_worker_get(ro, "w1", &row), 0);
+	assert_int_equal(row.pid, getpid());
+	assert_int_equal(bw_ledger_worker_jobs(ro, "w1", &n), 0);
+	assert_int_equal(n, 1);
+	assert_int_equal(bw_ledger_worker_jobs(ro, "w2", &n), 0);
+	assert_int_equal(n, 0);
+	bw_ledger_close(ro);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -434,6 +476,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_quarantine, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_readonly_views, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_worker_row_and_owned_jobs, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

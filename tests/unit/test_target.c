@@ -116,9 +116,7 @@ static void test_create_exact_size_mode_no_clobber(void **state)
 	assert_true(info_int(path, "virtual-size") == 5368709120LL + 512); /* no rounding */
 	/* an existing image is never overwritten */
 	assert_int_equal(bw_target_create(&t, err, sizeof(err)), BW_EEXIST);
-	assert_int_equal(bw_target_remove(&t), 0);
-	assert_int_equal(access(path, F_OK), -1);
-	assert_int_equal(bw_target_remove(&t), 0); /* already gone: fine */
+	assert_int_equal(unlink(path), 0);
 }
 
 static void test_symlink_out_of_repository_refused(void **state)
@@ -178,7 +176,7 @@ static void test_qemu_accepts_the_images(void **state)
 					    "qemu-img check -q '%s'",
 					    last, last, path, path),
 				 0);
-		assert_int_equal(bw_target_remove(&t), 0);
+		assert_int_equal(unlink(path), 0);
 	}
 }
 
