@@ -2,6 +2,7 @@
 #define _GNU_SOURCE /* pidfd_open */
 #include "nbd.h"
 #include "child.h"
+#include "clock.h"
 #include "proc.h"
 
 #include <arpa/inet.h>
@@ -33,12 +34,6 @@
 static const char *const nbd_env[] = {"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432",
 				      NULL};
 
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
 {
@@ -240,13 +235,13 @@ int bw_nbd_poll_ready(struct bw_nbd *n, char *err, size_t errsize)
 
 int bw_nbd_wait_ready(struct bw_nbd *n, int timeout_ms, char *err, size_t errsize)
 {
-	int64_t deadline = mono_ms() + timeout_ms;
+	int64_t deadline = bw_clock_mono_ms() + timeout_ms;
 	int delay_us = 500;
 	for (;;) {
 		int rc = bw_nbd_poll_ready(n, err, errsize);
 		if (rc != BW_EBUSY)
 			return rc;
-		if (mono_ms() >= deadline) {
+		if (bw_clock_mono_ms() >= deadline) {
 			snprintf(err, errsize, "qemu-nbd pid %ld port %d: no NBD greeting after %d ms",
 				 (long)n->pid, n->port, timeout_ms);
 			return BW_ETIMEDOUT;
@@ -272,7 +267,7 @@ static void signal_server(struct bw_nbd *n, int sig)
 int bw_nbd_stop_step(struct bw_nbd *n, enum bw_nbd_stop_mode mode, int timeout_ms, char *err,
 		     size_t errsize)
 {
-	int64_t now = mono_ms();
+	int64_t now = bw_clock_mono_ms();
 	if (!n->stopping) {
 		n->stopping = true;
 		n->stop_start_ms = now;
