@@ -43,6 +43,7 @@ static const char *check_host(const char *v);
 static const char *check_program(const char *v);
 static const char *check_token(const char *v);
 static const char *check_log_level(const char *v);
+static const char *check_nbd_tls(const char *v);
 
 #define OFF(f) offsetof(struct bw_config, f)
 
@@ -66,6 +67,7 @@ static const struct key_def keys[] = {
 	{"amqp", "tls_verify_peer", T_BOOL, OFF(amqp_tls_verify_peer), "true", 0, 0, NULL, false},
 	{"amqp", "tls_verify_hostname", T_BOOL, OFF(amqp_tls_verify_hostname), "true", 0, 0, NULL,
 	 false},
+	{"amqp", "password_file", T_STR, OFF(amqp_password_file), "", 0, 0, check_opt_path, false},
 
 	{"worker", "id", T_STR, OFF(worker_id), NULL, 0, 0, check_safe_id, false},
 	{"worker", "max_jobs", T_INT, OFF(worker_max_jobs), "4", 1, 1024, NULL, false},
@@ -86,6 +88,8 @@ static const struct key_def keys[] = {
 	{"nbd", "shared", T_INT, OFF(nbd_shared), "8", 1, 1024, NULL, false},
 	{"nbd", "qemu_nbd", T_STR, OFF(nbd_qemu_nbd), "qemu-nbd", 0, 0, check_program, false},
 	{"nbd", "qemu_img", T_STR, OFF(nbd_qemu_img), "qemu-img", 0, 0, check_program, false},
+	{"nbd", "tls", T_STR, OFF(nbd_tls), "auto", 0, 0, check_nbd_tls, false},
+	{"nbd", "allow_plaintext", T_BOOL, OFF(nbd_allow_plaintext), "false", 0, 0, NULL, false},
 
 	{"sna", "url", T_STR, OFF(sna_url), "http://127.0.0.1:8081", 0, 0, check_http_url, false},
 	{"sna", "token", T_STR, OFF(sna_token), "", 0, 0, check_token, true},
@@ -97,6 +101,11 @@ static const struct key_def keys[] = {
 	{"sna", "backoff_cap_s", T_INT, OFF(sna_backoff_cap_s), "60", 1, 3600, NULL, false},
 	{"sna", "poll_interval_s", T_INT, OFF(sna_poll_interval_s), "5", 1, 3600, NULL, false},
 	{"sna", "lost_after", T_INT, OFF(sna_lost_after), "3", 1, 1000, NULL, false},
+	{"sna", "token_file", T_STR, OFF(sna_token_file), "", 0, 0, check_opt_path, false},
+	{"sna", "tls_ca_file", T_STR, OFF(sna_tls_ca_file), "", 0, 0, check_opt_path, false},
+	{"sna", "tls_cert_file", T_STR, OFF(sna_tls_cert_file), "", 0, 0, check_opt_path, false},
+	{"sna", "tls_key_file", T_STR, OFF(sna_tls_key_file), "", 0, 0, check_opt_path, false},
+	{"sna", "allow_plaintext", T_BOOL, OFF(sna_allow_plaintext), "false", 0, 0, NULL, false},
 
 	{"credentials", "dir", T_STR, OFF(credentials_dir), "/etc/bw-worker/credentials", 0, 0,
 	 check_abs_path, false},
@@ -252,6 +261,13 @@ static const char *check_token(const char *v)
 		if ((unsigned char)*p < 0x20 || *p == 0x7f || *p == ' ')
 			return "must not contain spaces or control characters";
 	return NULL;
+}
+
+static const char *check_nbd_tls(const char *v)
+{
+	if (strcmp(v, "auto") == 0 || strcmp(v, "psk") == 0 || strcmp(v, "off") == 0)
+		return NULL;
+	return "must be auto, psk or off";
 }
 
 static const char *check_log_level(const char *v)
@@ -676,6 +692,34 @@ void bw_config_free(struct bw_config *cfg)
 	}
 	free(cfg->repositories);
 	free(cfg);
+}
+
+bool bw_config_host_is_loopback(const char *host)
+{
+	unsigned char a[16];
+	size_t n = strlen(host);
+	char buf[64];
+	if (n >= 2 && host[0] == '[' && host[n - 1] == ']' && n - 2 < sizeof(buf)) {
+		memcpy(buf, host + 1, n - 2);
+		buf[n - 2] = '\0';
+		host = buf;
+	}
+	if (strcasecmp(host, "localhost") == 0)
+		return true;
+	if (inet_pton(AF_INET, host, a) == 1)
+		return a[0] == 127;
+	if (inet_pton(AF_INET6, host, a) != 1)
+		return false;
+	static const unsigned char v6_loopback[16] = {[15] = 1};
+	static const unsigned char v4_mapped[12] = {[10] = 0xff, [11] = 0xff};
+	return memcmp(a, v6_loopback, 16) == 0 || (memcmp(a, v4_mapped, 12) == 0 && a[12] == 127);
+}
+
+bool bw_config_nbd_psk(const struct bw_config *cfg)
+{
+	if (strcmp(cfg->nbd_tls, "auto") == 0)
+		return !bw_config_host_is_loopback(cfg->nbd_bind_address);
+	return strcmp(cfg->nbd_tls, "psk") == 0;
 }
 
 const char *bw_config_repository(const struct bw_config *cfg, const char *id)

@@ -29,6 +29,7 @@ struct bw_config {
 	char *amqp_tls_key_file;
 	bool amqp_tls_verify_peer;
 	bool amqp_tls_verify_hostname;
+	char *amqp_password_file; /* empty: the password in amqp.url */
 
 	char *worker_id;
 	int worker_max_jobs;
@@ -45,6 +46,8 @@ struct bw_config {
 	int nbd_shared;
 	char *nbd_qemu_nbd;
 	char *nbd_qemu_img;
+	char *nbd_tls;            /* "auto", "psk" or "off" as written (bw_config_nbd_tls) */
+	bool nbd_allow_plaintext; /* a non-loopback bind with nbd.tls = off is meant */
 
 	char *sna_url;
 	char *sna_token; /* secret: never logged */
@@ -55,6 +58,11 @@ struct bw_config {
 	int sna_backoff_cap_s;
 	int sna_poll_interval_s;
 	int sna_lost_after;
+	char *sna_token_file; /* empty: sna.token */
+	char *sna_tls_ca_file; /* empty: the system's CAs */
+	char *sna_tls_cert_file;
+	char *sna_tls_key_file;
+	bool sna_allow_plaintext; /* http:// to a non-loopback SNA is meant */
 
 	char *credentials_dir;
 
@@ -83,6 +91,13 @@ int bw_config_load(struct bw_config **out, const char *path, char *const *sets, 
 		   char **errors) BW_MUST_CHECK;
 
 void bw_config_free(struct bw_config *cfg);
+
+/* True for 127.0.0.0/8, ::1, ::ffff:127.x.y.z (brackets allowed) and "localhost". */
+bool bw_config_host_is_loopback(const char *host);
+
+/* Whether exports are served with TLS and a per-job key: nbd.tls = psk, or auto with a
+ * bind address that is not loopback (CONTRACT §5). */
+bool bw_config_nbd_psk(const struct bw_config *cfg);
 
 /* Returns the path configured for repository id, or NULL (borrowed from cfg). */
 const char *bw_config_repository(const struct bw_config *cfg, const char *id);
