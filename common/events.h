@@ -58,7 +58,8 @@ const char *bw_disk_outcome_name(enum bw_disk_outcome o);
 	X(PORT_RELEASED, "port_released")                                                          \
 	X(QCOW2_REMOVED, "qcow2_removed")                                                          \
 	X(QCOW2_KEPT, "qcow2_kept")                                                                \
-	X(SNA_CLEANUP_REQUESTED, "sna_cleanup_requested")
+	X(SNA_CLEANUP_REQUESTED, "sna_cleanup_requested")                                          \
+	X(TLS_KEY_REMOVED, "tls_key_removed")
 
 enum bw_action_kind {
 #define BW__ACTION_ENUM(name, text) BW_ACTION_##name,

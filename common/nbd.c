@@ -35,6 +35,30 @@ static const char *const nbd_env[] = {"GLIBC_TUNABLES=glibc.malloc.mmap_threshol
 				      NULL};
 
 
+/* The id of qemu's TLS credentials object (one per server process). */
+#define TLS_CREDS_ID "bwtls"
+
+/*
+ * "tls-creds-psk,id=bwtls,endpoint=server,dir=<dir>" into out[size], with every ',' of dir
+ * doubled (qemu's option syntax). False when it does not fit.
+ */
+static bool tls_creds_object(char *out, size_t size, const char *dir)
+{
+	int n = snprintf(out, size, "tls-creds-psk,id=" TLS_CREDS_ID ",endpoint=server,dir=");
+	size_t o = (size_t)n;
+	if (n < 0 || o >= size)
+		return false;
+	for (const char *p = dir; *p; p++) {
+		if (o + 3 > size)
+			return false; /* room for this character doubled and the NUL */
+		out[o++] = *p;
+		if (*p == ',')
+			out[o++] = ',';
+	}
+	out[o] = '\0';
+	return true;
+}
+
 int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
 {
 	char export[300], shared[32], bind[96], port[32];
@@ -52,17 +76,28 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	snprintf(shared, sizeof(shared), "--shared=%d", o->shared);
 	snprintf(bind, sizeof(bind), "--bind=%s", address);
 	snprintf(port, sizeof(port), "--port=%d", o->port);
-	const char *argv[] = {o->qemu_nbd,
-			      "--format=qcow2",
-			      export,
-			      "--persistent",
-			      shared,
-			      bind,
-			      port,
-			      "--discard=unmap",
-			      "--detect-zeroes=unmap",
-			      o->image,
-			      NULL};
+	char tls_object[4200 * 2];
+	if (o->tls_dir && !tls_creds_object(tls_object, sizeof(tls_object), o->tls_dir)) {
+		snprintf(err, errsize, "the key directory's path is too long");
+		return BW_EINVAL;
+	}
+	const char *argv[16] = {o->qemu_nbd,
+				"--format=qcow2",
+				export,
+				"--persistent",
+				shared,
+				bind,
+				port,
+				"--discard=unmap",
+				"--detect-zeroes=unmap"};
+	size_t argc = 9;
+	if (o->tls_dir) {
+		argv[argc++] = "--object";
+		argv[argc++] = tls_object;
+		argv[argc++] = "--tls-creds=" TLS_CREDS_ID;
+	}
+	argv[argc++] = o->image;
+	argv[argc] = NULL;
 	struct bw_spawn s = {argv, nbd_env, o->log_path, true};
 
 	memset(n, 0, sizeof(*n));

@@ -17,6 +17,7 @@ struct bw_nbd_opts {
 	int port;
 	int shared;               /* --shared: at least the SNA's connections per disk */
 	const char *log_path;     /* its stdout/stderr, appended */
+	const char *tls_dir;      /* NULL: plain NBD; else TLS with the PSK in <tls_dir>/keys.psk */
 };
 
 /* One supervised server. */
@@ -46,6 +47,8 @@ struct bw_nbd {
 /*
  * Starts qemu-nbd for one image with an argv (never a shell): --format=qcow2, the export
  * name, --persistent, --shared, --bind, --port, --discard=unmap, --detect-zeroes=unmap,
+ * with tls_dir also --object tls-creds-psk,...,dir=<tls_dir> --tls-creds (a client without
+ * the key is refused; the greeting still comes before TLS, so readiness is probed alike),
  * in its own session (it outlives this worker and can be adopted), signals and mask
  * reset, stdin /dev/null, output to the log, no other descriptor inherited. Started with
  * GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432 (see the README's benchmark).

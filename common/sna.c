@@ -4,6 +4,8 @@
 #include "buf.h"
 #include "clock.h"
 #include "json.h"
+#include "config.h"
+#include "psk.h"
 #include "rand.h"
 
 #include <curl/curl.h>
@@ -46,11 +48,12 @@ static bool status_parse(const char *s, size_t n, enum bw_sna_status *out)
 
 /* ---- the start request ------------------------------------------------------------------- */
 
-void bw_sna_nbd_url(char *out, size_t size, const char *host, int port, const char *export_name)
+void bw_sna_nbd_url(char *out, size_t size, const char *host, int port, const char *export_name,
+		    bool tls)
 {
 	bool v6 = strchr(host, ':') != NULL;
-	snprintf(out, size, "nbd://%s%s%s:%d/%s", v6 ? "[" : "", host, v6 ? "]" : "", port,
-		 export_name);
+	snprintf(out, size, "%s://%s%s%s:%d/%s", tls ? "nbds" : "nbd", v6 ? "[" : "", host,
+		 v6 ? "]" : "", port, export_name);
 }
 
 static void put_targets(struct bw_buf *b, const struct bw_sna_start_request *r)
@@ -58,7 +61,7 @@ static void put_targets(struct bw_buf *b, const struct bw_sna_start_request *r)
 	char url[512];
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_sna_target *t = &r->disks[i];
-		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name);
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls_psk);
 		bw_buf_printf(b, "%s%" PRId64 ":%s", i ? "," : "", t->key, url);
 	}
 }
@@ -102,14 +105,21 @@ static void start_body(struct bw_buf *b, const struct bw_sna_start_request *r)
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_sna_target *t = &r->disks[i];
 		char url[512];
-		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name);
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls_psk);
 		bw_buf_printf(b, "%s{\"key\":%" PRId64 ",", i ? "," : "", t->key);
 		put_str(b, "nbd_url", url, true);
 		bw_buf_printf(b, "\"size_bytes\":%" PRId64 ",", t->size_bytes);
 		put_str(b, "previous_change_id", t->previous_change_id, false);
 		bw_buf_puts(b, "}");
 	}
-	bw_buf_puts(b, "]}");
+	bw_buf_puts(b, "]");
+	if (r->tls_psk) {
+		bw_buf_puts(b, ",\"nbd_tls\":{\"mode\":\"psk\",");
+		put_str(b, "identity", BW_PSK_IDENTITY, true);
+		put_str(b, "psk", r->tls_psk, false);
+		bw_buf_puts(b, "}");
+	}
+	bw_buf_puts(b, "}");
 	if (targets.failed)
 		b->failed = true;
 	bw_buf_free(&targets);
@@ -360,11 +370,28 @@ struct bw_sna_call {
 
 struct bw_sna {
 	struct bw_sna_opts o;
+	bool private_path; /* https, or an SNA on loopback: a key may travel in a body */
 	char *url;
 	char *token;
 	CURLM *multi;
 	struct bw_sna_call *calls;
 };
+
+/* True for an https URL and for an http URL whose host is a loopback address. */
+static bool private_path(const char *url)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL;
+	bool ok = false;
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK)
+		ok = strcmp(scheme, "https") == 0 || bw_config_host_is_loopback(host);
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+	return ok;
+}
 
 int bw_sna_new(struct bw_sna **out, const struct bw_sna_opts *o)
 {
@@ -388,6 +415,7 @@ int bw_sna_new(struct bw_sna **out, const struct bw_sna_opts *o)
 	size_t n = strlen(s->url);
 	while (n > 0 && s->url[n - 1] == '/')
 		s->url[--n] = '\0';
+	s->private_path = private_path(s->url);
 	*out = s;
 	return 0;
 }
@@ -474,6 +502,13 @@ static int launch(struct bw_sna_call *c)
 	curl_easy_setopt(c->easy, CURLOPT_HTTPHEADER, c->headers);
 	curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(c->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(c->easy, CURLOPT_PROXY, ""); /* never the environment's http_proxy */
+	if (s->o.tls_ca_file && s->o.tls_ca_file[0])
+		curl_easy_setopt(c->easy, CURLOPT_CAINFO, s->o.tls_ca_file);
+	if (s->o.tls_cert_file && s->o.tls_cert_file[0]) {
+		curl_easy_setopt(c->easy, CURLOPT_SSLCERT, s->o.tls_cert_file);
+		curl_easy_setopt(c->easy, CURLOPT_SSLKEY, s->o.tls_key_file);
+	}
 	curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)s->o.connect_timeout_s * 1000);
 	curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, (long)s->o.timeout_s * 1000);
 	curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_data);
@@ -529,6 +564,8 @@ int bw_sna_start(struct bw_sna *s, const struct bw_sna_start_request *r, bw_sna_
 {
 	if (!bw_text_is_safe_id(r->job_id, strlen(r->job_id)))
 		return BW_EINVAL;
+	if (r->tls_psk && !s->private_path)
+		return BW_EPERM;
 	struct bw_sna_call *c = call_new(s, K_START, r->job_id);
 	if (c == NULL)
 		return BW_ENOMEM;

@@ -59,10 +59,15 @@ struct bw_sna_start_request {
 	const char *nbd_host; /* nbd.advertise_host: a name, IPv4 or IPv6 address */
 	const struct bw_sna_target *disks;
 	size_t n_disks;
+	/* NULL: plain NBD; else the job's PSK (64 hex digits): nbds:// URLs and nbd_tls
+	 * {mode "psk", identity BW_PSK_IDENTITY, psk} in the body (CONTRACT §3.1) */
+	const char *tls_psk;
 };
 
-/* The NBD URL of one export, "nbd://host:port/export" ([host] for IPv6), into out[size]. */
-void bw_sna_nbd_url(char *out, size_t size, const char *host, int port, const char *export_name);
+/* The NBD URL of one export, "nbd://host:port/export" ("nbds://" with tls; [host] for
+ * IPv6), into out[size]. */
+void bw_sna_nbd_url(char *out, size_t size, const char *host, int port, const char *export_name,
+		    bool tls);
 
 /*
  * The nbd_targets string of a request: "<key>:<nbd URL>" per disk in order, comma-separated.
@@ -137,6 +142,9 @@ struct bw_sna_opts {
 	int max_attempts;
 	int backoff_base_ms;
 	int backoff_cap_s;
+	const char *tls_ca_file;   /* https: verify the SNA with this CA; NULL or "": the system's */
+	const char *tls_cert_file; /* https: present this client certificate; NULL or "": none */
+	const char *tls_key_file;
 };
 
 enum bw_sna_outcome {
@@ -174,7 +182,9 @@ void bw_sna_free(struct bw_sna *s);
  * timeouts and connection errors with full jitter (bw_backoff_ms) up to max_attempts
  * requests in all, always with the same key; 200/202/409 = OK; another 4xx ends at once
  * (REJECTED). cb runs once, from bw_sna_perform. *call (may be NULL) identifies it for
- * bw_sna_cancel. Returns 0, BW_EINVAL (a job_id outside the safe alphabet) or BW_ENOMEM.
+ * bw_sna_cancel. Returns 0, BW_EINVAL (a job_id outside the safe alphabet), BW_EPERM (a key
+ * would travel in plain http to an SNA that is not on loopback: CONTRACT §3.1) or BW_ENOMEM.
+ * No proxy is ever used (the environment's http_proxy and the like are ignored).
  */
 int bw_sna_start(struct bw_sna *s, const struct bw_sna_start_request *r, bw_sna_done_cb cb,
 		 void *arg, struct bw_sna_call **call) BW_MUST_CHECK;

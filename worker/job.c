@@ -5,6 +5,7 @@
 #include "clock.h"
 #include "credentials.h"
 #include "log.h"
+#include "psk.h"
 #include "target.h"
 
 #include <errno.h>
@@ -44,8 +45,8 @@
 #define STEPS_PER_TURN 8
 /* the events one transition commits (each one today; room for a pair) */
 #define BATCH_MAX 4
-/* compensation's actions: a stop, a port and an image per disk, and the SNA's cleanup */
-#define ACTIONS_MAX (3 * BW_MESSAGE_MAX_DISKS + 1)
+/* compensation's actions: a stop, a port and an image per disk, the key, the SNA's cleanup */
+#define ACTIONS_MAX (3 * BW_MESSAGE_MAX_DISKS + 2)
 
 /*
  * Fault injection for the crash tests: BW_CRASH_AT=<point>[:<n>] makes the worker SIGKILL
@@ -302,6 +303,14 @@ static void compensate(struct job *j)
 						    d->qcow2_path, ok, ok ? NULL : "unlink failed"};
 		d->created = false;
 	}
+	char key_dir[PATH_MAX], key_err[300] = "";
+	if (j->tls && bw_psk_dir(w->cfg->worker_state_dir, j->spec->job_id, key_dir,
+				 sizeof(key_dir)) == 0) {
+		bool ok = bw_psk_remove(w->cfg->worker_state_dir, j->spec->job_id, key_err,
+					sizeof(key_err)) == 0;
+		a[n++] = (struct bw_cleanup_action){BW_ACTION_TLS_KEY_REMOVED, 0, 0, 0, key_dir, ok,
+						    key_err};
+	}
 	if (j->cleanup_wanted)
 		a[n++] = (struct bw_cleanup_action){BW_ACTION_SNA_CLEANUP_REQUESTED, 0, 0, 0, NULL,
 						    !j->cleanup_failed, j->cleanup_error};
@@ -361,10 +370,19 @@ static void try_reserve(struct job *j, int64_t now)
 	crash_point("reserved", 0);
 }
 
-/* Every image (a few small writes each, no process): recorded as being created before. */
+/* Every image (a few small writes each, no process): recorded as being created before;
+ * with NBD TLS the job's key first (the servers read it when they start). */
 static void create_targets(struct job *j)
 {
 	char err[600];
+	if (j->tls && !j->key_made) {
+		int rc = bw_psk_create(j->w->cfg->worker_state_dir, j->spec->job_id, err, sizeof(err));
+		if (rc != 0) {
+			job_fail(j, BW_FAIL_INTERNAL_ERROR, "the job's NBD TLS key: %s", err);
+			return;
+		}
+		j->key_made = true;
+	}
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->created)
@@ -391,8 +409,14 @@ static void create_targets(struct job *j)
 static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsize)
 {
 	const struct bw_config *cfg = j->w->cfg;
-	struct bw_nbd_opts o = {cfg->nbd_qemu_nbd,  d->qcow2_path,   d->export_name,
-				cfg->nbd_bind_address, d->port, cfg->nbd_shared, d->log_path};
+	char tls_dir[PATH_MAX];
+	if (j->tls && bw_psk_dir(cfg->worker_state_dir, j->spec->job_id, tls_dir, sizeof(tls_dir)) != 0) {
+		snprintf(err, errsize, "the key directory's path is too long");
+		return BW_ERANGE;
+	}
+	struct bw_nbd_opts o = {cfg->nbd_qemu_nbd,  d->qcow2_path, d->export_name,
+				cfg->nbd_bind_address, d->port, cfg->nbd_shared, d->log_path,
+				j->tls ? tls_dir : NULL};
 	int rc = bw_nbd_spawn(&o, &d->nbd, err, errsize);
 	if (rc != 0)
 		return rc;
@@ -460,7 +484,7 @@ static struct bw_sna_start_request sna_request(struct job *j, struct bw_sna_targ
 		struct job_disk *d = &j->disks[i];
 		targets[i] = (struct bw_sna_target){d->key, d->size_bytes, d->port, d->export_name,
 						    d->previous_change_id};
-		bw_sna_nbd_url(d->nbd_url, sizeof(d->nbd_url), host, d->port, d->export_name);
+		bw_sna_nbd_url(d->nbd_url, sizeof(d->nbd_url), host, d->port, d->export_name, j->tls);
 	}
 	return (struct bw_sna_start_request){
 		.job_id = j->spec->job_id,
@@ -495,12 +519,27 @@ static void call_sna(struct job *j)
 	}
 	struct bw_sna_target t[BW_MESSAGE_MAX_DISKS];
 	struct bw_sna_start_request req = sna_request(j, t);
+	char psk[BW_PSK_HEX_SIZE];
+	if (j->tls && (rc = bw_psk_read(w->cfg->worker_state_dir, j->spec->job_id, psk)) != 0) {
+		bw_credential_free(cred);
+		job_fail(j, BW_FAIL_INTERNAL_ERROR, "the job's NBD TLS key cannot be read: %s",
+			 bw_strerror(rc));
+		return;
+	}
 	req.vcenter_host = cred->vcenter_host;
 	req.vcenter_user = cred->username;
 	req.vcenter_password = cred->password;
+	req.tls_psk = j->tls ? psk : NULL;
 	j->sna_called = true;
 	rc = bw_sna_start(w->sna, &req, start_done_cb, j, &j->call); /* it wipes its copy */
+	explicit_bzero(psk, sizeof(psk));
 	bw_credential_free(cred);
+	if (rc == BW_EPERM) {
+		j->sna_called = false; /* nothing was sent */
+		job_fail(j, BW_FAIL_INTERNAL_ERROR, "the NBD key would travel in plain http to an SNA "
+			 "that is not on loopback: use https (sna.url)");
+		return;
+	}
 	if (rc == 0)
 		rc = bw_sna_targets(&req, &targets);
 	if (rc != 0) {
@@ -701,6 +740,9 @@ static void finish_job(struct job *j)
 	int rc = bw_ledger_release_all(w->ledger, &j->fence, &released);
 	if (rc != 0)
 		bw_log_warnx("job=%s ledger: releasing ports: %s", j->spec->job_id, bw_strerror(rc));
+	char err[300];
+	if (j->tls && bw_psk_remove(w->cfg->worker_state_dir, j->spec->job_id, err, sizeof(err)) != 0)
+		bw_log_warnx("job=%s its NBD TLS key: %s", j->spec->job_id, err);
 	struct bw_disk_result res[BW_MESSAGE_MAX_DISKS];
 	for (size_t i = 0; i < j->n_disks; i++)
 		res[i] = disk_result(&j->disks[i]);
@@ -1120,6 +1162,7 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 	j->repository = bw_config_repository(cfg, spec->repository_id);
 	bw_target_vm_dir(spec->vm_id, spec->vm_name, j->vm_dir);
 	j->ctx = (struct bw_event_ctx){spec, w->host, cfg->worker_id};
+	j->tls = bw_config_nbd_psk(cfg);
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		const struct bw_disk_spec *ds = &spec->disks[i];

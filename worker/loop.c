@@ -198,10 +198,16 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 			     rc == BW_EEXIST ? " (another process runs with this worker.id)" : "");
 		return -1;
 	}
-	struct bw_sna_opts so = {cfg->sna_url,		   cfg->sna_token,
-				 cfg->sna_connect_timeout_s, cfg->sna_timeout_s,
-				 cfg->sna_max_attempts,	   cfg->sna_backoff_base_ms,
-				 cfg->sna_backoff_cap_s};
+	struct bw_sna_opts so = {.url = cfg->sna_url,
+				 .token = cfg->sna_token,
+				 .connect_timeout_s = cfg->sna_connect_timeout_s,
+				 .timeout_s = cfg->sna_timeout_s,
+				 .max_attempts = cfg->sna_max_attempts,
+				 .backoff_base_ms = cfg->sna_backoff_base_ms,
+				 .backoff_cap_s = cfg->sna_backoff_cap_s,
+				 .tls_ca_file = cfg->sna_tls_ca_file,
+				 .tls_cert_file = cfg->sna_tls_cert_file,
+				 .tls_key_file = cfg->sna_tls_key_file};
 	if (bw_sna_new(&w->sna, &so) != 0 ||
 	    bw_relay_new(&w->relay, w->ledger, cfg->amqp_events_exchange, RELAY_WINDOW) != 0) {
 		bw_log_warnx("out of memory");

@@ -3,6 +3,7 @@
 
 #include "clock.h"
 #include "log.h"
+#include "psk.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -81,6 +82,7 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 	j->state = r->state;
 	j->claimed_ms = bw_clock_mono_ms() - (bw_clock_wall_ms() - r->created_at_ms);
 	j->sna_called = r->sna_called;
+	j->tls = bw_psk_exists(w->cfg->worker_state_dir, j->spec->job_id); /* as it was served */
 	bool all_completed = true;
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_reaped_disk *rd = &r->disks[i];

@@ -95,6 +95,8 @@ struct job {
 	int64_t progress_sent_ms;
 	uint64_t progress_sig; /* of the counts the last backup.progress reported */
 	struct bw_sna_call *call;
+	bool tls;         /* its exports are served with TLS and a key of its own */
+	bool key_made;    /* that key was made by this worker */
 	bool sna_called;  /* a start request may have been accepted */
 	/* the SNA's patience, for a running job and an adopting one alike: */
 	int lost;         /* consecutive progress 404s */

@@ -194,7 +194,7 @@ static int cmd_serve(int argc, char **argv)
 		return 2;
 	}
 	struct bw_nbd_opts o = {"qemu-nbd", argv[0], argv[2], "127.0.0.1", (int)port, SHARED,
-				argv[3]};
+				argv[3], NULL};
 	int rc = bw_nbd_spawn(&o, &n, err, sizeof(err));
 	if (rc != 0) {
 		fprintf(stderr, "serve: bw_nbd_spawn: %s: %s\n", bw_err_name(rc), err);
@@ -396,7 +396,7 @@ static int cmd_prepare(int argc, char **argv)
 	int64_t t1 = now_ns();
 	for (long i = 0; i < k && !stop_requested; i++) {
 		struct bw_nbd_opts o = {"qemu-nbd", d[i].path, d[i].export_name, "127.0.0.1",
-					(int)(base_port + i), SHARED, d[i].log};
+					(int)(base_port + i), SHARED, d[i].log, NULL};
 		int r = bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
 		if (r != 0) {
 			fprintf(stderr, "prepare: bw_nbd_spawn: %s: %s\n", bw_err_name(r), err);
@@ -424,7 +424,7 @@ static int cmd_prepare(int argc, char **argv)
 				d[i].spawned = false;
 				struct bw_nbd_opts o = {"qemu-nbd", d[i].path, d[i].export_name,
 							"127.0.0.1", (int)next_spare++, SHARED,
-							d[i].log};
+							d[i].log, NULL};
 				retries++;
 				r = bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
 				if (r != 0) {

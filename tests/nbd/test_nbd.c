@@ -22,6 +22,7 @@
 
 #include "nbd.h"
 #include "proc.h"
+#include "psk.h"
 #include "target.h"
 #include "../testutil.h"
 
@@ -67,7 +68,7 @@ static int spawn(struct bw_nbd *n, const char *image, const char *export, int po
 {
 	char log[PATH_MAX];
 	snprintf(log, sizeof(log), "%s/%s.log", dir, export);
-	struct bw_nbd_opts o = {"qemu-nbd", image, export, "127.0.0.1", port, 8, log};
+	struct bw_nbd_opts o = {"qemu-nbd", image, export, "127.0.0.1", port, 8, log, NULL};
 	return bw_nbd_spawn(&o, n, err, errsize);
 }
 
@@ -299,6 +300,74 @@ static void test_adopt_only_the_same_process(void **state)
 			 BW_ENOENT);
 }
 
+/* TLS with a per-job key: greeted like a plain server; only the key's holder gets in. */
+static void test_tls_psk_only_the_key_gets_in(void **state)
+{
+	(void)state;
+	char src[PATH_MAX], img[PATH_MAX], err[1024], keydir[PATH_MAX], log[PATH_MAX];
+	char hex[BW_PSK_HEX_SIZE], keyfile[PATH_MAX], badfile[PATH_MAX];
+	struct bw_nbd n;
+	const int port = PORT_BASE + 40;
+	snprintf(src, sizeof(src), "%s/tls-source.raw", dir);
+	snprintf(img, sizeof(img), "%s/tls.qcow2", dir);
+	snprintf(log, sizeof(log), "%s/tls.log", dir);
+	make_source(src, 8, 3);
+	create_image(img, "8M");
+	assert_int_equal(bw_psk_create(dir, "bk-tls", err, sizeof(err)), 0);
+	assert_true(bw_psk_exists(dir, "bk-tls"));
+	assert_int_equal(bw_psk_dir(dir, "bk-tls", keydir, sizeof(keydir)), 0);
+	struct stat st;
+	assert_int_equal(stat(keydir, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0700);
+	char path[PATH_MAX + 16];
+	snprintf(path, sizeof(path), "%s/keys.psk", keydir);
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0600);
+	assert_int_equal(bw_psk_read(dir, "bk-tls", hex), 0);
+	assert_int_equal(strlen(hex), 64);
+
+	struct bw_nbd_opts o = {"qemu-nbd", img, "bk-tls-2000", "127.0.0.1", port, 8, log, keydir};
+	assert_int_equal(bw_nbd_spawn(&o, &n, err, sizeof(err)), 0);
+	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), 0);
+	/* the key is on no command line */
+	char cmdline[8192];
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)n.pid);
+	FILE *f = fopen(path, "rb");
+	assert_non_null(f);
+	size_t got = fread(cmdline, 1, sizeof(cmdline) - 1, f);
+	fclose(f);
+	cmdline[got] = '\0';
+	for (size_t i = 0; i < got; i++)
+		if (cmdline[i] == '\0')
+			cmdline[i] = ' ';
+	assert_null(strstr(cmdline, hex));
+	/* plain: refused; the right key: byte-identical; a wrong key: the handshake fails */
+	assert_int_not_equal(bw_test_sh("nbdinfo --size nbd://127.0.0.1:%d/bk-tls-2000 >/dev/null 2>&1",
+					port), 0);
+	snprintf(keyfile, sizeof(keyfile), "%s/client.psk", dir);
+	snprintf(badfile, sizeof(badfile), "%s/bad.psk", dir);
+	f = fopen(keyfile, "w");
+	assert_non_null(f);
+	fprintf(f, "%s:%s\n", BW_PSK_IDENTITY, hex);
+	fclose(f);
+	hex[0] = hex[0] == '0' ? '1' : '0';
+	f = fopen(badfile, "w");
+	assert_non_null(f);
+	fprintf(f, "%s:%s\n", BW_PSK_IDENTITY, hex);
+	fclose(f);
+	assert_int_not_equal(bw_test_sh("nbdinfo --size 'nbds://%s@127.0.0.1:%d/bk-tls-2000?tls-psk-file=%s'"
+					" >/dev/null 2>&1", BW_PSK_IDENTITY, port, badfile), 0);
+	assert_int_equal(bw_test_sh("nbdcopy '%s' 'nbds://%s@127.0.0.1:%d/bk-tls-2000?tls-psk-file=%s'",
+				    src, BW_PSK_IDENTITY, port, keyfile), 0);
+	assert_int_equal(bw_nbd_stop(&n, BW_NBD_KEEP, 10000, err, sizeof(err)), 0);
+	assert_int_equal(bw_test_sh("qemu-img compare -q '%s' '%s'", src, img), 0);
+	/* the key goes with the job */
+	assert_int_equal(bw_psk_remove(dir, "bk-tls", err, sizeof(err)), 0);
+	assert_false(bw_psk_exists(dir, "bk-tls"));
+	assert_int_equal(bw_psk_read(dir, "bk-tls", hex), BW_ENOENT);
+	assert_int_equal(bw_psk_remove(dir, "bk-tls", err, sizeof(err)), 0); /* idempotent */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -310,6 +379,7 @@ int main(void)
 		cmocka_unit_test(test_child_inherits_no_descriptor),
 		cmocka_unit_test(test_unexpected_death_reported_with_status_and_log),
 		cmocka_unit_test(test_adopt_only_the_same_process),
+		cmocka_unit_test(test_tls_psk_only_the_key_gets_in),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }

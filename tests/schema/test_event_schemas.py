@@ -207,7 +207,7 @@ def cross_field_errors(name, doc):
                 if not isinstance(d, dict):
                     continue
                 url = d.get("nbd_url", "")
-                m = re.fullmatch(r"nbd://(.+):(\d+)/(.+)", url) if isinstance(url, str) else None
+                m = re.fullmatch(r"nbds?://(.+):(\d+)/(.+)", url) if isinstance(url, str) else None
                 if not m or m.group(2) != str(d.get("nbd_port")) or m.group(3) != d.get("export_name"):
                     errs.append(f"disks[{i}].nbd_url: {url!r} does not match nbd_port/export_name")
         if event == "backup.progress" and isinstance(disks, list):

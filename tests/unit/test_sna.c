@@ -202,15 +202,49 @@ static void test_start_request(void **state)
 				     {16000, 512, 10101, "bk-1-16000", "52 3c/\"4\""}};
 	struct bw_sna_start_request r = {"bk-1", "db, \"prod\" / shard 1 \xf0\x9f\x98\x80", "/DC/vm/db",
 					 "vc.example", "backup@vsphere.local", "p\"w\\d\n", true,
-					 "fd00::1", t, 2};
+					 "fd00::1", t, 2, NULL};
 	char *targets = NULL;
 	assert_int_equal(bw_sna_targets(&r, &targets), 0);
 	assert_string_equal(targets, "2000:nbd://[fd00::1]:10100/bk-1-2000,"
 				     "16000:nbd://[fd00::1]:10101/bk-1-16000");
 	free(targets);
 	char url[128];
-	bw_sna_nbd_url(url, sizeof(url), "127.0.0.1", 10100, "bk-1-2000");
+	bw_sna_nbd_url(url, sizeof(url), "127.0.0.1", 10100, "bk-1-2000", false);
 	assert_string_equal(url, "nbd://127.0.0.1:10100/bk-1-2000");
+	bw_sna_nbd_url(url, sizeof(url), "hub.example", 10100, "bk-1-2000", true);
+	assert_string_equal(url, "nbds://hub.example:10100/bk-1-2000");
+	r.tls_psk = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+	assert_int_equal(bw_sna_targets(&r, &targets), 0);
+	assert_string_equal(targets, "2000:nbds://[fd00::1]:10100/bk-1-2000,"
+				     "16000:nbds://[fd00::1]:10101/bk-1-16000");
+	free(targets);
+}
+
+/* A key travels in a start request only over https or to an SNA on loopback (§3.1). */
+static void test_key_only_on_a_private_path(void **state)
+{
+	(void)state;
+	struct bw_sna_target t[1] = {{2000, 1048576, 10100, "bk-1-2000", NULL}};
+	struct bw_sna_start_request r = {"bk-1", "vm", "/DC/vm/vm", "vc", "u", "p", false, "hub", t, 1,
+					 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"};
+	static const struct {
+		const char *url;
+		int rc;
+	} cases[] = {{"http://sna.example:8081", BW_EPERM}, {"http://10.1.2.3:8081", BW_EPERM},
+		     {"https://sna.example:8443", 0},      {"http://127.0.0.1:8081", 0},
+		     {"http://[::1]:8081", 0},             {"http://localhost:8081/", 0}};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct bw_sna_opts o = {.url = cases[i].url, .connect_timeout_s = 1, .timeout_s = 1,
+					.max_attempts = 1, .backoff_base_ms = 1, .backoff_cap_s = 1};
+		struct bw_sna *s = NULL;
+		assert_int_equal(bw_sna_new(&s, &o), 0);
+		if (bw_sna_start(s, &r, NULL, NULL, NULL) != cases[i].rc)
+			fail_msg("%s: not %d", cases[i].url, cases[i].rc);
+		r.tls_psk = NULL; /* plain NBD: nothing secret of ours in the body beyond the password */
+		assert_int_equal(bw_sna_start(s, &r, NULL, NULL, NULL), 0);
+		r.tls_psk = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+		bw_sna_free(s);
+	}
 }
 
 int main(void)
@@ -222,6 +256,7 @@ int main(void)
 		cmocka_unit_test(test_error_text_bounded),
 		cmocka_unit_test(test_start_and_cleanup_replies),
 		cmocka_unit_test(test_start_request),
+		cmocka_unit_test(test_key_only_on_a_private_path),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
