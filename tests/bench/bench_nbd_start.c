@@ -189,12 +189,12 @@ static int cmd_serve(int argc, char **argv)
 	long port;
 	char err[1024] = "";
 	struct bw_nbd n;
-	if (argc != 4 || parse_int(argv[1], 1, 65535, &port) != 0) {
-		fprintf(stderr, "usage: bench_nbd_start serve IMAGE PORT EXPORT LOG\n");
+	if ((argc != 4 && argc != 5) || parse_int(argv[1], 1, 65535, &port) != 0) {
+		fprintf(stderr, "usage: bench_nbd_start serve IMAGE PORT EXPORT LOG [TLS_DIR]\n");
 		return 2;
 	}
 	struct bw_nbd_opts o = {"qemu-nbd", argv[0], argv[2], "127.0.0.1", (int)port, SHARED,
-				argv[3], NULL};
+				argv[3], argc == 5 ? argv[4] : NULL};
 	int rc = bw_nbd_spawn(&o, &n, err, sizeof(err));
 	if (rc != 0) {
 		fprintf(stderr, "serve: bw_nbd_spawn: %s: %s\n", bw_err_name(rc), err);

@@ -21,6 +21,10 @@ import test_event_schemas as schemas  # noqa: E402
 URL = os.environ["BW_TEST_AMQP_URL"]
 BROKER = os.environ["BW_TEST_BROKER"]
 BROKER_DIR = os.environ["BW_TEST_BROKER_DIR"]
+# nbd.tls of every worker: the suites run once plain ("off") and once with a per-job key
+# ("psk"); ctest registers both.
+NBD_TLS = os.environ.get("BW_E2E_NBD_TLS", "off")
+PORT_SHIFT = 1000 if NBD_TLS == "psk" else 0  # the two runs may go side by side under ctest -j
 PORT_MIN, PORT_MAX = 22300, 22311  # 12 ports: two 3-disk jobs fit, three do not
 MiB = 1 << 20
 
@@ -85,8 +89,9 @@ id = {wid}
 max_jobs = 4
 state_dir = {self.state}
 [nbd]
-port_min = {PORT_MIN}
-port_max = {PORT_MAX}
+port_min = {PORT_MIN + PORT_SHIFT}
+port_max = {PORT_MAX + PORT_SHIFT}
+tls = {NBD_TLS}
 [sna]
 url = {self.sim_url}
 poll_interval_s = 1
@@ -224,6 +229,9 @@ def leftovers(env):
     held = [p for p in ports if p["state"] == "reserved"]
     if held:
         out.append(f"ports held: {held}")
+    keys = os.path.join(env.state, "tls")
+    if os.path.isdir(keys) and os.listdir(keys):
+        out.append(f"NBD TLS keys left: {os.listdir(keys)}")
     return out
 
 
