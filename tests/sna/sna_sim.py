@@ -2,8 +2,9 @@
 """SNA simulator: the node appliance of CONTRACT.md §3, on the wire.
 
     sna_sim.py --port PORT --state DIR [--token TOKEN] [--connections N] [--block-size BYTES]
+               [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--test-reveal-secrets]
 
-Serves HTTP on 127.0.0.1:PORT. The contract endpoints (CONTRACT.md §3) behave like the
+Serves HTTP (HTTPS with --tls-cert) on 127.0.0.1:PORT. The contract endpoints (CONTRACT.md §3) behave like the
 deployed SNA: POST /api/v1/backup/start takes ONE snapshot of all of a VM's disks at one
 instant and writes every disk into its NBD target (nbdcopy for full copies, libnbd writes
 of the changed blocks for incrementals); GET /api/v1/progress/<job_id> reports it;
@@ -16,6 +17,7 @@ SIGTERM/SIGINT after killing its nbdcopy children. All state lives under DIR:
   DIR/vms/<vm dir>/<key>.raw   source disks (unless created from existing files)
   DIR/vms/<vm dir>/vm.json     the VM: disks, sizes, change-tracking log (survives restarts)
   DIR/jobs/<job_id>/<key>.snap the snapshot of a job (kept until cleanup or reset)
+  DIR/jobs/<job_id>/tls.psk    "<identity>:<psk>" of a job with nbd_tls (0600; until cleanup)
 Jobs, requests, snapshots records and faults live in memory only: a restarted simulator
 has lost its jobs (progress answers 404), like an appliance that rebooted.
 
@@ -31,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,7 +49,12 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 MIB = 1 << 20
 MAX_BODY = 1 << 20
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-NBD_URL_RE = re.compile(r"^nbd://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:,\s\[\]]+):(?P<port>[0-9]{1,5})/(?P<export>[^,\s]+)$")
+NBD_URL_RE = re.compile(r"^(?P<scheme>nbds?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:,\s\[\]@]+):(?P<port>[0-9]{1,5})"
+                        r"/(?P<export>[^,\s?#]+)$")
+# CONTRACT.md §3.1: "nbd_tls": {"mode": "psk", "identity": ..., "psk": <64 hex digits>}.
+TLS_IDENTITY_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TLS_PSK_RE = re.compile(r"^[0-9A-Fa-f]{64}$")
+PSK_FILE = "tls.psk"          # jobs/<job_id>/tls.psk: "<identity>:<psk>", 0600, removed at cleanup
 REQUIRED = ("job_id", "vm_name", "vm_path", "vcenter_host", "vcenter_user", "vcenter_password",
             "backup_type", "nbd_host", "nbd_targets", "disks")
 # A hostile SNA (tests/e2e/hostile.py): what progress_garbage / start_garbage put in place of
@@ -68,6 +76,7 @@ HUGE_BYTES = 900 * 1024      # under the contract's 1 MiB limit of a progress re
 OVERSIZE_BYTES = 1536 * 1024  # over it: an unanswered poll whatever it says
 DEEP_LEVELS = 100000
 HUGE_UNIT = "HUGE\u2603"      # 7 bytes of UTF-8; the tests count it to measure what got through
+TLS_HANDSHAKE_S = 10          # a TLS client gets this long to finish its handshake
 FORGED_LOG = "\n2026-12-01T00:00:00.000Z bw-worker: job=%s completed"
 
 # Optional: record, for each start/cleanup body received, what the project's JSON Schemas
@@ -102,6 +111,45 @@ def now_rfc3339():
 
 def mask(secret):
     return "<masked sha256:%s>" % hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def mask_body(doc):
+    """A copy of a start/cleanup body fit to show: vcenter_password and nbd_tls.psk masked."""
+    shown = json.loads(json.dumps(doc))
+    if isinstance(shown, dict):
+        if isinstance(shown.get("vcenter_password"), str):
+            shown["vcenter_password"] = mask(shown["vcenter_password"])
+        tls = shown.get("nbd_tls")
+        if isinstance(tls, dict) and isinstance(tls.get("psk"), str):
+            tls["psk"] = mask(tls["psk"])
+    return shown
+
+
+def body_secrets(doc):
+    """The secret strings of a body (to scrub them from any text derived from it)."""
+    out = []
+    if isinstance(doc, dict):
+        if isinstance(doc.get("vcenter_password"), str) and doc["vcenter_password"]:
+            out.append(doc["vcenter_password"])
+        tls = doc.get("nbd_tls")
+        if isinstance(tls, dict) and isinstance(tls.get("psk"), str) and tls["psk"]:
+            out.append(tls["psk"])
+    return out
+
+
+# Text that may hold a secret we could not parse out (a broken body): 32+ hex digits in a
+# row (a key), and the value of a "psk" or "vcenter_password" member.
+SECRETISH_RE = re.compile(r'[0-9A-Fa-f]{32,}|("(?:psk|vcenter_password)"\s*:\s*)"(?:[^"\\]|\\.)*"?')
+
+
+def scrub(text, secrets=(), guess=False):
+    """text with every secret in `secrets` (any case) masked; with guess, also every run that
+    looks like one (SECRETISH_RE)."""
+    for sec in sorted(set(secrets), key=len, reverse=True):
+        text = re.sub(re.escape(sec), mask(sec), text, flags=re.IGNORECASE)
+    if guess:
+        text = SECRETISH_RE.sub(lambda m: (m.group(1) + '"<masked>"') if m.group(1) else "<masked>", text)
+    return text
 
 
 def mask_authorization(value):
@@ -245,6 +293,7 @@ class DiskJob:
         self.extents = None       # [(offset, length)] for an incremental, None = everything
         self.lie = False          # complete_early: report completed whatever happens
         self.method = ""          # nbdcopy | libnbd
+        self.connect_url = url    # what libnbd/nbdcopy are given (nbds: + identity, psk file)
 
     def reported(self):
         if self.lie:
@@ -469,8 +518,9 @@ def hostile_start(cls, job_id, reply):
 
 
 class Sim:
-    def __init__(self, state, token, connections, block_size):
+    def __init__(self, state, token, connections, block_size, reveal_secrets=False):
         self.state = os.path.abspath(state)
+        self.reveal_secrets = reveal_secrets  # --test-reveal-secrets: /_sim/requests?reveal=1
         self.token = token
         self.connections = connections
         self.block_size = block_size
@@ -479,6 +529,7 @@ class Sim:
         self.jobs = {}
         self.orphans = set()      # job dirs left by an earlier run of the simulator
         self.requests = []
+        self.revealed = {}        # id(request record) -> its unmasked body and Authorization
         self.snapshots = []
         self.faults = {}
         self.job_faults = {}      # job_id -> knobs for that job alone (JOB_KNOBS)
@@ -499,6 +550,33 @@ class Sim:
             except Exception as e:
                 log(f"ignoring {p}: {e}")
         self.orphans = set(os.listdir(os.path.join(self.state, "jobs")))
+        for name in self.orphans:  # a key outlives neither its job nor the appliance's run
+            self.remove_psk(name)
+
+    def psk_path(self, job_id):
+        return os.path.join(self.state, "jobs", job_id, PSK_FILE)
+
+    def remove_psk(self, job_id):
+        try:
+            os.unlink(self.psk_path(job_id))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log(f"job {job_id}: cannot remove its TLS key file: {e.strerror}")
+
+    def write_psk(self, job_id, identity, psk):
+        """jobs/<job_id>/tls.psk = "<identity>:<psk>" (dir 0700, file 0600, never replaced)."""
+        jdir = os.path.join(self.state, "jobs", job_id)
+        os.makedirs(jdir, mode=0o700, exist_ok=True)
+        os.chmod(jdir, 0o700)
+        path = self.psk_path(job_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, f"{identity}:{psk}\n".encode())
+        finally:
+            os.close(fd)
+        return path
 
     # -------------------------------------------------------------- child processes
 
@@ -688,6 +766,7 @@ class Sim:
             self.jobs = {}
             self.orphans = set()
             self.requests = []
+            self.revealed = {}
             self.snapshots = []
             self.faults = {}
             self.job_faults = {}
@@ -777,7 +856,7 @@ class Sim:
                 raise HttpError(400, f"invalid field disks[{i}].key: duplicate disk key {d['key']}")
             seen.add(d["key"])
             if not isinstance(d.get("nbd_url"), str) or not NBD_URL_RE.match(d["nbd_url"]):
-                raise HttpError(400, f"invalid field disks[{i}].nbd_url: must be nbd://host:port/export")
+                raise HttpError(400, f"invalid field disks[{i}].nbd_url: must be nbd[s]://host:port/export")
             if "size_bytes" in d and (not is_int(d["size_bytes"]) or d["size_bytes"] < 0):
                 raise HttpError(400, f"invalid field disks[{i}].size_bytes: must be a non-negative integer")
             if "previous_change_id" in d and not isinstance(d["previous_change_id"], str):
@@ -786,6 +865,7 @@ class Sim:
         if listed != targets:
             raise HttpError(400, "nbd_targets and disks[] disagree: nbd_targets lists %s, disks[] %s" % (
                 ",".join(f"{k}:{u}" for k, u in targets), ",".join(f"{k}:{u}" for k, u in listed)))
+        tls = self.checked_tls(body.get("nbd_tls"), [u for _, u in targets])
         with self.lock:
             if job_id in self.jobs or job_id in self.orphans:
                 raise HttpError(409, f"job {job_id} already exists")
@@ -796,10 +876,18 @@ class Sim:
                 if k not in vm.disks:
                     raise HttpError(400, f"invalid field nbd_targets: disk {k} is not a disk of VM {vm.vm_path} "
                                          f"(its disks: {', '.join(map(str, vm.disks))})")
+            psk_file = None
+            if tls is not None:
+                try:
+                    psk_file = self.write_psk(job_id, tls["identity"], tls["psk"])
+                except OSError as e:
+                    raise HttpError(500, f"cannot store the job's TLS key: {e.strerror}")
             djs = []
             for d in disks:
                 p = d.get("previous_change_id", "") if btype == "incremental" else ""
                 dj = DiskJob(d["key"], d["nbd_url"], p)
+                if psk_file is not None:
+                    dj.connect_url = tls_url(d["nbd_url"], tls["identity"], psk_file)
                 dj.size = vm.disks[d["key"]].size
                 dj.total = dj.size if dj.mode == "full" else 0
                 djs.append(dj)
@@ -813,6 +901,27 @@ class Sim:
         if job.faults.get("start_garbage"):
             return hostile_start(job.faults["start_garbage"], job_id, reply)
         return reply
+
+    @staticmethod
+    def checked_tls(tls, urls):
+        """The nbd_tls object when the URLs are nbds://, None when they are nbd://; else 400.
+        Never puts the key in a message."""
+        schemes = {NBD_URL_RE.match(u).group("scheme") for u in urls}
+        if tls is None:
+            if "nbds" in schemes:
+                raise HttpError(400, "nbds:// URLs require nbd_tls")
+            return None
+        if not isinstance(tls, dict):
+            raise HttpError(400, "invalid field nbd_tls: must be an object")
+        if tls.get("mode") != "psk":
+            raise HttpError(400, "invalid field nbd_tls.mode: must be psk")
+        if not isinstance(tls.get("identity"), str) or not TLS_IDENTITY_RE.match(tls["identity"]):
+            raise HttpError(400, "invalid field nbd_tls.identity: 1-64 characters of [A-Za-z0-9._-]")
+        if not isinstance(tls.get("psk"), str) or not TLS_PSK_RE.match(tls["psk"]):
+            raise HttpError(400, "invalid field nbd_tls.psk: must be 64 hex digits")
+        if schemes != {"nbds"}:
+            raise HttpError(400, "nbd_tls requires every URL to be nbds://")
+        return tls
 
     def progress(self, headers, job_id):
         self.check_auth(headers)
@@ -865,6 +974,7 @@ class Sim:
         for t in [job.thread] + list(job.threads):
             if t is not None and t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        self.remove_psk(job.job_id)
         shutil.rmtree(os.path.join(self.state, "jobs", job.job_id), ignore_errors=True)
         with self.lock:
             for s in self.snapshots:
@@ -901,7 +1011,7 @@ class Sim:
     def take_snapshot(self, job):
         vm = job.vm
         jdir = os.path.join(self.state, "jobs", job.job_id)
-        os.makedirs(jdir, exist_ok=True)
+        os.makedirs(jdir, mode=0o700, exist_ok=True)
         record = {}
         with vm.lock:
             if job.cancel.is_set():
@@ -1005,7 +1115,7 @@ class Sim:
         try:
             with open(log_path, "wb") as logf:
                 p = self.spawn(job, ["nbdcopy", f"--connections={self.connections}", "--flush",
-                                     f"--progress={w}", d.snap, d.url],
+                                     f"--progress={w}", d.snap, d.connect_url],
                                pass_fds=(w,), stdout=logf, stderr=subprocess.STDOUT)
         finally:
             os.close(w)
@@ -1042,7 +1152,8 @@ class Sim:
         chunk = MIB if not (f.get("slow_bytes_per_s") or fail or f.get("die_mid_transfer")) else 256 * 1024
         h = nbd.NBD()
         h.set_handle_name(f"sna-sim-{job.job_id}-{d.key}")
-        h.connect_uri(d.url)
+        h.set_uri_allow_local_file(True)  # the ?tls-psk-file= of an nbds:// target
+        h.connect_uri(d.connect_url)
         try:
             tsize = h.get_size()
             if tsize < d.size:
@@ -1105,6 +1216,8 @@ class Sim:
             for t in [job.thread] + list(job.threads):
                 if t is not None:
                     t.join(max(0.0, deadline - time.monotonic()))
+        for job in jobs:
+            self.remove_psk(job.job_id)
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -1127,12 +1240,21 @@ def parse_targets(s):
             raise HttpError(400, f"invalid field nbd_targets: entry {i + 1} {entry!r} is not <disk key>:<nbd url>")
         m = NBD_URL_RE.match(url)
         if not m or not 1 <= int(m.group("port")) <= 65535:
-            raise HttpError(400, f"invalid field nbd_targets: entry {i + 1}: {url!r} is not nbd://host:port/export")
+            raise HttpError(400, f"invalid field nbd_targets: entry {i + 1}: {url!r} is not nbd[s]://host:port/export")
         if int(key) in seen:
             raise HttpError(400, f"invalid field nbd_targets: disk {key} is listed twice")
         seen.add(int(key))
         out.append((int(key), url))
     return out
+
+
+def tls_url(url, identity, psk_file):
+    """nbds://<identity>@host:port/export?tls-psk-file=<file> for libnbd and nbdcopy (the key
+    itself stays in the file: never on a command line)."""
+    m = NBD_URL_RE.match(url)
+    return "nbds://%s@%s:%s/%s?tls-psk-file=%s" % (
+        identity, m.group("host"), m.group("port"), m.group("export"),
+        urllib.parse.quote(psk_file, safe="/"))
 
 
 def log(msg):
@@ -1215,12 +1337,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if rec is not None and raw:
                 try:
                     body = json.loads(raw.decode("utf-8"))
-                    shown = json.loads(raw.decode("utf-8"))
-                    if isinstance(shown, dict) and isinstance(shown.get("vcenter_password"), str):
-                        shown["vcenter_password"] = mask(shown["vcenter_password"])
-                    rec["body"] = shown
+                    rec["body"] = mask_body(body)
+                    if sim.reveal_secrets:  # test-only: kept apart, shown only on ?reveal=1
+                        sim.revealed[id(rec)] = {"body": body, "Authorization": self.headers.get("Authorization")}
                 except (UnicodeDecodeError, ValueError):
-                    rec["body_raw"] = raw.decode("utf-8", "replace")[:4096]
+                    rec["body_raw"] = scrub(raw.decode("utf-8", "replace")[:4096], guess=True)
             status, obj = self.route(method, path, url.query, raw)
         except HttpError as e:
             status, obj = e.status, {"error": e.message, "status": e.status}
@@ -1229,7 +1350,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, obj = 500, {"error": f"internal error: {e}", "status": 500}
         if rec is not None:
             if path == "/api/v1/backup/start" and isinstance(body, dict):
-                rec["contract_errors"] = contract_errors("backup-start-request", body)
+                # jsonschema quotes the values it rejects: never a secret
+                errs = contract_errors("backup-start-request", body)
+                rec["contract_errors"] = None if errs is None else [scrub(e, body_secrets(body)) for e in errs]
             elif path == "/api/v1/cleanup" and isinstance(body, dict):
                 rec["contract_errors"] = contract_errors("cleanup-request", body)
             rec["status"] = status
@@ -1237,7 +1360,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 rec["fault"] = obj.label
                 rec["reply_bytes"] = len(obj.data)
             if status >= 400:
-                rec["error"] = obj.get("error")
+                err = obj.get("error")
+                rec["error"] = scrub(err, body_secrets(body)) if isinstance(err, str) else err
         self.reply(status, obj)
 
     def route(self, method, path, query, raw):
@@ -1257,8 +1381,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == "/_sim/write" and method == "POST":
             return 200, sim.write(parse_json(raw))
         if path == "/_sim/requests" and method == "GET":
+            reveal = q.get("reveal", ["0"])[0] not in ("", "0")
+            if reveal and not sim.reveal_secrets:
+                raise HttpError(403, "reveal=1 needs the simulator started with --test-reveal-secrets")
             with sim.lock:
-                return 200, {"requests": json.loads(json.dumps(sim.requests))}
+                out = json.loads(json.dumps(sim.requests))
+                if reveal:
+                    for rec, o in zip(sim.requests, out):
+                        r = sim.revealed.get(id(rec))
+                        if r is not None:
+                            o["body"] = json.loads(json.dumps(r["body"]))
+                            o["headers"]["Authorization"] = r["Authorization"]
+                return 200, {"requests": out}
         if path == "/_sim/snapshots" and method == "GET":
             with sim.lock:
                 return 200, {"snapshots": json.loads(json.dumps(sim.snapshots))}
@@ -1280,9 +1414,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
+    """HTTP, or HTTPS when ssl_context is set. The TLS handshake runs in the connection's own
+    thread (not in accept): a client that connects and says nothing cannot stall the others."""
     daemon_threads = True
     allow_reuse_address = True
     verbose = False
+    ssl_context = None
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(TLS_HANDSHAKE_S)
+        try:
+            conn = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log(f"TLS handshake with {client_address[0]}:{client_address[1]} failed: {e}")
+            return
+        try:
+            conn.settimeout(None)
+            super().finish_request(conn, client_address)
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def ssl_context(cert, key, client_ca):
+    """The server's TLS context: its certificate chain, and with client_ca a client
+    certificate signed by that CA is required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def main(argv=None):
@@ -1293,22 +1460,40 @@ def main(argv=None):
     ap.add_argument("--connections", type=int, default=4, help="nbdcopy connections per disk [4]")
     ap.add_argument("--block-size", type=int, default=65536, help="change tracking granularity [65536]")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request on stderr")
+    ap.add_argument("--tls-cert", metavar="FILE", help="serve https with this certificate (PEM chain)")
+    ap.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    ap.add_argument("--tls-client-ca", metavar="FILE",
+                    help="require a client certificate signed by this CA (needs --tls-cert)")
+    ap.add_argument("--test-reveal-secrets", action="store_true",
+                    help="TESTS ONLY: /_sim/requests?reveal=1 shows the secrets it otherwise masks")
     a = ap.parse_args(argv)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        ap.error("--tls-client-ca needs --tls-cert and --tls-key")
     if a.block_size < 512 or a.block_size & (a.block_size - 1):
         ap.error("--block-size must be a power of two >= 512")
     if a.connections < 1:
         ap.error("--connections must be >= 1")
-    sim = Sim(a.state, a.token, a.connections, a.block_size)
+    ctx = None
+    if a.tls_cert:
+        try:
+            ctx = ssl_context(a.tls_cert, a.tls_key, a.tls_client_ca)
+        except (OSError, ssl.SSLError) as e:
+            ap.error(f"TLS: {e}")
+    sim = Sim(a.state, a.token, a.connections, a.block_size, a.test_reveal_secrets)
     Handler.sim = sim
     server = Server(("127.0.0.1", a.port), Handler)
     server.verbose = a.verbose
+    server.ssl_context = ctx
 
     def on_signal(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"sna_sim: listening on 127.0.0.1:{server.server_address[1]} pid={os.getpid()}", flush=True)
+    scheme = "https://" if ctx else ""  # plain: the line tests have always matched
+    print(f"sna_sim: listening on {scheme}127.0.0.1:{server.server_address[1]} pid={os.getpid()}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -21,11 +21,18 @@ disks (2000: 8 MiB, 2001: 4 MiB + 512 B, 16000: 1 MiB), and checks:
     CONTRACT §3.2 but huge and huge_padding, which a worker must read), progress_garbage_n
     (garbage, then the truth, the copy going on beneath), every start_garbage class (a 200
     that still accepts the job) and every lie_complete class (with a copy still running).
+  * NBD over TLS with a PSK (nbd_tls, nbds:// URLs): validation, the 0600 key file, jobs
+    copied byte-identical over TLS by nbdcopy and by libnbd into qemu-nbd with
+    tls-creds-psk, a wrong key failing the job, a plain client refused, the key masked in
+    /_sim/requests and absent from the log, the key file removed at cleanup and reset;
+  * https (--tls-cert/--tls-key, --tls-client-ca) with openssl-made certificates: right CA,
+    wrong CA, wrong name, plain client, client certificate required/absent/foreign.
 Every progress answer is checked against schemas/sna/progress-response.json when the schema
 tests are importable. Prints "N passed, M failed"; exits 1 on any failure. Every process
 it starts is stopped by PID and its temporary directory removed, also on failure.
 """
 
+import hashlib
 import http.client
 import json
 import os
@@ -34,6 +41,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -84,6 +92,8 @@ class Env:
         self.used_ports = set()
         self.sim = None
         self.port = None
+        self.ssl_ctx = None       # set: the control and contract calls go over https
+        self.host = "127.0.0.1"   # the name the https client asks for (SNI, verification)
 
     # ------------------------------------------------------------ processes
 
@@ -103,7 +113,7 @@ class Env:
             return p
         raise RuntimeError("no free port in 23000-23999")
 
-    def start_sim(self, extra=()):
+    def start_sim(self, extra=(), https=False):
         for _ in range(5):
             port = self.free_port()
             p = subprocess.Popen([PY, SIM, "--port", str(port), "--state", self.state, "--token", TOKEN,
@@ -116,7 +126,8 @@ class Env:
                 if r:
                     line = p.stdout.readline()
                     break
-            if line.startswith(f"sna_sim: listening on 127.0.0.1:{port} pid={p.pid}".encode()):
+            scheme = "https://" if https else ""
+            if line.startswith(f"sna_sim: listening on {scheme}127.0.0.1:{port} pid={p.pid}".encode()):
                 self.sim, self.port = p, port
                 return line.decode().strip()
             self.stop(p, sig=signal.SIGKILL)
@@ -139,20 +150,25 @@ class Env:
             p.stdout.close()
         return p.returncode
 
-    def serve(self, job_id, images):
-        """One qemu-nbd per disk, as the worker starts them; returns {key: (proc, url)}."""
+    def serve(self, job_id, images, tls=None):
+        """One qemu-nbd per disk, as the worker starts them; returns {key: (proc, url)}. With
+        tls = (dir, identity, client psk file): TLS with the PSK in dir/keys.psk, nbds:// URLs."""
         servers = {}
         for key, img in images.items():
             for attempt in range(3):
                 port = self.free_port()
                 export = f"{job_id}-{key}"
-                p = subprocess.Popen(["qemu-nbd", "--format=qcow2", f"--export-name={export}", "--persistent",
+                obj = []
+                if tls:
+                    obj = ["--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={tls[0]}", "--tls-creds=tls0"]
+                p = subprocess.Popen(["qemu-nbd", *obj, "--format=qcow2", f"--export-name={export}", "--persistent",
                                       "--shared=8", "--bind=127.0.0.1", f"--port={port}", img],
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.tmp, f"qemu-nbd-{export}.log"), "ab"))
                 self.procs.append(p)
-                url = f"nbd://127.0.0.1:{port}/{export}"
-                if self.wait_nbd(p, url):
+                url = f"nbd{'s' if tls else ''}://127.0.0.1:{port}/{export}"
+                probe = f"nbds://{tls[1]}@127.0.0.1:{port}/{export}?tls-psk-file={tls[2]}" if tls else url
+                if self.wait_nbd(p, probe):
                     servers[key] = (p, url)
                     break
                 self.stop(p, sig=signal.SIGKILL)
@@ -165,6 +181,7 @@ class Env:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and p.poll() is None:
             h = nbd.NBD()
+            h.set_uri_allow_local_file(True)
             try:
                 h.connect_uri(url)  # a full handshake: the server greets and knows the export
                 h.shutdown()
@@ -188,7 +205,7 @@ class Env:
     # ------------------------------------------------------------ HTTP
 
     def http(self, method, path, body=None, headers=None, timeout=10, raw=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c = self.connection(timeout)
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
             h = dict(headers or {})
@@ -203,6 +220,11 @@ class Env:
                 return r.status, {"raw": text.decode(errors="replace")}
         finally:
             c.close()
+
+    def connection(self, timeout=10):
+        if self.ssl_ctx is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_ctx)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def start(self, body, idem=None, token=TOKEN, timeout=10):
         h = {"Content-Type": "application/json", "Idempotency-Key": body.get("job_id") if idem is None else idem}
@@ -718,10 +740,296 @@ def run(env):
        "cleanup removes the leftover snapshot of a lost job")
     ok(env.cleanup("bk-10")[0] == 404, "and then it is gone (404)")
 
+    # ------------------------------------------------------------------ NBD over TLS with a PSK
+    tls_psk(env)
+
     # ------------------------------------------------------------------ a hostile SNA
     hostile(env)
     rc = env.stop(env.sim)
     ok(rc == 0, "SIGTERM: the simulator exits 0", str(rc))
+
+    # ------------------------------------------------------------------ https
+    https(env)
+
+
+TLS_ID = "bw-test.id_1"
+
+
+def tls_body(env, job_id, servers, psk, identity=TLS_ID):
+    body = start_body(job_id, "full", [(k, servers[k][1], SIZES[k], "") for k in SIZES])
+    body["nbd_tls"] = {"mode": "psk", "identity": identity, "psk": psk}
+    return body
+
+
+def file_has(path, needles):
+    """Which of needles (str, matched in any case) occur in the file's bytes."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read().lower()
+    except OSError:
+        return []
+    return [n for n in needles if n.lower().encode() in data]
+
+
+def tls_psk(env):
+    """nbd_tls (CONTRACT §3.1): validation, the key file, copies over TLS, a wrong key, masking."""
+    psk = os.urandom(32).hex().upper()  # upper case: the key matches in any case
+    keydir = os.path.join(env.tmp, "tls-keys")
+    os.makedirs(keydir, mode=0o700)
+    with open(os.path.join(keydir, "keys.psk"), "w") as fh:
+        fh.write(f"{TLS_ID}:{psk}\n")
+    client_psk = os.path.join(env.tmp, "client.psk")  # the test's own probe (wait_nbd)
+    with open(client_psk, "w") as fh:
+        fh.write(f"{TLS_ID}:{psk}\n")
+    os.chmod(client_psk, 0o600)
+    tls = (keydir, TLS_ID, client_psk)
+
+    # validation: 400 before anything is written, never echoing the key
+    jid = "bk-tls-v"
+    plain = dead_targets(env, jid)
+    tlsurls = [(k, u.replace("nbd://", "nbds://"), s_, p) for k, u, s_, p in plain]
+    good = {"mode": "psk", "identity": TLS_ID, "psk": psk}
+    bad63 = psk[:63]
+    cases = [
+        ("nbds:// without nbd_tls", start_body(jid, "full", tlsurls), "nbds:// URLs require nbd_tls"),
+        ("nbd_tls with nbd:// URLs", dict(start_body(jid, "full", plain), nbd_tls=good), "every URL to be nbds://"),
+        ("nbd_tls with one nbd:// URL", dict(start_body(jid, "full", tlsurls[:2] + plain[2:]), nbd_tls=good),
+         "every URL to be nbds://"),
+        ("mode x509", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, mode="x509")), "nbd_tls.mode"),
+        ("psk of 63 hex digits", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, psk=bad63)), "nbd_tls.psk"),
+        ("psk not hex", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, psk="g" * 64)), "nbd_tls.psk"),
+        ("psk a number", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, psk=7)), "nbd_tls.psk"),
+        ("identity with a colon", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, identity="bw:x")),
+         "nbd_tls.identity"),
+        ("identity of 65 characters", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, identity="i" * 65)),
+         "nbd_tls.identity"),
+        ("empty identity", dict(start_body(jid, "full", tlsurls), nbd_tls=dict(good, identity="")), "nbd_tls.identity"),
+        ("nbd_tls not an object", dict(start_body(jid, "full", tlsurls), nbd_tls="psk"), "nbd_tls: must be an object"),
+        ("nbd_tls without psk", dict(start_body(jid, "full", tlsurls), nbd_tls={"mode": "psk", "identity": TLS_ID}),
+         "nbd_tls.psk"),
+    ]
+    for name, body, want in cases:
+        st, rep = env.start(body)
+        ok(st == 400 and want in rep.get("error", ""), f"nbd_tls validation, {name}: 400 ({want})", f"{st} {rep}")
+        if schemas is not None:
+            ok(schemas.check("backup-start-request", body) != [], f"nbd_tls validation, {name}: the schema refuses it too")
+    ok(not os.path.exists(os.path.join(env.state, "jobs", jid)), "nbd_tls validation: nothing written for a 400")
+    if schemas is not None:
+        b = dict(start_body(jid, "full", tlsurls), nbd_tls=good)
+        ok(schemas.check("backup-start-request", b) == [], "a TLS start body matches the schema",
+           str(schemas.check("backup-start-request", b)))
+
+    # a full job over TLS: nbdcopy with the key from the 0600 file; byte-identical images
+    jid = "bk-tls-1"
+    imgs = make_images(env, jid)
+    servers = env.serve(jid, imgs, tls=tls)
+    h = nbd.NBD()
+    try:
+        h.connect_uri(servers[2000][1].replace("nbds://", "nbd://"))
+        plain_ok = True
+    except nbd.Error as e:
+        plain_ok = False
+        plain_err = str(e)
+    del h
+    ok(not plain_ok and "TLS" in plain_err, "a plain nbd:// client (libnbd without TLS) is refused by the TLS server",
+       plain_err if not plain_ok else "it connected")
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    try:
+        h.connect_uri(servers[2000][1].replace("nbds://", f"nbds://{TLS_ID}@") + f"?tls-psk-file={client_psk}")
+        h.shutdown()
+        tls_ok = True
+    except nbd.Error as e:
+        tls_ok = str(e)
+    del h
+    ok(tls_ok is True, "and a client with the key connects (the server is really up)", str(tls_ok))
+    body = tls_body(env, jid, servers, psk)
+    st, rep = env.start(body)
+    ok(st == 200, "TLS start: 200", f"{st} {rep}")
+    kf = os.path.join(env.state, "jobs", jid, "tls.psk")
+    try:
+        fst, dst = os.stat(kf), os.stat(os.path.dirname(kf))
+        with open(kf) as fh:
+            content = fh.read()
+    except OSError as e:
+        fst = dst = None
+        content = str(e)
+    ok(fst is not None and fst.st_mode & 0o777 == 0o600 and dst.st_mode & 0o777 == 0o700
+       and content.strip() == f"{TLS_ID}:{psk}",
+       "the key is in jobs/<job_id>/tls.psk, 0600 in a 0700 dir, as <identity>:<psk>",
+       f"{oct(fst.st_mode) if fst else None} {oct(dst.st_mode) if dst else None}")
+    st, prog = env.wait_job(jid, "TLS full")
+    ok(st == 200 and prog["status"] == "completed", "a full job over NBD TLS completed", str(prog))
+    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid][0]["disks"]
+    for k in SIZES:
+        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
+        ok(rc == 0, f"TLS full disk {k}: the image equals the snapshot (nbdcopy over TLS)", out)
+    jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
+    ok(all(d["method"] == "nbdcopy" for d in jobs[jid]["disks"]), "TLS full: copied by nbdcopy")
+
+    # the same key with libnbd (a slowed copy goes through libnbd), on fresh images
+    jid2 = "bk-tls-2"
+    imgs2 = make_images(env, jid2)
+    servers2 = env.serve(jid2, imgs2, tls=tls)
+    env.http("POST", f"/_sim/faults?job={jid2}", body={"slow_bytes_per_s": 64 << 20})
+    st, rep = env.start(tls_body(env, jid2, servers2, psk.lower()))
+    st, prog = env.wait_job(jid2, "TLS libnbd")
+    ok(st == 200 and prog["status"] == "completed", "a job over NBD TLS completed through libnbd", str(prog))
+    env.stop_servers(servers2, "TLS libnbd")
+    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid2][0]["disks"]
+    for k in SIZES:
+        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs2[k], snap[str(k)]["path"])
+        ok(rc == 0, f"TLS libnbd disk {k}: the image equals the snapshot", out)
+    jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
+    ok(all(d["method"] == "libnbd" for d in jobs[jid2]["disks"]), "TLS slowed: copied by libnbd")
+
+    # a wrong key: the handshake fails, and so does the job (both copy methods)
+    for jw, knobs in (("bk-tls-wrong", {}), ("bk-tls-wrong-l", {"slow_bytes_per_s": 64 << 20})):
+        if knobs:
+            env.http("POST", f"/_sim/faults?job={jw}", body=knobs)
+        st, rep = env.start(tls_body(env, jw, servers, os.urandom(32).hex()))
+        st, prog = env.wait_job(jw, f"TLS wrong key {jw}")
+        ok(st == 200 and prog["status"] == "failed" and all(d["status"] == "failed" for d in prog["disks"]),
+           f"a wrong key fails the job ({'libnbd' if knobs else 'nbdcopy'})", str(prog)[:300])
+        env.cleanup(jw)
+    # a plain start against the TLS server: the simulator as a plain client is refused
+    jp = "bk-tls-plain"
+    st, rep = env.start(start_body(jp, "full", [(k, servers[k][1].replace("nbds://", "nbd://"), SIZES[k], "")
+                                                for k in SIZES]))
+    st, prog = env.wait_job(jp, "plain to TLS")
+    ok(st == 200 and prog["status"] == "failed", "a plain nbd:// job against the TLS exports fails", str(prog)[:300])
+    env.cleanup(jp)
+    env.stop_servers(servers, "TLS")
+
+    # the key is never shown: /_sim/requests, the simulator's log; reveal needs the flag
+    text = json.dumps(env.http("GET", "/_sim/requests")[1])
+    ok(psk.lower() not in text.lower() and bad63.lower() not in text.lower(),
+       "/_sim/requests never shows a psk (also a rejected one)")
+    starts = [r for r in sim_requests(env) if r["path"] == "/api/v1/backup/start" and (r["body"] or {}).get("job_id") == jid]
+    ok(starts and starts[0]["body"]["nbd_tls"] == {"mode": "psk", "identity": TLS_ID,
+                                                   "psk": "<masked sha256:%s>" % hashlib.sha256(psk.encode()).hexdigest()[:12]},
+       "/_sim/requests shows nbd_tls.psk masked as <masked sha256:12 hex>", str(starts[:1])[:300])
+    st, rep = env.http("GET", "/_sim/requests?reveal=1")
+    ok(st == 403, "reveal=1 without --test-reveal-secrets: 403", str(st))
+    raw_bad = json.dumps(dict(start_body("bk-tls-raw", "full", tlsurls), nbd_tls=good))[:-1]  # cut: not JSON
+    env.http("POST", "/api/v1/backup/start", raw=raw_bad.encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "bk-tls-raw"})
+    rr = [r for r in sim_requests(env) if "body_raw" in r]
+    ok(rr and psk.lower() not in rr[-1]["body_raw"].lower() and "p@ss word" not in rr[-1]["body_raw"],
+       "an unparsable body is shown with its key and password masked", str(rr[-1:])[:300])
+    ok(not file_has(os.path.join(env.tmp, "sim.log"), [psk, bad63]), "the simulator's log never holds a psk")
+
+    # cleanup and reset remove the key file
+    st, _ = env.cleanup(jid)
+    ok(st == 200 and not os.path.exists(kf), "cleanup removes the job's key file")
+    jr = "bk-tls-reset"
+    imgs = make_images(env, jr)
+    servers = env.serve(jr, imgs, tls=tls)
+    env.http("POST", f"/_sim/faults?job={jr}", body={"slow_bytes_per_s": 1 << 20})
+    st, _ = env.start(tls_body(env, jr, servers, psk))
+    kr = os.path.join(env.state, "jobs", jr, "tls.psk")
+    had = os.path.exists(kr)
+    env.http("POST", "/_sim/reset")
+    ok(st == 200 and had and not os.path.exists(kr), "reset removes the key file of a running job")
+    env.stop_servers(servers, "TLS reset")
+
+
+def openssl(*args):
+    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
+
+
+def make_pki(d):
+    """Under d: ca.pem/ca.key, server.pem/.key (localhost), client.pem/.key (signed by the CA),
+    other-ca.pem and rogue-client.pem/.key (signed by other-ca). Like tests/amqp/test_tls.sh."""
+    os.makedirs(d)
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-test-{ca}",
+                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
+    for name, ca, ext in (("server", "ca", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+                          ("client", "ca", "extendedKeyUsage=clientAuth\n"),
+                          ("rogue-client", "other-ca", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
+                "-out", f"{d}/{name}.csr")
+        with open(f"{d}/{name}.ext", "w") as fh:
+            fh.write(ext)
+        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/{ca}.pem", "-CAkey", f"{d}/{ca}.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
+
+
+def client_ctx(ca, cert=None):
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(cert + ".pem", cert + ".key")
+    return ctx
+
+
+def https(env):
+    """--tls-cert/--tls-key (https) and --tls-client-ca (a client certificate required)."""
+    pki = os.path.join(env.tmp, "pki")
+    make_pki(pki)
+    r = subprocess.run([PY, SIM, "--port", "0", "--state", env.state, "--tls-cert", f"{pki}/server.pem"],
+                       capture_output=True, text=True, timeout=30)
+    ok(r.returncode == 2 and "go together" in r.stderr, "--tls-cert without --tls-key: usage error", r.stderr[-200:])
+    r = subprocess.run([PY, SIM, "--port", "0", "--state", env.state, "--tls-client-ca", f"{pki}/ca.pem"],
+                       capture_output=True, text=True, timeout=30)
+    ok(r.returncode == 2, "--tls-client-ca alone: usage error", r.stderr[-200:])
+
+    line = env.start_sim(["--tls-cert", f"{pki}/server.pem", "--tls-key", f"{pki}/server.key"], https=True)
+    ok(f"https://127.0.0.1:{env.port}" in line, "https: the ready line says https://", line)
+    env.host, env.ssl_ctx = "localhost", client_ctx(f"{pki}/ca.pem")
+    st, doc = env.http("GET", "/_sim/health")
+    ok(st == 200 and doc.get("ok") is True, "https: the right CA and name: 200", f"{st} {doc}")
+    # a silent client (TCP connect, no handshake) does not stall the others
+    idle = socket.create_connection(("127.0.0.1", env.port))
+    try:
+        st, _ = env.http("GET", "/_sim/health", timeout=5)
+        ok(st == 200, "https: a client that never starts its handshake does not block another")
+    finally:
+        idle.close()
+    st, rep = env.start(start_body("bk-https-1", "full", dead_targets(env, "bk-https-1")))
+    ok(st == 200, "https: a start with the token is accepted", f"{st} {rep}")
+    env.cleanup("bk-https-1")
+    for name, host, ctx, want in (("another CA", "localhost", client_ctx(f"{pki}/other-ca.pem"), "CERTIFICATE_VERIFY_FAILED"),
+                                  ("a name not in the certificate", "127.0.0.1", client_ctx(f"{pki}/ca.pem"),
+                                   "CERTIFICATE_VERIFY_FAILED")):
+        env.host, env.ssl_ctx = host, ctx
+        try:
+            env.http("GET", "/_sim/health")
+            err = "connected"
+        except (ssl.SSLError, OSError) as e:
+            err = str(e)
+        ok(want in err, f"https: a client verifying with {name} refuses the simulator", err)
+    env.host, env.ssl_ctx = "127.0.0.1", None
+    try:
+        st, _ = env.http("GET", "/_sim/health")
+        err = f"status {st}"
+    except (OSError, http.client.HTTPException) as e:
+        err = type(e).__name__
+    ok(not err.startswith("status 200"), "https: a plain http client gets no answer", err)
+    ok(env.stop(env.sim) == 0, "https: SIGTERM exits 0")
+
+    line = env.start_sim(["--tls-cert", f"{pki}/server.pem", "--tls-key", f"{pki}/server.key",
+                          "--tls-client-ca", f"{pki}/ca.pem"], https=True)
+    env.host, env.ssl_ctx = "localhost", client_ctx(f"{pki}/ca.pem", f"{pki}/client")
+    st, doc = env.http("GET", "/_sim/health")
+    ok(st == 200, "https with --tls-client-ca: a client certificate of that CA: 200", f"{st} {doc}")
+    for name, ctx in (("no client certificate", client_ctx(f"{pki}/ca.pem")),
+                      ("a client certificate of another CA", client_ctx(f"{pki}/ca.pem", f"{pki}/rogue-client"))):
+        env.ssl_ctx = ctx
+        try:
+            st, _ = env.http("GET", "/_sim/health")
+            err = f"status {st}"
+        except (OSError, http.client.HTTPException) as e:
+            err = f"{type(e).__name__}: {e}"
+        ok(not err.startswith("status"), f"https with --tls-client-ca: {name} is refused", err)
+    env.host, env.ssl_ctx = "127.0.0.1", None
+    with open(os.path.join(env.tmp, "sim.log"), errors="replace") as fh:
+        log = fh.read()
+    ok("TLS handshake with 127.0.0.1" in log and "CERTIFICATE" in log.upper(),
+       "https: the simulator logs the refused handshakes")
+    ok(env.stop(env.sim) == 0, "https with --tls-client-ca: SIGTERM exits 0")
 
 
 GARBAGE = ("wrong_types", "nulls", "deep", "not_json", "huge", "huge_padding", "oversize", "control",

@@ -1,0 +1,381 @@
+#!/usr/bin/python3
+"""sna_tls.py: the real bw-worker against the SNA simulator over https (CONTRACT.md §6:
+sna.url = https://…, sna.tls_ca_file, sna.tls_cert_file, sna.tls_key_file), with a real broker
+(tests/with-broker) and real qemu-nbd. Usage: sna_tls.py BW_WORKER BW_CTL [CASE...]
+
+Cases (each with its own simulator and its own worker, one job each):
+  right_ca            the CA that signed the simulator's certificate: the job completes
+  wrong_ca            another CA: the job fails sna_unavailable, a TLS error in its message or log
+  wrong_name          a certificate for other.example, sna.url https://localhost: fails likewise
+  wrong_name_ip       a certificate for localhost only, sna.url https://127.0.0.1: fails likewise
+  client_cert         the simulator requires a client certificate; the worker presents one: completes
+  no_client_cert      the same without one: fails sna_unavailable
+  proxy_ignored       http_proxy, HTTPS_PROXY, https_proxy, HTTP_PROXY, ALL_PROXY point at a
+                      listener of ours: the job still completes and the listener saw no connection
+                      (once over https, once over plain http to a loopback SNA)
+A refused TLS handshake means the simulator never saw an HTTP request: each failing case also
+checks that /_sim/requests holds nothing of its job.
+"""
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import json
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e  # noqa: E402
+from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
+
+ROOT = e2e.ROOT
+SIM = os.path.join(ROOT, "tests", "sna", "sna_sim.py")
+VM = "/DC/vm/tls"
+SIZES = {2000: 8 * MiB, 2001: 4 * MiB}
+TLS_ERROR = re.compile(r"(?i)\b(ssl|tls|certificate|handshake)\b|SSL_|alert")
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy")
+
+
+def openssl(*args):
+    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
+
+
+def make_pki(d):
+    """Two CAs; server certificates for localhost and for other.example and a client
+    certificate, all signed by ca (like tests/amqp/test_tls.sh)."""
+    os.makedirs(d)
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-e2e-{ca}",
+                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
+    for name, ext in (("localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+                      ("other", "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
+                "-out", f"{d}/{name}.csr")
+        with open(f"{d}/{name}.ext", "w") as fh:
+            fh.write(ext)
+        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o600 if f.endswith(".key") else 0o644)
+
+
+class ProxyTrap(threading.Thread):
+    """A listener that proxies must not reach: it counts connections and closes them."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        self.stopping = False
+
+    def run(self):
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self.stopping:
+                self.hits += 1
+            c.close()
+
+    def close(self):
+        self.stopping = True
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            pass
+        self.sock.close()
+        self.join(5)
+
+
+class Env(e2e.Env):
+    """e2e.Env with a simulator that serves https and is restarted per case."""
+
+    def __init__(self, worker, ctl):
+        import pika
+        self.worker, self.ctl = worker, ctl
+        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-tls-")
+        self.repo = os.path.join(self.tmp, "repo")
+        self.state = os.path.join(self.tmp, "state")
+        self.creds = os.path.join(self.tmp, "creds")
+        for d in (self.repo, self.state, self.creds):
+            os.makedirs(d)
+        with open(os.path.join(self.creds, "vcenter-main.json"), "w") as f:
+            json.dump({"vcenter_host": "vcenter.example", "username": "backup@vsphere.local",
+                       "password": "e2e-secret"}, f)
+        os.chmod(os.path.join(self.creds, "vcenter-main.json"), 0o600)
+        self.pki = os.path.join(self.tmp, "pki")
+        make_pki(self.pki)
+        self.sim = None
+        self.sim_port = None
+        self.sim_url = "http://127.0.0.1:1"
+        self.sim_ctx = None
+        self.workers = {}
+        self.conn = pika.BlockingConnection(pika.URLParameters(e2e.URL))
+        self.ch = self.conn.channel()
+        self.ch.exchange_declare("backup.events", "topic", durable=True)
+        self.ch.queue_declare("e2e.events", durable=True)
+        self.ch.queue_bind("e2e.events", "backup.events", "#")
+        self.events = []
+
+    # ---------------------------------------------------------------- the simulator
+    def start_sim(self, cert=None, client_ca=None):
+        """A simulator on a new port: https with pki/<cert>.pem (and a client certificate
+        required with client_ca), or plain http when cert is None. Creates the VM."""
+        self.stop_sim()
+        self.sim_port = e2e.free_port()
+        args = ["/usr/bin/python3", SIM, "--port", str(self.sim_port), "--state", os.path.join(self.tmp, "sim")]
+        if cert:
+            args += ["--tls-cert", f"{self.pki}/{cert}.pem", "--tls-key", f"{self.pki}/{cert}.key"]
+        if client_ca:
+            args += ["--tls-client-ca", f"{self.pki}/{client_ca}.pem"]
+        self.sim = subprocess.Popen(args, stdout=subprocess.PIPE,
+                                    stderr=open(os.path.join(self.tmp, "sim.log"), "a"))
+        line = self.sim.stdout.readline().decode()
+        want = f"listening on {'https://' if cert else ''}127.0.0.1:{self.sim_port}"
+        assert want in line, f"simulator: {line!r}"
+        if cert:
+            self.sim_ctx = ssl.create_default_context(cafile=f"{self.pki}/ca.pem")
+            self.sim_ctx.check_hostname = False  # the control API: whatever name the case's certificate has
+            self.sim_ctx.load_cert_chain(f"{self.pki}/client.pem", f"{self.pki}/client.key")
+            self.sim_url = f"https://127.0.0.1:{self.sim_port}"
+        else:
+            self.sim_ctx = None
+            self.sim_url = f"http://127.0.0.1:{self.sim_port}"
+        self.sim_post("/_sim/vm", {"vm_path": VM, "seed": 9, "replace": True,
+                                   "disks": {str(k): {"size": s} for k, s in SIZES.items()}})
+
+    def stop_sim(self):
+        if self.sim is not None and self.sim.poll() is None:
+            self.sim.send_signal(signal.SIGTERM)
+            try:
+                self.sim.wait(20)
+            except subprocess.TimeoutExpired:
+                self.sim.kill()
+                self.sim.wait()
+        if self.sim is not None and self.sim.stdout:
+            self.sim.stdout.close()
+        self.sim = None
+
+    def urlopen(self, req):
+        import urllib.request
+        return urllib.request.urlopen(req, timeout=30, context=self.sim_ctx)
+
+    def sim_get(self, path):
+        with self.urlopen(self.sim_url + path) as r:
+            return json.loads(r.read())
+
+    def sim_post(self, path, body):
+        import urllib.request
+        req = urllib.request.Request(self.sim_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with self.urlopen(req) as r:
+            return json.loads(r.read() or b"{}")
+
+    # ---------------------------------------------------------------- the worker
+    def config(self, wid, extra="", sna_url=None, sna_lines=()):
+        path = os.path.join(self.tmp, f"{wid}.conf")
+        sna = "\n".join(sna_lines)
+        with open(path, "w") as f:
+            f.write(f"""[amqp]
+url = {e2e.URL}
+heartbeat_s = 10
+[worker]
+id = {wid}
+max_jobs = 2
+state_dir = {self.state}
+[nbd]
+port_min = {e2e.PORT_MIN}
+port_max = {e2e.PORT_MAX}
+[sna]
+url = {sna_url or self.sim_url}
+poll_interval_s = 1
+max_attempts = 3
+backoff_base_ms = 100
+backoff_cap_s = 1
+connect_timeout_s = 2
+timeout_s = 5
+lost_after = 3
+{sna}
+[credentials]
+dir = {self.creds}
+[log]
+level = debug
+[repositories]
+repo-001 = {self.repo}
+{extra}""")
+        return path
+
+    def start_worker(self, wid, sna_url=None, sna_lines=(), env=None):
+        cfg = self.config(wid, sna_url=sna_url, sna_lines=sna_lines)
+        log = open(os.path.join(self.tmp, f"{wid}.log"), "a")
+        self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log, env=env)
+        return self.workers[wid]
+
+    def close(self):
+        self.stop_workers()
+        self.stop_sim()
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_job(env, failures, job_id, want, sna_url=None, sna_lines=(), worker_env=None):
+    """One worker, one job; checks the outcome. Returns the job's events."""
+    wid = f"w-{job_id}"
+    env.start_worker(wid, sna_url=sna_url, sna_lines=sna_lines, env=worker_env)
+    env.wait_queue()
+    env.publish(vm_message(job_id, VM, [{"key": k, "size_bytes": s} for k, s in SIZES.items()]))
+    try:
+        got = env.wait_terminal(job_id, timeout=90, cleanup=(want != "completed"))
+    except AssertionError as e:
+        got = None
+        failures.append(str(e))
+    codes = env.stop_workers()
+    if codes.get(wid) != 0:
+        failures.append(f"{job_id}: the worker exited {codes.get(wid)} on SIGTERM")
+    evs = check_events(env, job_id, failures)
+    with open(os.path.join(env.tmp, f"{wid}.log"), errors="replace") as fh:
+        log = fh.read()
+    starts = [r for r in env.sim_get("/_sim/requests")["requests"]
+              if r["path"].endswith("/backup/start") and (r.get("body") or {}).get("job_id") == job_id]
+    if want == "completed":
+        if got != "completed":
+            failed = [e for e in evs if e["event"] == "backup.failed"]
+            failures.append(f"{job_id}: {got}, want completed: "
+                            + (f"{failed[0]['reason']}: {failed[0]['message']}" if failed else "no terminal event"))
+        else:
+            snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == job_id]
+            done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
+            for key, d in (snaps[0]["disks"].items() if snaps else []):
+                if subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]]).returncode:
+                    failures.append(f"{job_id}: disk {key} differs from its snapshot")
+        if len(starts) != 1:
+            failures.append(f"{job_id}: the simulator got {len(starts)} start requests (want 1)")
+    else:
+        failed = [e for e in evs if e["event"] == "backup.failed"]
+        if got != "failed" or not failed:
+            failures.append(f"{job_id}: {got}, want failed {want}")
+        else:
+            f = failed[0]
+            if f["reason"] != want:
+                failures.append(f"{job_id}: reason {f['reason']}, want {want} ({f['message']})")
+            tls_lines = [x for x in log.splitlines() if job_id in x and TLS_ERROR.search(x)]
+            if not TLS_ERROR.search(f["message"]) and not tls_lines:
+                failures.append(f"{job_id}: no TLS error in the message ({f['message']!r}) nor in the log")
+            print(f"     {job_id}: backup.failed {f['reason']}: {f['message']}")
+        if starts:
+            failures.append(f"{job_id}: the simulator received {len(starts)} start request(s): TLS did not refuse it")
+    failures += [f"{job_id}: {x}" for x in leftovers(env)]
+    return evs
+
+
+def ca(env):
+    return f"tls_ca_file = {env.pki}/ca.pem"
+
+
+def case_right_ca(env, failures):
+    env.start_sim("localhost")
+    run_job(env, failures, "tls-right-ca", "completed", f"https://localhost:{env.sim_port}", [ca(env)])
+
+
+def case_wrong_ca(env, failures):
+    env.start_sim("localhost")
+    run_job(env, failures, "tls-wrong-ca", "sna_unavailable", f"https://localhost:{env.sim_port}",
+            [f"tls_ca_file = {env.pki}/other-ca.pem"])
+
+
+def case_wrong_name(env, failures):
+    env.start_sim("other")  # signed by the right CA, but for other.example
+    run_job(env, failures, "tls-wrong-name", "sna_unavailable", f"https://localhost:{env.sim_port}", [ca(env)])
+
+
+def case_wrong_name_ip(env, failures):
+    env.start_sim("localhost")
+    run_job(env, failures, "tls-wrong-name-ip", "sna_unavailable", f"https://127.0.0.1:{env.sim_port}", [ca(env)])
+
+
+def case_client_cert(env, failures):
+    env.start_sim("localhost", client_ca="ca")
+    run_job(env, failures, "tls-client-cert", "completed", f"https://localhost:{env.sim_port}",
+            [ca(env), f"tls_cert_file = {env.pki}/client.pem", f"tls_key_file = {env.pki}/client.key"])
+
+
+def case_no_client_cert(env, failures):
+    env.start_sim("localhost", client_ca="ca")
+    run_job(env, failures, "tls-no-client-cert", "sna_unavailable", f"https://localhost:{env.sim_port}", [ca(env)])
+
+
+def case_proxy_ignored(env, failures):
+    trap = ProxyTrap()
+    trap.start()
+    try:
+        penv = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+        for v in PROXY_VARS:
+            penv[v] = f"http://127.0.0.1:{trap.port}"
+        env.start_sim("localhost")
+        run_job(env, failures, "tls-proxy-https", "completed", f"https://localhost:{env.sim_port}", [ca(env)],
+                worker_env=penv)
+        env.start_sim(None)
+        run_job(env, failures, "tls-proxy-http", "completed", f"http://127.0.0.1:{env.sim_port}", [],
+                worker_env=penv)
+    finally:
+        trap.close()
+    if trap.hits:
+        failures.append(f"the worker connected {trap.hits} time(s) to the proxy of its environment")
+
+
+CASES = {"right_ca": case_right_ca, "wrong_ca": case_wrong_ca, "wrong_name": case_wrong_name,
+         "wrong_name_ip": case_wrong_name_ip, "client_cert": case_client_cert,
+         "no_client_cert": case_no_client_cert, "proxy_ignored": case_proxy_ignored}
+
+
+def main():
+    worker, ctl = sys.argv[1], sys.argv[2]
+    names = sys.argv[3:] or list(CASES)
+    env = Env(worker, ctl)
+    passed = failed = 0
+    results = {}
+    try:
+        for name in names:
+            results[name] = e2e.run_case(env, name, CASES[name])
+            if results[name]:
+                passed += 1
+            else:
+                failed += 1
+        if results.get("right_ca") is False and any(results.get(n) for n in ("wrong_ca", "wrong_name", "wrong_name_ip")):
+            print("note: right_ca failed, so the refusals above prove nothing about sna.tls_ca_file")
+        if results.get("client_cert") is False and results.get("no_client_cert"):
+            print("note: client_cert failed, so no_client_cert proves nothing about sna.tls_cert_file")
+        left = leftovers(env)
+        if left:
+            failed += 1
+            print(f"FAIL leftovers: {left}")
+    finally:
+        if failed and os.environ.get("BW_E2E_KEEP"):
+            print(f"kept {env.tmp}")
+        elif failed:
+            for f in sorted(os.listdir(env.tmp)):
+                if f.endswith(".log") and f.startswith("w-"):
+                    lines = open(os.path.join(env.tmp, f), errors="replace").readlines()
+                    print(f"--- {f} (tail)\n" + "".join(lines[-12:]))
+        env.close()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
