@@ -362,6 +362,7 @@ struct bw_sna_call {
 	char *resp;
 	size_t resp_len;
 	bool flooded; /* the last reply was cut at BW_SNA_REPLY_MAX: not an answer */
+	char curl_error[CURL_ERROR_SIZE]; /* curl's own words on a failed transfer */
 	int attempts;
 	int64_t retry_at_ms;
 	struct bw_sna_result result;
@@ -514,6 +515,8 @@ static int launch(struct bw_sna_call *c)
 	curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_data);
 	curl_easy_setopt(c->easy, CURLOPT_WRITEDATA, c);
 	curl_easy_setopt(c->easy, CURLOPT_PRIVATE, c);
+	c->curl_error[0] = '\0';
+	curl_easy_setopt(c->easy, CURLOPT_ERRORBUFFER, c->curl_error);
 	if (c->kind != K_PROGRESS) {
 		curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
 		curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->body.data);
@@ -660,7 +663,11 @@ static bool finished(struct bw_sna_call *c, CURLcode code)
 		c->resp_len = 0;
 	}
 	if (code != CURLE_OK) {
-		const char *e = curl_easy_strerror(code);
+		/* "SSL certificate problem: unable to get local issuer certificate" says more
+		 * than "SSL peer certificate or SSH remote key was not OK" */
+		char e[sizeof(c->curl_error) + 128];
+		snprintf(e, sizeof(e), "%s%s%s", curl_easy_strerror(code), c->curl_error[0] ? ": " : "",
+			 c->curl_error);
 		bw_text_escape(r->error, sizeof(r->error), e, strlen(e));
 		r->http_status = 0;
 	} else {

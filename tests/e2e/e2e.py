@@ -23,7 +23,7 @@ BROKER = os.environ["BW_TEST_BROKER"]
 BROKER_DIR = os.environ["BW_TEST_BROKER_DIR"]
 # nbd.tls of every worker: the suites run once plain ("off") and once with a per-job key
 # ("psk"); ctest registers both.
-NBD_TLS = os.environ.get("BW_E2E_NBD_TLS", "off")
+NBD_TLS = os.environ.get("BW_E2E_NBD_TLS", "")  # "": the worker's default (auto: off on loopback)
 PORT_SHIFT = 1000 if NBD_TLS == "psk" else 0  # the two runs may go side by side under ctest -j
 PORT_MIN, PORT_MAX = 22300, 22311  # 12 ports: two 3-disk jobs fit, three do not
 MiB = 1 << 20
@@ -91,7 +91,7 @@ state_dir = {self.state}
 [nbd]
 port_min = {PORT_MIN + PORT_SHIFT}
 port_max = {PORT_MAX + PORT_SHIFT}
-tls = {NBD_TLS}
+{"tls = " + NBD_TLS if NBD_TLS else ""}
 [sna]
 url = {self.sim_url}
 poll_interval_s = 1
