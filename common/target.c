@@ -426,10 +426,8 @@ static enum bw_chain_fault parse_head(const unsigned char *b, size_t got, struct
 	 * each {be32 type, be32 length, data padded to 8}, type 0 ending them */
 	uint64_t ext_end = backing_offset != 0 ? backing_offset : cluster;
 	h->has_format = false;
-	for (uint64_t at = ext_start;;) {
+	for (uint64_t at = ext_start; at < ext_end;) { /* qemu: no room, no extensions */
 		if (at + 8 > ext_end) {
-			if (ext_end == cluster && at >= ext_end)
-				break; /* no end marker, but the cluster is done: qemu's view too */
 			snprintf(why, whysize, "header extensions overflow at %" PRIu64, at);
 			return BW_CHAIN_BAD_HEADER;
 		}
@@ -578,6 +576,8 @@ static int check_image(struct chain *c, int repo, const char *rel, unsigned char
 		}
 	seen[(*n_seen)++] = st;
 
+	/* would a write lock on qemu's byte conflict? (a filesystem that cannot answer, as
+	 * some network ones, is not refused: qemu itself then runs without locks) */
 	struct flock lk = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
 			   .l_start = QEMU_LOCK_WRITE_BYTE, .l_len = 1};
 	if (fcntl(fd, F_OFD_GETLK, &lk) == 0 && lk.l_type != F_UNLCK) {

@@ -418,6 +418,14 @@ static void test_chain_formats_and_headers(void **state)
 	accepted("nofmt.qcow2");
 	patch("nofmt.qcow2", ext, "\x0b\xad\xf0\x0d", 4);
 	refused("nofmt.qcow2", BW_EINVAL, BW_CHAIN_NO_FORMAT, "nofmt.qcow2", "no backing format");
+	/* an old version 2 layout: the backing name right after the header, no extensions */
+	assert_int_equal(sh_in_repo("qemu-img create -q -f qcow2 -o compat=0.10 -b base.qcow2 "
+				    "-F qcow2 old.qcow2 1M"),
+			 0);
+	accepted("old.qcow2");
+	patch("old.qcow2", 72, "base.qcow2", 10);
+	patch("old.qcow2", 8, "\0\0\0\0\0\0\0\x48", 8); /* backing_file_offset 72 */
+	refused("old.qcow2", BW_EINVAL, BW_CHAIN_NO_FORMAT, "old.qcow2", "no backing format");
 
 	/* truncated and garbage headers */
 	assert_int_equal(sh_in_repo("for n in 0 2 50 103; do head -c $n base.qcow2 >cut$n.qcow2; "
