@@ -27,6 +27,8 @@ static int setup(void **state)
 static int teardown(void **state)
 {
 	(void)state;
+	/* what the chain tests put next to the repository, also when one failed midway */
+	bw_test_sh("rm -f '%s-o.qcow2' '%s-alias'", repo, repo);
 	return bw_test_rmdir(repo);
 }
 
