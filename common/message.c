@@ -2,17 +2,16 @@
 #include "message.h"
 #include "buf.h"
 #include "json.h"
+#include "target.h"
 #include "text.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define KEY_MAX 2147483647LL
@@ -736,48 +735,6 @@ out:
 
 /* ---- host rules ------------------------------------------------------------------------- */
 
-/* NULL when repo/rel is a qcow2 file inside repo, else the rule it breaks. */
-static const char *parent_rule(const char *repo, const char *rel, char *detail, size_t size)
-{
-	char joined[PATH_MAX], real_repo[PATH_MAX], real[PATH_MAX];
-	if ((size_t)snprintf(joined, sizeof(joined), "%s/%s", repo, rel) >= sizeof(joined)) {
-		snprintf(detail, size, "path too long");
-		return "not_found";
-	}
-	if (realpath(repo, real_repo) == NULL) {
-		snprintf(detail, size, "repository %s: %s", repo, strerror(errno));
-		return "not_found";
-	}
-	if (realpath(joined, real) == NULL) {
-		snprintf(detail, size, "%s", strerror(errno));
-		return "not_found";
-	}
-	size_t rn = strlen(real_repo);
-	if (strncmp(real, real_repo, rn) != 0 || (real[rn] != '/' && strcmp(real_repo, "/") != 0)) {
-		snprintf(detail, size, "it resolves outside the repository");
-		return "outside_repository";
-	}
-	int fd = open(real, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-	if (fd < 0) {
-		snprintf(detail, size, "%s", strerror(errno));
-		return "not_found";
-	}
-	struct stat st;
-	unsigned char magic[4] = {0};
-	bool regular = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-	bool qcow2 = regular && read(fd, magic, 4) == 4 && memcmp(magic, "QFI\xfb", 4) == 0;
-	close(fd);
-	if (!regular) {
-		snprintf(detail, size, "not a regular file");
-		return "not_found";
-	}
-	if (!qcow2) {
-		snprintf(detail, size, "not a qcow2 image");
-		return "not_qcow2";
-	}
-	return NULL;
-}
-
 int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config *cfg,
 			  struct bw_verdict **verdict)
 {
@@ -803,13 +760,21 @@ int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config
 	for (size_t i = 0; repo && i < spec->n_disks; i++) {
 		if (spec->disks[i].parent_path == NULL)
 			continue;
-		const char *rule = parent_rule(repo, spec->disks[i].parent_path, detail,
+		/* the whole chain, as right before the overlay is served (CONTRACT §5); a
+		 * system error (EIO, no openat2) is reported as the rule "unreadable" too:
+		 * the worker could not serve this parent either */
+		enum bw_chain_fault fault = BW_CHAIN_OK;
+		int rc = bw_target_check_chain(repo, spec->disks[i].parent_path, &fault, detail,
 					       sizeof(detail));
-		if (rule == NULL)
+		if (rc == 0)
 			continue;
+		if (rc == BW_ENOMEM) {
+			c.oom = true;
+			break;
+		}
 		snprintf(path, sizeof(path), "disks[%zu].parent_path", i);
-		violate(&c, BW_REJECT_INVALID_PARENT, path, rule, "parent image unusable: %s",
-			detail);
+		violate(&c, BW_REJECT_INVALID_PARENT, path, bw_target_chain_rule(fault),
+			"parent image unusable: %s", detail);
 	}
 	close_verdict(&c);
 	if (c.oom) {

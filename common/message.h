@@ -95,10 +95,12 @@ int bw_message_parse(const char *body, size_t len, size_t max_bytes, struct bw_j
 
 /*
  * Checks the host's rules for a valid spec: the repository is configured, the credential
- * file <credentials.dir>/<credential_id>.json exists, and every parent_path names a qcow2
- * file inside the repository (symlinks resolved). Returns 0, or BW_EMESSAGE with *verdict
- * (reason unknown_repository, unknown_credential or invalid_parent; its job_id is the
- * spec's, its doc NULL), or BW_ENOMEM.
+ * file <credentials.dir>/<credential_id>.json exists, and every parent_path passes
+ * bw_target_check_chain (resolved beneath the repository, its whole backing chain inside
+ * it, in qcow2 with explicit formats): one violation per bad parent, path
+ * "disks[N].parent_path", rule bw_target_chain_rule() of its fault. Returns 0, or
+ * BW_EMESSAGE with *verdict (reason unknown_repository, unknown_credential or
+ * invalid_parent; its job_id is the spec's, its doc NULL), or BW_ENOMEM.
  */
 int bw_message_check_host(const struct bw_job_spec *spec, const struct bw_config *cfg,
 			  struct bw_verdict **verdict) BW_MUST_CHECK;

@@ -44,19 +44,72 @@ int bw_target_path(const struct bw_target *t, char *out, size_t size) BW_MUST_CH
  * `qemu-img create -f qcow2` makes it but without a process (it cost 20 ms per image);
  * for an incremental disk an overlay with backing format qcow2 and the backing path
  * stored relative to the image, so the repository can move. For a parent, see
- * bw_target_check_parent first. Returns 0; BW_EEXIST; BW_EPERM; BW_EINVAL (a size no
+ * bw_target_check_chain first. Returns 0; BW_EEXIST; BW_EPERM; BW_EINVAL (a size no
  * qcow2 holds); BW_EIO... On failure nothing is left behind (the file is removed).
  */
 int bw_target_create(const struct bw_target *t, char *err, size_t errsize) BW_MUST_CHECK;
 
 /*
- * Checks a parent image for an incremental: inside the repository after resolving
- * symlinks, a regular file, a qcow2 by `qemu-img info`, and not locked for writing by a
- * running process. Returns 0; BW_ENOENT; BW_EPERM (outside the repository); BW_EINVAL (not
- * a qcow2); BW_EBUSY (locked for writing); detail in err.
+ * Why a parent's backing chain is refused: X(NAME, rule, code). rule is the violation
+ * name of the host rule (README, "Violation names"), code what bw_target_check_chain
+ * returns for it.
  */
-int bw_target_check_parent(const char *qemu_img, const char *repository, const char *parent_path,
-			   char *err, size_t errsize) BW_MUST_CHECK;
+#define BW_CHAIN_FAULT_MAP(X)                                                              \
+	X(NOT_FOUND, "not_found", BW_ENOENT)         /* missing, or not a regular file */   \
+	X(OUTSIDE, "outside_repository", BW_EPERM)   /* resolves out of the repository */   \
+	X(PROTOCOL, "backing_protocol", BW_EPERM)    /* json:, nbd:, file:... (qemu's rule) */ \
+	X(NOT_QCOW2, "not_qcow2", BW_EINVAL)         /* no qcow2 magic, or version not 2/3 */ \
+	X(BAD_HEADER, "bad_header", BW_EINVAL)       /* truncated or inconsistent header */ \
+	X(NO_FORMAT, "backing_format_missing", BW_EINVAL) /* qemu would probe it */         \
+	X(FORMAT, "backing_format_not_qcow2", BW_EINVAL)  /* raw, vmdk... */                \
+	X(CORRUPT, "image_corrupt", BW_EINVAL)       /* incompatible feature bit 1 */       \
+	X(DIRTY, "image_dirty", BW_EINVAL)           /* incompatible feature bit 0 */       \
+	X(UNSUPPORTED, "unsupported_feature", BW_ENOTSUP) /* external data file, encryption */ \
+	X(LOOP, "chain_loop", BW_EINVAL)             /* an image met twice (device, inode) */ \
+	X(TOO_DEEP, "chain_too_deep", BW_EINVAL)     /* more than BW_CHAIN_MAX images */    \
+	X(TOO_LONG, "path_too_long", BW_ERANGE)      /* qemu's path to it passes PATH_MAX */ \
+	X(IN_USE, "in_use", BW_EBUSY)                /* a process holds its write lock */   \
+	X(UNREADABLE, "unreadable", BW_EIO)          /* a system error; code from errno */
+
+enum bw_chain_fault {
+	BW_CHAIN_OK = 0,
+#define BW__CHAIN_ENUM(name, rule, code) BW_CHAIN_##name,
+	BW_CHAIN_FAULT_MAP(BW__CHAIN_ENUM)
+#undef BW__CHAIN_ENUM
+};
+
+/* Returns the static rule name of fault ("ok" for BW_CHAIN_OK, "unknown" past the table). */
+const char *bw_target_chain_rule(enum bw_chain_fault fault);
+
+/* The most images a parent's chain may hold, the parent included (a header read each). */
+#define BW_CHAIN_MAX 256
+
+/*
+ * Checks the parent of an incremental and its whole backing chain, as qemu will open them
+ * when the overlay <repository>/<vm dir>/<key>/<job>.qcow2 (backing "../../<parent_path>")
+ * is served. Every image:
+ *   - is opened with openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) from the repository's
+ *     directory: "..", an absolute symlink, or a relative symlink that leads out is refused
+ *     (outside_repository); a relative symlink that stays inside is followed, as qemu will;
+ *   - is a regular file (a FIFO or a directory is refused, never opened for reading), met
+ *     once (device, inode), at most BW_CHAIN_MAX deep, held for writing by no process
+ *     (qemu's write-permission lock byte, tested with F_OFD_GETLK: never waits);
+ *   - is a qcow2 of version 2 or 3 whose header (first 64 KiB) is complete and consistent,
+ *     neither corrupt nor dirty, without an external data file or encryption;
+ *   - names its backing file, if any, as a plain path (no protocol prefix or json:) with
+ *     the backing format extension saying "qcow2". A relative name is taken relative to
+ *     the directory of the name of the image that holds it (qemu's rule: lexically, not
+ *     after resolving a symlink); an absolute one must begin with the repository's path
+ *     (as given, or after resolving its symlinks).
+ * Reads headers only: no process, no lock taken, nothing written; a few system calls per
+ * image. Returns 0; else writes a one-line reason naming the image into err and, when fault
+ * is not NULL, the fault into *fault, and returns the fault's code (BW_CHAIN_FAULT_MAP):
+ * BW_ENOENT, BW_EPERM, BW_EINVAL, BW_ERANGE, BW_ENOTSUP, BW_EBUSY; for UNREADABLE the
+ * errno's (BW_EPERM for EACCES, BW_ENOTSUP when the kernel has no openat2 (Linux < 5.6 or
+ * a seccomp filter), BW_EIO, BW_ENOMEM...).
+ */
+int bw_target_check_chain(const char *repository, const char *parent_path,
+			  enum bw_chain_fault *fault, char *err, size_t errsize) BW_MUST_CHECK;
 
 /*
  * Checks a finished image in two halves, for an event loop: bw_image_check_start starts

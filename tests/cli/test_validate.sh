@@ -68,6 +68,20 @@ check "parent missing named" [ "$out" = "$tmp/host.json: disks[0].parent_path: n
 qemu-img create -q -f qcow2 "$tmp/repo/vm/base.qcow2" 1M
 "$ctl" --config "$tmp/bw.conf" validate "$tmp/host.json"
 check "real qcow2 parent accepted" [ $? -eq 0 ]
+# the whole backing chain: a backing file outside, a raw one, one without a format
+qemu-img create -q -f qcow2 "$tmp/outside.qcow2" 1M
+mv "$tmp/repo/vm/base.qcow2" "$tmp/repo/vm/real.qcow2"
+qemu-img create -q -f qcow2 -u -b ../../outside.qcow2 -F qcow2 "$tmp/repo/vm/base.qcow2" 1M
+out=$("$ctl" --config "$tmp/bw.conf" validate -v "$tmp/host.json")
+check "backing file outside: exit 1" [ $? -eq 1 ]
+check "backing file outside named" grep -q "^$tmp/host.json: disks\[0\].parent_path: outside_repository: .*outside.qcow2.*leads out" <<<"$out"
+qemu-img create -q -f raw "$tmp/repo/vm/raw.img" 1M
+qemu-img create -q -f qcow2 -u -b raw.img -F raw "$tmp/repo/vm/base.qcow2" 1M
+out=$("$ctl" --config "$tmp/bw.conf" validate "$tmp/host.json")
+check "raw backing file named" [ "$out" = "$tmp/host.json: disks[0].parent_path: backing_format_not_qcow2" ]
+qemu-img create -q -f qcow2 -b real.qcow2 -F qcow2 "$tmp/repo/vm/base.qcow2" 1M
+"$ctl" --config "$tmp/bw.conf" validate "$tmp/host.json"
+check "qcow2 chain accepted" [ $? -eq 0 ]
 out=$("$ctl" --config "$tmp/bw.conf" --set repositories.repo-001=/nonexistent validate "$tmp/host.json")
 check "repository path gone: parent not found" [ "$out" = "$tmp/host.json: disks[0].parent_path: not_found" ]
 sed 's/"vc"/"other"/; s/"repo-001"/"repo-009"/' "$tmp/host.json" >"$tmp/host2.json"

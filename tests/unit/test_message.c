@@ -338,14 +338,27 @@ static void test_host_rules(void **state)
 	assert_int_equal(mkdir(path, 0700), 0);
 	snprintf(path, sizeof(path), "%s/creds/vc.json", dir);
 	write_file(path, "{}", 2, 0600);
-	snprintf(path, sizeof(path), "%s/repo/vm/parent.qcow2", dir);
-	write_file(path, "QFI\xfb\0\0\0\3", 8, 0640);
 	snprintf(path, sizeof(path), "%s/repo/vm/raw.img", dir);
 	write_file(path, "RAW!", 4, 0640);
-	snprintf(path, sizeof(path), "%s/outside.qcow2", dir);
-	write_file(path, "QFI\xfb\0\0\0\3", 8, 0640);
+	snprintf(path, sizeof(path), "%s/repo/vm/cut.qcow2", dir);
+	write_file(path, "QFI\xfb\0\0\0\3", 8, 0640); /* the magic, then nothing */
 	snprintf(path, sizeof(path), "%s/repo/vm/escape.qcow2", dir);
 	assert_int_equal(symlink("../../outside.qcow2", path), 0);
+	/* real images: a parent, chains leaving the repository, with a raw backing, a loop */
+	char cmd[4096];
+	snprintf(cmd, sizeof(cmd),
+		 "cd '%s' && qemu-img create -q -f qcow2 outside.qcow2 1M && cd repo/vm && "
+		 "qemu-img create -q -f qcow2 parent.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -b parent.qcow2 -F qcow2 inc.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b ../../outside.qcow2 -F qcow2 out.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b '%s/outside.qcow2' -F qcow2 abs.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b raw.img -F raw on-raw.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b 'nbd://127.0.0.1:10809/x' -F qcow2 nbd.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b loop2.qcow2 -F qcow2 loop1.qcow2 1M && "
+		 "qemu-img create -q -f qcow2 -u -b loop1.qcow2 -F qcow2 loop2.qcow2 1M && "
+		 "mkfifo fifo.qcow2",
+		 dir, dir);
+	assert_int_equal(system(cmd), 0);
 
 	snprintf(set_repo, sizeof(set_repo), "repositories.repo-001=%s/repo", dir);
 	snprintf(set_cred, sizeof(set_cred), "credentials.dir=%s/creds", dir);
@@ -379,6 +392,21 @@ static void test_host_rules(void **state)
 		{"repo-001", "vc", "vm/escape.qcow2", BW_REJECT_INVALID_PARENT,
 		 "disks[1].parent_path: outside_repository"},
 		{"repo-001", "vc", "vm", BW_REJECT_INVALID_PARENT, "disks[1].parent_path: not_found"},
+		{"repo-001", "vc", "vm/fifo.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: not_found"},
+		{"repo-001", "vc", "vm/inc.qcow2", BW_REJECT_NONE, NULL},
+		{"repo-001", "vc", "vm/out.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: outside_repository"},
+		{"repo-001", "vc", "vm/abs.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: outside_repository"},
+		{"repo-001", "vc", "vm/on-raw.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: backing_format_not_qcow2"},
+		{"repo-001", "vc", "vm/nbd.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: backing_protocol"},
+		{"repo-001", "vc", "vm/loop1.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: chain_loop"},
+		{"repo-001", "vc", "vm/cut.qcow2", BW_REJECT_INVALID_PARENT,
+		 "disks[1].parent_path: bad_header"},
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		char body[1024];
@@ -402,8 +430,32 @@ static void test_host_rules(void **state)
 		bw_verdict_free(vd);
 		bw_job_spec_free(spec);
 	}
+
+	/* every bad parent gets its own violation, in disk order, with its own rule */
+	const char *two = "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\","
+			  "\"path\":\"/p\"},\"backup_type\":\"incremental\",\"repository_id\":"
+			  "\"repo-001\",\"credential_id\":\"vc\",\"disks\":["
+			  "{\"key\":1,\"size_bytes\":512,\"parent_path\":\"vm/out.qcow2\","
+			  "\"previous_change_id\":\"c\"},"
+			  "{\"key\":2,\"size_bytes\":512,\"parent_path\":\"vm/inc.qcow2\","
+			  "\"previous_change_id\":\"c\"},"
+			  "{\"key\":3,\"size_bytes\":512,\"parent_path\":\"vm/loop2.qcow2\","
+			  "\"previous_change_id\":\"c\"}]}";
+	struct bw_job_spec *spec = NULL;
+	struct bw_verdict *vd = NULL;
+	assert_int_equal(bw_message_parse(two, strlen(two), 262144, &spec, &vd), 0);
+	assert_int_equal(bw_message_check_host(spec, cfg, &vd), BW_EMESSAGE);
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_PARENT);
+	assert_int_equal(vd->n, 2);
+	assert_string_equal(vd->v[0].path, "disks[0].parent_path");
+	assert_string_equal(vd->v[0].rule, "outside_repository");
+	assert_non_null(strstr(vd->v[0].message, "outside.qcow2"));
+	assert_string_equal(vd->v[1].path, "disks[2].parent_path");
+	assert_string_equal(vd->v[1].rule, "chain_loop");
+	bw_verdict_free(vd);
+	bw_job_spec_free(spec);
+
 	bw_config_free(cfg);
-	char cmd[PATH_MAX + 16];
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
 	assert_int_equal(system(cmd), 0);
 }
