@@ -61,7 +61,7 @@ static void put_targets(struct bw_buf *b, const struct bw_sna_start_request *r)
 	char url[512];
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_sna_target *t = &r->disks[i];
-		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls_psk);
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls);
 		bw_buf_printf(b, "%s%" PRId64 ":%s", i ? "," : "", t->key, url);
 	}
 }
@@ -105,7 +105,7 @@ static void start_body(struct bw_buf *b, const struct bw_sna_start_request *r)
 	for (size_t i = 0; i < r->n_disks; i++) {
 		const struct bw_sna_target *t = &r->disks[i];
 		char url[512];
-		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls_psk);
+		bw_sna_nbd_url(url, sizeof(url), r->nbd_host, t->port, t->export_name, r->tls);
 		bw_buf_printf(b, "%s{\"key\":%" PRId64 ",", i ? "," : "", t->key);
 		put_str(b, "nbd_url", url, true);
 		bw_buf_printf(b, "\"size_bytes\":%" PRId64 ",", t->size_bytes);
@@ -113,7 +113,7 @@ static void start_body(struct bw_buf *b, const struct bw_sna_start_request *r)
 		bw_buf_puts(b, "}");
 	}
 	bw_buf_puts(b, "]");
-	if (r->tls_psk) {
+	if (r->tls) {
 		bw_buf_puts(b, ",\"nbd_tls\":{\"mode\":\"psk\",");
 		put_str(b, "identity", BW_PSK_IDENTITY, true);
 		put_str(b, "psk", r->tls_psk, false);
@@ -567,7 +567,9 @@ int bw_sna_start(struct bw_sna *s, const struct bw_sna_start_request *r, bw_sna_
 {
 	if (!bw_text_is_safe_id(r->job_id, strlen(r->job_id)))
 		return BW_EINVAL;
-	if (r->tls_psk && !s->private_path)
+	if (r->tls && (r->tls_psk == NULL || strlen(r->tls_psk) != BW_PSK_HEX_SIZE - 1))
+		return BW_EINVAL;
+	if (r->tls && !s->private_path)
 		return BW_EPERM;
 	struct bw_sna_call *c = call_new(s, K_START, r->job_id);
 	if (c == NULL)

@@ -59,8 +59,9 @@ struct bw_sna_start_request {
 	const char *nbd_host; /* nbd.advertise_host: a name, IPv4 or IPv6 address */
 	const struct bw_sna_target *disks;
 	size_t n_disks;
-	/* NULL: plain NBD; else the job's PSK (64 hex digits): nbds:// URLs and nbd_tls
-	 * {mode "psk", identity BW_PSK_IDENTITY, psk} in the body (CONTRACT §3.1) */
+	/* exports served with TLS: nbds:// URLs, and the body carries nbd_tls {mode "psk",
+	 * identity BW_PSK_IDENTITY, psk: tls_psk, the job's 64 hex digits} (CONTRACT §3.1) */
+	bool tls;
 	const char *tls_psk;
 };
 
@@ -182,7 +183,8 @@ void bw_sna_free(struct bw_sna *s);
  * timeouts and connection errors with full jitter (bw_backoff_ms) up to max_attempts
  * requests in all, always with the same key; 200/202/409 = OK; another 4xx ends at once
  * (REJECTED). cb runs once, from bw_sna_perform. *call (may be NULL) identifies it for
- * bw_sna_cancel. Returns 0, BW_EINVAL (a job_id outside the safe alphabet), BW_EPERM (a key
+ * bw_sna_cancel. Returns 0, BW_EINVAL (a job_id outside the safe alphabet, tls without a
+ * key), BW_EPERM (a key
  * would travel in plain http to an SNA that is not on loopback: CONTRACT §3.1) or BW_ENOMEM.
  * No proxy is ever used (the environment's http_proxy and the like are ignored).
  */

@@ -449,6 +449,22 @@ static int record_servers(struct job *j)
 static void start_servers(struct job *j)
 {
 	char err[700];
+	/* every parent and its whole chain checked again right before its overlay is served
+	 * (CONTRACT §5): it may have changed since the message was checked */
+	for (size_t i = 0; i < j->n_disks; i++) {
+		struct job_disk *d = &j->disks[i];
+		if (d->parent_path == NULL)
+			continue;
+		int rc = bw_target_check_chain(j->repository, d->parent_path, NULL, err, sizeof(err));
+		if (rc != 0) {
+			copy_text(d->error, sizeof(d->error), err);
+			job_fail(j, rc == BW_EIO || rc == BW_ENOMEM || rc == BW_ESYS
+					    ? BW_FAIL_INTERNAL_ERROR
+					    : BW_FAIL_TARGET_ERROR,
+				 "disk %" PRId64 ": parent %s", d->key, err);
+			return;
+		}
+	}
 	for (size_t i = 0; i < j->n_disks; i++) {
 		if (spawn_disk(j, &j->disks[i], err, sizeof(err)) != 0) {
 			if (record_servers(j) != 0)
@@ -494,6 +510,7 @@ static struct bw_sna_start_request sna_request(struct job *j, struct bw_sna_targ
 		.nbd_host = host,
 		.disks = targets,
 		.n_disks = j->n_disks,
+		.tls = j->tls,
 	};
 }
 

@@ -202,7 +202,7 @@ static void test_start_request(void **state)
 				     {16000, 512, 10101, "bk-1-16000", "52 3c/\"4\""}};
 	struct bw_sna_start_request r = {"bk-1", "db, \"prod\" / shard 1 \xf0\x9f\x98\x80", "/DC/vm/db",
 					 "vc.example", "backup@vsphere.local", "p\"w\\d\n", true,
-					 "fd00::1", t, 2, NULL};
+					 "fd00::1", t, 2, false, NULL};
 	char *targets = NULL;
 	assert_int_equal(bw_sna_targets(&r, &targets), 0);
 	assert_string_equal(targets, "2000:nbd://[fd00::1]:10100/bk-1-2000,"
@@ -213,7 +213,7 @@ static void test_start_request(void **state)
 	assert_string_equal(url, "nbd://127.0.0.1:10100/bk-1-2000");
 	bw_sna_nbd_url(url, sizeof(url), "hub.example", 10100, "bk-1-2000", true);
 	assert_string_equal(url, "nbds://hub.example:10100/bk-1-2000");
-	r.tls_psk = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+	r.tls = true;
 	assert_int_equal(bw_sna_targets(&r, &targets), 0);
 	assert_string_equal(targets, "2000:nbds://[fd00::1]:10100/bk-1-2000,"
 				     "16000:nbds://[fd00::1]:10101/bk-1-16000");
@@ -226,7 +226,7 @@ static void test_key_only_on_a_private_path(void **state)
 	(void)state;
 	struct bw_sna_target t[1] = {{2000, 1048576, 10100, "bk-1-2000", NULL}};
 	struct bw_sna_start_request r = {"bk-1", "vm", "/DC/vm/vm", "vc", "u", "p", false, "hub", t, 1,
-					 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"};
+					 true, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"};
 	static const struct {
 		const char *url;
 		int rc;
@@ -240,8 +240,11 @@ static void test_key_only_on_a_private_path(void **state)
 		assert_int_equal(bw_sna_new(&s, &o), 0);
 		if (bw_sna_start(s, &r, NULL, NULL, NULL) != cases[i].rc)
 			fail_msg("%s: not %d", cases[i].url, cases[i].rc);
-		r.tls_psk = NULL; /* plain NBD: nothing secret of ours in the body beyond the password */
+		r.tls = false; /* plain NBD: nothing secret of ours in the body beyond the password */
 		assert_int_equal(bw_sna_start(s, &r, NULL, NULL, NULL), 0);
+		r.tls = true;
+		r.tls_psk = NULL;
+		assert_int_equal(bw_sna_start(s, &r, NULL, NULL, NULL), BW_EINVAL);
 		r.tls_psk = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 		bw_sna_free(s);
 	}
