@@ -9,6 +9,8 @@
 #include <amqp_tcp_socket.h>
 #include <errno.h>
 #include <limits.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,6 +134,36 @@ static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, ch
 	return BW_EAMQP;
 }
 
+/*
+ * librabbitmq-c 0.11 gives the socket a bare SSL_CTX and only amqp_ssl_socket_set_cacert
+ * fills its trust store, so without a CA file nothing could be verified. "The system's
+ * CAs" is OpenSSL's default store, loaded the way openssl s_client and curl's OpenSSL
+ * builds do: $SSL_CERT_FILE else X509_get_default_cert_file() (Debian:
+ * /usr/lib/ssl/cert.pem -> /etc/ssl/certs/ca-certificates.crt), plus the hashed
+ * directory $SSL_CERT_DIR else X509_get_default_cert_dir() (/usr/lib/ssl/certs). OpenSSL
+ * resolves the paths itself; a missing file is no error (verification then fails and
+ * connect_err names the store). The context is librabbitmq's own: we link the same libssl.
+ */
+static int trust_system_cas(amqp_socket_t *sock)
+{
+	return SSL_CTX_set_default_verify_paths(amqp_ssl_socket_get_context(sock)) == 1 ? 0
+											: BW_ENOMEM;
+}
+
+/* " (verified against ...)": the CA file, or where OpenSSL's default store is read from. */
+static void trust_text(char *buf, size_t size, const char *ca_file)
+{
+	if (ca_file) {
+		snprintf(buf, size, " (verified against the CA file %s)", ca_file);
+		return;
+	}
+	const char *file = getenv(X509_get_default_cert_file_env());
+	const char *dir = getenv(X509_get_default_cert_dir_env());
+	snprintf(buf, size, " (verified against the system's CAs: %s%s and %s%s)",
+		 file ? "$SSL_CERT_FILE=" : "", file ? file : X509_get_default_cert_file(),
+		 dir ? "$SSL_CERT_DIR=" : "", dir ? dir : X509_get_default_cert_dir());
+}
+
 static amqp_table_entry_t entry_bool(const char *k, bool v)
 {
 	amqp_table_entry_t e;
@@ -192,6 +224,8 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 			rc = BW_ECONFIG;
 			goto out;
 		}
+		if (o->tls_ca_file == NULL && o->tls_verify_peer && trust_system_cas(sock) != 0)
+			goto out; /* rc is BW_ENOMEM */
 		if (o->tls_cert_file && o->tls_key_file &&
 		    amqp_ssl_socket_set_key(sock, o->tls_cert_file, o->tls_key_file)) {
 			snprintf(err, errsize, "TLS client certificate %s / key %s unusable",
@@ -203,8 +237,11 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 	struct timeval tv = tv_ms(o->timeout_ms);
 	int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
 	if (st != AMQP_STATUS_OK) {
-		snprintf(err, errsize, "connect %s:%d: %s", info.host, info.port,
-			 amqp_error_string2(st));
+		char store[600] = "";
+		if (st == AMQP_STATUS_SSL_PEER_VERIFY_FAILED)
+			trust_text(store, sizeof(store), o->tls_ca_file);
+		snprintf(err, errsize, "connect %s:%d: %s%s", info.host, info.port,
+			 amqp_error_string2(st), store);
 		rc = st == AMQP_STATUS_SSL_PEER_VERIFY_FAILED ||
 				     st == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED ||
 				     st == AMQP_STATUS_SSL_CONNECTION_FAILED

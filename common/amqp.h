@@ -22,7 +22,8 @@ struct bw_amqp_opts {
 	int heartbeat_s;  /* > 0 */
 	int timeout_ms;   /* connect, login, every RPC */
 	const char *name; /* shown by rabbitmqctl list_connections (connection_name) */
-	const char *tls_ca_file;
+	const char *tls_ca_file; /* PEM CAs; NULL: the system's (OpenSSL's default store,
+				    $SSL_CERT_FILE / $SSL_CERT_DIR honoured) */
 	const char *tls_cert_file;
 	const char *tls_key_file;
 	bool tls_verify_peer;     /* default true */

@@ -61,12 +61,12 @@ sys() { env -u SSL_CERT_FILE -u SSL_CERT_DIR "$@"; }
 url="amqps://guest:guest@localhost:$TLS_PORT"
 out=$(sys "$probe" "$url" "")
 check "no CA file, the machine's store refuses the test CA ($out)" \
-	bash -c 'grep -q "^refused (BW_ECONFIG)" <<<"$1"' _ "$out"
+	bash -c 'grep -q "^refused (BW_ECONFIG).*verified against the system.s CAs" <<<"$1"' _ "$out"
 out=$(sys SSL_CERT_FILE="$broker/tls/ca.pem" SSL_CERT_DIR="$tmp/empty" "$probe" "$url" "")
 check "no CA file, SSL_CERT_FILE = the CA connects ($out)" [ "$out" = connected ]
 out=$(sys SSL_CERT_FILE="$tmp/other/ca.pem" SSL_CERT_DIR="$tmp/empty" "$probe" "$url" "")
 check "no CA file, SSL_CERT_FILE = an unrelated CA refused ($out)" \
-	bash -c 'grep -q "^refused (BW_ECONFIG)" <<<"$1"' _ "$out"
+	bash -c 'grep -q "^refused (BW_ECONFIG).*SSL_CERT_FILE=$2" <<<"$1"' _ "$out" "$tmp/other/ca.pem"
 out=$(sys SSL_CERT_FILE="$tmp/other/ca.pem" SSL_CERT_DIR="$tmp/hashed" "$probe" "$url" "")
 check "no CA file, SSL_CERT_DIR holding the CA connects ($out)" [ "$out" = connected ]
 out=$(sys SSL_CERT_FILE="$broker/tls/ca.pem" SSL_CERT_DIR="$tmp/empty" \
