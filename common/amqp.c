@@ -509,8 +509,8 @@ static int inbound_header(struct bw_amqp *c, uint64_t size, char *err, size_t er
  * (or are hashed and dropped when too large), anything else goes to handle_frame. Sets
  * *got and fills *d when the last body frame arrived.
  */
-static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_delivery *d,
-			 bool *got, char *err, size_t errsize)
+static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_delivery *d, bool *got,
+			 char *err, size_t errsize)
 {
 	struct inbound *in = &c->in;
 	bool method = f->frame_type == AMQP_FRAME_METHOD;

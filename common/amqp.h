@@ -74,9 +74,9 @@ struct bw_delivery {
 	char *body; /* malloc'd, NUL-terminated; len excludes the NUL. NULL when too_large */
 	size_t len; /* too_large: the size the broker declared (SIZE_MAX when larger) */
 	/*
-	 * The body was over the connection's message limit (bw_amqp_limit_messages): its frames were read and dropped as they
-	 * came, never held, and digest is the FNV-1a 64 of what was dropped (what bw_fnv1a64
-	 * of the whole body gives). Settle it like any other delivery.
+	 * The body was over the connection's message limit (bw_amqp_limit_messages): its frames
+	 * were read and dropped as they came, never held, and digest is the FNV-1a 64 of what was
+	 * dropped (what bw_fnv1a64 of the whole body gives). Settle it like any other delivery.
 	 */
 	bool too_large;
 	uint64_t digest; /* too_large only; 0 otherwise */

@@ -609,7 +609,7 @@ static void test_resource_alarm_blocks_publishing_not_consuming(void **state)
 #ifdef __SANITIZE_ADDRESS__
 /* ASan's allocator interface (gcc 12 ships no header for it). */
 int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void *, size_t),
-					       void (*free_hook)(const volatile void *));
+					      void (*free_hook)(const volatile void *));
 size_t __sanitizer_get_allocated_size(const volatile void *p);
 
 /* Heap bytes allocated and not freed since tracking began, and their peak. */
