@@ -8,7 +8,10 @@
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,12 +20,32 @@
 
 #define CHANNEL 1
 #define FRAME_MAX 131072
-#define MESSAGE_WAIT_MS 2000 /* the rest of a message whose first frame arrived */
+/* Frames one bw_amqp_poll handles at most (8 MiB of body at FRAME_MAX): the loop's other
+   work gets its turn while a large body streams in. */
+#define POLL_FRAMES 64
 
 struct pending_publish {
 	uint64_t seq;
 	char *id;
 	bool returned;
+};
+
+/*
+ * The delivery whose frames are being read. 0-9-1 never interleaves other frames of a
+ * channel with a message's content frames, so one per connection is enough. The body is
+ * read frame by frame here rather than by amqp_consume_message, which mallocs the size
+ * the broker declares before reading a byte and lets the channel's pool grow by every
+ * frame of the message.
+ */
+struct inbound {
+	enum { IN_NONE, IN_HEADER, IN_BODY } stage;
+	uint64_t tag;
+	bool redelivered;
+	bool too_large;  /* over max_message_bytes: frames are hashed and dropped */
+	uint64_t size;   /* declared by the content header */
+	uint64_t got;
+	char *body;      /* malloc'd size + 1; NULL when too_large */
+	uint64_t digest; /* FNV-1a 64 of what was dropped so far */
 };
 
 struct bw_amqp {
@@ -36,6 +59,8 @@ struct bw_amqp {
 	char *queue;
 	int prefetch;
 	bool consuming;
+	size_t max_message_bytes; /* 0: no limit */
+	struct inbound in;
 
 	/* publisher */
 	bool confirms;
@@ -53,6 +78,13 @@ static struct timeval tv_ms(int ms)
 static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg,
 			      const char *why);
 
+/* Forgets a half-read delivery (its channel or connection is gone). */
+static void inbound_reset(struct bw_amqp *c)
+{
+	free(c->in.body);
+	memset(&c->in, 0, sizeof(c->in));
+}
+
 /*
  * The broker closed our channel: answer it, fail what was in flight, and open it again:
  * older delivery tags go stale, the consumer registers again on the next poll, confirm
@@ -63,6 +95,7 @@ static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
 	amqp_channel_close_ok_t ok;
 	amqp_send_method(c->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
 	settle_all_failed(c, cb, arg, "channel closed");
+	inbound_reset(c);
 	c->channel_epoch++;
 	c->consuming = false;
 	amqp_channel_open(c->conn, CHANNEL);
@@ -83,6 +116,7 @@ static void connection_closed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *ar
 	amqp_connection_close_ok_t ok;
 	amqp_send_method(c->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
 	c->lost = true;
+	inbound_reset(c);
 	settle_all_failed(c, cb, arg, "connection closed");
 }
 
@@ -130,6 +164,36 @@ static int reply_err(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, ch
 	snprintf(err, errsize, "%s: unexpected server method 0x%08x", what, r.reply.id);
 	c->lost = true;
 	return BW_EAMQP;
+}
+
+/*
+ * librabbitmq-c 0.11 gives the socket a bare SSL_CTX and only amqp_ssl_socket_set_cacert
+ * fills its trust store, so without a CA file nothing could be verified. "The system's
+ * CAs" is OpenSSL's default store, loaded the way openssl s_client and curl's OpenSSL
+ * builds do: $SSL_CERT_FILE else X509_get_default_cert_file() (Debian:
+ * /usr/lib/ssl/cert.pem -> /etc/ssl/certs/ca-certificates.crt), plus the hashed
+ * directory $SSL_CERT_DIR else X509_get_default_cert_dir() (/usr/lib/ssl/certs). OpenSSL
+ * resolves the paths itself; a missing file is no error (verification then fails and
+ * connect_err names the store). The context is librabbitmq's own: we link the same libssl.
+ */
+static int trust_system_cas(amqp_socket_t *sock)
+{
+	return SSL_CTX_set_default_verify_paths(amqp_ssl_socket_get_context(sock)) == 1 ? 0
+											: BW_ENOMEM;
+}
+
+/* " (verified against ...)": the CA file, or where OpenSSL's default store is read from. */
+static void trust_text(char *buf, size_t size, const char *ca_file)
+{
+	if (ca_file) {
+		snprintf(buf, size, " (verified against the CA file %s)", ca_file);
+		return;
+	}
+	const char *file = getenv(X509_get_default_cert_file_env());
+	const char *dir = getenv(X509_get_default_cert_dir_env());
+	snprintf(buf, size, " (verified against the system's CAs: %s%s and %s%s)",
+		 file ? "$SSL_CERT_FILE=" : "", file ? file : X509_get_default_cert_file(),
+		 dir ? "$SSL_CERT_DIR=" : "", dir ? dir : X509_get_default_cert_dir());
 }
 
 static amqp_table_entry_t entry_bool(const char *k, bool v)
@@ -192,6 +256,8 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 			rc = BW_ECONFIG;
 			goto out;
 		}
+		if (o->tls_ca_file == NULL && o->tls_verify_peer && trust_system_cas(sock) != 0)
+			goto out; /* rc is BW_ENOMEM */
 		if (o->tls_cert_file && o->tls_key_file &&
 		    amqp_ssl_socket_set_key(sock, o->tls_cert_file, o->tls_key_file)) {
 			snprintf(err, errsize, "TLS client certificate %s / key %s unusable",
@@ -203,8 +269,11 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 	struct timeval tv = tv_ms(o->timeout_ms);
 	int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
 	if (st != AMQP_STATUS_OK) {
-		snprintf(err, errsize, "connect %s:%d: %s", info.host, info.port,
-			 amqp_error_string2(st));
+		char store[600] = "";
+		if (st == AMQP_STATUS_SSL_PEER_VERIFY_FAILED)
+			trust_text(store, sizeof(store), o->tls_ca_file);
+		snprintf(err, errsize, "connect %s:%d: %s%s", info.host, info.port,
+			 amqp_error_string2(st), store);
 		rc = st == AMQP_STATUS_SSL_PEER_VERIFY_FAILED ||
 				     st == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED ||
 				     st == AMQP_STATUS_SSL_CONNECTION_FAILED
@@ -273,6 +342,7 @@ void bw_amqp_close(struct bw_amqp *c)
 		free(c->pending[i].id);
 	free(c->pending);
 	free(c->queue);
+	free(c->in.body);
 	free(c);
 }
 
@@ -379,6 +449,26 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 	return start_consumer(c, err, errsize);
 }
 
+/*
+ * FNV-1a 64 continued over more bytes: from 0xcbf29ce484222325 over a whole body it gives
+ * what text.h's bw_fnv1a64 gives, which cannot be fed a body in pieces.
+ */
+#define FNV1A64_INIT 0xcbf29ce484222325ULL
+static uint64_t fnv1a64_more(uint64_t h, const void *data, size_t n)
+{
+	const unsigned char *p = data;
+	for (size_t i = 0; i < n; i++) {
+		h ^= p[i];
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes)
+{
+	c->max_message_bytes = max_bytes;
+}
+
 void bw_delivery_free(struct bw_delivery *d)
 {
 	free(d->body);
@@ -389,12 +479,88 @@ void bw_delivery_free(struct bw_delivery *d)
 static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confirm_cb cb, void *arg,
 			char *err, size_t errsize);
 
-static bool readable(struct bw_amqp *c)
+/* The connection cannot go on (a broken frame sequence, no memory): BW_EAMQP with why. */
+static int inbound_fail(struct bw_amqp *c, char *err, size_t errsize, const char *why)
 {
-	if (bw_amqp_pending(c))
-		return true;
-	struct pollfd p = {amqp_get_sockfd(c->conn), POLLIN, 0};
-	return poll(&p, 1, 0) == 1;
+	snprintf(err, errsize, "%s", why);
+	inbound_reset(c);
+	c->lost = true;
+	return BW_EAMQP;
+}
+
+/* The content header: the declared size decides whether the body is kept or dropped. */
+static int inbound_header(struct bw_amqp *c, uint64_t size, char *err, size_t errsize)
+{
+	struct inbound *in = &c->in;
+	in->size = size;
+	in->too_large = size >= SIZE_MAX || (c->max_message_bytes && size > c->max_message_bytes);
+	in->digest = FNV1A64_INIT;
+	if (!in->too_large && (in->body = malloc((size_t)size + 1)) == NULL) {
+		char why[96];
+		snprintf(why, sizeof(why), "no memory for a %" PRIu64 "-byte message", size);
+		return inbound_fail(c, err, errsize, why);
+	}
+	in->stage = IN_BODY;
+	return 0;
+}
+
+/*
+ * One frame: a basic.deliver opens a delivery, its content header and body frames fill it
+ * (or are hashed and dropped when too large), anything else goes to handle_frame. Sets
+ * *got and fills *d when the last body frame arrived.
+ */
+static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_delivery *d, bool *got,
+			 char *err, size_t errsize)
+{
+	struct inbound *in = &c->in;
+	bool method = f->frame_type == AMQP_FRAME_METHOD;
+	if (f->channel != CHANNEL || in->stage == IN_NONE ||
+	    (method && f->payload.method.id == AMQP_CHANNEL_CLOSE_METHOD)) {
+		if (f->channel == CHANNEL && method &&
+		    f->payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
+			const amqp_basic_deliver_t *m = f->payload.method.decoded;
+			in->stage = IN_HEADER;
+			in->tag = m->delivery_tag;
+			in->redelivered = m->redelivered;
+			return 0;
+		}
+		return handle_frame(c, f, NULL, NULL, err, errsize); /* channel.close resets in */
+	}
+	if (in->stage == IN_HEADER && f->frame_type == AMQP_FRAME_HEADER) {
+		int rc = inbound_header(c, f->payload.properties.body_size, err, errsize);
+		if (rc != 0)
+			return rc;
+	} else if (in->stage == IN_BODY && f->frame_type == AMQP_FRAME_BODY) {
+		const amqp_bytes_t *b = &f->payload.body_fragment;
+		if (b->len > in->size - in->got)
+			return inbound_fail(c, err, errsize, "a body frame past the declared size");
+		if (in->too_large)
+			in->digest = fnv1a64_more(in->digest, b->bytes, b->len);
+		else
+			memcpy(in->body + in->got, b->bytes, b->len);
+		in->got += b->len;
+	} else {
+		char why[96];
+		snprintf(why, sizeof(why), "frame type %d in the middle of a delivery",
+			 f->frame_type);
+		return inbound_fail(c, err, errsize, why);
+	}
+	if (in->stage != IN_BODY || in->got < in->size)
+		return 0;
+	if (in->body)
+		in->body[in->size] = '\0';
+	*d = (struct bw_delivery){
+		.tag = in->tag,
+		.channel_epoch = c->channel_epoch,
+		.redelivered = in->redelivered,
+		.body = in->body,
+		.len = in->size < SIZE_MAX ? (size_t)in->size : SIZE_MAX,
+		.too_large = in->too_large,
+		.digest = in->too_large ? in->digest : 0,
+	};
+	memset(in, 0, sizeof(*in)); /* the body is the caller's now */
+	*got = true;
+	return 0;
 }
 
 int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err, size_t errsize)
@@ -402,41 +568,19 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 	*got = false;
 	if (c->lost)
 		return BW_EAMQP;
-	amqp_maybe_release_buffers(c->conn);
-	if (c->queue && !c->consuming) {
-		/* cancelled by the broker (queue deleted): try to register again */
-		int rc = start_consumer(c, err, errsize);
-		if (c->lost)
-			return BW_EAMQP;
-		if (rc != 0)
-			return 0; /* the queue may come back: try again on the next poll */
-	}
-	/* Nothing to read: a zero-wait frame read still sends a due heartbeat. */
-	int wait_ms = readable(c) ? MESSAGE_WAIT_MS : 0;
-	struct timeval tv = tv_ms(wait_ms);
-	amqp_envelope_t env;
-	amqp_rpc_reply_t r = amqp_consume_message(c->conn, &env, &tv, 0);
-	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
-		d->tag = env.delivery_tag;
-		d->channel_epoch = c->channel_epoch;
-		d->redelivered = env.redelivered;
-		d->len = env.message.body.len;
-		d->body = malloc(d->len + 1);
-		if (d->body) {
-			memcpy(d->body, env.message.body.bytes, d->len);
-			d->body[d->len] = '\0';
+	if (c->in.stage == IN_NONE) {
+		amqp_maybe_release_buffers(c->conn);
+		if (c->queue && !c->consuming) {
+			/* cancelled by the broker (queue deleted): try to register again */
+			int rc = start_consumer(c, err, errsize);
+			if (c->lost)
+				return BW_EAMQP;
+			if (rc != 0)
+				return 0; /* the queue may come back: try again on the next poll */
 		}
-		amqp_destroy_envelope(&env);
-		if (d->body == NULL)
-			return BW_ENOMEM;
-		*got = true;
-		return 0;
 	}
-	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
-	    r.library_error == AMQP_STATUS_TIMEOUT)
-		return 0;
-	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
-	    r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+	for (int n = 0; n < POLL_FRAMES; n++) {
+		/* zero wait: takes what is buffered or readable, sends a due heartbeat */
 		amqp_frame_t f;
 		struct timeval zero = {0, 0};
 		int st = amqp_simple_wait_frame_noblock(c->conn, &f, &zero);
@@ -444,12 +588,22 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 			return 0;
 		if (st != AMQP_STATUS_OK) {
 			snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
+			inbound_reset(c);
 			c->lost = true;
 			return BW_EAMQP;
 		}
-		return handle_frame(c, &f, NULL, NULL, err, errsize);
+		int rc = inbound_frame(c, &f, d, got, err, errsize);
+		if (c->lost)
+			return rc != 0 ? rc : BW_EAMQP;
+		/*
+		 * The frame is used up (copied, hashed or handled): give its page of the channel's
+		 * pool back, or a body would pile up there frame by frame until the message ends.
+		 */
+		amqp_maybe_release_buffers_on_channel(c->conn, f.channel);
+		if (rc != 0 || *got)
+			return rc;
 	}
-	return reply_err(c, r, "consume", err, errsize) ? BW_EAMQP : 0;
+	return 0;
 }
 
 enum settle_op { ACK, REJECT, REQUEUE };
@@ -689,8 +843,10 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		rc = bw_amqp_confirm_select(c, err, errsize);
 	if (rc == 0 && link->topology)
 		rc = bw_amqp_declare(c, link->topology, err, errsize);
-	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->queue)
+	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->queue) {
+		bw_amqp_limit_messages(c, link->max_message_bytes);
 		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
+	}
 	if (rc != 0) {
 		bw_amqp_close(c);
 		schedule_retry(link);

@@ -22,7 +22,8 @@ struct bw_amqp_opts {
 	int heartbeat_s;  /* > 0 */
 	int timeout_ms;   /* connect, login, every RPC */
 	const char *name; /* shown by rabbitmqctl list_connections (connection_name) */
-	const char *tls_ca_file;
+	const char *tls_ca_file; /* PEM CAs; NULL: the system's (OpenSSL's default store,
+				    $SSL_CERT_FILE / $SSL_CERT_DIR honoured) */
 	const char *tls_cert_file;
 	const char *tls_key_file;
 	bool tls_verify_peer;     /* default true */
@@ -70,21 +71,38 @@ struct bw_delivery {
 	uint64_t tag;
 	uint64_t channel_epoch; /* tags of an older channel are never used */
 	bool redelivered;
-	char *body; /* malloc'd, NUL-terminated; len excludes the NUL */
-	size_t len;
+	char *body; /* malloc'd, NUL-terminated; len excludes the NUL. NULL when too_large */
+	size_t len; /* too_large: the size the broker declared (SIZE_MAX when larger) */
+	/*
+	 * The body was over the connection's message limit (bw_amqp_limit_messages): its frames
+	 * were read and dropped as they came, never held, and digest is the FNV-1a 64 of what was
+	 * dropped (what bw_fnv1a64 of the whole body gives). Settle it like any other delivery.
+	 */
+	bool too_large;
+	uint64_t digest; /* too_large only; 0 otherwise */
 };
+
+/*
+ * Bodies larger than max_bytes (0, the default: no limit) are not kept: their frames are
+ * read and dropped as they come, and the delivery comes flagged too_large with body NULL.
+ * Applies from the next delivery on.
+ */
+void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes);
 
 /* Starts consuming queue with manual acks and prefetch (basic.qos per consumer). */
 int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
 		    size_t errsize) BW_MUST_CHECK;
 
 /*
- * Handles what arrived, without waiting for more than one message's remaining frames:
- * returns 0 with *got set when a delivery is in *d (free with bw_delivery_free), 0 with
- * *got false when nothing is there. basic.cancel (queue deleted) re-registers the consumer,
- * channel.close is answered and the channel reopened (older tags become stale),
- * connection.blocked/unblocked are noted. BW_EAMQP when the connection is lost (heartbeat
- * missed, closed by the broker, socket error): close it and connect again.
+ * Handles what arrived, never waiting for more: returns 0 with *got set when a delivery is
+ * in *d (free with bw_delivery_free), 0 with *got false when nothing complete is there
+ * yet (a delivery whose frames are still arriving is kept and finished by a later poll;
+ * one poll handles a bounded number of frames, and bw_amqp_pending then says whether
+ * more is buffered). basic.cancel (queue deleted) re-registers the consumer, channel.close
+ * is answered and the channel reopened (older tags become stale, a half-read delivery is
+ * dropped), connection.blocked/unblocked are noted. BW_EAMQP when the connection is lost
+ * (heartbeat missed, closed by the broker, socket error, a broken frame sequence, no
+ * memory for a body): close it and connect again.
  */
 int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 		 size_t errsize) BW_MUST_CHECK;
@@ -144,6 +162,7 @@ struct bw_amqp_link {
 	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
 	const char *queue;                       /* consumer: the queue */
 	int prefetch;                            /* consumer */
+	size_t max_message_bytes;                /* consumer: bw_amqp_limit_messages; 0: none */
 	int backoff_base_ms;
 	int backoff_cap_ms;
 

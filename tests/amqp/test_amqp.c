@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "amqp.h"
+#include "text.h"
 
 #include <signal.h>
 #include <time.h>
@@ -605,6 +606,146 @@ static void test_resource_alarm_blocks_publishing_not_consuming(void **state)
 	bw_amqp_link_down(&pub);
 }
 
+#ifdef __SANITIZE_ADDRESS__
+/* ASan's allocator interface (gcc 12 ships no header for it). */
+int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void *, size_t),
+					      void (*free_hook)(const volatile void *));
+size_t __sanitizer_get_allocated_size(const volatile void *p);
+
+/* Heap bytes allocated and not freed since tracking began, and their peak. */
+static bool heap_tracking;
+static int64_t heap_live, heap_peak;
+
+static void heap_malloc_hook(const volatile void *p, size_t n)
+{
+	(void)p;
+	if (heap_tracking && (heap_live += (int64_t)n) > heap_peak)
+		heap_peak = heap_live;
+}
+
+static void heap_free_hook(const volatile void *p)
+{
+	if (heap_tracking && p)
+		heap_live -= (int64_t)__sanitizer_get_allocated_size(p);
+}
+#endif
+
+/*
+ * Polls for one delivery and stores in *peak how far the process's heap grew meanwhile, at
+ * its highest (every allocation of ours and librabbitmq's counts), or -1 when the build
+ * has no ASan to count with.
+ */
+static bool next_delivery_heap(struct bw_amqp *c, struct bw_delivery *d, int ms, int64_t *peak)
+{
+#ifdef __SANITIZE_ADDRESS__
+	heap_live = heap_peak = 0;
+	heap_tracking = true;
+	bool got = next_delivery(c, d, ms);
+	heap_tracking = false;
+	*peak = heap_peak;
+#else
+	bool got = next_delivery(c, d, ms);
+	*peak = -1;
+#endif
+	return got;
+}
+
+#define MIB (1024 * 1024)
+
+static char *patterned(size_t n, unsigned seed)
+{
+	char *b = malloc(n);
+	assert_non_null(b);
+	for (size_t i = 0; i < n; i++)
+		b[i] = (char)('a' + (i * 7 + seed) % 26);
+	return b;
+}
+
+static void test_body_over_the_limit_is_dropped_unheld(void **state)
+{
+	(void)state;
+	char names[5][64], err[512];
+	struct bw_amqp_topology t = topo("t13", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 10);
+	con.prefetch = 1; /* one message in flight: the heap measured is that message's */
+	con.max_message_bytes = MIB;
+	link_up(&con, 10000);
+
+	/* 2 MiB (over), exactly 1 MiB (at the limit: kept), then a small one */
+	char *big = patterned(2 * MIB, 1), *edge = patterned(MIB, 2);
+	struct bw_amqp *pub = connect_ok("test-big-pub");
+	assert_int_equal(bw_amqp_confirm_select(pub, err, sizeof(err)), 0);
+	uint64_t seq;
+	assert_int_equal(bw_amqp_publish(pub, t.jobs_exchange, "backup.start", "big", big, 2 * MIB,
+					 &seq),
+			 0);
+	assert_int_equal(bw_amqp_publish(pub, t.jobs_exchange, "backup.start", "edge", edge, MIB,
+					 &seq),
+			 0);
+	publish(pub, t.jobs_exchange, "backup.start", "small", "{\"after\":1}");
+	struct confirms s = {0, 0, ""};
+	settle_all(pub, &s);
+	assert_int_equal(s.ok, 3);
+	bw_amqp_close(pub);
+
+	struct bw_delivery d;
+	int64_t peak;
+	long rss0 = rss_kib();
+	assert_true(next_delivery_heap(con.c, &d, 10000, &peak));
+	long rss1 = rss_kib();
+	print_message("2 MiB body, 1 MiB limit: heap peak %lld bytes, RSS %ld -> %ld KiB\n",
+		      (long long)peak, rss0, rss1);
+	assert_true(d.too_large);
+	assert_null(d.body);
+	assert_int_equal(d.len, 2 * MIB);
+	assert_true(d.digest == bw_fnv1a64(big, 2 * MIB)); /* the rejected event's id */
+	if (peak >= 0)
+		assert_true(peak < MIB / 4); /* a frame or two, never the body */
+	assert_true(rss1 - rss0 < 1024);
+	assert_int_equal(bw_amqp_reject(con.c, &d), 0);
+	bw_delivery_free(&d);
+
+	/* at the limit: kept whole; and the measure does see a body when one is held */
+	assert_true(next_delivery_heap(con.c, &d, 10000, &peak));
+	print_message("1 MiB body, 1 MiB limit: heap peak %lld bytes\n", (long long)peak);
+	assert_false(d.too_large);
+	assert_int_equal(d.len, MIB);
+	assert_non_null(d.body);
+	assert_memory_equal(d.body, edge, MIB);
+	assert_int_equal(d.body[MIB], '\0');
+	assert_true(d.digest == 0);
+	if (peak >= 0)
+		assert_true(peak > MIB);
+	assert_int_equal(bw_amqp_ack(con.c, &d), 0);
+	bw_delivery_free(&d);
+
+	/* the frame stream is still in step after the dropped body */
+	assert_true(next_delivery(con.c, &d, 10000));
+	assert_false(d.too_large);
+	assert_string_equal(d.body, "{\"after\":1}");
+	assert_int_equal(bw_amqp_ack(con.c, &d), 0);
+	bw_delivery_free(&d);
+	bw_amqp_link_down(&con);
+
+	/* the broker still had the whole body: the dead-lettered copy is intact */
+	char cmd[1024];
+	snprintf(cmd, sizeof(cmd),
+		 "/usr/bin/python3 -c '\n"
+		 "import pika, time\n"
+		 "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
+		 "ch = c.channel()\n"
+		 "for _ in range(50):\n"
+		 "    m, p, b = ch.basic_get(\"t13.start.dlq\", auto_ack=True)\n"
+		 "    if m: break\n"
+		 "    time.sleep(0.1)\n"
+		 "assert len(b) == %d and p.message_id == \"big\", (len(b), p.message_id)\n"
+		 "'",
+		 url, 2 * MIB);
+	assert_int_equal(system(cmd), 0);
+	free(big);
+	free(edge);
+}
+
 int main(void)
 {
 	url = getenv("BW_TEST_AMQP_URL");
@@ -612,6 +753,9 @@ int main(void)
 		fprintf(stderr, "test_amqp: run me through tests/with-broker\n");
 		return 1;
 	}
+#ifdef __SANITIZE_ADDRESS__
+	__sanitizer_install_malloc_and_free_hooks(heap_malloc_hook, heap_free_hook);
+#endif
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_topology_idempotent_passive_and_mismatch),
 		cmocka_unit_test(test_publish_consume_ack_nothing_redelivered),
@@ -620,6 +764,7 @@ int main(void)
 		cmocka_unit_test(test_connection_closed_by_operator_is_reported),
 		cmocka_unit_test(test_queue_deleted_consumer_comes_back),
 		cmocka_unit_test(test_bad_credentials_and_port),
+		cmocka_unit_test(test_body_over_the_limit_is_dropped_unheld),
 		cmocka_unit_test(test_links_recover_from_closed_connections),
 		cmocka_unit_test(test_memory_flat_over_100k_messages),
 		cmocka_unit_test(test_never_acked_message_ends_in_dlq),
