@@ -1,5 +1,6 @@
 /* amqp.c: connect, declare, consume and publish with confirms over librabbitmq-c 0.11, without long waits. */
 #include "amqp.h"
+#include "text.h"
 
 #include "clock.h"
 #include "rand.h"
@@ -449,21 +450,6 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 	return start_consumer(c, err, errsize);
 }
 
-/*
- * FNV-1a 64 continued over more bytes: from 0xcbf29ce484222325 over a whole body it gives
- * what text.h's bw_fnv1a64 gives, which cannot be fed a body in pieces.
- */
-#define FNV1A64_INIT 0xcbf29ce484222325ULL
-static uint64_t fnv1a64_more(uint64_t h, const void *data, size_t n)
-{
-	const unsigned char *p = data;
-	for (size_t i = 0; i < n; i++) {
-		h ^= p[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
-}
-
 void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes)
 {
 	c->max_message_bytes = max_bytes;
@@ -494,7 +480,7 @@ static int inbound_header(struct bw_amqp *c, uint64_t size, char *err, size_t er
 	struct inbound *in = &c->in;
 	in->size = size;
 	in->too_large = size >= SIZE_MAX || (c->max_message_bytes && size > c->max_message_bytes);
-	in->digest = FNV1A64_INIT;
+	in->digest = BW_FNV1A64_INIT;
 	if (!in->too_large && (in->body = malloc((size_t)size + 1)) == NULL) {
 		char why[96];
 		snprintf(why, sizeof(why), "no memory for a %" PRIu64 "-byte message", size);
@@ -535,7 +521,7 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 		if (b->len > in->size - in->got)
 			return inbound_fail(c, err, errsize, "a body frame past the declared size");
 		if (in->too_large)
-			in->digest = fnv1a64_more(in->digest, b->bytes, b->len);
+			in->digest = bw_fnv1a64_more(in->digest, b->bytes, b->len);
 		else
 			memcpy(in->body + in->got, b->bytes, b->len);
 		in->got += b->len;

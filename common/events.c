@@ -347,8 +347,14 @@ int bw_event_disk_completed_read(const char *body, char *change_id, size_t size,
 int bw_event_rejected(const char *raw, size_t len, const struct bw_verdict *vd, const char *host,
 		      const char *worker_id, char **body, char **event_id)
 {
+	return bw_event_rejected_hashed(bw_fnv1a64(raw, len), vd, host, worker_id, body, event_id);
+}
+
+int bw_event_rejected_hashed(uint64_t raw_fnv1a64, const struct bw_verdict *vd, const char *host,
+			     const char *worker_id, char **body, char **event_id)
+{
 	char id[40];
-	snprintf(id, sizeof(id), "rejected/%016" PRIx64, bw_fnv1a64(raw, len));
+	snprintf(id, sizeof(id), "rejected/%016" PRIx64, raw_fnv1a64);
 	struct json_object *o = json_object_new_object();
 	struct json_object *errors = json_object_new_array();
 	if (o == NULL || errors == NULL) {

@@ -179,6 +179,10 @@ int bw_event_cleanup(const struct bw_event_ctx *c, int64_t seq,
 int bw_event_rejected(const char *raw, size_t len, const struct bw_verdict *vd, const char *host,
 		      const char *worker_id, char **body, char **event_id) BW_MUST_CHECK;
 
+/* The same for a body known only by its FNV-1a 64 (one dropped unread as too large). */
+int bw_event_rejected_hashed(uint64_t raw_fnv1a64, const struct bw_verdict *vd, const char *host,
+			     const char *worker_id, char **body, char **event_id) BW_MUST_CHECK;
+
 /*
  * Reads back a backup.disk.completed body this module built (recovery takes a finished
  * disk's result from its event): change_id into change_id[size], the two sizes. Returns 0,

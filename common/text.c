@@ -191,13 +191,17 @@ size_t bw_text_escape(char *dst, size_t size, const char *s, size_t n)
 	return o;
 }
 
-uint64_t bw_fnv1a64(const void *data, size_t n)
+uint64_t bw_fnv1a64_more(uint64_t h, const void *data, size_t n)
 {
 	const unsigned char *p = data;
-	uint64_t h = 0xcbf29ce484222325ULL;
 	for (size_t i = 0; i < n; i++) {
 		h ^= p[i];
 		h *= 0x100000001b3ULL;
 	}
 	return h;
+}
+
+uint64_t bw_fnv1a64(const void *data, size_t n)
+{
+	return bw_fnv1a64_more(BW_FNV1A64_INIT, data, n);
 }

@@ -50,6 +50,12 @@ void bw_text_json_quote(struct bw_buf *b, const char *s, size_t n);
 size_t bw_text_escape(char *dst, size_t size, const char *s, size_t n);
 
 /* FNV-1a, 64 bit, of data[0..n). */
+#define BW_FNV1A64_INIT 0xcbf29ce484222325ULL
+
+/* FNV-1a 64 continued over more bytes: from BW_FNV1A64_INIT over every piece of a text in
+ * order it gives bw_fnv1a64 of the whole (a body read frame by frame). */
+uint64_t bw_fnv1a64_more(uint64_t h, const void *data, size_t n);
+
 uint64_t bw_fnv1a64(const void *data, size_t n);
 
 #endif

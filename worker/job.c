@@ -1146,10 +1146,11 @@ void jobs_shutdown(struct worker *w)
 }
 
 /* Rejects body: backup.rejected into the outbox, then the caller nacks. */
-static int reject(struct worker *w, const char *body, size_t len, const struct bw_verdict *vd)
+static int reject(struct worker *w, const struct bw_delivery *d, const struct bw_verdict *vd)
 {
 	char *event = NULL, *id = NULL;
-	int rc = bw_event_rejected(body, len, vd, w->host, w->cfg->worker_id, &event, &id);
+	uint64_t digest = d->too_large ? d->digest : bw_fnv1a64(d->body, d->len);
+	int rc = bw_event_rejected_hashed(digest, vd, w->host, w->cfg->worker_id, &event, &id);
 	if (rc != 0)
 		return rc;
 	struct bw_event e = {id, "backup.rejected", 0, event};
@@ -1212,17 +1213,21 @@ void job_enqueue(struct worker *w, struct job *j)
 	w->n_jobs++;
 }
 
-int job_receive(struct worker *w, const char *body, size_t len)
+int job_receive(struct worker *w, const struct bw_delivery *d)
 {
+	const char *body = d->body;
+	size_t len = d->len;
 	const struct bw_config *cfg = w->cfg;
 	struct bw_job_spec *spec = NULL;
 	struct bw_verdict *vd = NULL;
 	struct job *j = NULL;
+	/* a too_large delivery has no body: its declared len is over the limit the consumer
+	   link was given (the same key), so the parse rejects it unread */
 	int rc = bw_message_parse(body, len, (size_t)cfg->job_max_message_bytes, &spec, &vd);
 	if (rc == 0)
 		rc = bw_message_check_host(spec, cfg, &vd);
 	if (rc == BW_EMESSAGE) {
-		rc = reject(w, body, len, vd);
+		rc = reject(w, d, vd);
 		goto out;
 	}
 	if (rc != 0)

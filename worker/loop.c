@@ -64,7 +64,7 @@ static int make_dirs(const struct bw_config *cfg)
 static void handle_delivery(struct worker *w, struct bw_delivery *d)
 {
 	struct bw_amqp *c = w->consumer.c;
-	int rc = job_receive(w, d->body, d->len);
+	int rc = job_receive(w, d);
 	int arc;
 	if (rc == 0)
 		arc = bw_amqp_ack(c, d); /* after the claim's commit (DESIGN decision 2) */
@@ -231,6 +231,7 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 					    .topology = &w->topology,
 					    .queue = cfg->amqp_queue,
 					    .prefetch = cfg->amqp_prefetch,
+					    .max_message_bytes = (size_t)cfg->job_max_message_bytes,
 					    .backoff_base_ms = AMQP_BACKOFF_BASE_MS,
 					    .backoff_cap_ms = AMQP_BACKOFF_CAP_MS};
 	w->publisher = w->consumer;

@@ -120,10 +120,11 @@ struct job {
 	struct job *next;
 };
 
-/* Handles one backup.start body: reject, ignore a known job_id, or claim and start it.
- * Returns 0 (ack), BW_EMESSAGE (rejected: nack without requeue), or a transient error
- * (the delivery is left unacked; the broker redelivers it later). */
-int job_receive(struct worker *w, const char *body, size_t len);
+/* Handles one backup.start delivery: reject (a too_large one unread), ignore a known
+ * job_id, or claim and start it. Returns 0 (ack), BW_EMESSAGE (rejected: nack without
+ * requeue), or a transient error (the delivery is left unacked; the broker redelivers it
+ * later). */
+int job_receive(struct worker *w, const struct bw_delivery *d);
 
 /* Advances every job as far as it can without waiting. */
 void jobs_step(struct worker *w);

@@ -414,7 +414,32 @@ def case_rejected(env, failures):
         failures.append("rejected: not in the DLQ with x-death")
 
 
-CASES = {"full_and_incremental": case_full_and_incremental, "rejected": case_rejected,
+def case_too_large(env, failures):
+    body = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    env.ch.basic_publish("backup.jobs", "backup.start", body, pika.BasicProperties(delivery_mode=2))
+    h = 0xcbf29ce484222325
+    for c in body:
+        h = ((h ^ c) * 0x100000001b3) & 0xffffffffffffffff
+    end = time.time() + 30
+    rej = []
+    while time.time() < end and not rej:
+        env.drain_events(0.3)
+        rej = [e for e in env.events if e["event"] == "backup.rejected" and e["reason"] == "too_large"]
+    if not rej or rej[0]["event_id"] != "rejected/%016x" % h:
+        failures.append(f"too_large: {rej} (want id rejected/{h:016x})")
+    else:
+        print("too_large event:", rej[0]["event_id"], rej[0]["errors"])
+    m = None
+    for _ in range(50):
+        m, p, b = env.ch.basic_get("backup.start.dlq", auto_ack=True)
+        if m:
+            break
+        time.sleep(0.1)
+    if m is None or b != body:
+        failures.append("too_large: not in the DLQ whole")
+
+
+CASES = {"full_and_incremental": case_full_and_incremental, "rejected": case_rejected, "too_large": case_too_large,
          "faults": case_faults, "duplicate_and_ports": case_duplicate_and_ports}
 
 

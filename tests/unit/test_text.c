@@ -78,6 +78,9 @@ static void test_fnv1a64(void **state)
 	assert_true(bw_fnv1a64("", 0) == 0xcbf29ce484222325ULL);
 	assert_true(bw_fnv1a64("a", 1) == 0xaf63dc4c8601ec8cULL);
 	assert_true(bw_fnv1a64("foobar", 6) == 0x85944171f73967e8ULL);
+	/* continued piece by piece: the same as over the whole */
+	assert_true(bw_fnv1a64_more(bw_fnv1a64_more(BW_FNV1A64_INIT, "foo", 3), "bar", 3) ==
+		    0x85944171f73967e8ULL);
 }
 
 static void test_buf(void **state)
