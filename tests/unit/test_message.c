@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -284,6 +285,50 @@ static void test_duplicate_keys(void **state)
 	free(body);
 }
 
+/*
+ * Repeats planted across the blocks the walk classifies disks in (64, 128, 256, 512...):
+ * each must name the first disk with its key, even when an earlier repeat sits between.
+ */
+static void test_duplicate_keys_across_blocks(void **state)
+{
+	(void)state;
+	static const struct {
+		size_t at, repeats; /* disks[at] gets the key of disks[repeats] */
+		size_t first;	    /* the disk the message must name */
+	} plant[] = {{64, 63, 63}, {127, 64, 63}, {128, 0, 0},	  {300, 127, 63},
+		     {511, 510, 510}, {512, 5, 5}, {1000, 300, 63}, {1999, 1500, 1500}};
+	int64_t keys[2000];
+	for (size_t i = 0; i < 2000; i++)
+		keys[i] = 1000000 + (int64_t)((i * 7919) % 2000) * 3; /* distinct, unordered */
+	for (size_t p = 0; p < sizeof(plant) / sizeof(plant[0]); p++)
+		keys[plant[p].at] = keys[plant[p].repeats];
+
+	struct bw_buf b = BW_BUF_INIT;
+	char *body = NULL;
+	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+			"\"c\",\"disks\":[");
+	for (size_t i = 0; i < 2000; i++)
+		bw_buf_printf(&b, "%s{\"key\":%" PRId64 "%s,\"size_bytes\":512}", i ? "," : "",
+			      keys[i], i == 512 ? ".0" : "");
+	bw_buf_puts(&b, "]}");
+	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	struct bw_verdict *vd = reject(body, 262144);
+	size_t n_plant = sizeof(plant) / sizeof(plant[0]);
+	assert_int_equal(vd->n, 1 + n_plant);
+	assert_entry(vd, 0, "disks: max_items");
+	for (size_t p = 0; p < n_plant; p++) {
+		char path[64], msg[128];
+		snprintf(path, sizeof(path), "disks[%zu].key: unique", plant[p].at);
+		snprintf(msg, sizeof(msg), "disk key %" PRId64 " is already used by disks[%zu]",
+			 keys[plant[p].at], plant[p].first);
+		assert_entry(vd, 1 + p, path);
+		assert_string_equal(vd->v[1 + p].message, msg);
+	}
+	bw_verdict_free(vd);
+	free(body);
+}
+
 /* The ignored-fields list of a valid spec is bounded and says how many it left out. */
 static void test_unknown_fields_bounded(void **state)
 {
@@ -417,6 +462,7 @@ int main(void)
 		cmocka_unit_test(test_document_level),
 		cmocka_unit_test(test_bounded_verdict),
 		cmocka_unit_test(test_duplicate_keys),
+		cmocka_unit_test(test_duplicate_keys_across_blocks),
 		cmocka_unit_test(test_unknown_fields_bounded),
 		cmocka_unit_test(test_host_rules),
 	};
