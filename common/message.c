@@ -121,7 +121,8 @@ static void close_verdict(struct check *c)
 			 "check stopped at %s, and there may be more after it",
 			 BW_VERDICT_MAX_ERRORS, c->dropped, c->stopped_at);
 	else
-		snprintf(msg, sizeof(msg), "only the first %d violations are listed: %zu more left out",
+		snprintf(msg, sizeof(msg),
+			 "only the first %d violations are listed: %zu more left out",
 			 BW_VERDICT_MAX_ERRORS, c->dropped);
 	add_violation(c, "$", "truncated", msg);
 }
@@ -517,10 +518,12 @@ static bool dup_finder_block(struct dup_finder *f)
 			return false;
 		}
 		size_t i = 0, j = 0, k = 0;
-		while (i < f->n_seen || j < n_fresh)
-			merged[k++] = j == n_fresh || (i < f->n_seen && f->seen[i].key < fresh[j].key)
-					      ? f->seen[i++]
-					      : fresh[j++];
+		while (i < f->n_seen || j < n_fresh) {
+			if (j == n_fresh || (i < f->n_seen && f->seen[i].key < fresh[j].key))
+				merged[k++] = f->seen[i++];
+			else
+				merged[k++] = fresh[j++];
+		}
 		free(f->seen);
 		f->seen = merged;
 		f->n_seen = k;
@@ -612,8 +615,8 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key) &&
 			    dup_finder_check(&dups, i, &first, &c->oom))
 				INVALID(c, field, "unique",
-					"disk key %" PRId64 " is already used by disks[%zu]", ds->key,
-					first);
+					"disk key %" PRId64 " is already used by disks[%zu]",
+					ds->key, first);
 		}
 		if (required(c, d, path, "size_bytes", &v)) {
 			join(field, sizeof(field), path, "size_bytes");

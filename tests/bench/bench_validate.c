@@ -49,7 +49,7 @@ struct bench_case {
 	const char *name;
 	size_t bytes;
 	size_t max_bytes;
-	bool valid; /* the expected outcome */
+	bool valid;				       /* the expected outcome */
 	size_t (*gen)(struct bw_buf *b, size_t bytes); /* appends the body; returns its disks */
 };
 
@@ -154,12 +154,12 @@ static size_t gen_same_key_disks(struct bw_buf *b, size_t bytes)
 }
 
 static const struct bench_case cases[] = {
-	{"valid-64-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, true, gen_valid},
-	{"empty-disks-256KiB", BW_MESSAGE_MAX_BYTES_DEFAULT, BW_MESSAGE_MAX_BYTES_DEFAULT, false,
-	 gen_empty_disks},
-	{"empty-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_empty_disks},
-	{"unique-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_unique_disks},
-	{"same-key-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_same_key_disks},
+    {"valid-64-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, true, gen_valid},
+    {"empty-disks-256KiB", BW_MESSAGE_MAX_BYTES_DEFAULT, BW_MESSAGE_MAX_BYTES_DEFAULT, false,
+     gen_empty_disks},
+    {"empty-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_empty_disks},
+    {"unique-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_unique_disks},
+    {"same-key-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_same_key_disks},
 };
 
 /* The size of errors[] as backup.rejected carries it (plain JSON). */
@@ -182,11 +182,11 @@ static size_t errors_json_bytes(const struct bw_verdict *vd)
 
 /* What one measuring child reports to the parent through a pipe. */
 struct run_result {
-	int ok;		 /* the parse ended as the case expects */
-	int rc;		 /* of bw_message_parse */
-	double json_ms;	 /* bw_json_parse_strict, alone in its process */
-	double cold_ms;	 /* bw_message_parse, the first run in its process */
-	double warm_ms;	 /* bw_message_parse again, once the first run's memory was freed */
+	int ok;		/* the parse ended as the case expects */
+	int rc;		/* of bw_message_parse */
+	double json_ms; /* bw_json_parse_strict, alone in its process */
+	double cold_ms; /* bw_message_parse, the first run in its process */
+	double warm_ms; /* bw_message_parse again, once the first run's memory was freed */
 	size_t violations;
 	int truncated;
 	size_t errors_bytes, event_bytes;
@@ -247,10 +247,10 @@ static void measure(const struct bench_case *bc, const struct bw_buf *b, bool js
 	struct rusage ru;
 	getrusage(RUSAGE_SELF, &ru);
 	res->max_rss_mib = ru.ru_maxrss / 1024;
-	res->ok = bc->valid ? res->rc == 0
-			    : res->rc == BW_EMESSAGE && res->violations > 0 &&
-				      res->violations <= BW_VERDICT_MAX_ERRORS + 1 &&
-				      res->event_bytes > 0;
+	res->ok = bc->valid
+		      ? res->rc == 0
+		      : res->rc == BW_EMESSAGE && res->violations > 0 &&
+			    res->violations <= BW_VERDICT_MAX_ERRORS + 1 && res->event_bytes > 0;
 	bw_job_spec_free(spec);
 	bw_verdict_free(vd);
 }
@@ -310,8 +310,8 @@ static int run_case(const struct bench_case *bc, int reps)
 
 	size_t disks = bc->gen(&b, bc->bytes);
 	if (b.failed || b.len != bc->bytes) {
-		fprintf(stderr, "bench_validate: %s: generated %zu bytes, not %zu\n", bc->name, b.len,
-			bc->bytes);
+		fprintf(stderr, "bench_validate: %s: generated %zu bytes, not %zu\n", bc->name,
+			b.len, bc->bytes);
 		bw_buf_free(&b);
 		return 1;
 	}
@@ -336,10 +336,9 @@ static int run_case(const struct bench_case *bc, int reps)
 	printf("case=%s bytes=%zu disks=%zu max_bytes=%zu json_ms=%.2f parse_ms=%.2f "
 	       "parse_max_ms=%.2f warm_ms=%.2f rc=%s violations=%zu truncated=%d "
 	       "errors_bytes=%zu event_bytes=%zu max_rss_mib=%ld ok=%d\n",
-	       bc->name, b.len, disks, bc->max_bytes, median(json_ms, reps),
-	       median(cold_ms, reps), cold_max, median(warm_ms, reps),
-	       res.rc == 0 ? "0" : bw_err_name(res.rc), res.violations, res.truncated,
-	       res.errors_bytes, res.event_bytes, rss, ok);
+	       bc->name, b.len, disks, bc->max_bytes, median(json_ms, reps), median(cold_ms, reps),
+	       cold_max, median(warm_ms, reps), res.rc == 0 ? "0" : bw_err_name(res.rc),
+	       res.violations, res.truncated, res.errors_bytes, res.event_bytes, rss, ok);
 	fflush(stdout);
 	bw_buf_free(&b);
 	return ok ? 0 : 1;
