@@ -120,7 +120,8 @@ static void close_verdict(struct check *c)
 			 "check stopped at %s, and there may be more after it",
 			 BW_VERDICT_MAX_ERRORS, c->dropped, c->stopped_at);
 	else
-		snprintf(msg, sizeof(msg), "only the first %d violations are listed: %zu more left out",
+		snprintf(msg, sizeof(msg),
+			 "only the first %d violations are listed: %zu more left out",
 			 BW_VERDICT_MAX_ERRORS, c->dropped);
 	add_violation(c, "$", "truncated", msg);
 }
@@ -423,61 +424,135 @@ static int key_at_by_idx(const void *a, const void *b)
 }
 
 /*
- * The disks whose key an earlier disk already has, in disk order, each with the first disk
- * that has it: a malloc'd array in *out (NULL when none; caller frees) of *n_out entries.
+ * Finds the disks whose key an earlier disk already has, block by block as the walk over
+ * disks[] reaches them, so that a walk stopped by a full verdict has not paid for the rest
+ * of a million disks. Each block (64 disks, then as many as before it: the blocks double)
+ * has its valid keys sorted with their indices; a key repeats when an earlier disk of the
+ * block or one of seen[] (the first disk of every key before the block, sorted by key:
+ * binary search) has it. The block's new keys are then merged into seen[]. O(n log n) for
+ * n disks walked, not the pairwise O(n^2): a 16 MiB body holds half a million disks.
  * Only keys that pass their own rules count: an invalid key is never "already used".
- * The keys are sorted with their indices (glibc's qsort is a merge sort: O(n log n) in
- * the worst case), not compared pairwise: a 16 MiB body holds a million disk objects.
- * Returns false when out of memory.
  */
-static bool duplicate_keys(struct json_object *disks, size_t n, struct key_at **out,
-			   size_t *n_out)
+struct dup_finder {
+	struct json_object *disks;
+	size_t n;	     /* disks in the array */
+	size_t done;	     /* disks [0, done) are classified */
+	struct key_at *seen; /* the first disk of each key in [0, block start), by key */
+	size_t n_seen;
+	struct key_at *blk; /* the block's repeats, by index (first: the disk repeated) */
+	size_t n_blk, next;
+};
+
+#define DUP_BLOCK_MIN 64
+
+static void dup_finder_free(struct dup_finder *f)
 {
-	struct key_at *ka = NULL;
-	size_t m = 0, cap = 0;
-	*out = NULL;
-	*n_out = 0;
-	for (size_t i = 0; i < n; i++) {
-		struct json_object *d = json_object_array_get_idx(disks, i), *v;
+	free(f->seen);
+	free(f->blk);
+}
+
+static const struct key_at *seen_find(const struct dup_finder *f, int64_t key)
+{
+	size_t lo = 0, hi = f->n_seen;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (f->seen[mid].key < key)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < f->n_seen && f->seen[lo].key == key ? &f->seen[lo] : NULL;
+}
+
+/* Classifies the next block of disks. Returns false when out of memory. */
+static bool dup_finder_block(struct dup_finder *f)
+{
+	size_t from = f->done, to = from + (from > DUP_BLOCK_MIN ? from : DUP_BLOCK_MIN);
+	if (to > f->n)
+		to = f->n;
+	struct key_at *blk = realloc(f->blk, (to - from) * sizeof(*blk));
+	if (blk == NULL)
+		return false;
+	f->blk = blk;
+	size_t m = 0;
+	for (size_t i = from; i < to; i++) {
+		struct json_object *d = json_object_array_get_idx(f->disks, i), *v;
 		int64_t key;
-		if (!json_object_is_type(d, json_type_object) ||
-		    !json_object_object_get_ex(d, "key", &v) || !bw_json_get_integer(v, &key) ||
-		    key < 1 || key > KEY_MAX)
-			continue;
-		if (m == cap) {
-			size_t ncap = cap ? cap * 2 : 64;
-			struct key_at *p = realloc(ka, ncap * sizeof(*ka));
-			if (p == NULL) {
-				free(ka);
-				return false;
+		if (json_object_is_type(d, json_type_object) &&
+		    json_object_object_get_ex(d, "key", &v) && bw_json_get_integer(v, &key) &&
+		    key >= 1 && key <= KEY_MAX)
+			blk[m++] = (struct key_at){key, i, i};
+	}
+	if (m > 1)
+		qsort(blk, m, sizeof(*blk), key_at_by_key);
+
+	/* Each run of one key: all of it repeats seen[]'s disk, or all but its first repeat
+	 * the first. New keys go to the front (fresh), repeats after them (w never passes r). */
+	struct key_at *fresh = NULL;
+	size_t n_fresh = 0, n_rep = 0;
+	if (m > 0 && (fresh = malloc(m * sizeof(*fresh))) == NULL)
+		return false;
+	for (size_t r = 0; r < m; r++) {
+		bool run_start = r == 0 || blk[r].key != blk[r - 1].key;
+		if (run_start) {
+			const struct key_at *old = seen_find(f, blk[r].key);
+			blk[r].first = old ? old->first : blk[r].idx;
+			if (old == NULL) {
+				fresh[n_fresh++] = blk[r];
+				continue;
 			}
-			ka = p;
-			cap = ncap;
+		} else {
+			blk[r].first = blk[r - 1].first;
 		}
-		ka[m++] = (struct key_at){key, i, i};
+		blk[n_rep++] = blk[r];
 	}
-	if (m < 2) {
-		free(ka);
-		return true;
-	}
-	qsort(ka, m, sizeof(*ka), key_at_by_key);
-	/* Each run of one key: its first entry is the lowest index; the others are repeats,
-	 * moved to the front (w never passes r). */
-	size_t w = 0;
-	for (size_t r = 1; r < m; r++) {
-		if (ka[r].key == ka[r - 1].key) {
-			ka[r].first = ka[r - 1].first;
-			ka[w++] = ka[r];
+	if (n_rep > 1)
+		qsort(blk, n_rep, sizeof(*blk), key_at_by_idx);
+
+	/* seen[] += fresh[], both sorted by key and without a key in common */
+	if (n_fresh > 0) {
+		struct key_at *merged = malloc((f->n_seen + n_fresh) * sizeof(*merged));
+		if (merged == NULL) {
+			free(fresh);
+			return false;
 		}
+		size_t i = 0, j = 0, k = 0;
+		while (i < f->n_seen || j < n_fresh) {
+			if (j == n_fresh || (i < f->n_seen && f->seen[i].key < fresh[j].key))
+				merged[k++] = f->seen[i++];
+			else
+				merged[k++] = fresh[j++];
+		}
+		free(f->seen);
+		f->seen = merged;
+		f->n_seen = k;
 	}
-	if (w == 0) {
-		free(ka);
-		return true;
-	}
-	qsort(ka, w, sizeof(*ka), key_at_by_idx);
-	*out = ka;
-	*n_out = w;
+	free(fresh);
+	f->n_blk = n_rep;
+	f->next = 0;
+	f->done = to;
 	return true;
+}
+
+/*
+ * Whether disk i (called with rising i) repeats an earlier disk's key: true with that
+ * disk's index in *first. Sets *oom when out of memory.
+ */
+static bool dup_finder_check(struct dup_finder *f, size_t i, size_t *first, bool *oom)
+{
+	while (i >= f->done) {
+		if (!dup_finder_block(f)) {
+			*oom = true;
+			return false;
+		}
+	}
+	while (f->next < f->n_blk && f->blk[f->next].idx < i)
+		f->next++;
+	if (f->next < f->n_blk && f->blk[f->next].idx == i) {
+		*first = f->blk[f->next].first;
+		return true;
+	}
+	return false;
 }
 
 /* The disks[] of a job whose backup_type is type (NULL when it is itself invalid). */
@@ -500,18 +575,12 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		INVALID(c, "disks", "max_items", "has %zu disks, at most %d allowed", n,
 			BW_MESSAGE_MAX_DISKS);
 
-	struct key_at *dups = NULL;
-	size_t n_dups = 0, next_dup = 0;
-	if (!duplicate_keys(disks, n, &dups, &n_dups)) {
-		c->oom = true;
-		return;
-	}
+	struct dup_finder dups = {.disks = disks, .n = n};
 	/* Only a valid job's disks are kept (64 at most): past them one scratch entry is
 	 * reused, so a million disk objects cost no million entries. */
 	size_t kept = n < BW_MESSAGE_MAX_DISKS ? n : BW_MESSAGE_MAX_DISKS;
 	struct bw_disk_spec *specs = calloc(kept + 1, sizeof(*specs));
 	if (specs == NULL) {
-		free(dups);
 		c->oom = true;
 		return;
 	}
@@ -535,19 +604,18 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 			free(ds->previous_change_id);
 			*ds = (struct bw_disk_spec){0};
 		}
-		while (next_dup < n_dups && dups[next_dup].idx < i)
-			next_dup++;
 		if (!json_object_is_type(d, json_type_object)) {
 			INVALID(c, path, "type", "must be an object, not %s", type_name(d));
 			continue;
 		}
 		if (required(c, d, path, "key", &v)) {
 			join(field, sizeof(field), path, "key");
+			size_t first;
 			if (check_integer(c, field, v, 1, KEY_MAX, 1, &ds->key) &&
-			    next_dup < n_dups && dups[next_dup].idx == i)
+			    dup_finder_check(&dups, i, &first, &c->oom))
 				INVALID(c, field, "unique",
-					"disk key %" PRId64 " is already used by disks[%zu]", ds->key,
-					dups[next_dup].first);
+					"disk key %" PRId64 " is already used by disks[%zu]",
+					ds->key, first);
 		}
 		if (required(c, d, path, "size_bytes", &v)) {
 			join(field, sizeof(field), path, "size_bytes");
@@ -592,7 +660,7 @@ static void check_disks(struct check *c, struct json_object *disks, const char *
 		}
 		note_unknown(c, d, path, known);
 	}
-	free(dups);
+	dup_finder_free(&dups);
 	if (n > kept) { /* the scratch entry goes now; a rejected spec keeps the first 64 */
 		free(specs[kept].label);
 		free(specs[kept].parent_path);

@@ -22,19 +22,23 @@
  * Usage: bench_validate [REPS [CASE]]   (REPS runs per case, default 5, the median is
  * reported; CASE runs that case alone, e.g. under perf)
  *
- * Every case runs in a child process of its own, so that its peak RSS is its own. For each,
- * one line of key=value pairs on stdout:
+ * Every case's body is generated once, in memory; each of its REPS runs is a fresh child
+ * process (so the heap is new, as for a worker's first such message, and the peak RSS is
+ * the run's). For each case, one line of key=value pairs on stdout:
  *
- *   case=NAME bytes=N disks=N max_bytes=N json_ms=T parse_ms=T parse_min_ms=T rc=0|EMESSAGE
- *   violations=N truncated=0|1 errors_bytes=N event_bytes=N max_rss_mib=N ok=0|1
+ *   case=NAME bytes=N disks=N max_bytes=N json_ms=T parse_ms=T parse_max_ms=T warm_ms=T
+ *   rc=0|BW_EMESSAGE violations=N truncated=0|1 errors_bytes=N event_bytes=N
+ *   max_rss_mib=N ok=0|1
  *
  * json_ms is bw_json_parse_strict alone (the strict pass and json-c's tree), parse_ms all of
- * bw_message_parse (the same plus every rule), both medians of REPS runs. errors_bytes is
- * the size of the errors[] array a backup.rejected carries (JSON, no spaces), event_bytes
- * that of the whole event from bw_event_rejected. ok=1 when the case had its expected
- * outcome: the valid message accepted, the others rejected with at most
- * BW_VERDICT_MAX_ERRORS + 1 entries. Exit 0 when every case was ok, 1 otherwise, 2 usage.
- * Timing is printed, never asserted: the goal line is scripts/bench-validate's.
+ * bw_message_parse (the same plus every rule), each in a fresh process, medians of REPS runs;
+ * parse_max_ms the slowest of them; warm_ms a second bw_message_parse in the same process,
+ * on the heap the first one freed. errors_bytes is the size of the errors[] array a
+ * backup.rejected carries (JSON, no spaces), event_bytes that of the whole event from
+ * bw_event_rejected. ok=1 when every run had the expected outcome: the valid message
+ * accepted, the others rejected with at most BW_VERDICT_MAX_ERRORS + 1 entries. Exit 0
+ * when every case was ok, 1 otherwise, 2 usage. Timing is printed, never asserted: the
+ * goal line is scripts/bench-validate's.
  */
 
 #define MIB (1024u * 1024u)
@@ -45,7 +49,7 @@ struct bench_case {
 	const char *name;
 	size_t bytes;
 	size_t max_bytes;
-	bool valid; /* the expected outcome */
+	bool valid;				       /* the expected outcome */
 	size_t (*gen)(struct bw_buf *b, size_t bytes); /* appends the body; returns its disks */
 };
 
@@ -150,12 +154,12 @@ static size_t gen_same_key_disks(struct bw_buf *b, size_t bytes)
 }
 
 static const struct bench_case cases[] = {
-	{"valid-64-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, true, gen_valid},
-	{"empty-disks-256KiB", BW_MESSAGE_MAX_BYTES_DEFAULT, BW_MESSAGE_MAX_BYTES_DEFAULT, false,
-	 gen_empty_disks},
-	{"empty-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_empty_disks},
-	{"unique-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_unique_disks},
-	{"same-key-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_same_key_disks},
+    {"valid-64-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, true, gen_valid},
+    {"empty-disks-256KiB", BW_MESSAGE_MAX_BYTES_DEFAULT, BW_MESSAGE_MAX_BYTES_DEFAULT, false,
+     gen_empty_disks},
+    {"empty-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_empty_disks},
+    {"unique-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_unique_disks},
+    {"same-key-disks-16MiB", BIG_BYTES, BIG_MAX_BYTES, false, gen_same_key_disks},
 };
 
 /* The size of errors[] as backup.rejected carries it (plain JSON). */
@@ -176,94 +180,168 @@ static size_t errors_json_bytes(const struct bw_verdict *vd)
 	return n;
 }
 
-/* One case, in the calling (child) process; returns 0 when its outcome was the expected. */
-static int run_case(const struct bench_case *bc, int reps)
+/* What one measuring child reports to the parent through a pipe. */
+struct run_result {
+	int ok;		/* the parse ended as the case expects */
+	int rc;		/* of bw_message_parse */
+	double json_ms; /* bw_json_parse_strict, alone in its process */
+	double cold_ms; /* bw_message_parse, the first run in its process */
+	double warm_ms; /* bw_message_parse again, once the first run's memory was freed */
+	size_t violations;
+	int truncated;
+	size_t errors_bytes, event_bytes;
+	long max_rss_mib;
+};
+
+/*
+ * One measuring run, in a fresh child (forked from a parent that holds little more than
+ * the body): a fresh process is what a worker's first such message meets, every page of
+ * json-c's tree a new page. With json_only, the strict JSON pass alone; else
+ * bw_message_parse twice, the second on the heap the first one freed (the other extreme).
+ * Each first run is the first allocation of its process: after a 4 GiB tree was freed,
+ * glibc's malloc would first consolidate millions of freed chunks.
+ */
+static void measure(const struct bench_case *bc, const struct bw_buf *b, bool json_only,
+		    struct run_result *res)
 {
-	struct bw_buf b = BW_BUF_INIT;
-	size_t disks = bc->gen(&b, bc->bytes);
-	if (b.failed || b.len != bc->bytes) {
-		fprintf(stderr, "bench_validate: %s: generated %zu bytes, not %zu\n", bc->name, b.len,
-			bc->bytes);
-		bw_buf_free(&b);
-		return 1;
-	}
-	double *json_ms = calloc((size_t)reps, sizeof(double));
-	double *parse_ms = calloc((size_t)reps, sizeof(double));
 	struct bw_job_spec *spec = NULL;
 	struct bw_verdict *vd = NULL;
-	int rc = BW_ENOMEM;
-	if (json_ms == NULL || parse_ms == NULL)
-		goto out;
-	/* The two loops apart, each freeing what it made (untimed) before its next run. */
-	for (int r = 0; r < reps; r++) {
+
+	if (json_only) {
 		struct json_object *doc = NULL;
 		char why[160];
 		int64_t t0 = now_ns();
-		int jrc = bw_json_parse_strict(b.data, b.len, &doc, why, sizeof(why));
-		json_ms[r] = (double)(now_ns() - t0) / 1e6;
+		int jrc = bw_json_parse_strict(b->data, b->len, &doc, why, sizeof(why));
+		res->json_ms = (double)(now_ns() - t0) / 1e6;
 		json_object_put(doc);
-		if (jrc != 0) {
+		res->ok = jrc == 0;
+		if (jrc != 0)
 			fprintf(stderr, "bench_validate: %s: not JSON: %s\n", bc->name, why);
-			goto out;
-		}
+		return;
 	}
-	for (int r = 0; r < reps; r++) {
-		bw_job_spec_free(spec);
-		bw_verdict_free(vd);
-		spec = NULL;
-		vd = NULL;
-		int64_t t0 = now_ns();
-		rc = bw_message_parse(b.data, b.len, bc->max_bytes, &spec, &vd);
-		parse_ms[r] = (double)(now_ns() - t0) / 1e6;
-		if (rc != 0 && rc != BW_EMESSAGE)
-			goto out;
-	}
-	qsort(json_ms, (size_t)reps, sizeof(double), cmp_double);
-	qsort(parse_ms, (size_t)reps, sizeof(double), cmp_double);
+	int64_t t0 = now_ns();
+	res->rc = bw_message_parse(b->data, b->len, bc->max_bytes, &spec, &vd);
+	res->cold_ms = (double)(now_ns() - t0) / 1e6;
+	bw_job_spec_free(spec);
+	bw_verdict_free(vd);
+	spec = NULL;
+	vd = NULL;
+	t0 = now_ns();
+	res->rc = bw_message_parse(b->data, b->len, bc->max_bytes, &spec, &vd);
+	res->warm_ms = (double)(now_ns() - t0) / 1e6;
 
-	size_t violations = 0, errors_bytes = 0, event_bytes = 0;
-	bool truncated = false;
-	if (rc == BW_EMESSAGE) {
+	if (res->rc == BW_EMESSAGE) {
 		char *event = NULL, *id = NULL;
-		violations = vd->n;
-		truncated = vd->n > 0 && strcmp(vd->v[vd->n - 1].rule, "truncated") == 0;
-		errors_bytes = errors_json_bytes(vd);
-		if (bw_event_rejected(b.data, b.len, vd, "bench-host", "bench-host-1", &event, &id) ==
-		    0)
-			event_bytes = strlen(event);
+		res->violations = vd->n;
+		res->truncated = vd->n > 0 && strcmp(vd->v[vd->n - 1].rule, "truncated") == 0;
+		res->errors_bytes = errors_json_bytes(vd);
+		if (bw_event_rejected(b->data, b->len, vd, "bench-host", "bench-host-1", &event,
+				      &id) == 0)
+			res->event_bytes = strlen(event);
 		free(event);
 		free(id);
+		fprintf(stderr, "bench_validate: %s: first %s: %s, last %s: %s: %s\n", bc->name,
+			vd->v[0].path, vd->v[0].rule, vd->v[vd->n - 1].path, vd->v[vd->n - 1].rule,
+			vd->v[vd->n - 1].message);
 	}
 	struct rusage ru;
 	getrusage(RUSAGE_SELF, &ru);
-	bool ok = bc->valid ? rc == 0 : rc == BW_EMESSAGE && violations > 0 &&
-						  violations <= BW_VERDICT_MAX_ERRORS + 1 &&
-						  event_bytes > 0;
-	printf("case=%s bytes=%zu disks=%zu max_bytes=%zu json_ms=%.2f parse_ms=%.2f "
-	       "parse_min_ms=%.2f rc=%s violations=%zu truncated=%d errors_bytes=%zu "
-	       "event_bytes=%zu max_rss_mib=%ld ok=%d\n",
-	       bc->name, b.len, disks, bc->max_bytes, json_ms[reps / 2], parse_ms[reps / 2],
-	       parse_ms[0], rc == 0 ? "0" : bw_err_name(rc), violations, truncated, errors_bytes,
-	       event_bytes, ru.ru_maxrss / 1024, ok);
-	if (vd && vd->n)
-		fprintf(stderr, "bench_validate: %s: first %s: %s, last %s: %s: %s\n", bc->name,
-			vd->v[0].path, vd->v[0].rule, vd->v[vd->n - 1].path,
-			vd->v[vd->n - 1].rule, vd->v[vd->n - 1].message);
-	fflush(stdout);
-	free(json_ms);
-	free(parse_ms);
+	res->max_rss_mib = ru.ru_maxrss / 1024;
+	res->ok = bc->valid
+		      ? res->rc == 0
+		      : res->rc == BW_EMESSAGE && res->violations > 0 &&
+			    res->violations <= BW_VERDICT_MAX_ERRORS + 1 && res->event_bytes > 0;
 	bw_job_spec_free(spec);
 	bw_verdict_free(vd);
+}
+
+/* Runs measure() in a child; returns 0 and fills *res, or -1. */
+static int measure_in_child(const struct bench_case *bc, const struct bw_buf *b, bool json_only,
+			    struct run_result *res)
+{
+	int fds[2];
+	if (pipe(fds) != 0) {
+		perror("bench_validate: pipe");
+		return -1;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		perror("bench_validate: fork");
+		close(fds[0]);
+		close(fds[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		struct run_result r = {0};
+		close(fds[0]);
+		measure(bc, b, json_only, &r);
+		_exit(write(fds[1], &r, sizeof(r)) == (ssize_t)sizeof(r) ? 0 : 1);
+	}
+	close(fds[1]);
+	ssize_t n;
+	while ((n = read(fds[0], res, sizeof(*res))) < 0 && errno == EINTR)
+		;
+	close(fds[0]);
+	int status = 0;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (n != (ssize_t)sizeof(*res) || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		fprintf(stderr, "bench_validate: %s: the measuring child failed (status %d)\n",
+			bc->name, status);
+		return -1;
+	}
+	return 0;
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(double), cmp_double);
+	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* One case: the body made once, reps measuring children; returns 0 when all were ok. */
+static int run_case(const struct bench_case *bc, int reps)
+{
+	struct bw_buf b = BW_BUF_INIT;
+	struct run_result res = {0};
+	double json_ms[1000], cold_ms[1000], warm_ms[1000];
+	long rss = 0;
+	int ok = 1;
+
+	size_t disks = bc->gen(&b, bc->bytes);
+	if (b.failed || b.len != bc->bytes) {
+		fprintf(stderr, "bench_validate: %s: generated %zu bytes, not %zu\n", bc->name,
+			b.len, bc->bytes);
+		bw_buf_free(&b);
+		return 1;
+	}
+	for (int r = 0; r < reps; r++) {
+		if (measure_in_child(bc, &b, true, &res) != 0 || !res.ok) {
+			bw_buf_free(&b);
+			return 1;
+		}
+		json_ms[r] = res.json_ms;
+		if (measure_in_child(bc, &b, false, &res) != 0) {
+			bw_buf_free(&b);
+			return 1;
+		}
+		cold_ms[r] = res.cold_ms;
+		warm_ms[r] = res.warm_ms;
+		rss = res.max_rss_mib > rss ? res.max_rss_mib : rss;
+		ok &= res.ok;
+	}
+	double cold_max = 0;
+	for (int r = 0; r < reps; r++)
+		cold_max = cold_ms[r] > cold_max ? cold_ms[r] : cold_max;
+	printf("case=%s bytes=%zu disks=%zu max_bytes=%zu json_ms=%.2f parse_ms=%.2f "
+	       "parse_max_ms=%.2f warm_ms=%.2f rc=%s violations=%zu truncated=%d "
+	       "errors_bytes=%zu event_bytes=%zu max_rss_mib=%ld ok=%d\n",
+	       bc->name, b.len, disks, bc->max_bytes, median(json_ms, reps), median(cold_ms, reps),
+	       cold_max, median(warm_ms, reps), res.rc == 0 ? "0" : bw_err_name(res.rc),
+	       res.violations, res.truncated, res.errors_bytes, res.event_bytes, rss, ok);
+	fflush(stdout);
 	bw_buf_free(&b);
 	return ok ? 0 : 1;
-out:
-	fprintf(stderr, "bench_validate: %s: failed: %s\n", bc->name, bw_strerror(rc));
-	free(json_ms);
-	free(parse_ms);
-	bw_job_spec_free(spec);
-	bw_verdict_free(vd);
-	bw_buf_free(&b);
-	return 1;
 }
 
 int main(int argc, char **argv)
@@ -278,24 +356,7 @@ int main(int argc, char **argv)
 		if (only && strcmp(only, cases[i].name) != 0)
 			continue;
 		ran++;
-		pid_t pid = fork();
-		if (pid < 0) {
-			perror("bench_validate: fork");
-			return 1;
-		}
-		if (pid == 0) {
-			int rc = run_case(&cases[i], reps);
-			fflush(NULL);
-			_exit(rc);
-		}
-		int status = 0;
-		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-			;
-		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-			fprintf(stderr, "bench_validate: case %s failed (status %d)\n", cases[i].name,
-				status);
-			failed++;
-		}
+		failed += run_case(&cases[i], reps) != 0;
 	}
 	if (ran == 0) {
 		fprintf(stderr, "bench_validate: no case named %s\n", only);

@@ -126,7 +126,8 @@ static void check_spec(const struct bw_job_spec *s)
 		{
 			check_text(k, 1, 64);
 			if (!json_object_is_type(v, json_type_string) ||
-			    strlen(json_object_get_string(v)) != (size_t)json_object_get_string_len(v))
+			    strlen(json_object_get_string(v)) !=
+				(size_t)json_object_get_string_len(v))
 				abort(); /* a NUL inside: a control character */
 			check_text(json_object_get_string(v), 0, 256);
 		}
@@ -167,7 +168,8 @@ static void check_verdict(const struct bw_verdict *vd)
 	for (size_t i = 0; i < vd->n; i++) {
 		const struct bw_violation *v = &vd->v[i];
 		bool truncated = strcmp(v->rule, "truncated") == 0;
-		if (truncated != (i == BW_VERDICT_MAX_ERRORS) || (truncated && strcmp(v->path, "$")))
+		if (truncated != (i == BW_VERDICT_MAX_ERRORS) ||
+		    (truncated && strcmp(v->path, "$")))
 			abort();
 		if (v->path[0] == '\0' || v->rule[0] == '\0' || v->message[0] == '\0')
 			abort();

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -185,7 +186,8 @@ static void assert_entry(const struct bw_verdict *vd, size_t i, const char *want
 static void test_bounded_verdict(void **state)
 {
 	(void)state;
-	const char *bad = "{\"key\":0,\"size_bytes\":1}"; /* 3 rules: minimum, minimum, multiple_of */
+	/* 3 rules each: key minimum, size_bytes minimum and multiple_of */
+	const char *bad = "{\"key\":0,\"size_bytes\":1}";
 
 	/* 1 + 33 * 3 = 100: listed in full, no truncated entry */
 	char *body = many_disks("bk-1", 2, "{}", bad, 33);
@@ -218,7 +220,8 @@ static void test_bounded_verdict(void **state)
 	assert_entry(vd, 1, "disks[0].key: required");
 	assert_entry(vd, 99, "disks[49].key: required");
 	assert_entry(vd, 100, "$: truncated");
-	assert_non_null(strstr(vd->v[100].message, "1 more found before the check stopped at disks[50]"));
+	assert_non_null(
+	    strstr(vd->v[100].message, "1 more found before the check stopped at disks[50]"));
 	assert_string_equal(vd->job_id, "bk-1");
 	assert_true(vd->vm_valid);
 	bw_verdict_free(vd);
@@ -255,8 +258,8 @@ static void test_duplicate_keys(void **state)
 			    "{\"key\":0,\"size_bytes\":512},{\"key\":7.0,\"size_bytes\":512},"
 			    "{\"key\":7,\"size_bytes\":512},{\"key\":0,\"size_bytes\":512}]}";
 	struct bw_verdict *vd = reject(three, 262144);
-	const char *want[] = {"disks[1].key: minimum", "disks[2].key: unique", "disks[3].key: unique",
-			      "disks[4].key: minimum", NULL};
+	const char *want[] = {"disks[1].key: minimum", "disks[2].key: unique",
+			      "disks[3].key: unique", "disks[4].key: minimum", NULL};
 	assert_rules(vd, want);
 	assert_string_equal(vd->v[1].message, "disk key 7 is already used by disks[0]");
 	assert_string_equal(vd->v[2].message, "disk key 7 is already used by disks[0]");
@@ -265,9 +268,10 @@ static void test_duplicate_keys(void **state)
 	/* 40,000 disks, keys 1..20000 twice: disks[20000+i] repeats disks[i] */
 	struct bw_buf b = BW_BUF_INIT;
 	char *body = NULL;
-	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
-			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-			"\"c\",\"disks\":[");
+	bw_buf_puts(&b,
+		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+		    "\"c\",\"disks\":[");
 	for (int i = 0; i < 40000; i++)
 		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 20000 + 1);
 	bw_buf_puts(&b, "]}");
@@ -284,15 +288,61 @@ static void test_duplicate_keys(void **state)
 	free(body);
 }
 
+/*
+ * Repeats planted across the blocks the walk classifies disks in (64, 128, 256, 512...):
+ * each must name the first disk with its key, even when an earlier repeat sits between.
+ */
+static void test_duplicate_keys_across_blocks(void **state)
+{
+	(void)state;
+	static const struct {
+		size_t at, repeats; /* disks[at] gets the key of disks[repeats] */
+		size_t first;	    /* the disk the message must name */
+	} plant[] = {{64, 63, 63},    {127, 64, 63}, {128, 0, 0},     {300, 127, 63},
+		     {511, 510, 510}, {512, 5, 5},   {1000, 300, 63}, {1999, 1500, 1500}};
+	int64_t keys[2000];
+	for (size_t i = 0; i < 2000; i++)
+		keys[i] = 1000000 + (int64_t)((i * 7919) % 2000) * 3; /* distinct, unordered */
+	for (size_t p = 0; p < sizeof(plant) / sizeof(plant[0]); p++)
+		keys[plant[p].at] = keys[plant[p].repeats];
+
+	struct bw_buf b = BW_BUF_INIT;
+	char *body = NULL;
+	bw_buf_puts(&b,
+		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+		    "\"c\",\"disks\":[");
+	for (size_t i = 0; i < 2000; i++)
+		bw_buf_printf(&b, "%s{\"key\":%" PRId64 "%s,\"size_bytes\":512}", i ? "," : "",
+			      keys[i], i == 512 ? ".0" : "");
+	bw_buf_puts(&b, "]}");
+	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	struct bw_verdict *vd = reject(body, 262144);
+	size_t n_plant = sizeof(plant) / sizeof(plant[0]);
+	assert_int_equal(vd->n, 1 + n_plant);
+	assert_entry(vd, 0, "disks: max_items");
+	for (size_t p = 0; p < n_plant; p++) {
+		char path[64], msg[128];
+		snprintf(path, sizeof(path), "disks[%zu].key: unique", plant[p].at);
+		snprintf(msg, sizeof(msg), "disk key %" PRId64 " is already used by disks[%zu]",
+			 keys[plant[p].at], plant[p].first);
+		assert_entry(vd, 1 + p, path);
+		assert_string_equal(vd->v[1 + p].message, msg);
+	}
+	bw_verdict_free(vd);
+	free(body);
+}
+
 /* The ignored-fields list of a valid spec is bounded and says how many it left out. */
 static void test_unknown_fields_bounded(void **state)
 {
 	(void)state;
 	struct bw_buf b = BW_BUF_INIT;
 	char *body = NULL;
-	bw_buf_puts(&b, "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
-			"\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-			"\"c\",\"disks\":[{\"key\":1,\"size_bytes\":512}]");
+	bw_buf_puts(&b,
+		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
+		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+		    "\"c\",\"disks\":[{\"key\":1,\"size_bytes\":512}]");
 	for (int i = 0; i < 5000; i++)
 		bw_buf_printf(&b, ",\"x_%04d\":%d", i, i);
 	bw_buf_puts(&b, "}");
@@ -463,14 +513,15 @@ static void test_host_rules(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_contract_example),
-		cmocka_unit_test(test_every_rule_reported),
-		cmocka_unit_test(test_incremental_rules),
-		cmocka_unit_test(test_document_level),
-		cmocka_unit_test(test_bounded_verdict),
-		cmocka_unit_test(test_duplicate_keys),
-		cmocka_unit_test(test_unknown_fields_bounded),
-		cmocka_unit_test(test_host_rules),
+	    cmocka_unit_test(test_contract_example),
+	    cmocka_unit_test(test_every_rule_reported),
+	    cmocka_unit_test(test_incremental_rules),
+	    cmocka_unit_test(test_document_level),
+	    cmocka_unit_test(test_bounded_verdict),
+	    cmocka_unit_test(test_duplicate_keys),
+	    cmocka_unit_test(test_duplicate_keys_across_blocks),
+	    cmocka_unit_test(test_unknown_fields_bounded),
+	    cmocka_unit_test(test_host_rules),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
