@@ -11,6 +11,7 @@ struct scan {
 	const unsigned char *start;
 	const unsigned char *end;
 	int depth;
+	size_t values; /* every value, containers and members included */
 	char *why;
 	size_t whysz;
 };
@@ -195,6 +196,8 @@ static bool value(struct scan *s)
 	skip_ws(s);
 	if (s->p >= s->end)
 		return fail(s, "unexpected end of input");
+	if (++s->values > BW_JSON_MAX_VALUES)
+		return fail(s, "more than " BW_JSON_MAX_VALUES_TEXT " values");
 	switch (*s->p) {
 	case '{':
 		return container(s, true);
@@ -219,7 +222,7 @@ int bw_json_parse_strict(const char *buf, size_t len, struct json_object **out, 
 			 size_t whysz)
 {
 	struct scan s = {(const unsigned char *)buf, (const unsigned char *)buf,
-			 (const unsigned char *)buf + len, 0, why, whysz};
+			 (const unsigned char *)buf + len, 0, 0, why, whysz};
 	if (len > INT32_MAX) {
 		snprintf(why, whysz, "invalid JSON: input too large");
 		return BW_EJSON;

@@ -11,12 +11,19 @@
 
 /* Arrays and objects nested deeper than this (the top level counting as 1) are refused. */
 #define BW_JSON_MAX_DEPTH 64
+/*
+ * A document of more values than this is refused before any tree is built: json-c spends
+ * about 770 bytes per value, so a 16 MiB body of "{}," would cost 4 GiB and seconds. Every
+ * document bw reads (a backup.start of at most 64 disks, an SNA reply) has a few hundred.
+ */
+#define BW_JSON_MAX_VALUES 100000
+#define BW_JSON_MAX_VALUES_TEXT "100000"
 
 /*
  * Parses buf[0..len) as exactly one JSON value under RFC 8259 with strict UTF-8: no BOM,
  * no comments, no NaN/Infinity, no raw control characters in strings, no \u escape that
  * decodes to a lone surrogate, no U+0000 in an object key (json-c would cut the key there),
- * no trailing data, nesting at most BW_JSON_MAX_DEPTH.
+ * no trailing data, nesting at most BW_JSON_MAX_DEPTH, at most BW_JSON_MAX_VALUES values.
  * Duplicate object keys: the last one wins.
  * Returns 0 and stores the tree in *out (caller releases with json_object_put), or
  * BW_EJSON with a one-line reason in why[0..whysz) (BW_ENOMEM when allocation fails).

@@ -212,8 +212,8 @@ static void test_bounded_verdict(void **state)
 	bw_verdict_free(vd);
 	free(body);
 
-	/* 200,000 empty disks (400,001 broken rules): the walk stops at disks[50] */
-	body = many_disks("bk-1", 1, "{}", "{}", 200000);
+	/* 90,000 empty disks (180,001 broken rules): the walk stops at disks[50] */
+	body = many_disks("bk-1", 1, "{}", "{}", 90000);
 	vd = reject(body, 32u << 20);
 	assert_int_equal(vd->n, 101);
 	assert_entry(vd, 0, "disks: max_items");
@@ -224,6 +224,16 @@ static void test_bounded_verdict(void **state)
 	    strstr(vd->v[100].message, "1 more found before the check stopped at disks[50]"));
 	assert_string_equal(vd->job_id, "bk-1");
 	assert_true(vd->vm_valid);
+	bw_verdict_free(vd);
+	free(body);
+
+	/* 200,000 empty disks: more values than any message holds, refused before a tree is
+	 * built (BW_JSON_MAX_VALUES) */
+	body = many_disks("bk-1", 1, "{}", "{}", 200000);
+	vd = reject(body, 32u << 20);
+	assert_int_equal(vd->reason, BW_REJECT_INVALID_JSON);
+	assert_int_equal(vd->n, 1);
+	assert_non_null(strstr(vd->v[0].message, "more than 100000 values"));
 	bw_verdict_free(vd);
 	free(body);
 
@@ -265,23 +275,23 @@ static void test_duplicate_keys(void **state)
 	assert_string_equal(vd->v[2].message, "disk key 7 is already used by disks[0]");
 	bw_verdict_free(vd);
 
-	/* 40,000 disks, keys 1..20000 twice: disks[20000+i] repeats disks[i] */
+	/* 30,000 disks, keys 1..15000 twice: disks[15000+i] repeats disks[i] */
 	struct bw_buf b = BW_BUF_INIT;
 	char *body = NULL;
 	bw_buf_puts(&b,
 		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
 		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
 		    "\"c\",\"disks\":[");
-	for (int i = 0; i < 40000; i++)
-		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 20000 + 1);
+	for (int i = 0; i < 30000; i++)
+		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 15000 + 1);
 	bw_buf_puts(&b, "]}");
 	assert_int_equal(bw_buf_steal(&b, &body), 0);
 	vd = reject(body, 4u << 20);
 	assert_int_equal(vd->n, 101);
 	assert_entry(vd, 0, "disks: max_items");
-	assert_entry(vd, 1, "disks[20000].key: unique");
+	assert_entry(vd, 1, "disks[15000].key: unique");
 	assert_string_equal(vd->v[1].message, "disk key 1 is already used by disks[0]");
-	assert_entry(vd, 99, "disks[20098].key: unique");
+	assert_entry(vd, 99, "disks[15098].key: unique");
 	assert_string_equal(vd->v[99].message, "disk key 99 is already used by disks[98]");
 	assert_entry(vd, 100, "$: truncated");
 	bw_verdict_free(vd);
