@@ -1,6 +1,7 @@
 /* config.c: one table of every key: its type, default, bounds and check; INI, env and --set feed it. */
 #include "config.h"
 #include "buf.h"
+#include "child.h"
 #include "log.h"
 #include "text.h"
 
@@ -8,12 +9,14 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 enum key_type { T_STR, T_INT, T_BOOL };
@@ -252,6 +255,11 @@ static const char *check_program(const char *v)
 	for (const char *p = v; *p; p++)
 		if ((unsigned char)*p <= 0x20 || *p == 0x7f)
 			return "must be a program name or path without spaces";
+	if (v[0] != '/' && strchr(v, '/') != NULL)
+		return "must be an absolute path or a bare program name (looked up in "
+		       BW_CHILD_TRUSTED_PATH ")";
+	if (strlen(v) >= PATH_MAX)
+		return "is too long";
 	return NULL;
 }
 
@@ -587,6 +595,40 @@ static const char *origin_of(struct loader *ld, const char *section, const char 
 	return ld->origin[k][0] ? ld->origin[k] : "default";
 }
 
+/*
+ * nbd.qemu_nbd / nbd.qemu_img: an absolute path is used as is, a bare name is resolved now
+ * in the trusted path (never $PATH) and stored absolute, so children are exec'd by path.
+ */
+static void resolve_program(struct loader *ld, const char *key)
+{
+	int k = find_key("nbd", key);
+	char **field = (char **)((char *)ld->cfg + keys[k].offset);
+	char found[PATH_MAX];
+	struct stat st;
+	if ((*field)[0] != '/') {
+		if (bw_child_find_program(*field, found, sizeof(found)) != 0) {
+			problem(ld, origin_of(ld, "nbd", key), "nbd", key,
+				"%s not found in " BW_CHILD_TRUSTED_PATH
+				" (give an absolute path to use another)",
+				*field);
+			return;
+		}
+		char *copy = strdup(found);
+		if (copy == NULL) {
+			ld->oom = true;
+			return;
+		}
+		free(*field);
+		*field = copy;
+		return;
+	}
+	if (stat(*field, &st) != 0)
+		problem(ld, origin_of(ld, "nbd", key), "nbd", key, "%s", strerror(errno));
+	else if (!S_ISREG(st.st_mode) || faccessat(AT_FDCWD, *field, X_OK, AT_EACCESS) != 0)
+		problem(ld, origin_of(ld, "nbd", key), "nbd", key, "%s",
+			"is not an executable file");
+}
+
 static void finish(struct loader *ld)
 {
 	struct bw_config *cfg = ld->cfg;
@@ -613,6 +655,9 @@ static void finish(struct loader *ld)
 		cfg->amqp_prefetch = cfg->worker_max_jobs;
 	if (cfg->worker_id == NULL || cfg->ledger_path == NULL)
 		ld->oom = true;
+
+	resolve_program(ld, "qemu_nbd");
+	resolve_program(ld, "qemu_img");
 
 	if (cfg->nbd_port_min > cfg->nbd_port_max) {
 		char lo[16];

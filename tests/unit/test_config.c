@@ -4,11 +4,14 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "config.h"
 
 static char conf_path[] = "/tmp/bw-test-config-XXXXXX";
@@ -58,8 +61,13 @@ static void test_defaults(void **state)
 	assert_string_equal(cfg->nbd_bind_address, "127.0.0.1");
 	assert_string_equal(cfg->nbd_advertise_host, "127.0.0.1");
 	assert_int_equal(cfg->nbd_shared, 8);
-	assert_string_equal(cfg->nbd_qemu_nbd, "qemu-nbd");
-	assert_string_equal(cfg->nbd_qemu_img, "qemu-img");
+	/* bare names, resolved at load in the trusted path */
+	char want[PATH_MAX];
+	assert_int_equal(bw_child_find_program("qemu-nbd", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_nbd, want);
+	assert_int_equal(bw_child_find_program("qemu-img", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_img, want);
+	assert_true(cfg->nbd_qemu_nbd[0] == '/' && strstr(cfg->nbd_qemu_nbd, "/qemu-nbd"));
 	assert_string_equal(cfg->sna_url, "http://127.0.0.1:8081");
 	assert_int_equal(cfg->sna_connect_timeout_s, 5);
 	assert_int_equal(cfg->sna_timeout_s, 30);
@@ -212,6 +220,87 @@ static void test_format_masks_secrets(void **state)
 	bw_config_free(cfg);
 }
 
+/* Loads with the sets; returns the error text (malloc'd), or NULL when it loaded. */
+static char *load_errors(char **sets, size_t nsets)
+{
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, NULL, sets, nsets, &errors);
+	if (rc == 0) {
+		bw_config_free(cfg);
+		return NULL;
+	}
+	assert_int_equal(rc, BW_ECONFIG);
+	assert_non_null(errors);
+	return errors;
+}
+
+static void test_program_paths(void **state)
+{
+	(void)state;
+	char set1[] = "nbd.qemu_nbd=/usr/bin/env";
+	char set2[] = "nbd.qemu_img=env";
+	char *sets[] = {set1, set2};
+	struct bw_config *cfg = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, NULL), 0);
+	assert_string_equal(cfg->nbd_qemu_nbd, "/usr/bin/env"); /* absolute: as is */
+	char want[PATH_MAX];
+	assert_int_equal(bw_child_find_program("env", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_img, want);
+	bw_config_free(cfg);
+
+	char rel[] = "nbd.qemu_nbd=bin/qemu-nbd";
+	char *e = load_errors((char *[]){rel}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: must be an absolute path or a bare program "
+			       "name (looked up in /usr/local/sbin:/usr/local/bin:/usr/sbin:"
+			       "/usr/bin:/sbin:/bin)\n");
+	free(e);
+	char dot[] = "nbd.qemu_img=./qemu-img";
+	e = load_errors((char *[]){dot}, 1);
+	assert_non_null(strstr(e, "--set: nbd.qemu_img: must be an absolute path"));
+	free(e);
+	char missing[] = "nbd.qemu_nbd=bw-no-such-program";
+	e = load_errors((char *[]){missing}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: bw-no-such-program not found in "
+			       "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin (give an "
+			       "absolute path to use another)\n");
+	free(e);
+	char notexec[PATH_MAX + 16];
+	snprintf(notexec, sizeof(notexec), "nbd.qemu_nbd=%s", conf_path); /* mode 0600 */
+	e = load_errors((char *[]){notexec}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: is not an executable file\n");
+	free(e);
+	char adir[] = "nbd.qemu_img=/usr/bin";
+	e = load_errors((char *[]){adir}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_img: is not an executable file\n");
+	free(e);
+	char gone[] = "nbd.qemu_img=/nonexistent/qemu-img";
+	e = load_errors((char *[]){gone}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_img: No such file or directory\n");
+	free(e);
+
+	/* $PATH is never searched: a program only it knows is not found. */
+	char dir[] = "/tmp/bw-test-config-path-XXXXXX";
+	assert_non_null(mkdtemp(dir));
+	char prog[PATH_MAX];
+	snprintf(prog, sizeof(prog), "%s/bw-fake-qemu-nbd", dir);
+	FILE *f = fopen(prog, "w");
+	assert_non_null(f);
+	fputs("#!/bin/sh\n", f);
+	fclose(f);
+	assert_int_equal(chmod(prog, 0755), 0);
+	char *old = strdup(getenv("PATH") ? getenv("PATH") : "/usr/bin:/bin");
+	setenv("PATH", dir, 1);
+	char fake[] = "nbd.qemu_nbd=bw-fake-qemu-nbd";
+	e = load_errors((char *[]){fake}, 1);
+	setenv("PATH", old, 1);
+	free(old);
+	unlink(prog);
+	rmdir(dir);
+	assert_non_null(strstr(e, "bw-fake-qemu-nbd not found in /usr/local/sbin:"));
+	free(e);
+}
+
 static void test_sample_config_is_valid(void **state)
 {
 	(void)state;
@@ -234,6 +323,7 @@ int main(void)
 		cmocka_unit_test(test_env_and_set_errors),
 		cmocka_unit_test(test_missing_file),
 		cmocka_unit_test(test_format_masks_secrets),
+		cmocka_unit_test(test_program_paths),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
