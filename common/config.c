@@ -2,6 +2,7 @@
 #include "config.h"
 #include "buf.h"
 #include "child.h"
+#include "credentials.h"
 #include "log.h"
 #include "text.h"
 
@@ -132,6 +133,7 @@ struct loader {
 	char origin[NKEYS][ORIGIN_MAX]; /* "FILE:LINE" / "BW_X_Y" / "--set"; "" = default */
 	struct bw_buf errors;
 	int nerrors;
+	struct bw_buf warnings; /* same form; a warning does not fail the load */
 	bool oom;
 };
 
@@ -151,9 +153,84 @@ static void problem(struct loader *ld, const char *origin, const char *section, 
 	ld->nerrors++;
 }
 
+static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...) BW_PRINTF(5, 6);
+
+static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...)
+{
+	char reason[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
+	bw_buf_printf(&ld->warnings, "%s: %s.%s: warning: %s\n", origin, section, key, reason);
+}
+
+/* ---- URLs -------------------------------------------------------------------------------- */
+
+/*
+ * amqp.url may list the nodes of one cluster, comma-separated (CONTRACT 6). Returns a
+ * malloc'd copy of the i-th node (0-based), NULL past the last one (or out of memory:
+ * *oom set). The copy may hold a password: release it with free_secret.
+ */
+static char *url_node(const char *list, size_t i, bool *oom)
+{
+	const char *p = list;
+	for (; i > 0; i--) {
+		p = strchr(p, ',');
+		if (p == NULL)
+			return NULL;
+		p++;
+	}
+	char *node = strndup(p, strcspn(p, ","));
+	if (node == NULL)
+		*oom = true;
+	return node;
+}
+
+/* Overwrites a string that may hold a secret, then frees it. Accepts NULL. */
+static void free_secret(char *s)
+{
+	if (s)
+		bw_credential_wipe(s, strlen(s));
+}
+
+/*
+ * The host of scheme://[user[:password]@]host[:port][/path]: without the user part (so
+ * never a password), IPv6 literals with their brackets. out is "" when there is none.
+ */
+static void url_host(const char *url, char *out, size_t size)
+{
+	out[0] = '\0';
+	const char *a = strstr(url, "://");
+	if (a == NULL)
+		return;
+	a += 3;
+	const char *end = a + strcspn(a, "/?#");
+	for (const char *p = a; p < end; p++)
+		if (*p == '@')
+			a = p + 1; /* the last '@' ends the user part */
+	const char *h = a;
+	if (*a == '[') {
+		while (h < end && *h != ']')
+			h++;
+		if (h < end)
+			h++;
+	} else {
+		while (h < end && *h != ':')
+			h++;
+	}
+	size_t n = (size_t)(h - a);
+	if (n >= size)
+		n = size - 1;
+	memcpy(out, a, n);
+	out[n] = '\0';
+}
+
 /* ---- value checks --------------------------------------------------------------------- */
 
-static const char *check_amqp_url(const char *v)
+static const char *check_amqp_node(const char *v)
 {
 	if (strncmp(v, "amqp://", 7) != 0 && strncmp(v, "amqps://", 8) != 0)
 		return "must start with amqp:// or amqps://";
@@ -163,12 +240,26 @@ static const char *check_amqp_url(const char *v)
 	struct amqp_connection_info info;
 	int rc = amqp_parse_url(copy, &info);
 	bool empty_host = rc == AMQP_STATUS_OK && info.host[0] == '\0';
-	free(copy);
+	free_secret(copy); /* the parser decodes in place: the password may sit anywhere in it */
 	if (rc != AMQP_STATUS_OK)
 		return "is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)";
 	if (empty_host)
 		return "has no host";
 	return NULL;
+}
+
+/* One URL, or the comma-separated URLs of a cluster's nodes: each must be valid. */
+static const char *check_amqp_url(const char *v)
+{
+	bool oom = false;
+	char *node;
+	for (size_t i = 0; (node = url_node(v, i, &oom)) != NULL; i++) {
+		const char *why = check_amqp_node(node);
+		free_secret(node);
+		if (why)
+			return why;
+	}
+	return oom ? "out of memory" : NULL;
 }
 
 static const char *check_http_url(const char *v)
@@ -596,6 +687,72 @@ static const char *origin_of(struct loader *ld, const char *section, const char 
 }
 
 /*
+ * What would expose a backup or a password on the network (DESIGN 9). Refused unless the
+ * operator says in the config that they mean it: plain NBD exports on a non-loopback
+ * address (anyone who reaches the port reads and overwrites them), http:// to a
+ * non-loopback SNA (the vCenter password and the NBD key travel in the body). Warned
+ * about: an unverified broker, and amqp:// to a non-loopback broker.
+ */
+static void check_exposure(struct loader *ld)
+{
+	struct bw_config *cfg = ld->cfg;
+	char host[256];
+
+	if (strcmp(cfg->nbd_tls, "off") == 0 && !cfg->nbd_allow_plaintext &&
+	    !bw_config_host_is_loopback(cfg->nbd_bind_address))
+		problem(ld, origin_of(ld, "nbd", "tls"), "nbd", "tls",
+			"off with the non-loopback nbd.bind_address %s (%s) serves every backup as "
+			"plain NBD that anyone who reaches the port can read and overwrite; use "
+			"auto or psk, or set nbd.allow_plaintext = true if you mean it",
+			cfg->nbd_bind_address, origin_of(ld, "nbd", "bind_address"));
+
+	if (strncmp(cfg->sna_url, "http://", 7) == 0 && !cfg->sna_allow_plaintext) {
+		url_host(cfg->sna_url, host, sizeof(host));
+		if (!bw_config_host_is_loopback(host))
+			problem(ld, origin_of(ld, "sna", "url"), "sna", "url",
+				"http:// to the non-loopback host %s sends the vCenter password and "
+				"the NBD key in clear text; use https://, or set sna.allow_plaintext = "
+				"true if you mean it",
+				host);
+	}
+
+	bool tls = false, oom = false;
+	char *node;
+	size_t nodes = 0;
+	while ((node = url_node(cfg->amqp_url, nodes, &oom)) != NULL) {
+		nodes++;
+		free_secret(node);
+	}
+	for (size_t i = 0; (node = url_node(cfg->amqp_url, i, &oom)) != NULL; i++) {
+		if (strncmp(node, "amqps://", 8) == 0) {
+			tls = true;
+		} else {
+			url_host(node, host, sizeof(host));
+			char which[32] = "";
+			if (nodes > 1)
+				snprintf(which, sizeof(which), "node %zu: ", i + 1);
+			if (!bw_config_host_is_loopback(host))
+				warning(ld, origin_of(ld, "amqp", "url"), "amqp", "url",
+					"%samqp:// to the non-loopback broker %s sends the broker "
+					"password and every message in clear text; use amqps://",
+					which, host);
+		}
+		free_secret(node);
+	}
+	if (oom)
+		ld->oom = true;
+	if (tls && !cfg->amqp_tls_verify_peer)
+		warning(ld, origin_of(ld, "amqp", "tls_verify_peer"), "amqp", "tls_verify_peer",
+			"%s", "false: the broker's certificate is not verified, so anyone on the "
+			      "path can pose as the broker and read the password and every message");
+	if (tls && !cfg->amqp_tls_verify_hostname)
+		warning(ld, origin_of(ld, "amqp", "tls_verify_hostname"), "amqp",
+			"tls_verify_hostname", "%s",
+			"false: any certificate the CA signed, for any host, is taken for the "
+			"broker's");
+}
+
+/*
  * nbd.qemu_nbd / nbd.qemu_img: an absolute path is used as is, a bare name is resolved now
  * in the trusted path (never $PATH) and stored absolute, so children are exec'd by path.
  */
@@ -668,6 +825,13 @@ static void finish(struct loader *ld)
 	if ((cfg->amqp_tls_cert_file[0] == '\0') != (cfg->amqp_tls_key_file[0] == '\0'))
 		problem(ld, origin_of(ld, "amqp", "tls_key_file"), "amqp", "tls_key_file", "%s",
 			"amqp.tls_cert_file and amqp.tls_key_file go together");
+	if (cfg->sna_tls_cert_file[0] && !cfg->sna_tls_key_file[0])
+		problem(ld, origin_of(ld, "sna", "tls_cert_file"), "sna", "tls_cert_file", "%s",
+			"needs sna.tls_key_file (a client certificate and its key go together)");
+	if (cfg->sna_tls_key_file[0] && !cfg->sna_tls_cert_file[0])
+		problem(ld, origin_of(ld, "sna", "tls_key_file"), "sna", "tls_key_file", "%s",
+			"needs sna.tls_cert_file (a client certificate and its key go together)");
+	check_exposure(ld);
 	if (cfg->sna_backoff_base_ms > cfg->sna_backoff_cap_s * 1000)
 		problem(ld, origin_of(ld, "sna", "backoff_base_ms"), "sna", "backoff_base_ms", "%s",
 			"must not exceed sna.backoff_cap_s");
@@ -706,19 +870,29 @@ int bw_config_load(struct bw_config **out, const char *path, char *const *sets, 
 		finish(ld);
 	}
 
-	if (ld->oom || ld->errors.failed)
+	if (ld->oom || ld->errors.failed || ld->warnings.failed)
 		rc = BW_ENOMEM;
 	else if (rc == 0 && ld->nerrors)
 		rc = BW_ECONFIG;
 	if (rc == 0) {
+		if (ld->warnings.len && bw_buf_steal(&ld->warnings, &cfg->warnings) != 0) {
+			rc = BW_ENOMEM;
+			goto out;
+		}
 		*out = cfg;
 		cfg = NULL;
-	} else if (errors && bw_buf_steal(&ld->errors, errors) != 0) {
-		*errors = NULL;
+	} else if (errors) {
+		/* the warnings too: who fixes the errors wants to see them */
+		if (ld->warnings.len)
+			bw_buf_append(&ld->errors, ld->warnings.data, ld->warnings.len);
+		if (bw_buf_steal(&ld->errors, errors) != 0)
+			*errors = NULL;
 	}
 out:
-	if (ld)
+	if (ld) {
 		bw_buf_free(&ld->errors);
+		bw_buf_free(&ld->warnings);
+	}
 	free(ld);
 	bw_config_free(cfg);
 	return rc;
@@ -736,6 +910,7 @@ void bw_config_free(struct bw_config *cfg)
 		free(cfg->repositories[i].path);
 	}
 	free(cfg->repositories);
+	free(cfg->warnings);
 	free(cfg);
 }
 

@@ -155,6 +155,8 @@ int main(int argc, char **argv)
 		status = 1;
 		goto out;
 	}
+	if (cfg->warnings && (check_only || print_only))
+		fputs(cfg->warnings, stderr);
 	if (check_only) {
 		printf("configuration OK\n");
 		status = 0;
@@ -179,6 +181,11 @@ int main(int argc, char **argv)
 	bw_log_info("starting worker=%s config=%s", cfg->worker_id, config_path);
 	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
 		bw_log_info("config: %s", line);
+	for (const char *w = cfg->warnings; w && *w;) {
+		size_t n = strcspn(w, "\n");
+		bw_log_warnx("config: %.*s", (int)n, w);
+		w += n + (w[n] == '\n');
+	}
 	status = worker_run(cfg);
 out:
 	free(text);

@@ -60,5 +60,141 @@ out=$("$worker" --print-config --config "$root/deploy/bw-worker.conf" --set sna.
 check "print-config masks the token" bash -c "! grep -q t0ps3cret <<<\"\$1\" && grep -q 'sna.token = \*\*\*' <<<\"\$1\"" _ "$out"
 check "print-config masks the AMQP password" bash -c "grep -q 'amqp.url = amqp://guest:\*\*\*@127.0.0.1:5672' <<<\"\$1\"" _ "$out"
 
+# ---- what would expose a backup or a password is refused; unwise broker links are warned about.
+# ok NAME FILE [ARGS...]: accepted without a word; refused NAME EXPECTED FILE [ARGS...]: exit
+# non-zero with exactly EXPECTED; warned NAME EXPECTED FILE [ARGS...]: "configuration OK" on
+# stdout, exit 0, exactly EXPECTED on stderr.
+ok() {
+	local name=$1 file=$2
+	shift 2
+	local out rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
+	rc=$?
+	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
+	check "$name: nothing but OK" [ "$out" = "configuration OK" ]
+	[ "$out" = "configuration OK" ] || printf 'got:\n%s\n' "$out"
+}
+refused() {
+	local name=$1 want=$2 file=$3
+	shift 3
+	local out rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
+	rc=$?
+	check "$name: refused (exit $rc)" [ $rc -ne 0 ]
+	check "$name: names FILE:LINE: key: reason" [ "$out" = "$want" ]
+	[ "$out" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$out" "$want"
+}
+warned() {
+	local name=$1 want=$2 file=$3
+	shift 3
+	local out err rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>"$tmp/stderr")
+	rc=$?
+	err=$(cat "$tmp/stderr")
+	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
+	check "$name: OK on stdout" [ "$out" = "configuration OK" ]
+	check "$name: the warning on stderr" [ "$err" = "$want" ]
+	[ "$err" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$err" "$want"
+}
+conf() { # NAME: the file $tmp/NAME.conf from stdin
+	cat >"$tmp/$1.conf"
+}
+
+nbd_why="serves every backup as plain NBD that anyone who reaches the port can read and overwrite; use auto or psk, or set nbd.allow_plaintext = true if you mean it"
+conf nbd-plain <<'CONF'
+[nbd]
+bind_address = 10.1.2.3
+tls = off
+CONF
+refused "nbd.tls off on a real network" \
+	"$tmp/nbd-plain.conf:3: nbd.tls: off with the non-loopback nbd.bind_address 10.1.2.3 ($tmp/nbd-plain.conf:2) $nbd_why" \
+	"$tmp/nbd-plain.conf"
+refused "nbd.tls off on every address" \
+	"$tmp/nbd-plain.conf:3: nbd.tls: off with the non-loopback nbd.bind_address 0.0.0.0 (--set) $nbd_why" \
+	"$tmp/nbd-plain.conf" --set nbd.bind_address=0.0.0.0
+out=$(BW_NBD_BIND_ADDRESS=:: "$worker" --check-config --config "$tmp/nbd-plain.conf" 2>&1)
+check "nbd.tls off on every IPv6 address, bind from the environment: named" \
+	[ "$out" = "$tmp/nbd-plain.conf:3: nbd.tls: off with the non-loopback nbd.bind_address :: (BW_NBD_BIND_ADDRESS) $nbd_why" ]
+out=$(BW_NBD_TLS=off "$worker" --check-config --config "$root/deploy/bw-worker.conf" \
+	--set nbd.bind_address=192.0.2.1 2>&1)
+check "nbd.tls off from the environment: named by its variable" \
+	[ "$out" = "BW_NBD_TLS: nbd.tls: off with the non-loopback nbd.bind_address 192.0.2.1 (--set) $nbd_why" ]
+ok "nbd.tls off on a real network, meant" "$tmp/nbd-plain.conf" --set nbd.allow_plaintext=true
+ok "nbd.tls auto on a real network (psk)" "$tmp/nbd-plain.conf" --set nbd.tls=auto
+ok "nbd.tls psk on a real network" "$tmp/nbd-plain.conf" --set nbd.tls=psk
+for bind in 127.0.0.1 127.0.0.53 ::1 ::ffff:127.0.0.1; do
+	ok "nbd.tls off on loopback $bind" "$tmp/nbd-plain.conf" --set "nbd.bind_address=$bind"
+done
+
+sna_why="sends the vCenter password and the NBD key in clear text; use https://, or set sna.allow_plaintext = true if you mean it"
+conf sna-plain <<'CONF'
+[sna]
+token = t
+url = http://sna.example:8081
+CONF
+refused "http:// to a remote SNA" \
+	"$tmp/sna-plain.conf:3: sna.url: http:// to the non-loopback host sna.example $sna_why" \
+	"$tmp/sna-plain.conf"
+refused "http:// to a remote SNA by address" \
+	"--set: sna.url: http:// to the non-loopback host 10.0.0.9 $sna_why" \
+	"$tmp/sna-plain.conf" --set sna.url=http://10.0.0.9:8081/api
+refused "http:// to a remote IPv6 SNA" \
+	"--set: sna.url: http:// to the non-loopback host [2001:db8::1] $sna_why" \
+	"$tmp/sna-plain.conf" --set "sna.url=http://[2001:db8::1]:8081"
+refused "http:// with a user part names the host only" \
+	"--set: sna.url: http:// to the non-loopback host 127.0.0.1.example $sna_why" \
+	"$tmp/sna-plain.conf" --set sna.url=http://127.0.0.1:x@127.0.0.1.example
+ok "http:// to a remote SNA, meant" "$tmp/sna-plain.conf" --set sna.allow_plaintext=true
+for url in https://sna.example:8443 https://10.0.0.9 http://127.0.0.1:8081 "http://[::1]:8081" \
+	http://localhost:8081 http://LOCALHOST/api http://127.0.0.2; do
+	ok "sna.url $url" "$tmp/sna-plain.conf" --set "sna.url=$url"
+done
+
+conf sna-cert <<'CONF'
+[sna]
+url = https://sna.example
+tls_cert_file = /etc/bw-worker/client.pem
+CONF
+refused "sna.tls_cert_file without its key" \
+	"$tmp/sna-cert.conf:3: sna.tls_cert_file: needs sna.tls_key_file (a client certificate and its key go together)" \
+	"$tmp/sna-cert.conf"
+refused "sna.tls_key_file without its certificate" \
+	"--set: sna.tls_key_file: needs sna.tls_cert_file (a client certificate and its key go together)" \
+	"$tmp/sna-cert.conf" --set sna.tls_cert_file= --set sna.tls_key_file=/etc/bw-worker/client.key
+ok "sna client certificate with its key" "$tmp/sna-cert.conf" --set sna.tls_key_file=/etc/bw-worker/client.key
+
+conf amqps-noverify <<'CONF'
+[amqp]
+url = amqps://bw:pw@mq.example:5671
+tls_verify_peer = false
+tls_verify_hostname = true
+CONF
+warned "amqps without verifying the peer" \
+	"$tmp/amqps-noverify.conf:3: amqp.tls_verify_peer: warning: false: the broker's certificate is not verified, so anyone on the path can pose as the broker and read the password and every message" \
+	"$tmp/amqps-noverify.conf"
+warned "amqps without verifying the host name" \
+	"--set: amqp.tls_verify_hostname: warning: false: any certificate the CA signed, for any host, is taken for the broker's" \
+	"$tmp/amqps-noverify.conf" --set amqp.tls_verify_peer=true --set amqp.tls_verify_hostname=false
+ok "amqps verified" "$tmp/amqps-noverify.conf" --set amqp.tls_verify_peer=yes
+ok "amqp:// on loopback: verification is moot" "$tmp/amqps-noverify.conf" \
+	--set amqp.url=amqp://bw:pw@localhost:5672
+amqp_why="sends the broker password and every message in clear text; use amqps://"
+warned "amqp:// to a remote broker" \
+	"--set: amqp.url: warning: amqp:// to the non-loopback broker mq.example $amqp_why" \
+	"$tmp/amqps-noverify.conf" --set amqp.url=amqp://bw:pw@mq.example:5672 --set amqp.tls_verify_peer=1
+warned "every node of a list is checked" \
+	"--set: amqp.url: warning: node 3: amqp:// to the non-loopback broker 10.0.0.3 $amqp_why" \
+	"$tmp/amqps-noverify.conf" --set amqp.tls_verify_peer=1 \
+	--set "amqp.url=amqps://bw:pw@mq1.example:5671,amqp://bw:pw@127.0.0.1:5672,amqp://bw:pw@10.0.0.3:5672"
+refused "a broken node of a list is an error" \
+	"--set: amqp.url: must start with amqp:// or amqps://" \
+	"$tmp/amqps-noverify.conf" --set amqp.tls_verify_peer=1 \
+	--set "amqp.url=amqps://bw:pw@mq1.example:5671,http://mq2.example"
+# Errors and warnings together when the file is broken.
+refused "warnings come after the errors" \
+	"--set: nbd.port_max: must not be below nbd.port_min (10100)
+$tmp/amqps-noverify.conf:3: amqp.tls_verify_peer: warning: false: the broker's certificate is not verified, so anyone on the path can pose as the broker and read the password and every message" \
+	"$tmp/amqps-noverify.conf" --set nbd.port_max=100
+
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

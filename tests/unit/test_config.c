@@ -301,6 +301,52 @@ static void test_program_paths(void **state)
 	free(e);
 }
 
+static void test_exposure_refused_and_warned(void **state)
+{
+	(void)state;
+	write_conf("[nbd]\n"
+		   "bind_address = 192.0.2.10\n"
+		   "tls = off\n"
+		   "[sna]\n"
+		   "url = http://sna.example\n"
+		   "[amqp]\n"
+		   "url = amqps://bw:pw@mq.example\n"
+		   "tls_verify_hostname = false\n");
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	char want[4096];
+	snprintf(want, sizeof(want),
+		 "%1$s:3: nbd.tls: off with the non-loopback nbd.bind_address 192.0.2.10 (%1$s:2) "
+		 "serves every backup as plain NBD that anyone who reaches the port can read and "
+		 "overwrite; use auto or psk, or set nbd.allow_plaintext = true if you mean it\n"
+		 "%1$s:5: sna.url: http:// to the non-loopback host sna.example sends the vCenter "
+		 "password and the NBD key in clear text; use https://, or set sna.allow_plaintext "
+		 "= true if you mean it\n"
+		 "%1$s:8: amqp.tls_verify_hostname: warning: false: any certificate the CA signed, "
+		 "for any host, is taken for the broker's\n",
+		 conf_path);
+	assert_string_equal(errors, want);
+	free(errors);
+
+	/* Meant: loaded, the warning kept in the config for the caller to print or log. */
+	char set1[] = "nbd.allow_plaintext=true";
+	char set2[] = "sna.allow_plaintext=yes";
+	char *sets[] = {set1, set2};
+	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 2, &errors), 0);
+	snprintf(want, sizeof(want),
+		 "%s:8: amqp.tls_verify_hostname: warning: false: any certificate the CA signed, "
+		 "for any host, is taken for the broker's\n",
+		 conf_path);
+	assert_string_equal(cfg->warnings, want);
+	assert_false(bw_config_nbd_psk(cfg));
+	bw_config_free(cfg);
+
+	assert_int_equal(bw_config_load(&cfg, NULL, NULL, 0, NULL), 0);
+	assert_null(cfg->warnings); /* the defaults are quiet */
+	bw_config_free(cfg);
+}
+
 static void test_sample_config_is_valid(void **state)
 {
 	(void)state;
@@ -324,6 +370,7 @@ int main(void)
 		cmocka_unit_test(test_missing_file),
 		cmocka_unit_test(test_format_masks_secrets),
 		cmocka_unit_test(test_program_paths),
+		cmocka_unit_test(test_exposure_refused_and_warned),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
