@@ -234,13 +234,17 @@ static const char *check_amqp_node(const char *v)
 {
 	if (strncmp(v, "amqp://", 7) != 0 && strncmp(v, "amqps://", 8) != 0)
 		return "must start with amqp:// or amqps://";
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return "must not contain control characters (percent-encode them)";
 	char *copy = strdup(v);
 	if (copy == NULL)
 		return "out of memory";
 	struct amqp_connection_info info;
 	int rc = amqp_parse_url(copy, &info);
 	bool empty_host = rc == AMQP_STATUS_OK && info.host[0] == '\0';
-	free_secret(copy); /* the parser decodes in place: the password may sit anywhere in it */
+	/* the parser cuts and decodes in place: wipe the whole original length */
+	bw_credential_wipe(copy, strlen(v));
 	if (rc != AMQP_STATUS_OK)
 		return "is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)";
 	if (empty_host)
@@ -532,6 +536,18 @@ static void assign(struct loader *ld, const char *section, const char *key, cons
 
 /* ---- the INI file --------------------------------------------------------------------- */
 
+/*
+ * Cuts s after its first word (up to a blank, ':' or '='), which names what was meant;
+ * returns whether anything was cut. What follows may be a secret that lost its key.
+ */
+static bool first_word(char *s)
+{
+	char *cut = s + strcspn(s, " \t:=");
+	bool rest = *cut != '\0';
+	*cut = '\0';
+	return rest;
+}
+
 static char *trim(char *s)
 {
 	while (isspace((unsigned char)*s))
@@ -585,7 +601,10 @@ static int read_file(struct loader *ld, const char *path)
 		}
 		char *eq = strchr(s, '=');
 		if (eq == NULL) {
-			problem(ld, origin, s, NULL, "%s", "expected \"key = value\"");
+			bool rest = first_word(s);
+			problem(ld, origin, s, NULL, "%s",
+				rest ? "expected \"key = value\" (the rest of the line is not shown)" :
+				       "expected \"key = value\"");
 			continue;
 		}
 		*eq = '\0';
@@ -620,6 +639,8 @@ static int read_file(struct loader *ld, const char *path)
 		assign(ld, section, key, value, origin);
 	}
 	int err = ferror(f) ? errno : 0;
+	if (line)
+		explicit_bzero(line, cap); /* the file may hold a password or a token */
 	free(line);
 	fclose(f);
 	if (err) {
@@ -660,6 +681,7 @@ static void apply_env(struct loader *ld)
 
 static void apply_set(struct loader *ld, const char *arg)
 {
+	size_t len = strlen(arg);
 	char *copy = strdup(arg);
 	if (copy == NULL) {
 		ld->oom = true;
@@ -668,13 +690,16 @@ static void apply_set(struct loader *ld, const char *arg)
 	char *eq = strchr(copy, '=');
 	char *dot = strchr(copy, '.');
 	if (eq == NULL || dot == NULL || dot > eq || dot == copy || dot + 1 == eq) {
-		problem(ld, "--set", arg, NULL, "%s", "expected section.key=value");
-		free(copy);
-		return;
+		bool rest = eq ? (*eq = '\0', true) : first_word(copy);
+		problem(ld, "--set", copy, NULL, "%s",
+			rest ? "expected section.key=value (the value is not shown)" :
+			       "expected section.key=value");
+	} else {
+		*eq = '\0';
+		*dot = '\0';
+		assign(ld, copy, dot + 1, eq + 1, "--set");
 	}
-	*eq = '\0';
-	*dot = '\0';
-	assign(ld, copy, dot + 1, eq + 1, "--set");
+	explicit_bzero(copy, len);
 	free(copy);
 }
 
@@ -724,10 +749,19 @@ static void check_exposure(struct loader *ld)
 		free_secret(node);
 	}
 	for (size_t i = 0; (node = url_node(cfg->amqp_url, i, &oom)) != NULL; i++) {
-		if (strncmp(node, "amqps://", 8) == 0) {
+		/* the host the client will connect to, as its own parser reads it */
+		struct amqp_connection_info info;
+		size_t len = strlen(node); /* the parser cuts it in place */
+		if (amqp_parse_url(node, &info) != AMQP_STATUS_OK) {
+			bw_credential_wipe(node, len);
+			continue; /* reported by check_amqp_url */
+		}
+		snprintf(host, sizeof(host), "%s", info.host);
+		bool ssl = info.ssl;
+		bw_credential_wipe(node, len);
+		if (ssl) {
 			tls = true;
 		} else {
-			url_host(node, host, sizeof(host));
 			char which[32] = "";
 			if (nodes > 1)
 				snprintf(which, sizeof(which), "node %zu: ", i + 1);
@@ -737,7 +771,6 @@ static void check_exposure(struct loader *ld)
 					"password and every message in clear text; use amqps://",
 					which, host);
 		}
-		free_secret(node);
 	}
 	if (oom)
 		ld->oom = true;
@@ -948,19 +981,38 @@ const char *bw_config_repository(const struct bw_config *cfg, const char *id)
 	return i >= 0 ? cfg->repositories[i].path : NULL;
 }
 
-/* amqp://user:secret@host → amqp://user:***@host */
+/*
+ * scheme://user:secret@host → scheme://user:***@host, for every node of a comma-separated
+ * list. The user part ends at the node's last '@' (not at the first '/': a password with a
+ * raw '/' is still masked; a '@' in a path masks too much, never too little).
+ */
 static void put_masked_url(struct bw_buf *b, const char *url)
 {
-	const char *scheme_end = strstr(url, "://");
-	const char *at = scheme_end ? strchr(scheme_end + 3, '@') : NULL;
-	const char *colon = at ? memchr(scheme_end + 3, ':', (size_t)(at - scheme_end - 3)) : NULL;
-	if (colon == NULL) {
-		bw_buf_puts(b, url);
-		return;
+	for (const char *node = url;;) {
+		size_t n = strcspn(node, ",");
+		const char *end = node + n;
+		const char *scheme_end = strstr(node, "://");
+		const char *at = NULL, *colon = NULL;
+		if (scheme_end && scheme_end < end) {
+			for (const char *p = scheme_end + 3; p < end; p++)
+				if (*p == '@')
+					at = p;
+			for (const char *p = scheme_end + 3; at && p < at && !colon; p++)
+				if (*p == ':')
+					colon = p;
+		}
+		if (colon) {
+			bw_buf_append(b, node, (size_t)(colon + 1 - node));
+			bw_buf_puts(b, "***");
+			bw_buf_append(b, at, (size_t)(end - at));
+		} else {
+			bw_buf_append(b, node, n);
+		}
+		if (*end == '\0')
+			break;
+		bw_buf_puts(b, ",");
+		node = end + 1;
 	}
-	bw_buf_append(b, url, (size_t)(colon + 1 - url));
-	bw_buf_puts(b, "***");
-	bw_buf_puts(b, at);
 }
 
 int bw_config_format(const struct bw_config *cfg, char **out)
@@ -981,7 +1033,7 @@ int bw_config_format(const struct bw_config *cfg, char **out)
 			const char *v = *(char *const *)field;
 			if (d->secret)
 				bw_buf_puts(&b, v && v[0] ? "***" : "(unset)");
-			else if (d->check == check_amqp_url)
+			else if (d->check == check_amqp_url || d->check == check_http_url)
 				put_masked_url(&b, v);
 			else
 				bw_buf_puts(&b, v ? v : "");

@@ -60,6 +60,31 @@ out=$("$worker" --print-config --config "$root/deploy/bw-worker.conf" --set sna.
 check "print-config masks the token" bash -c "! grep -q t0ps3cret <<<\"\$1\" && grep -q 'sna.token = \*\*\*' <<<\"\$1\"" _ "$out"
 check "print-config masks the AMQP password" bash -c "grep -q 'amqp.url = amqp://guest:\*\*\*@127.0.0.1:5672' <<<\"\$1\"" _ "$out"
 
+# Every password of an amqp.url list, a URL password in sna.url and the token, all masked;
+# typos in --set and in the file never echo a value. The secret appears 0 times anywhere.
+secret=Xy7-bw-cli-secret
+no_secret() { ! grep -q "$secret" <<<"$1"; }
+out=$("$worker" --print-config --config "$root/deploy/bw-worker.conf" \
+	--set "amqp.url=amqps://bw:${secret}1@mq1.example:5671,amqps://bw:${secret}2@mq2.example:5671" \
+	--set "sna.url=https://api:${secret}3@sna.example:8443" --set "sna.token=${secret}4" 2>&1)
+check "print-config: no secret" no_secret "$out"
+check "print-config: every node masked" grep -qx "amqp.url = amqps://bw:\*\*\*@mq1.example:5671,amqps://bw:\*\*\*@mq2.example:5671" <<<"$out"
+check "print-config: the SNA URL's password masked" grep -qx "sna.url = https://api:\*\*\*@sna.example:8443" <<<"$out"
+out=$("$worker" --check-config --config "$root/deploy/bw-worker.conf" \
+	--set "sna.token $secret" --set "sna_token=$secret" --set "sna.tokn=$secret" \
+	--set "sna.token=a $secret" --set "amqp.url=amqq://bw:$secret@mq" \
+	--set "sna.url=http://api:$secret@sna.example" \
+	--set "amqp.url=amqp://bw:$secret@mq.example" 2>&1)
+check "typos and refusals: no secret" no_secret "$out"
+check "typos and refusals: each named" [ "$(wc -l <<<"$out")" -eq 7 ]
+check "a --set without '=' names its first word" grep -qx -- "--set: sna.token: expected section.key=value (the value is not shown)" <<<"$out"
+printf '[sna]\ntoken %s\n' "$secret" >"$tmp/typo.conf"
+out=$("$worker" --check-config --config "$tmp/typo.conf" 2>&1)
+check "a file line without '=' is not echoed" [ "$out" = "$tmp/typo.conf:2: token: expected \"key = value\" (the rest of the line is not shown)" ]
+out=$("$worker" --check-config --config "$root/deploy/bw-worker.conf" \
+	--set "amqp.url=amqp://bw:$secret@mq.example" 2>&1)
+check "a warning about a plain broker: no secret" no_secret "$out"
+
 # ---- what would expose a backup or a password is refused; unwise broker links are warned about.
 # ok NAME FILE [ARGS...]: accepted without a word; refused NAME EXPECTED FILE [ARGS...]: exit
 # non-zero with exactly EXPECTED; warned NAME EXPECTED FILE [ARGS...]: "configuration OK" on

@@ -159,7 +159,7 @@ static void test_errors_name_file_line_key(void **state)
 		 "%1$s:9: nbd.colour: unknown key\n"
 		 "%1$s:10: nbd.port_min: set twice (first on line 5)\n"
 		 "%1$s:12: bogus.x: unknown section\n"
-		 "%1$s:13: just text: expected \"key = value\"\n"
+		 "%1$s:13: just: expected \"key = value\" (the rest of the line is not shown)\n"
 		 "%1$s:15: repositories.bad:id: repository id must start with a letter or digit "
 		 "and contain only [A-Za-z0-9._-]\n"
 		 "%1$s:16: repositories.relative: must be an absolute path\n"
@@ -347,6 +347,76 @@ static void test_exposure_refused_and_warned(void **state)
 	bw_config_free(cfg);
 }
 
+#define SECRET "Zq9-hunter2-secret"
+
+static void test_format_masks_every_url_password(void **state)
+{
+	(void)state;
+	char set1[] = "amqp.url=amqps://bw:" SECRET "a@mq1.example:5671/prod,"
+		      "amqp://bw:" SECRET "b@127.0.0.1:5672,amqps://nopw@mq3.example";
+	char set2[] = "sna.url=https://api:" SECRET "c@sna.example:8443/base";
+	char set3[] = "sna.token=" SECRET "d";
+	char *sets[] = {set1, set2, set3};
+	struct bw_config *cfg = NULL;
+	char *text = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 3, NULL), 0);
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "amqp.url = amqps://bw:***@mq1.example:5671/prod,"
+				     "amqp://bw:***@127.0.0.1:5672,amqps://nopw@mq3.example\n"));
+	assert_non_null(strstr(text, "sna.url = https://api:***@sna.example:8443/base\n"));
+	assert_non_null(strstr(text, "sna.token = ***\n"));
+	free(text);
+	bw_config_free(cfg);
+
+	/* A password with a raw '/' (not %2F) is masked all the same. */
+	char set4[] = "sna.url=https://api:ab/" SECRET "@sna.example";
+	assert_int_equal(bw_config_load(&cfg, NULL, (char *[]){set4}, 1, NULL), 0);
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "sna.url = https://api:***@sna.example\n"));
+	free(text);
+	bw_config_free(cfg);
+}
+
+static void test_errors_never_echo_a_secret(void **state)
+{
+	(void)state;
+	write_conf("[sna]\n"
+		   "token " SECRET "\n"
+		   "token: " SECRET "\n"
+		   "url = http://u:" SECRET "@sna.example\n"
+		   "[amqp]\n"
+		   "url = amqp://bw:" SECRET "@mq.example:5672\n");
+	char set1[] = "sna.token " SECRET;      /* no '=' */
+	char set2[] = "sna_token=" SECRET;      /* no '.' */
+	char set3[] = "sna.tokn=" SECRET;       /* unknown key */
+	char set4[] = "sna.token=a " SECRET;    /* a bad value for a secret key */
+	char set5[] = "amqp.url=amqq://bw:" SECRET "@mq.example"; /* a broken URL */
+	char *sets[] = {set1, set2, set3, set4, set5};
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 5, &errors), BW_ECONFIG);
+	char want[4096];
+	snprintf(want, sizeof(want),
+		 "%1$s:2: token: expected \"key = value\" (the rest of the line is not shown)\n"
+		 "%1$s:3: token: expected \"key = value\" (the rest of the line is not shown)\n"
+		 "--set: sna.token: expected section.key=value (the value is not shown)\n"
+		 "--set: sna_token: expected section.key=value (the value is not shown)\n"
+		 "--set: sna.tokn: unknown key\n"
+		 "--set: sna.token: must not contain spaces or control characters\n"
+		 "--set: amqp.url: must start with amqp:// or amqps://\n"
+		 "%1$s:4: sna.url: http:// to the non-loopback host sna.example sends the vCenter "
+		 "password and the NBD key in clear text; use https://, or set sna.allow_plaintext "
+		 "= true if you mean it\n"
+		 "%1$s:6: amqp.url: warning: amqp:// to the non-loopback broker mq.example sends "
+		 "the broker password and every message in clear text; use amqps://\n",
+		 conf_path);
+	assert_string_equal(errors, want);
+	assert_null(strstr(errors, SECRET));
+	free(errors);
+}
+
 static void test_sample_config_is_valid(void **state)
 {
 	(void)state;
@@ -371,6 +441,8 @@ int main(void)
 		cmocka_unit_test(test_format_masks_secrets),
 		cmocka_unit_test(test_program_paths),
 		cmocka_unit_test(test_exposure_refused_and_warned),
+		cmocka_unit_test(test_format_masks_every_url_password),
+		cmocka_unit_test(test_errors_never_echo_a_secret),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
