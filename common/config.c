@@ -458,7 +458,7 @@ static void set_value(struct loader *ld, size_t k, const char *value, const char
 			ld->oom = true;
 			return;
 		}
-		free(*(char **)field);
+		free_secret(*(char **)field);
 		*(char **)field = copy;
 		break;
 	}
@@ -711,6 +711,141 @@ static const char *origin_of(struct loader *ld, const char *section, const char 
 	return ld->origin[k][0] ? ld->origin[k] : "default";
 }
 
+/* A password or a token in a file: at most this many bytes (a real one is far shorter). */
+#define SECRET_FILE_MAX 4096
+
+/*
+ * Reads the secret file named by key (section.key) into a malloc'd string in *out, without
+ * one trailing newline; reports why not at the key's origin. Returns true on success; the
+ * caller wipes *out with free_secret.
+ */
+static bool read_secret(struct loader *ld, const char *section, const char *key, const char *path,
+			char **out)
+{
+	char why[PATH_MAX + 128];
+	char *buf = NULL;
+	size_t len = 0;
+	const char *origin = origin_of(ld, section, key);
+	int rc = bw_credential_read_file(path, SECRET_FILE_MAX, &buf, &len, why, sizeof(why));
+	if (rc == BW_ENOMEM) {
+		ld->oom = true;
+		return false;
+	}
+	if (rc != 0) {
+		problem(ld, origin, section, key, "%s", why);
+		return false;
+	}
+	size_t n = len;
+	if (n > 0 && buf[n - 1] == '\n')
+		n--;
+	if (n > 0 && buf[n - 1] == '\r')
+		n--;
+	buf[n] = '\0';
+	const char *bad = n == 0 ? "is empty" : NULL;
+	for (size_t i = 0; i < n && !bad; i++)
+		if ((unsigned char)buf[i] < 0x20 || buf[i] == 0x7f)
+			bad = "must hold one line without control characters";
+	if (bad) {
+		problem(ld, origin, section, key, "%s: %s", path, bad);
+		bw_credential_wipe(buf, len);
+		return false;
+	}
+	*out = buf; /* wiped by its owner with free_secret: the bytes past n are zero */
+	return true;
+}
+
+/* Appends s to b with every byte outside RFC 3986's unreserved set as %XX. */
+static void put_percent_encoded(struct bw_buf *b, const char *s)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+			bw_buf_append(b, (const char *)&c, 1);
+		} else {
+			char esc[3] = {'%', hex[c >> 4], hex[c & 15]};
+			bw_buf_append(b, esc, 3);
+		}
+	}
+}
+
+/*
+ * amqp.password_file: its content replaces the password of every node of amqp.url (each
+ * must name its user: amqp://USER[:…]@host). The old URL and every copy are wiped.
+ */
+static void apply_amqp_password(struct loader *ld, const char *password)
+{
+	struct bw_config *cfg = ld->cfg;
+	struct bw_buf b = BW_BUF_INIT;
+	bool ok = true;
+	size_t i = 1;
+	for (const char *node = cfg->amqp_url; ok; i++) {
+		size_t n = strcspn(node, ",");
+		const char *end = node + n;
+		const char *user = strstr(node, "://");
+		const char *at = NULL;
+		if (user && user < end) {
+			user += 3;
+			for (const char *p = user; p < end; p++)
+				if (*p == '@')
+					at = p;
+		}
+		if (at == NULL || at == user || *user == ':') {
+			problem(ld, origin_of(ld, "amqp", "password_file"), "amqp", "password_file",
+				"needs a user name in every node of amqp.url (amqp://USER@host), "
+				"node %zu has none",
+				i);
+			ok = false;
+			break;
+		}
+		const char *user_end = memchr(user, ':', (size_t)(at - user));
+		if (user_end == NULL)
+			user_end = at;
+		bw_buf_append(&b, node, (size_t)(user_end - node));
+		bw_buf_puts(&b, ":");
+		put_percent_encoded(&b, password);
+		bw_buf_append(&b, at, (size_t)(end - at));
+		if (*end == '\0')
+			break;
+		bw_buf_puts(&b, ",");
+		node = end + 1;
+	}
+	char *url = NULL;
+	if (ok && bw_buf_steal(&b, &url) == 0) {
+		free_secret(cfg->amqp_url);
+		cfg->amqp_url = url;
+	} else if (ok) {
+		ld->oom = true;
+	}
+	if (b.data)
+		explicit_bzero(b.data, b.len);
+	bw_buf_free(&b);
+}
+
+/* Secrets from files win over the inline values (CONTRACT 6). */
+static void read_secret_files(struct loader *ld)
+{
+	struct bw_config *cfg = ld->cfg;
+	char *secret = NULL;
+	if (cfg->sna_token_file[0] &&
+	    read_secret(ld, "sna", "token_file", cfg->sna_token_file, &secret)) {
+		if (check_token(secret)) {
+			problem(ld, origin_of(ld, "sna", "token_file"), "sna", "token_file",
+				"%s: must hold one token without spaces", cfg->sna_token_file);
+			free_secret(secret);
+		} else {
+			free_secret(cfg->sna_token);
+			cfg->sna_token = secret;
+		}
+		secret = NULL;
+	}
+	if (cfg->amqp_password_file[0] &&
+	    read_secret(ld, "amqp", "password_file", cfg->amqp_password_file, &secret)) {
+		apply_amqp_password(ld, secret);
+		free_secret(secret);
+	}
+}
+
 /*
  * What would expose a backup or a password on the network (DESIGN 9). Refused unless the
  * operator says in the config that they mean it: plain NBD exports on a non-loopback
@@ -846,6 +981,7 @@ static void finish(struct loader *ld)
 	if (cfg->worker_id == NULL || cfg->ledger_path == NULL)
 		ld->oom = true;
 
+	read_secret_files(ld);
 	resolve_program(ld, "qemu_nbd");
 	resolve_program(ld, "qemu_img");
 
@@ -935,9 +1071,10 @@ void bw_config_free(struct bw_config *cfg)
 {
 	if (cfg == NULL)
 		return;
+	/* every string: sna.token, amqp.url and sna.url may hold secrets */
 	for (size_t k = 0; k < NKEYS; k++)
 		if (keys[k].type == T_STR)
-			free(*(char **)((char *)cfg + keys[k].offset));
+			free_secret(*(char **)((char *)cfg + keys[k].offset));
 	for (size_t i = 0; i < cfg->n_repositories; i++) {
 		free(cfg->repositories[i].id);
 		free(cfg->repositories[i].path);

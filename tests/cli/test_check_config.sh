@@ -12,6 +12,45 @@ check() { # name, condition...
 	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
 }
 
+# ok NAME FILE [ARGS...]: accepted without a word; refused NAME EXPECTED FILE [ARGS...]: exit
+# non-zero with exactly EXPECTED; warned NAME EXPECTED FILE [ARGS...]: "configuration OK" on
+# stdout, exit 0, exactly EXPECTED on stderr.
+ok() {
+	local name=$1 file=$2
+	shift 2
+	local out rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
+	rc=$?
+	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
+	check "$name: nothing but OK" [ "$out" = "configuration OK" ]
+	[ "$out" = "configuration OK" ] || printf 'got:\n%s\n' "$out"
+}
+refused() {
+	local name=$1 want=$2 file=$3
+	shift 3
+	local out rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
+	rc=$?
+	check "$name: refused (exit $rc)" [ $rc -ne 0 ]
+	check "$name: names FILE:LINE: key: reason" [ "$out" = "$want" ]
+	[ "$out" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$out" "$want"
+}
+warned() {
+	local name=$1 want=$2 file=$3
+	shift 3
+	local out err rc
+	out=$("$worker" --check-config --config "$file" "$@" 2>"$tmp/stderr")
+	rc=$?
+	err=$(cat "$tmp/stderr")
+	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
+	check "$name: OK on stdout" [ "$out" = "configuration OK" ]
+	check "$name: the warning on stderr" [ "$err" = "$want" ]
+	[ "$err" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$err" "$want"
+}
+conf() { # NAME: the file $tmp/NAME.conf from stdin
+	cat >"$tmp/$1.conf"
+}
+
 out=$("$worker" --check-config --config "$root/deploy/bw-worker.conf" 2>&1)
 rc=$?
 check "sample accepted (exit $rc)" [ $rc -eq 0 ]
@@ -85,46 +124,42 @@ out=$("$worker" --check-config --config "$root/deploy/bw-worker.conf" \
 	--set "amqp.url=amqp://bw:$secret@mq.example" 2>&1)
 check "a warning about a plain broker: no secret" no_secret "$out"
 
-# ---- what would expose a backup or a password is refused; unwise broker links are warned about.
-# ok NAME FILE [ARGS...]: accepted without a word; refused NAME EXPECTED FILE [ARGS...]: exit
-# non-zero with exactly EXPECTED; warned NAME EXPECTED FILE [ARGS...]: "configuration OK" on
-# stdout, exit 0, exactly EXPECTED on stderr.
-ok() {
-	local name=$1 file=$2
-	shift 2
-	local out rc
-	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
-	rc=$?
-	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
-	check "$name: nothing but OK" [ "$out" = "configuration OK" ]
-	[ "$out" = "configuration OK" ] || printf 'got:\n%s\n' "$out"
-}
-refused() {
-	local name=$1 want=$2 file=$3
-	shift 3
-	local out rc
-	out=$("$worker" --check-config --config "$file" "$@" 2>&1)
-	rc=$?
-	check "$name: refused (exit $rc)" [ $rc -ne 0 ]
-	check "$name: names FILE:LINE: key: reason" [ "$out" = "$want" ]
-	[ "$out" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$out" "$want"
-}
-warned() {
-	local name=$1 want=$2 file=$3
-	shift 3
-	local out err rc
-	out=$("$worker" --check-config --config "$file" "$@" 2>"$tmp/stderr")
-	rc=$?
-	err=$(cat "$tmp/stderr")
-	check "$name: accepted (exit $rc)" [ $rc -eq 0 ]
-	check "$name: OK on stdout" [ "$out" = "configuration OK" ]
-	check "$name: the warning on stderr" [ "$err" = "$want" ]
-	[ "$err" = "$want" ] || printf 'got:\n%s\nwant:\n%s\n' "$err" "$want"
-}
-conf() { # NAME: the file $tmp/NAME.conf from stdin
-	cat >"$tmp/$1.conf"
-}
+# Secrets from files: 0600/0400, ours, not a symlink; they win over the inline value.
+printf '%s-tok\n' "$secret" >"$tmp/token" && chmod 0600 "$tmp/token"
+printf '%s-pw\n' "$secret" >"$tmp/amqp.pw" && chmod 0400 "$tmp/amqp.pw"
+ln -s "$tmp/token" "$tmp/token-link"
+printf 'x\n' >"$tmp/token-group" && chmod 0640 "$tmp/token-group"
+cat >"$tmp/files.conf" <<CONF
+[amqp]
+url = amqp://bw:inline@127.0.0.1:5672
+password_file = $tmp/amqp.pw
+[sna]
+token_file = $tmp/token
+CONF
+ok "secret files" "$tmp/files.conf"
+out=$("$worker" --print-config --config "$tmp/files.conf" 2>&1)
+check "secret files: content never printed" no_secret "$out"
+check "secret files: the file's password replaces the inline one" \
+	grep -qx "amqp.url = amqp://bw:\*\*\*@127.0.0.1:5672" <<<"$out"
+check "secret files: the token is set" grep -qx "sna.token = \*\*\*" <<<"$out"
+refused "a secret file that is a symlink (--set)" \
+	"--set: sna.token_file: $tmp/token-link: is a symbolic link (refused)" \
+	"$tmp/files.conf" --set "sna.token_file=$tmp/token-link"
+sed -i "s|^token_file = .*|token_file = $tmp/token-link|" "$tmp/files.conf"
+refused "a secret file that is a symlink" \
+	"$tmp/files.conf:5: sna.token_file: $tmp/token-link: is a symbolic link (refused)" \
+	"$tmp/files.conf"
+sed -i "s|^token_file = .*|token_file = $tmp/token-group|" "$tmp/files.conf"
+refused "a group-readable secret file" \
+	"$tmp/files.conf:5: sna.token_file: $tmp/token-group refused: mode 0640 owner $(id -u) (must be 0600 or 0400, owned by uid $(id -u))" \
+	"$tmp/files.conf"
+sed -i "s|^token_file = .*|token_file = $tmp/no-such-token|" "$tmp/files.conf"
+refused "a missing secret file" \
+	"$tmp/files.conf:5: sna.token_file: $tmp/no-such-token: No such file or directory" \
+	"$tmp/files.conf"
 
+
+# ---- what would expose a backup or a password is refused; unwise broker links are warned about.
 nbd_why="serves every backup as plain NBD that anyone who reaches the port can read and overwrite; use auto or psk, or set nbd.allow_plaintext = true if you mean it"
 conf nbd-plain <<'CONF'
 [nbd]

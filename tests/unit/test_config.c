@@ -11,6 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <amqp.h>
+
 #include "child.h"
 #include "config.h"
 
@@ -417,6 +419,127 @@ static void test_errors_never_echo_a_secret(void **state)
 	free(errors);
 }
 
+/* Writes text to path with mode; returns path. */
+static const char *put_file(const char *path, const char *text, mode_t mode)
+{
+	FILE *f = fopen(path, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+	assert_int_equal(chmod(path, mode), 0);
+	return path;
+}
+
+static void test_secrets_from_files(void **state)
+{
+	(void)state;
+	char dir[] = "/tmp/bw-test-config-secrets-XXXXXX";
+	assert_non_null(mkdtemp(dir));
+	char token[PATH_MAX], pw[PATH_MAX], conf[2 * PATH_MAX + 512];
+	snprintf(token, sizeof(token), "%s/token", dir);
+	snprintf(pw, sizeof(pw), "%s/amqp.pw", dir);
+	put_file(token, SECRET "-tok\n", 0600);
+	put_file(pw, "p@ss/w:rd " SECRET "\n", 0400);
+	snprintf(conf, sizeof(conf),
+		 "[amqp]\n"
+		 "url = amqps://bw:inline@mq1.example:5671/prod,amqps://bw@127.0.0.1\n"
+		 "password_file = %s\n"
+		 "[sna]\n"
+		 "token = inline-token\n"
+		 "token_file = %s\n",
+		 pw, token);
+	write_conf(conf);
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, conf_path, NULL, 0, &errors);
+	if (rc != 0)
+		fprintf(stderr, "%s", errors);
+	assert_int_equal(rc, 0);
+	/* the files win; the password percent-encoded into every node */
+	assert_string_equal(cfg->sna_token, SECRET "-tok");
+	assert_string_equal(cfg->amqp_url, "amqps://bw:p%40ss%2Fw%3Ard%20" SECRET
+					   "@mq1.example:5671/prod,"
+					   "amqps://bw:p%40ss%2Fw%3Ard%20" SECRET "@127.0.0.1");
+	/* as librabbitmq-c reads it back */
+	char node[512];
+	snprintf(node, sizeof(node), "%.*s", (int)strcspn(cfg->amqp_url, ","), cfg->amqp_url);
+	struct amqp_connection_info info;
+	assert_int_equal(amqp_parse_url(node, &info), AMQP_STATUS_OK);
+	assert_string_equal(info.user, "bw");
+	assert_string_equal(info.password, "p@ss/w:rd " SECRET);
+	assert_string_equal(info.host, "mq1.example");
+	char *text = NULL;
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "amqp.url = amqps://bw:***@mq1.example:5671/prod,"
+				     "amqps://bw:***@127.0.0.1\n"));
+	free(text);
+	bw_config_free(cfg);
+
+	/* Refused: group-readable, a symlink, missing, empty, a node without a user. */
+	char link[PATH_MAX], want[4 * PATH_MAX];
+	snprintf(link, sizeof(link), "%s/link", dir);
+	assert_int_equal(symlink(token, link), 0);
+	assert_int_equal(chmod(pw, 0640), 0);
+	snprintf(conf, sizeof(conf),
+		 "[amqp]\n"
+		 "password_file = %s\n"
+		 "[sna]\n"
+		 "token_file = %s\n",
+		 pw, link);
+	write_conf(conf);
+	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	snprintf(want, sizeof(want),
+		 "%1$s:4: sna.token_file: %2$s: is a symbolic link (refused)\n"
+		 "%1$s:2: amqp.password_file: %3$s refused: mode 0640 owner %4$u (must be 0600 "
+		 "or 0400, owned by uid %4$u)\n",
+		 conf_path, link, pw, (unsigned)geteuid());
+	assert_string_equal(errors, want);
+	free(errors);
+
+	char empty[PATH_MAX], nl[PATH_MAX + 16], missing[PATH_MAX + 16];
+	snprintf(empty, sizeof(empty), "%s/empty", dir);
+	put_file(empty, "\n", 0600);
+	snprintf(nl, sizeof(nl), "sna.token_file=%s", empty);
+	snprintf(missing, sizeof(missing), "amqp.password_file=%s/nope", dir);
+	char *sets[] = {nl, missing};
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, &errors), BW_ECONFIG);
+	snprintf(want, sizeof(want),
+		 "--set: sna.token_file: %1$s: is empty\n"
+		 "--set: amqp.password_file: %2$s/nope: No such file or directory\n",
+		 empty, dir);
+	assert_string_equal(errors, want);
+	free(errors);
+
+	assert_int_equal(chmod(pw, 0600), 0);
+	char pwset[PATH_MAX + 32];
+	snprintf(pwset, sizeof(pwset), "amqp.password_file=%s", pw);
+	char nouser[] = "amqp.url=amqp://127.0.0.1,amqp://mq2.example";
+	char *sets2[] = {pwset, nouser};
+	assert_int_equal(bw_config_load(&cfg, NULL, sets2, 2, &errors), BW_ECONFIG);
+	assert_null(strstr(errors, SECRET));
+	assert_string_equal(errors, "--set: amqp.password_file: needs a user name in every node "
+				    "of amqp.url (amqp://USER@host), node 1 has none\n"
+				    "--set: amqp.url: warning: node 2: amqp:// to the non-loopback "
+				    "broker mq2.example sends the broker password and every message "
+				    "in clear text; use amqps://\n");
+	free(errors);
+
+	char badtok[PATH_MAX];
+	snprintf(badtok, sizeof(badtok), "%s/badtok", dir);
+	put_file(badtok, "two " SECRET "\n", 0600);
+	char tokset[PATH_MAX + 32];
+	snprintf(tokset, sizeof(tokset), "sna.token_file=%s", badtok);
+	assert_int_equal(bw_config_load(&cfg, NULL, (char *[]){tokset}, 1, &errors), BW_ECONFIG);
+	assert_null(strstr(errors, SECRET));
+	assert_non_null(strstr(errors, "must hold one token without spaces"));
+	free(errors);
+
+	char cmd[PATH_MAX + 16];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	assert_int_equal(system(cmd), 0);
+}
+
 static void test_sample_config_is_valid(void **state)
 {
 	(void)state;
@@ -443,6 +566,7 @@ int main(void)
 		cmocka_unit_test(test_exposure_refused_and_warned),
 		cmocka_unit_test(test_format_masks_every_url_password),
 		cmocka_unit_test(test_errors_never_echo_a_secret),
+		cmocka_unit_test(test_secrets_from_files),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
