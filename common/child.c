@@ -1,11 +1,12 @@
 /* child.c: fork+exec with a close-on-exec error pipe, reset signals, per-child logs. */
-#define _GNU_SOURCE /* execvpe, close_range */
+#define _GNU_SOURCE /* close_range */
 #include "child.h"
 #include "clock.h"
 #include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,37 +17,60 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-extern char **environ;
-
-/* environ plus add[], in one malloc'd array (built before fork: no malloc in the child). */
-static char **merged_env(const char *const *add)
+/*
+ * The child's whole environment: PATH and LC_ALL=C, then add[] (an added PATH= or LC_ALL=
+ * replaces the base one), in one malloc'd array (built before fork: no malloc in the child).
+ */
+static char **child_env(const char *const *add)
 {
-	size_t n = 0, k = 0;
-	while (environ[n])
-		n++;
+	static const char *const base[] = {BW_CHILD_ENV_PATH, BW_CHILD_ENV_LOCALE};
+	size_t nbase = sizeof(base) / sizeof(base[0]), k = 0;
 	while (add && add[k])
 		k++;
-	char **env = calloc(n + k + 1, sizeof(*env));
+	char **env = calloc(nbase + k + 1, sizeof(*env));
 	if (env == NULL)
 		return NULL;
 	size_t out = 0;
-	for (size_t i = 0; i < n; i++) {
-		/* an added NAME=... replaces the inherited one */
-		const char *eq = strchr(environ[i], '=');
-		size_t len = eq ? (size_t)(eq - environ[i]) + 1 : strlen(environ[i]);
+	for (size_t i = 0; i < nbase; i++) {
+		size_t len = (size_t)(strchr(base[i], '=') - base[i]) + 1; /* "NAME=" */
 		bool replaced = false;
 		for (size_t j = 0; j < k && !replaced; j++)
-			replaced = strncmp(add[j], environ[i], len) == 0;
+			replaced = strncmp(add[j], base[i], len) == 0;
 		if (!replaced)
-			env[out++] = environ[i];
+			env[out++] = (char *)base[i];
 	}
 	for (size_t j = 0; j < k; j++)
 		env[out++] = (char *)add[j];
 	return env;
 }
 
+int bw_child_find_program(const char *name, char *out, size_t size)
+{
+	if (name[0] == '\0' || strchr(name, '/') != NULL)
+		return BW_EINVAL;
+	const char *dir = BW_CHILD_TRUSTED_PATH;
+	while (*dir) {
+		size_t n = strcspn(dir, ":");
+		char path[PATH_MAX];
+		struct stat st;
+		if ((size_t)snprintf(path, sizeof(path), "%.*s/%s", (int)n, dir, name) <
+			    sizeof(path) &&
+		    stat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+		    faccessat(AT_FDCWD, path, X_OK, AT_EACCESS) == 0) {
+			if ((size_t)snprintf(out, size, "%s", path) >= size)
+				return BW_EINVAL;
+			return 0;
+		}
+		dir += n;
+		if (*dir == ':')
+			dir++;
+	}
+	return BW_ENOENT;
+}
+
 /* In the child: only async-signal-safe calls from here to exec. */
-static void child_exec(const struct bw_spawn *s, char **env, int log_fd, int null_fd, int err_fd)
+static void child_exec(const struct bw_spawn *s, const char *program, char **env, int log_fd,
+		       int null_fd, int err_fd)
 {
 	sigset_t none;
 	struct sigaction dfl;
@@ -67,7 +91,7 @@ static void child_exec(const struct bw_spawn *s, char **env, int log_fd, int nul
 			if (fd != err_fd)
 				close(fd);
 	}
-	execvpe(s->argv[0], (char *const *)s->argv, env);
+	execve(program, (char *const *)s->argv, env);
 fail:;
 	int e = errno;
 	ssize_t w = write(err_fd, &e, sizeof(e));
@@ -80,7 +104,8 @@ int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *e
 {
 	int pipefd[2] = {-1, -1}, log_fd = -1, null_fd = -1;
 	char **env = NULL;
-	char dummy[1];
+	char dummy[1], found[PATH_MAX];
+	const char *program = s->argv[0];
 	int rc;
 
 	if (err == NULL) {
@@ -88,7 +113,16 @@ int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *e
 		errsize = 1;
 	}
 	err[0] = '\0';
-	env = merged_env(s->env_add);
+	if (strchr(program, '/') == NULL) {
+		rc = bw_child_find_program(program, found, sizeof(found));
+		if (rc != 0) {
+			snprintf(err, errsize, "%s: not found in %s", program, BW_CHILD_TRUSTED_PATH);
+			rc = BW_ENOENT;
+			goto out;
+		}
+		program = found;
+	}
+	env = child_env(s->env_add);
 	if (env == NULL) {
 		rc = BW_ENOMEM;
 		goto out;
@@ -114,7 +148,7 @@ int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *e
 		goto out;
 	}
 	if (child == 0)
-		child_exec(s, env, log_fd, null_fd, pipefd[1]);
+		child_exec(s, program, env, log_fd, null_fd, pipefd[1]);
 
 	close(pipefd[1]);
 	pipefd[1] = -1;

@@ -9,18 +9,45 @@
 
 #include "error.h"
 
+/*
+ * Where a program given by a bare name (no '/') is looked up: a fixed list of directories
+ * only root can write to, never $PATH (which the worker's own environment could point
+ * anywhere).
+ */
+#define BW_CHILD_TRUSTED_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/*
+ * The whole environment of every child, before what the caller adds: the worker's own
+ * (which may hold BW_SNA_TOKEN, BW_AMQP_URL and the like) never reaches a child.
+ */
+#define BW_CHILD_ENV_PATH "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+#define BW_CHILD_ENV_LOCALE "LC_ALL=C"
+
 struct bw_spawn {
-	const char *const *argv;    /* argv[0]: a path, or a name looked up in PATH */
-	const char *const *env_add; /* "NAME=value" added to the environment; NULL-terminated or NULL */
+	const char *const *argv;    /* argv[0]: a path used as is, or a bare name looked up in
+				       BW_CHILD_TRUSTED_PATH */
+	const char *const *env_add; /* "NAME=value" added to the child's short environment
+				       (BW_CHILD_ENV_PATH, BW_CHILD_ENV_LOCALE; an added PATH= or
+				       LC_ALL= replaces those); NULL-terminated or NULL */
 	const char *log_path;       /* stdout and stderr appended here (created 0640); NULL: /dev/null */
 	bool new_session;           /* setsid(): the child outlives its parent's session */
 };
 
 /*
+ * Looks a bare program name up in BW_CHILD_TRUSTED_PATH (never $PATH): the first regular,
+ * executable file of that name. Returns 0 and its absolute path in out[0..size); BW_ENOENT
+ * when none is found; BW_EINVAL when name holds a '/' or is empty, or the path does not
+ * fit in size.
+ */
+int bw_child_find_program(const char *name, char *out, size_t size) BW_MUST_CHECK;
+
+/*
  * Starts a child: fork, then in the child reset every signal disposition and the mask,
  * optionally start a new session, stdin from /dev/null, stdout/stderr to the log, every
- * other descriptor closed on exec, and exec argv (never through a shell). An exec failure
- * is reported here, synchronously, through a close-on-exec pipe.
+ * other descriptor closed on exec, and execve argv (never through a shell) with the short
+ * environment of struct bw_spawn, never the worker's own. A bare argv[0] is resolved with
+ * bw_child_find_program before the fork. An exec failure is reported here, synchronously,
+ * through a close-on-exec pipe.
  * Returns 0 and stores the pid and its start time (see proc.h); BW_ENOENT when the program
  * does not exist, BW_EPERM when it cannot be executed, BW_EIO when the log cannot be
  * opened, BW_ESYS otherwise. Details in err[0..errsize) when err is not NULL.

@@ -1,6 +1,8 @@
 /* config.c: one table of every key: its type, default, bounds and check; INI, env and --set feed it. */
 #include "config.h"
 #include "buf.h"
+#include "child.h"
+#include "credentials.h"
 #include "log.h"
 #include "text.h"
 
@@ -8,12 +10,14 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 enum key_type { T_STR, T_INT, T_BOOL };
@@ -129,6 +133,7 @@ struct loader {
 	char origin[NKEYS][ORIGIN_MAX]; /* "FILE:LINE" / "BW_X_Y" / "--set"; "" = default */
 	struct bw_buf errors;
 	int nerrors;
+	struct bw_buf warnings; /* same form; a warning does not fail the load */
 	bool oom;
 };
 
@@ -148,24 +153,117 @@ static void problem(struct loader *ld, const char *origin, const char *section, 
 	ld->nerrors++;
 }
 
+static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...) BW_PRINTF(5, 6);
+
+static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
+		    const char *fmt, ...)
+{
+	char reason[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
+	bw_buf_printf(&ld->warnings, "%s: %s.%s: warning: %s\n", origin, section, key, reason);
+}
+
+/* ---- URLs -------------------------------------------------------------------------------- */
+
+/*
+ * amqp.url may list the nodes of one cluster, comma-separated (CONTRACT 6). Returns a
+ * malloc'd copy of the i-th node (0-based), NULL past the last one (or out of memory:
+ * *oom set). The copy may hold a password: release it with free_secret.
+ */
+static char *url_node(const char *list, size_t i, bool *oom)
+{
+	const char *p = list;
+	for (; i > 0; i--) {
+		p = strchr(p, ',');
+		if (p == NULL)
+			return NULL;
+		p++;
+	}
+	char *node = strndup(p, strcspn(p, ","));
+	if (node == NULL)
+		*oom = true;
+	return node;
+}
+
+/* Overwrites a string that may hold a secret, then frees it. Accepts NULL. */
+static void free_secret(char *s)
+{
+	if (s)
+		bw_credential_wipe(s, strlen(s));
+}
+
+/*
+ * The host of scheme://[user[:password]@]host[:port][/path]: without the user part (so
+ * never a password), IPv6 literals with their brackets. out is "" when there is none.
+ */
+static void url_host(const char *url, char *out, size_t size)
+{
+	out[0] = '\0';
+	const char *a = strstr(url, "://");
+	if (a == NULL)
+		return;
+	a += 3;
+	const char *end = a + strcspn(a, "/?#");
+	for (const char *p = a; p < end; p++)
+		if (*p == '@')
+			a = p + 1; /* the last '@' ends the user part */
+	const char *h = a;
+	if (*a == '[') {
+		while (h < end && *h != ']')
+			h++;
+		if (h < end)
+			h++;
+	} else {
+		while (h < end && *h != ':')
+			h++;
+	}
+	size_t n = (size_t)(h - a);
+	if (n >= size)
+		n = size - 1;
+	memcpy(out, a, n);
+	out[n] = '\0';
+}
+
 /* ---- value checks --------------------------------------------------------------------- */
 
-static const char *check_amqp_url(const char *v)
+static const char *check_amqp_node(const char *v)
 {
 	if (strncmp(v, "amqp://", 7) != 0 && strncmp(v, "amqps://", 8) != 0)
 		return "must start with amqp:// or amqps://";
+	for (const char *p = v; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return "must not contain control characters (percent-encode them)";
 	char *copy = strdup(v);
 	if (copy == NULL)
 		return "out of memory";
 	struct amqp_connection_info info;
 	int rc = amqp_parse_url(copy, &info);
 	bool empty_host = rc == AMQP_STATUS_OK && info.host[0] == '\0';
-	free(copy);
+	/* the parser cuts and decodes in place: wipe the whole original length */
+	bw_credential_wipe(copy, strlen(v));
 	if (rc != AMQP_STATUS_OK)
 		return "is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)";
 	if (empty_host)
 		return "has no host";
 	return NULL;
+}
+
+/* One URL, or the comma-separated URLs of a cluster's nodes: each must be valid. */
+static const char *check_amqp_url(const char *v)
+{
+	bool oom = false;
+	char *node;
+	for (size_t i = 0; (node = url_node(v, i, &oom)) != NULL; i++) {
+		const char *why = check_amqp_node(node);
+		free_secret(node);
+		if (why)
+			return why;
+	}
+	return oom ? "out of memory" : NULL;
 }
 
 static const char *check_http_url(const char *v)
@@ -252,6 +350,11 @@ static const char *check_program(const char *v)
 	for (const char *p = v; *p; p++)
 		if ((unsigned char)*p <= 0x20 || *p == 0x7f)
 			return "must be a program name or path without spaces";
+	if (v[0] != '/' && strchr(v, '/') != NULL)
+		return "must be an absolute path or a bare program name (looked up in "
+		       BW_CHILD_TRUSTED_PATH ")";
+	if (strlen(v) >= PATH_MAX)
+		return "is too long";
 	return NULL;
 }
 
@@ -355,7 +458,7 @@ static void set_value(struct loader *ld, size_t k, const char *value, const char
 			ld->oom = true;
 			return;
 		}
-		free(*(char **)field);
+		free_secret(*(char **)field);
 		*(char **)field = copy;
 		break;
 	}
@@ -433,6 +536,18 @@ static void assign(struct loader *ld, const char *section, const char *key, cons
 
 /* ---- the INI file --------------------------------------------------------------------- */
 
+/*
+ * Cuts s after its first word (up to a blank, ':' or '='), which names what was meant;
+ * returns whether anything was cut. What follows may be a secret that lost its key.
+ */
+static bool first_word(char *s)
+{
+	char *cut = s + strcspn(s, " \t:=");
+	bool rest = *cut != '\0';
+	*cut = '\0';
+	return rest;
+}
+
 static char *trim(char *s)
 {
 	while (isspace((unsigned char)*s))
@@ -486,7 +601,10 @@ static int read_file(struct loader *ld, const char *path)
 		}
 		char *eq = strchr(s, '=');
 		if (eq == NULL) {
-			problem(ld, origin, s, NULL, "%s", "expected \"key = value\"");
+			bool rest = first_word(s);
+			problem(ld, origin, s, NULL, "%s",
+				rest ? "expected \"key = value\" (the rest of the line is not shown)" :
+				       "expected \"key = value\"");
 			continue;
 		}
 		*eq = '\0';
@@ -521,6 +639,8 @@ static int read_file(struct loader *ld, const char *path)
 		assign(ld, section, key, value, origin);
 	}
 	int err = ferror(f) ? errno : 0;
+	if (line)
+		explicit_bzero(line, cap); /* the file may hold a password or a token */
 	free(line);
 	fclose(f);
 	if (err) {
@@ -561,6 +681,7 @@ static void apply_env(struct loader *ld)
 
 static void apply_set(struct loader *ld, const char *arg)
 {
+	size_t len = strlen(arg);
 	char *copy = strdup(arg);
 	if (copy == NULL) {
 		ld->oom = true;
@@ -569,13 +690,16 @@ static void apply_set(struct loader *ld, const char *arg)
 	char *eq = strchr(copy, '=');
 	char *dot = strchr(copy, '.');
 	if (eq == NULL || dot == NULL || dot > eq || dot == copy || dot + 1 == eq) {
-		problem(ld, "--set", arg, NULL, "%s", "expected section.key=value");
-		free(copy);
-		return;
+		bool rest = eq ? (*eq = '\0', true) : first_word(copy);
+		problem(ld, "--set", copy, NULL, "%s",
+			rest ? "expected section.key=value (the value is not shown)" :
+			       "expected section.key=value");
+	} else {
+		*eq = '\0';
+		*dot = '\0';
+		assign(ld, copy, dot + 1, eq + 1, "--set");
 	}
-	*eq = '\0';
-	*dot = '\0';
-	assign(ld, copy, dot + 1, eq + 1, "--set");
+	explicit_bzero(copy, len);
 	free(copy);
 }
 
@@ -585,6 +709,249 @@ static const char *origin_of(struct loader *ld, const char *section, const char 
 {
 	int k = find_key(section, key);
 	return ld->origin[k][0] ? ld->origin[k] : "default";
+}
+
+/* A password or a token in a file: at most this many bytes (a real one is far shorter). */
+#define SECRET_FILE_MAX 4096
+
+/*
+ * Reads the secret file named by key (section.key) into a malloc'd string in *out, without
+ * one trailing newline; reports why not at the key's origin. Returns true on success; the
+ * caller wipes *out with free_secret.
+ */
+static bool read_secret(struct loader *ld, const char *section, const char *key, const char *path,
+			char **out)
+{
+	char why[PATH_MAX + 128];
+	char *buf = NULL;
+	size_t len = 0;
+	const char *origin = origin_of(ld, section, key);
+	int rc = bw_credential_read_file(path, SECRET_FILE_MAX, &buf, &len, why, sizeof(why));
+	if (rc == BW_ENOMEM) {
+		ld->oom = true;
+		return false;
+	}
+	if (rc != 0) {
+		problem(ld, origin, section, key, "%s", why);
+		return false;
+	}
+	size_t n = len;
+	if (n > 0 && buf[n - 1] == '\n')
+		n--;
+	if (n > 0 && buf[n - 1] == '\r')
+		n--;
+	buf[n] = '\0';
+	const char *bad = n == 0 ? "is empty" : NULL;
+	for (size_t i = 0; i < n && !bad; i++)
+		if ((unsigned char)buf[i] < 0x20 || buf[i] == 0x7f)
+			bad = "must hold one line without control characters";
+	if (bad) {
+		problem(ld, origin, section, key, "%s: %s", path, bad);
+		bw_credential_wipe(buf, len);
+		return false;
+	}
+	*out = buf; /* wiped by its owner with free_secret: the bytes past n are zero */
+	return true;
+}
+
+/* Appends s to b with every byte outside RFC 3986's unreserved set as %XX. */
+static void put_percent_encoded(struct bw_buf *b, const char *s)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+			bw_buf_append(b, (const char *)&c, 1);
+		} else {
+			char esc[3] = {'%', hex[c >> 4], hex[c & 15]};
+			bw_buf_append(b, esc, 3);
+		}
+	}
+}
+
+/*
+ * amqp.password_file: its content replaces the password of every node of amqp.url (each
+ * must name its user: amqp://USER[:…]@host). The old URL and every copy are wiped.
+ */
+static void apply_amqp_password(struct loader *ld, const char *password)
+{
+	struct bw_config *cfg = ld->cfg;
+	struct bw_buf b = BW_BUF_INIT;
+	bool ok = true;
+	size_t i = 1;
+	for (const char *node = cfg->amqp_url; ok; i++) {
+		size_t n = strcspn(node, ",");
+		const char *end = node + n;
+		const char *user = strstr(node, "://");
+		const char *at = NULL;
+		if (user && user < end) {
+			user += 3;
+			for (const char *p = user; p < end; p++)
+				if (*p == '@')
+					at = p;
+		}
+		if (at == NULL || at == user || *user == ':') {
+			problem(ld, origin_of(ld, "amqp", "password_file"), "amqp", "password_file",
+				"needs a user name in every node of amqp.url (amqp://USER@host), "
+				"node %zu has none",
+				i);
+			ok = false;
+			break;
+		}
+		const char *user_end = memchr(user, ':', (size_t)(at - user));
+		if (user_end == NULL)
+			user_end = at;
+		bw_buf_append(&b, node, (size_t)(user_end - node));
+		bw_buf_puts(&b, ":");
+		put_percent_encoded(&b, password);
+		bw_buf_append(&b, at, (size_t)(end - at));
+		if (*end == '\0')
+			break;
+		bw_buf_puts(&b, ",");
+		node = end + 1;
+	}
+	char *url = NULL;
+	if (ok && bw_buf_steal(&b, &url) == 0) {
+		free_secret(cfg->amqp_url);
+		cfg->amqp_url = url;
+	} else if (ok) {
+		ld->oom = true;
+	}
+	if (b.data)
+		explicit_bzero(b.data, b.len);
+	bw_buf_free(&b);
+}
+
+/* Secrets from files win over the inline values (CONTRACT 6). */
+static void read_secret_files(struct loader *ld)
+{
+	struct bw_config *cfg = ld->cfg;
+	char *secret = NULL;
+	if (cfg->sna_token_file[0] &&
+	    read_secret(ld, "sna", "token_file", cfg->sna_token_file, &secret)) {
+		if (check_token(secret)) {
+			problem(ld, origin_of(ld, "sna", "token_file"), "sna", "token_file",
+				"%s: must hold one token without spaces", cfg->sna_token_file);
+			free_secret(secret);
+		} else {
+			free_secret(cfg->sna_token);
+			cfg->sna_token = secret;
+		}
+		secret = NULL;
+	}
+	if (cfg->amqp_password_file[0] &&
+	    read_secret(ld, "amqp", "password_file", cfg->amqp_password_file, &secret)) {
+		apply_amqp_password(ld, secret);
+		free_secret(secret);
+	}
+}
+
+/*
+ * What would expose a backup or a password on the network (DESIGN 9). Refused unless the
+ * operator says in the config that they mean it: plain NBD exports on a non-loopback
+ * address (anyone who reaches the port reads and overwrites them), http:// to a
+ * non-loopback SNA (the vCenter password and the NBD key travel in the body). Warned
+ * about: an unverified broker, and amqp:// to a non-loopback broker.
+ */
+static void check_exposure(struct loader *ld)
+{
+	struct bw_config *cfg = ld->cfg;
+	char host[256];
+
+	if (strcmp(cfg->nbd_tls, "off") == 0 && !cfg->nbd_allow_plaintext &&
+	    !bw_config_host_is_loopback(cfg->nbd_bind_address))
+		problem(ld, origin_of(ld, "nbd", "tls"), "nbd", "tls",
+			"off with the non-loopback nbd.bind_address %s (%s) serves every backup as "
+			"plain NBD that anyone who reaches the port can read and overwrite; use "
+			"auto or psk, or set nbd.allow_plaintext = true if you mean it",
+			cfg->nbd_bind_address, origin_of(ld, "nbd", "bind_address"));
+
+	if (strncmp(cfg->sna_url, "http://", 7) == 0 && !cfg->sna_allow_plaintext) {
+		url_host(cfg->sna_url, host, sizeof(host));
+		if (!bw_config_host_is_loopback(host))
+			problem(ld, origin_of(ld, "sna", "url"), "sna", "url",
+				"http:// to the non-loopback host %s sends the vCenter password and "
+				"the NBD key in clear text; use https://, or set sna.allow_plaintext = "
+				"true if you mean it",
+				host);
+	}
+
+	bool tls = false, oom = false;
+	char *node;
+	size_t nodes = 0;
+	while ((node = url_node(cfg->amqp_url, nodes, &oom)) != NULL) {
+		nodes++;
+		free_secret(node);
+	}
+	for (size_t i = 0; (node = url_node(cfg->amqp_url, i, &oom)) != NULL; i++) {
+		/* the host the client will connect to, as its own parser reads it */
+		struct amqp_connection_info info;
+		size_t len = strlen(node); /* the parser cuts it in place */
+		if (amqp_parse_url(node, &info) != AMQP_STATUS_OK) {
+			bw_credential_wipe(node, len);
+			continue; /* reported by check_amqp_url */
+		}
+		snprintf(host, sizeof(host), "%s", info.host);
+		bool ssl = info.ssl;
+		bw_credential_wipe(node, len);
+		if (ssl) {
+			tls = true;
+		} else {
+			char which[32] = "";
+			if (nodes > 1)
+				snprintf(which, sizeof(which), "node %zu: ", i + 1);
+			if (!bw_config_host_is_loopback(host))
+				warning(ld, origin_of(ld, "amqp", "url"), "amqp", "url",
+					"%samqp:// to the non-loopback broker %s sends the broker "
+					"password and every message in clear text; use amqps://",
+					which, host);
+		}
+	}
+	if (oom)
+		ld->oom = true;
+	if (tls && !cfg->amqp_tls_verify_peer)
+		warning(ld, origin_of(ld, "amqp", "tls_verify_peer"), "amqp", "tls_verify_peer",
+			"%s", "false: the broker's certificate is not verified, so anyone on the "
+			      "path can pose as the broker and read the password and every message");
+	if (tls && !cfg->amqp_tls_verify_hostname)
+		warning(ld, origin_of(ld, "amqp", "tls_verify_hostname"), "amqp",
+			"tls_verify_hostname", "%s",
+			"false: any certificate the CA signed, for any host, is taken for the "
+			"broker's");
+}
+
+/*
+ * nbd.qemu_nbd / nbd.qemu_img: an absolute path is used as is, a bare name is resolved now
+ * in the trusted path (never $PATH) and stored absolute, so children are exec'd by path.
+ */
+static void resolve_program(struct loader *ld, const char *key)
+{
+	int k = find_key("nbd", key);
+	char **field = (char **)((char *)ld->cfg + keys[k].offset);
+	char found[PATH_MAX];
+	struct stat st;
+	if ((*field)[0] != '/') {
+		if (bw_child_find_program(*field, found, sizeof(found)) != 0) {
+			problem(ld, origin_of(ld, "nbd", key), "nbd", key,
+				"%s not found in " BW_CHILD_TRUSTED_PATH
+				" (give an absolute path to use another)",
+				*field);
+			return;
+		}
+		char *copy = strdup(found);
+		if (copy == NULL) {
+			ld->oom = true;
+			return;
+		}
+		free(*field);
+		*field = copy;
+		return;
+	}
+	if (stat(*field, &st) != 0)
+		problem(ld, origin_of(ld, "nbd", key), "nbd", key, "%s", strerror(errno));
+	else if (!S_ISREG(st.st_mode) || faccessat(AT_FDCWD, *field, X_OK, AT_EACCESS) != 0)
+		problem(ld, origin_of(ld, "nbd", key), "nbd", key, "%s",
+			"is not an executable file");
 }
 
 static void finish(struct loader *ld)
@@ -614,6 +981,10 @@ static void finish(struct loader *ld)
 	if (cfg->worker_id == NULL || cfg->ledger_path == NULL)
 		ld->oom = true;
 
+	read_secret_files(ld);
+	resolve_program(ld, "qemu_nbd");
+	resolve_program(ld, "qemu_img");
+
 	if (cfg->nbd_port_min > cfg->nbd_port_max) {
 		char lo[16];
 		snprintf(lo, sizeof(lo), "%d", cfg->nbd_port_min);
@@ -623,6 +994,13 @@ static void finish(struct loader *ld)
 	if ((cfg->amqp_tls_cert_file[0] == '\0') != (cfg->amqp_tls_key_file[0] == '\0'))
 		problem(ld, origin_of(ld, "amqp", "tls_key_file"), "amqp", "tls_key_file", "%s",
 			"amqp.tls_cert_file and amqp.tls_key_file go together");
+	if (cfg->sna_tls_cert_file[0] && !cfg->sna_tls_key_file[0])
+		problem(ld, origin_of(ld, "sna", "tls_cert_file"), "sna", "tls_cert_file", "%s",
+			"needs sna.tls_key_file (a client certificate and its key go together)");
+	if (cfg->sna_tls_key_file[0] && !cfg->sna_tls_cert_file[0])
+		problem(ld, origin_of(ld, "sna", "tls_key_file"), "sna", "tls_key_file", "%s",
+			"needs sna.tls_cert_file (a client certificate and its key go together)");
+	check_exposure(ld);
 	if (cfg->sna_backoff_base_ms > cfg->sna_backoff_cap_s * 1000)
 		problem(ld, origin_of(ld, "sna", "backoff_base_ms"), "sna", "backoff_base_ms", "%s",
 			"must not exceed sna.backoff_cap_s");
@@ -661,19 +1039,29 @@ int bw_config_load(struct bw_config **out, const char *path, char *const *sets, 
 		finish(ld);
 	}
 
-	if (ld->oom || ld->errors.failed)
+	if (ld->oom || ld->errors.failed || ld->warnings.failed)
 		rc = BW_ENOMEM;
 	else if (rc == 0 && ld->nerrors)
 		rc = BW_ECONFIG;
 	if (rc == 0) {
+		if (ld->warnings.len && bw_buf_steal(&ld->warnings, &cfg->warnings) != 0) {
+			rc = BW_ENOMEM;
+			goto out;
+		}
 		*out = cfg;
 		cfg = NULL;
-	} else if (errors && bw_buf_steal(&ld->errors, errors) != 0) {
-		*errors = NULL;
+	} else if (errors) {
+		/* the warnings too: who fixes the errors wants to see them */
+		if (ld->warnings.len)
+			bw_buf_append(&ld->errors, ld->warnings.data, ld->warnings.len);
+		if (bw_buf_steal(&ld->errors, errors) != 0)
+			*errors = NULL;
 	}
 out:
-	if (ld)
+	if (ld) {
 		bw_buf_free(&ld->errors);
+		bw_buf_free(&ld->warnings);
+	}
 	free(ld);
 	bw_config_free(cfg);
 	return rc;
@@ -683,14 +1071,16 @@ void bw_config_free(struct bw_config *cfg)
 {
 	if (cfg == NULL)
 		return;
+	/* every string: sna.token, amqp.url and sna.url may hold secrets */
 	for (size_t k = 0; k < NKEYS; k++)
 		if (keys[k].type == T_STR)
-			free(*(char **)((char *)cfg + keys[k].offset));
+			free_secret(*(char **)((char *)cfg + keys[k].offset));
 	for (size_t i = 0; i < cfg->n_repositories; i++) {
 		free(cfg->repositories[i].id);
 		free(cfg->repositories[i].path);
 	}
 	free(cfg->repositories);
+	free(cfg->warnings);
 	free(cfg);
 }
 
@@ -728,19 +1118,38 @@ const char *bw_config_repository(const struct bw_config *cfg, const char *id)
 	return i >= 0 ? cfg->repositories[i].path : NULL;
 }
 
-/* amqp://user:secret@host → amqp://user:***@host */
+/*
+ * scheme://user:secret@host → scheme://user:***@host, for every node of a comma-separated
+ * list. The user part ends at the node's last '@' (not at the first '/': a password with a
+ * raw '/' is still masked; a '@' in a path masks too much, never too little).
+ */
 static void put_masked_url(struct bw_buf *b, const char *url)
 {
-	const char *scheme_end = strstr(url, "://");
-	const char *at = scheme_end ? strchr(scheme_end + 3, '@') : NULL;
-	const char *colon = at ? memchr(scheme_end + 3, ':', (size_t)(at - scheme_end - 3)) : NULL;
-	if (colon == NULL) {
-		bw_buf_puts(b, url);
-		return;
+	for (const char *node = url;;) {
+		size_t n = strcspn(node, ",");
+		const char *end = node + n;
+		const char *scheme_end = strstr(node, "://");
+		const char *at = NULL, *colon = NULL;
+		if (scheme_end && scheme_end < end) {
+			for (const char *p = scheme_end + 3; p < end; p++)
+				if (*p == '@')
+					at = p;
+			for (const char *p = scheme_end + 3; at && p < at && !colon; p++)
+				if (*p == ':')
+					colon = p;
+		}
+		if (colon) {
+			bw_buf_append(b, node, (size_t)(colon + 1 - node));
+			bw_buf_puts(b, "***");
+			bw_buf_append(b, at, (size_t)(end - at));
+		} else {
+			bw_buf_append(b, node, n);
+		}
+		if (*end == '\0')
+			break;
+		bw_buf_puts(b, ",");
+		node = end + 1;
 	}
-	bw_buf_append(b, url, (size_t)(colon + 1 - url));
-	bw_buf_puts(b, "***");
-	bw_buf_puts(b, at);
 }
 
 int bw_config_format(const struct bw_config *cfg, char **out)
@@ -761,7 +1170,7 @@ int bw_config_format(const struct bw_config *cfg, char **out)
 			const char *v = *(char *const *)field;
 			if (d->secret)
 				bw_buf_puts(&b, v && v[0] ? "***" : "(unset)");
-			else if (d->check == check_amqp_url)
+			else if (d->check == check_amqp_url || d->check == check_http_url)
 				put_masked_url(&b, v);
 			else
 				bw_buf_puts(&b, v ? v : "");

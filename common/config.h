@@ -75,17 +75,24 @@ struct bw_config {
 
 	struct bw_repository *repositories;
 	size_t n_repositories;
+
+	/* What is allowed but unwise (an unverified or plain-text broker): one line each,
+	 * "FILE:LINE: key: warning: reason", never a secret; NULL when there is none. */
+	char *warnings;
 };
 
 /*
  * Loads the configuration: defaults, then the INI file at path (NULL: none), then every
  * BW_<SECTION>_<KEY> environment variable, then each "section.key=value" of sets, in that
  * order; then derived defaults and cross-key checks.
+ * What would expose a backup or a password is an error unless the config says it is meant
+ * (nbd.allow_plaintext, sna.allow_plaintext); an unverified or plain-text broker is a
+ * warning, in cfg->warnings.
  * On success stores a new config in *out (free with bw_config_free) and returns 0.
  * On failure returns BW_ECONFIG (or BW_ENOMEM, BW_ENOENT/BW_EPERM/BW_EIO for an unreadable
  * file) and, when errors is not NULL, stores in *errors a malloc'd text of one line per
- * problem, "FILE:LINE: key: reason" (env: "BW_X_Y: key: reason"; --set: "--set: key: reason");
- * the caller frees it.
+ * problem, "FILE:LINE: key: reason" (env: "BW_X_Y: key: reason"; --set: "--set: key: reason"),
+ * then the warnings; the caller frees it. No line holds a secret.
  */
 int bw_config_load(struct bw_config **out, const char *path, char *const *sets, size_t nsets,
 		   char **errors) BW_MUST_CHECK;

@@ -13,24 +13,91 @@
 
 #define CREDENTIAL_MAX_BYTES 65536
 
-static void wipe(char *s)
+void bw_credential_wipe(char *s, size_t len)
 {
 	if (s == NULL)
 		return;
-	volatile char *p = s;
-	while (*p)
-		*p++ = '\0';
+	explicit_bzero(s, len);
+	free(s);
 }
 
 void bw_credential_free(struct bw_credential *c)
 {
 	if (c == NULL)
 		return;
-	wipe(c->password);
+	if (c->password)
+		bw_credential_wipe(c->password, strlen(c->password));
 	free(c->vcenter_host);
 	free(c->username);
-	free(c->password);
 	free(c);
+}
+
+int bw_credential_read_file(const char *path, size_t max, char **out, size_t *len, char *err,
+			    size_t errsize)
+{
+	char *buf = NULL;
+	struct stat st;
+	size_t n = 0;
+	int rc;
+
+	/* O_NONBLOCK: a FIFO planted under the name must not hang the open; fstat refuses it. */
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		int e = errno;
+		snprintf(err, errsize, "%s: %s", path,
+			 e == ELOOP ? "is a symbolic link (refused)" : strerror(e));
+		return e == ELOOP ? BW_EPERM : bw_err_from_errno(e);
+	}
+	if (fstat(fd, &st) != 0) {
+		snprintf(err, errsize, "%s: %s", path, strerror(errno));
+		rc = BW_EIO;
+		goto out;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		snprintf(err, errsize, "%s: not a regular file (refused)", path);
+		rc = BW_EPERM;
+		goto out;
+	}
+	if (st.st_uid != geteuid() || (st.st_mode & 077) != 0) {
+		snprintf(err, errsize,
+			 "%s refused: mode %04o owner %u (must be 0600 or 0400, owned by uid %u)",
+			 path, (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid,
+			 (unsigned)geteuid());
+		rc = BW_EPERM;
+		goto out;
+	}
+	buf = malloc(max + 1);
+	if (buf == NULL) {
+		rc = BW_ENOMEM;
+		goto out;
+	}
+	for (;;) {
+		ssize_t r = read(fd, buf + n, max + 1 - n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			snprintf(err, errsize, "%s: %s", path, strerror(errno));
+			rc = BW_EIO;
+			goto out;
+		}
+		if (r == 0)
+			break;
+		n += (size_t)r;
+		if (n > max) {
+			snprintf(err, errsize, "%s: too large (at most %zu bytes)", path, max);
+			rc = BW_EINVAL;
+			goto out;
+		}
+	}
+	buf[n] = '\0';
+	*out = buf;
+	*len = n;
+	buf = NULL;
+	rc = 0;
+out:
+	bw_credential_wipe(buf, max + 1);
+	close(fd);
+	return rc;
 }
 
 static char *field(struct json_object *o, const char *name)
@@ -46,43 +113,24 @@ static char *field(struct json_object *o, const char *name)
 int bw_credential_load(const char *dir, const char *id, struct bw_credential **out, char *err,
 		       size_t errsize)
 {
-	char path[PATH_MAX], buf[CREDENTIAL_MAX_BYTES], why[160];
+	char path[PATH_MAX], why[160], detail[PATH_MAX + 128];
 	struct bw_credential *c = NULL;
 	struct json_object *doc = NULL;
-	struct stat st;
+	char *buf = NULL;
+	size_t len = 0;
 	int rc;
 
 	if ((size_t)snprintf(path, sizeof(path), "%s/%s.json", dir, id) >= sizeof(path)) {
 		snprintf(err, errsize, "credential path too long");
 		return BW_EINVAL;
 	}
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0) {
-		snprintf(err, errsize, "credential %s: %s", path, strerror(errno));
-		return errno == ELOOP ? BW_EPERM : bw_err_from_errno(errno);
+	rc = bw_credential_read_file(path, CREDENTIAL_MAX_BYTES, &buf, &len, detail,
+				     sizeof(detail));
+	if (rc != 0) {
+		snprintf(err, errsize, "credential %s", detail);
+		return rc;
 	}
-	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-		snprintf(err, errsize, "credential %s: not a regular file", path);
-		rc = BW_EPERM;
-		goto out;
-	}
-	if (st.st_uid != geteuid() || (st.st_mode & 077) != 0) {
-		snprintf(err, errsize,
-			 "credential %s refused: mode %04o owner %u (must be 0600 or 0400, owned "
-			 "by uid %u)",
-			 path, (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid,
-			 (unsigned)geteuid());
-		rc = BW_EPERM;
-		goto out;
-	}
-	ssize_t n = read(fd, buf, sizeof(buf));
-	if (n < 0 || n == (ssize_t)sizeof(buf)) {
-		snprintf(err, errsize, "credential %s: %s", path,
-			 n < 0 ? strerror(errno) : "too large");
-		rc = BW_EINVAL;
-		goto out;
-	}
-	rc = bw_json_parse_strict(buf, (size_t)n, &doc, why, sizeof(why));
+	rc = bw_json_parse_strict(buf, len, &doc, why, sizeof(why));
 	if (rc != 0 || !json_object_is_type(doc, json_type_object)) {
 		snprintf(err, errsize, "credential %s: not a JSON object", path);
 		rc = rc == BW_ENOMEM ? rc : BW_EINVAL;
@@ -108,16 +156,16 @@ int bw_credential_load(const char *dir, const char *id, struct bw_credential **o
 	c = NULL;
 	rc = 0;
 out:
-	explicit_bzero(buf, sizeof(buf));
+	bw_credential_wipe(buf, len);
 	if (doc) {
-		/* json-c keeps its own copy of the password: wipe it before freeing */
+		/* json-c keeps its own copy of the password (NULs and all): wipe it before freeing */
 		struct json_object *p = NULL;
 		if (json_object_object_get_ex(doc, "password", &p) &&
 		    json_object_is_type(p, json_type_string))
-			wipe((char *)json_object_get_string(p));
+			explicit_bzero((char *)json_object_get_string(p),
+				       (size_t)json_object_get_string_len(p));
 	}
 	json_object_put(doc);
 	bw_credential_free(c);
-	close(fd);
 	return rc;
 }

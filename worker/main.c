@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* --drain looks at the draining worker once a second: jobs end in seconds, not ms. */
@@ -110,6 +112,17 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	bw_log_init("bw-worker", BW_LOG_INFO, true);
+	/*
+	 * Before any secret is read (the config's password and token files, credentials): no
+	 * core file holds them, and a process of the same user can neither ptrace this one nor
+	 * read its /proc/PID/mem or environ. Children get dumpable back at exec; their core
+	 * limit stays 0.
+	 */
+	const struct rlimit no_core = {0, 0};
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 || setrlimit(RLIMIT_CORE, &no_core) != 0) {
+		bw_log_warn("cannot make the process undumpable");
+		return 2;
+	}
 	sets = calloc((size_t)argc, sizeof(*sets));
 	if (sets == NULL)
 		return 2;
@@ -155,6 +168,8 @@ int main(int argc, char **argv)
 		status = 1;
 		goto out;
 	}
+	if (cfg->warnings && (check_only || print_only))
+		fputs(cfg->warnings, stderr);
 	if (check_only) {
 		printf("configuration OK\n");
 		status = 0;
@@ -179,6 +194,11 @@ int main(int argc, char **argv)
 	bw_log_info("starting worker=%s config=%s", cfg->worker_id, config_path);
 	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
 		bw_log_info("config: %s", line);
+	for (const char *w = cfg->warnings; w && *w;) {
+		size_t n = strcspn(w, "\n");
+		bw_log_warnx("config: %.*s", (int)n, w);
+		w += n + (w[n] == '\n');
+	}
 	status = worker_run(cfg);
 out:
 	free(text);

@@ -4,11 +4,16 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <amqp.h>
+
+#include "child.h"
 #include "config.h"
 
 static char conf_path[] = "/tmp/bw-test-config-XXXXXX";
@@ -58,8 +63,13 @@ static void test_defaults(void **state)
 	assert_string_equal(cfg->nbd_bind_address, "127.0.0.1");
 	assert_string_equal(cfg->nbd_advertise_host, "127.0.0.1");
 	assert_int_equal(cfg->nbd_shared, 8);
-	assert_string_equal(cfg->nbd_qemu_nbd, "qemu-nbd");
-	assert_string_equal(cfg->nbd_qemu_img, "qemu-img");
+	/* bare names, resolved at load in the trusted path */
+	char want[PATH_MAX];
+	assert_int_equal(bw_child_find_program("qemu-nbd", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_nbd, want);
+	assert_int_equal(bw_child_find_program("qemu-img", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_img, want);
+	assert_true(cfg->nbd_qemu_nbd[0] == '/' && strstr(cfg->nbd_qemu_nbd, "/qemu-nbd"));
 	assert_string_equal(cfg->sna_url, "http://127.0.0.1:8081");
 	assert_int_equal(cfg->sna_connect_timeout_s, 5);
 	assert_int_equal(cfg->sna_timeout_s, 30);
@@ -151,7 +161,7 @@ static void test_errors_name_file_line_key(void **state)
 		 "%1$s:9: nbd.colour: unknown key\n"
 		 "%1$s:10: nbd.port_min: set twice (first on line 5)\n"
 		 "%1$s:12: bogus.x: unknown section\n"
-		 "%1$s:13: just text: expected \"key = value\"\n"
+		 "%1$s:13: just: expected \"key = value\" (the rest of the line is not shown)\n"
 		 "%1$s:15: repositories.bad:id: repository id must start with a letter or digit "
 		 "and contain only [A-Za-z0-9._-]\n"
 		 "%1$s:16: repositories.relative: must be an absolute path\n"
@@ -212,6 +222,324 @@ static void test_format_masks_secrets(void **state)
 	bw_config_free(cfg);
 }
 
+/* Loads with the sets; returns the error text (malloc'd), or NULL when it loaded. */
+static char *load_errors(char **sets, size_t nsets)
+{
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, NULL, sets, nsets, &errors);
+	if (rc == 0) {
+		bw_config_free(cfg);
+		return NULL;
+	}
+	assert_int_equal(rc, BW_ECONFIG);
+	assert_non_null(errors);
+	return errors;
+}
+
+static void test_program_paths(void **state)
+{
+	(void)state;
+	char set1[] = "nbd.qemu_nbd=/usr/bin/env";
+	char set2[] = "nbd.qemu_img=env";
+	char *sets[] = {set1, set2};
+	struct bw_config *cfg = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, NULL), 0);
+	assert_string_equal(cfg->nbd_qemu_nbd, "/usr/bin/env"); /* absolute: as is */
+	char want[PATH_MAX];
+	assert_int_equal(bw_child_find_program("env", want, sizeof(want)), 0);
+	assert_string_equal(cfg->nbd_qemu_img, want);
+	bw_config_free(cfg);
+
+	char rel[] = "nbd.qemu_nbd=bin/qemu-nbd";
+	char *e = load_errors((char *[]){rel}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: must be an absolute path or a bare program "
+			       "name (looked up in /usr/local/sbin:/usr/local/bin:/usr/sbin:"
+			       "/usr/bin:/sbin:/bin)\n");
+	free(e);
+	char dot[] = "nbd.qemu_img=./qemu-img";
+	e = load_errors((char *[]){dot}, 1);
+	assert_non_null(strstr(e, "--set: nbd.qemu_img: must be an absolute path"));
+	free(e);
+	char missing[] = "nbd.qemu_nbd=bw-no-such-program";
+	e = load_errors((char *[]){missing}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: bw-no-such-program not found in "
+			       "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin (give an "
+			       "absolute path to use another)\n");
+	free(e);
+	char notexec[PATH_MAX + 16];
+	snprintf(notexec, sizeof(notexec), "nbd.qemu_nbd=%s", conf_path); /* mode 0600 */
+	e = load_errors((char *[]){notexec}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_nbd: is not an executable file\n");
+	free(e);
+	char adir[] = "nbd.qemu_img=/usr/bin";
+	e = load_errors((char *[]){adir}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_img: is not an executable file\n");
+	free(e);
+	char gone[] = "nbd.qemu_img=/nonexistent/qemu-img";
+	e = load_errors((char *[]){gone}, 1);
+	assert_string_equal(e, "--set: nbd.qemu_img: No such file or directory\n");
+	free(e);
+
+	/* $PATH is never searched: a program only it knows is not found. */
+	char dir[] = "/tmp/bw-test-config-path-XXXXXX";
+	assert_non_null(mkdtemp(dir));
+	char prog[PATH_MAX];
+	snprintf(prog, sizeof(prog), "%s/bw-fake-qemu-nbd", dir);
+	FILE *f = fopen(prog, "w");
+	assert_non_null(f);
+	fputs("#!/bin/sh\n", f);
+	fclose(f);
+	assert_int_equal(chmod(prog, 0755), 0);
+	char *old = strdup(getenv("PATH") ? getenv("PATH") : "/usr/bin:/bin");
+	setenv("PATH", dir, 1);
+	char fake[] = "nbd.qemu_nbd=bw-fake-qemu-nbd";
+	e = load_errors((char *[]){fake}, 1);
+	setenv("PATH", old, 1);
+	free(old);
+	unlink(prog);
+	rmdir(dir);
+	assert_non_null(strstr(e, "bw-fake-qemu-nbd not found in /usr/local/sbin:"));
+	free(e);
+}
+
+static void test_exposure_refused_and_warned(void **state)
+{
+	(void)state;
+	write_conf("[nbd]\n"
+		   "bind_address = 192.0.2.10\n"
+		   "tls = off\n"
+		   "[sna]\n"
+		   "url = http://sna.example\n"
+		   "[amqp]\n"
+		   "url = amqps://bw:pw@mq.example\n"
+		   "tls_verify_hostname = false\n");
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	char want[4096];
+	snprintf(want, sizeof(want),
+		 "%1$s:3: nbd.tls: off with the non-loopback nbd.bind_address 192.0.2.10 (%1$s:2) "
+		 "serves every backup as plain NBD that anyone who reaches the port can read and "
+		 "overwrite; use auto or psk, or set nbd.allow_plaintext = true if you mean it\n"
+		 "%1$s:5: sna.url: http:// to the non-loopback host sna.example sends the vCenter "
+		 "password and the NBD key in clear text; use https://, or set sna.allow_plaintext "
+		 "= true if you mean it\n"
+		 "%1$s:8: amqp.tls_verify_hostname: warning: false: any certificate the CA signed, "
+		 "for any host, is taken for the broker's\n",
+		 conf_path);
+	assert_string_equal(errors, want);
+	free(errors);
+
+	/* Meant: loaded, the warning kept in the config for the caller to print or log. */
+	char set1[] = "nbd.allow_plaintext=true";
+	char set2[] = "sna.allow_plaintext=yes";
+	char *sets[] = {set1, set2};
+	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 2, &errors), 0);
+	snprintf(want, sizeof(want),
+		 "%s:8: amqp.tls_verify_hostname: warning: false: any certificate the CA signed, "
+		 "for any host, is taken for the broker's\n",
+		 conf_path);
+	assert_string_equal(cfg->warnings, want);
+	assert_false(bw_config_nbd_psk(cfg));
+	bw_config_free(cfg);
+
+	assert_int_equal(bw_config_load(&cfg, NULL, NULL, 0, NULL), 0);
+	assert_null(cfg->warnings); /* the defaults are quiet */
+	bw_config_free(cfg);
+}
+
+#define SECRET "Zq9-hunter2-secret"
+
+static void test_format_masks_every_url_password(void **state)
+{
+	(void)state;
+	char set1[] = "amqp.url=amqps://bw:" SECRET "a@mq1.example:5671/prod,"
+		      "amqp://bw:" SECRET "b@127.0.0.1:5672,amqps://nopw@mq3.example";
+	char set2[] = "sna.url=https://api:" SECRET "c@sna.example:8443/base";
+	char set3[] = "sna.token=" SECRET "d";
+	char *sets[] = {set1, set2, set3};
+	struct bw_config *cfg = NULL;
+	char *text = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 3, NULL), 0);
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "amqp.url = amqps://bw:***@mq1.example:5671/prod,"
+				     "amqp://bw:***@127.0.0.1:5672,amqps://nopw@mq3.example\n"));
+	assert_non_null(strstr(text, "sna.url = https://api:***@sna.example:8443/base\n"));
+	assert_non_null(strstr(text, "sna.token = ***\n"));
+	free(text);
+	bw_config_free(cfg);
+
+	/* A password with a raw '/' (not %2F) is masked all the same. */
+	char set4[] = "sna.url=https://api:ab/" SECRET "@sna.example";
+	assert_int_equal(bw_config_load(&cfg, NULL, (char *[]){set4}, 1, NULL), 0);
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "sna.url = https://api:***@sna.example\n"));
+	free(text);
+	bw_config_free(cfg);
+}
+
+static void test_errors_never_echo_a_secret(void **state)
+{
+	(void)state;
+	write_conf("[sna]\n"
+		   "token " SECRET "\n"
+		   "token: " SECRET "\n"
+		   "url = http://u:" SECRET "@sna.example\n"
+		   "[amqp]\n"
+		   "url = amqp://bw:" SECRET "@mq.example:5672\n");
+	char set1[] = "sna.token " SECRET;      /* no '=' */
+	char set2[] = "sna_token=" SECRET;      /* no '.' */
+	char set3[] = "sna.tokn=" SECRET;       /* unknown key */
+	char set4[] = "sna.token=a " SECRET;    /* a bad value for a secret key */
+	char set5[] = "amqp.url=amqq://bw:" SECRET "@mq.example"; /* a broken URL */
+	char *sets[] = {set1, set2, set3, set4, set5};
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 5, &errors), BW_ECONFIG);
+	char want[4096];
+	snprintf(want, sizeof(want),
+		 "%1$s:2: token: expected \"key = value\" (the rest of the line is not shown)\n"
+		 "%1$s:3: token: expected \"key = value\" (the rest of the line is not shown)\n"
+		 "--set: sna.token: expected section.key=value (the value is not shown)\n"
+		 "--set: sna_token: expected section.key=value (the value is not shown)\n"
+		 "--set: sna.tokn: unknown key\n"
+		 "--set: sna.token: must not contain spaces or control characters\n"
+		 "--set: amqp.url: must start with amqp:// or amqps://\n"
+		 "%1$s:4: sna.url: http:// to the non-loopback host sna.example sends the vCenter "
+		 "password and the NBD key in clear text; use https://, or set sna.allow_plaintext "
+		 "= true if you mean it\n"
+		 "%1$s:6: amqp.url: warning: amqp:// to the non-loopback broker mq.example sends "
+		 "the broker password and every message in clear text; use amqps://\n",
+		 conf_path);
+	assert_string_equal(errors, want);
+	assert_null(strstr(errors, SECRET));
+	free(errors);
+}
+
+/* Writes text to path with mode; returns path. */
+static const char *put_file(const char *path, const char *text, mode_t mode)
+{
+	FILE *f = fopen(path, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+	assert_int_equal(chmod(path, mode), 0);
+	return path;
+}
+
+static void test_secrets_from_files(void **state)
+{
+	(void)state;
+	char dir[] = "/tmp/bw-test-config-secrets-XXXXXX";
+	assert_non_null(mkdtemp(dir));
+	char token[PATH_MAX], pw[PATH_MAX], conf[2 * PATH_MAX + 512];
+	snprintf(token, sizeof(token), "%s/token", dir);
+	snprintf(pw, sizeof(pw), "%s/amqp.pw", dir);
+	put_file(token, SECRET "-tok\n", 0600);
+	put_file(pw, "p@ss/w:rd " SECRET "\n", 0400);
+	snprintf(conf, sizeof(conf),
+		 "[amqp]\n"
+		 "url = amqps://bw:inline@mq1.example:5671/prod,amqps://bw@127.0.0.1\n"
+		 "password_file = %s\n"
+		 "[sna]\n"
+		 "token = inline-token\n"
+		 "token_file = %s\n",
+		 pw, token);
+	write_conf(conf);
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, conf_path, NULL, 0, &errors);
+	if (rc != 0)
+		fprintf(stderr, "%s", errors);
+	assert_int_equal(rc, 0);
+	/* the files win; the password percent-encoded into every node */
+	assert_string_equal(cfg->sna_token, SECRET "-tok");
+	assert_string_equal(cfg->amqp_url, "amqps://bw:p%40ss%2Fw%3Ard%20" SECRET
+					   "@mq1.example:5671/prod,"
+					   "amqps://bw:p%40ss%2Fw%3Ard%20" SECRET "@127.0.0.1");
+	/* as librabbitmq-c reads it back */
+	char node[512];
+	snprintf(node, sizeof(node), "%.*s", (int)strcspn(cfg->amqp_url, ","), cfg->amqp_url);
+	struct amqp_connection_info info;
+	assert_int_equal(amqp_parse_url(node, &info), AMQP_STATUS_OK);
+	assert_string_equal(info.user, "bw");
+	assert_string_equal(info.password, "p@ss/w:rd " SECRET);
+	assert_string_equal(info.host, "mq1.example");
+	char *text = NULL;
+	assert_int_equal(bw_config_format(cfg, &text), 0);
+	assert_null(strstr(text, SECRET));
+	assert_non_null(strstr(text, "amqp.url = amqps://bw:***@mq1.example:5671/prod,"
+				     "amqps://bw:***@127.0.0.1\n"));
+	free(text);
+	bw_config_free(cfg);
+
+	/* Refused: group-readable, a symlink, missing, empty, a node without a user. */
+	char link[PATH_MAX], want[4 * PATH_MAX];
+	snprintf(link, sizeof(link), "%s/link", dir);
+	assert_int_equal(symlink(token, link), 0);
+	assert_int_equal(chmod(pw, 0640), 0);
+	snprintf(conf, sizeof(conf),
+		 "[amqp]\n"
+		 "password_file = %s\n"
+		 "[sna]\n"
+		 "token_file = %s\n",
+		 pw, link);
+	write_conf(conf);
+	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	snprintf(want, sizeof(want),
+		 "%1$s:4: sna.token_file: %2$s: is a symbolic link (refused)\n"
+		 "%1$s:2: amqp.password_file: %3$s refused: mode 0640 owner %4$u (must be 0600 "
+		 "or 0400, owned by uid %4$u)\n",
+		 conf_path, link, pw, (unsigned)geteuid());
+	assert_string_equal(errors, want);
+	free(errors);
+
+	char empty[PATH_MAX], nl[PATH_MAX + 16], missing[PATH_MAX + 16];
+	snprintf(empty, sizeof(empty), "%s/empty", dir);
+	put_file(empty, "\n", 0600);
+	snprintf(nl, sizeof(nl), "sna.token_file=%s", empty);
+	snprintf(missing, sizeof(missing), "amqp.password_file=%s/nope", dir);
+	char *sets[] = {nl, missing};
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, &errors), BW_ECONFIG);
+	snprintf(want, sizeof(want),
+		 "--set: sna.token_file: %1$s: is empty\n"
+		 "--set: amqp.password_file: %2$s/nope: No such file or directory\n",
+		 empty, dir);
+	assert_string_equal(errors, want);
+	free(errors);
+
+	assert_int_equal(chmod(pw, 0600), 0);
+	char pwset[PATH_MAX + 32];
+	snprintf(pwset, sizeof(pwset), "amqp.password_file=%s", pw);
+	char nouser[] = "amqp.url=amqp://127.0.0.1,amqp://mq2.example";
+	char *sets2[] = {pwset, nouser};
+	assert_int_equal(bw_config_load(&cfg, NULL, sets2, 2, &errors), BW_ECONFIG);
+	assert_null(strstr(errors, SECRET));
+	assert_string_equal(errors, "--set: amqp.password_file: needs a user name in every node "
+				    "of amqp.url (amqp://USER@host), node 1 has none\n"
+				    "--set: amqp.url: warning: node 2: amqp:// to the non-loopback "
+				    "broker mq2.example sends the broker password and every message "
+				    "in clear text; use amqps://\n");
+	free(errors);
+
+	char badtok[PATH_MAX];
+	snprintf(badtok, sizeof(badtok), "%s/badtok", dir);
+	put_file(badtok, "two " SECRET "\n", 0600);
+	char tokset[PATH_MAX + 32];
+	snprintf(tokset, sizeof(tokset), "sna.token_file=%s", badtok);
+	assert_int_equal(bw_config_load(&cfg, NULL, (char *[]){tokset}, 1, &errors), BW_ECONFIG);
+	assert_null(strstr(errors, SECRET));
+	assert_non_null(strstr(errors, "must hold one token without spaces"));
+	free(errors);
+
+	char cmd[PATH_MAX + 16];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	assert_int_equal(system(cmd), 0);
+}
+
 static void test_sample_config_is_valid(void **state)
 {
 	(void)state;
@@ -234,6 +562,11 @@ int main(void)
 		cmocka_unit_test(test_env_and_set_errors),
 		cmocka_unit_test(test_missing_file),
 		cmocka_unit_test(test_format_masks_secrets),
+		cmocka_unit_test(test_program_paths),
+		cmocka_unit_test(test_exposure_refused_and_warned),
+		cmocka_unit_test(test_format_masks_every_url_password),
+		cmocka_unit_test(test_errors_never_echo_a_secret),
+		cmocka_unit_test(test_secrets_from_files),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,4 +1,4 @@
-/* test_credentials.c: credential files: mode, owner, symlinks, content; the secret never in errors. */
+/* test_credentials.c: credential and secret files: mode, owner, symlinks, FIFOs, content; the secret never in errors. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,7 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "credentials.h"
@@ -74,6 +76,69 @@ static void test_credentials(void **state)
 	assert_null(strstr(err, "a\\u0000b"));
 }
 
+static void test_fifo_and_directory_refused_at_once(void **state)
+{
+	(void)state;
+	char err[512], path[PATH_MAX];
+	/* A FIFO under the credential's name: without O_NONBLOCK the open would wait forever
+	 * for a writer. The alarm turns such a hang into a failure. */
+	snprintf(path, sizeof(path), "%s/fifo.json", dir);
+	assert_int_equal(mkfifo(path, 0600), 0);
+	alarm(5);
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	assert_int_equal(load("fifo", err, sizeof(err)), BW_EPERM);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	alarm(0);
+	assert_true(t1.tv_sec - t0.tv_sec < 2);
+	assert_non_null(strstr(err, "not a regular file"));
+
+	snprintf(path, sizeof(path), "%s/adir.json", dir);
+	assert_int_equal(mkdir(path, 0700), 0);
+	assert_int_equal(load("adir", err, sizeof(err)), BW_EPERM);
+	assert_non_null(strstr(err, "not a regular file"));
+}
+
+static void test_read_file(void **state)
+{
+	(void)state;
+	char err[512], path[PATH_MAX];
+	char *text = NULL;
+	size_t len = 0;
+	put("secret", "pa:ss@w0rd\n", 0400);
+	snprintf(path, sizeof(path), "%s/secret.json", dir);
+	assert_int_equal(bw_credential_read_file(path, 64, &text, &len, err, sizeof(err)), 0);
+	assert_int_equal(len, 11);
+	assert_string_equal(text, "pa:ss@w0rd\n");
+	bw_credential_wipe(text, len);
+
+	text = NULL;
+	assert_int_equal(bw_credential_read_file(path, 10, &text, &len, err, sizeof(err)),
+			 BW_EINVAL);
+	assert_null(text);
+	assert_non_null(strstr(err, "too large"));
+	assert_null(strstr(err, "pa:ss"));
+
+	assert_int_equal(chmod(path, 0440), 0);
+	assert_int_equal(bw_credential_read_file(path, 64, &text, &len, err, sizeof(err)),
+			 BW_EPERM);
+	assert_non_null(strstr(err, "mode 0440"));
+	assert_null(strstr(err, "pa:ss"));
+
+	char link[PATH_MAX];
+	snprintf(link, sizeof(link), "%s/secret-link", dir);
+	assert_int_equal(chmod(path, 0600), 0);
+	assert_int_equal(symlink(path, link), 0);
+	assert_int_equal(bw_credential_read_file(link, 64, &text, &len, err, sizeof(err)),
+			 BW_EPERM);
+	assert_non_null(strstr(err, "symbolic link"));
+
+	snprintf(path, sizeof(path), "%s/nope", dir);
+	assert_int_equal(bw_credential_read_file(path, 64, &text, &len, err, sizeof(err)),
+			 BW_ENOENT);
+	bw_credential_wipe(NULL, 0);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -90,6 +155,9 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_credentials, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_fifo_and_directory_refused_at_once, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_read_file, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,145 @@
+/* test_child.c: children get a short explicit environment, never the worker's, and programs from the trusted path only. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "child.h"
+#include "../testutil.h"
+
+#define SECRET "t0ken-that-must-not-leak-4242"
+
+static char dir[64];
+
+/* Runs argv with env_add, its output into <dir>/out; returns the output (malloc'd). */
+static char *run(const char *const *argv, const char *const *env_add)
+{
+	char log[PATH_MAX], err[256];
+	snprintf(log, sizeof(log), "%s/out", dir);
+	unlink(log);
+	struct bw_spawn s = {argv, env_add, log, false};
+	int status = 0;
+	int rc = bw_run(&s, 10000, &status, err, sizeof(err));
+	if (rc != 0)
+		fprintf(stderr, "bw_run: %s: %s\n", bw_err_name(rc), err);
+	assert_int_equal(rc, 0);
+	FILE *f = fopen(log, "r");
+	assert_non_null(f);
+	char *text = calloc(1, 65536);
+	assert_non_null(text);
+	size_t n = fread(text, 1, 65535, f);
+	fclose(f);
+	text[n] = '\0';
+	return text;
+}
+
+static void test_child_environment_is_short_and_explicit(void **state)
+{
+	(void)state;
+	setenv("BW_SNA_TOKEN", SECRET, 1);
+	setenv("BW_AMQP_URL", "amqp://bw:" SECRET "@mq.example", 1);
+	setenv("LD_PRELOAD", "/nonexistent/evil.so", 1);
+	const char *argv[] = {"env", NULL}; /* a bare name: resolved in the trusted path */
+	const char *add[] = {"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432", NULL};
+	char *out = run(argv, add);
+	unsetenv("BW_SNA_TOKEN");
+	unsetenv("BW_AMQP_URL");
+	unsetenv("LD_PRELOAD");
+	assert_string_equal(out, "PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"
+				 "LC_ALL=C\n"
+				 "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432\n");
+	assert_null(strstr(out, SECRET));
+	free(out);
+
+	/* The child reads its own environment from the kernel, not through a libc. */
+	setenv("BW_SNA_TOKEN", SECRET, 1);
+	const char *sh[] = {"/bin/sh", "-c", "tr '\\0' '\\n' </proc/self/environ", NULL};
+	out = run(sh, NULL);
+	unsetenv("BW_SNA_TOKEN");
+	assert_null(strstr(out, SECRET));
+	assert_null(strstr(out, "BW_"));
+	assert_non_null(strstr(out, "LC_ALL=C\n"));
+	free(out);
+}
+
+static void test_added_variable_replaces_the_base_one(void **state)
+{
+	(void)state;
+	const char *argv[] = {"env", NULL};
+	const char *add[] = {"LC_ALL=C.UTF-8", NULL};
+	char *out = run(argv, add);
+	assert_string_equal(out, "PATH=/usr/sbin:/usr/bin:/sbin:/bin\nLC_ALL=C.UTF-8\n");
+	free(out);
+}
+
+static void test_programs_from_the_trusted_path_only(void **state)
+{
+	(void)state;
+	char path[PATH_MAX];
+	assert_int_equal(bw_child_find_program("env", path, sizeof(path)), 0);
+	assert_true(path[0] == '/');
+	assert_non_null(strstr(path, "/env"));
+	assert_int_equal(access(path, X_OK), 0);
+	assert_int_equal(bw_child_find_program("bin/env", path, sizeof(path)), BW_EINVAL);
+	assert_int_equal(bw_child_find_program("", path, sizeof(path)), BW_EINVAL);
+	assert_int_equal(bw_child_find_program("env", path, 4), BW_EINVAL);
+
+	/* A program only $PATH knows is not found, not even when $PATH names it first. */
+	char prog[PATH_MAX];
+	snprintf(prog, sizeof(prog), "%s/bw-test-only-in-path", dir);
+	FILE *f = fopen(prog, "w");
+	assert_non_null(f);
+	fputs("#!/bin/sh\nexit 0\n", f);
+	fclose(f);
+	assert_int_equal(chmod(prog, 0755), 0);
+	char *old = getenv("PATH") ? strdup(getenv("PATH")) : NULL;
+	setenv("PATH", dir, 1);
+	assert_int_equal(bw_child_find_program("bw-test-only-in-path", path, sizeof(path)),
+			 BW_ENOENT);
+	const char *argv[] = {"bw-test-only-in-path", NULL};
+	struct bw_spawn s = {argv, NULL, NULL, false};
+	pid_t pid;
+	char err[256];
+	assert_int_equal(bw_spawn(&s, &pid, NULL, err, sizeof(err)), BW_ENOENT);
+	assert_non_null(strstr(err, "not found in /usr/local/sbin:"));
+	if (old)
+		setenv("PATH", old, 1);
+	free(old);
+
+	/* An absolute path is used as is. */
+	const char *abs[] = {prog, NULL};
+	struct bw_spawn a = {abs, NULL, NULL, false};
+	int status;
+	assert_int_equal(bw_run(&a, 10000, &status, err, sizeof(err)), 0);
+	assert_int_equal(chmod(prog, 0644), 0);
+	assert_int_equal(bw_run(&a, 10000, &status, err, sizeof(err)), BW_EPERM);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	return bw_test_mkdir(dir, sizeof(dir), "child") ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	return bw_test_rmdir(dir);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_child_environment_is_short_and_explicit),
+		cmocka_unit_test(test_added_variable_replaces_the_base_one),
+		cmocka_unit_test(test_programs_from_the_trusted_path_only),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
