@@ -325,6 +325,8 @@ out:
 			amqp_destroy_connection(c->conn);
 		free(c);
 	}
+	if (url)
+		explicit_bzero(url, strlen(o->url)); /* it holds the broker's password */
 	free(url);
 	return rc;
 }

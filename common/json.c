@@ -2,6 +2,7 @@
 #include "json.h"
 #include "text.h"
 
+#include <json-c/printbuf.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -246,6 +247,10 @@ int bw_json_parse_strict(const char *buf, size_t len, struct json_object **out, 
 		o = json_tokener_parse_ex(tok, " ", 1);
 		err = json_tokener_get_error(tok);
 	}
+	/* the tokener's scratch buffer holds the last strings it read (a password, a key):
+	 * wiped before json-c frees it (its fields are deprecated to touch, not gone) */
+	if (tok->pb && tok->pb->buf && tok->pb->size > 0)
+		explicit_bzero(tok->pb->buf, (size_t)tok->pb->size);
 	json_tokener_free(tok);
 	if (o == NULL && err == json_tokener_success) {
 		/* a bare "null" */

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 /* Reads /proc/<pid>/stat; stores the state letter and the start time. */
@@ -77,4 +79,12 @@ bool bw_proc_same(pid_t pid, uint64_t start_time)
 	if (pid <= 0 || read_stat(pid, &state, &start) != 0)
 		return false;
 	return start == start_time && state != 'Z' && state != 'X';
+}
+
+int bw_proc_undumpable(void)
+{
+	const struct rlimit no_core = {0, 0};
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 || setrlimit(RLIMIT_CORE, &no_core) != 0)
+		return BW_ESYS;
+	return 0;
 }

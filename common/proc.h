@@ -22,4 +22,11 @@ int bw_proc_boot_id(char *out) BW_MUST_CHECK;
 /* True when pid is alive (not a zombie) and started at start_time: the same process. */
 bool bw_proc_same(pid_t pid, uint64_t start_time);
 
+/*
+ * Makes this process hold secrets safely, before it reads any: not dumpable (no core file;
+ * a process of the same user can neither ptrace it nor read its /proc/PID/mem or environ)
+ * and a core limit of 0 (which its children keep). Returns 0 or BW_ESYS (errno set).
+ */
+int bw_proc_undumpable(void) BW_MUST_CHECK;
+
 #endif

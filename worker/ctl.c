@@ -5,6 +5,7 @@
 #include "ledger_views.h"
 #include "log.h"
 #include "message.h"
+#include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -99,6 +100,10 @@ static int validate_file(const char *file, const struct bw_config *cfg, bool ver
 	struct bw_verdict *vd = NULL;
 	size_t max = cfg ? (size_t)cfg->job_max_message_bytes : BW_MESSAGE_MAX_BYTES_DEFAULT;
 	int status = EXIT_USAGE;
+	if (bw_proc_undumpable() != 0) { /* it reads the same config and its secrets */
+		fprintf(stderr, "bw-ctl: cannot make the process undumpable: %s\n", strerror(errno));
+		return EXIT_USAGE;
+	}
 
 	int rc = read_all(file, &body, &len);
 	if (rc != 0) {

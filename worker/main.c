@@ -11,8 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 /* --drain looks at the draining worker once a second: jobs end in seconds, not ms. */
@@ -112,14 +110,9 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	bw_log_init("bw-worker", BW_LOG_INFO, true);
-	/*
-	 * Before any secret is read (the config's password and token files, credentials): no
-	 * core file holds them, and a process of the same user can neither ptrace this one nor
-	 * read its /proc/PID/mem or environ. Children get dumpable back at exec; their core
-	 * limit stays 0.
-	 */
-	const struct rlimit no_core = {0, 0};
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 || setrlimit(RLIMIT_CORE, &no_core) != 0) {
+	/* before any secret is read (password and token files, credentials); children get
+	 * dumpable back at exec, their core limit stays 0 */
+	if (bw_proc_undumpable() != 0) {
 		bw_log_warn("cannot make the process undumpable");
 		return 2;
 	}
