@@ -47,10 +47,10 @@ int bw_target_path(const struct bw_target *t, char *out, size_t size)
 	return n < 0 || (size_t)n >= size ? BW_ERANGE : 0;
 }
 
-/* Opens (creating) directory name below dirfd, refusing a symlink. */
-static int subdir(int dirfd, const char *name, int *out, char *err, size_t errsize)
+/* Opens (with create: creating) directory name below dirfd, refusing a symlink. */
+static int subdir(int dirfd, const char *name, bool create, int *out, char *err, size_t errsize)
 {
-	if (mkdirat(dirfd, name, 0750) != 0 && errno != EEXIST) {
+	if (create && mkdirat(dirfd, name, 0750) != 0 && errno != EEXIST) {
 		snprintf(err, errsize, "mkdir %s: %s", name, strerror(errno));
 		return bw_err_from_errno(errno);
 	}
@@ -165,8 +165,8 @@ int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 		rc = bw_err_from_errno(errno);
 		goto out;
 	}
-	if ((rc = subdir(repo, t->vm_dir, &vm, err, errsize)) != 0 ||
-	    (rc = subdir(vm, key, &kd, err, errsize)) != 0)
+	if ((rc = subdir(repo, t->vm_dir, true, &vm, err, errsize)) != 0 ||
+	    (rc = subdir(vm, key, true, &kd, err, errsize)) != 0)
 		goto out;
 	fd = openat(kd, file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, t->mode);
 	if (fd < 0) {
@@ -185,6 +185,38 @@ int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 out:
 	if (fd >= 0)
 		close(fd);
+	if (kd >= 0)
+		close(kd);
+	if (vm >= 0)
+		close(vm);
+	if (repo >= 0)
+		close(repo);
+	return rc;
+}
+
+int bw_target_remove(const struct bw_target *t, char *err, size_t errsize)
+{
+	char key[24], file[160];
+	int repo = -1, vm = -1, kd = -1, rc = 0;
+	snprintf(key, sizeof(key), "%" PRId64, t->key);
+	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
+	repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (repo < 0) {
+		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
+		rc = errno == ENOENT ? 0 : bw_err_from_errno(errno);
+		goto out;
+	}
+	if ((rc = subdir(repo, t->vm_dir, false, &vm, err, errsize)) != 0 ||
+	    (rc = subdir(vm, key, false, &kd, err, errsize)) != 0) {
+		if (rc == BW_ENOENT)
+			rc = 0; /* nothing there: nothing to remove */
+		goto out;
+	}
+	if (unlinkat(kd, file, 0) != 0 && errno != ENOENT) {
+		snprintf(err, errsize, "unlink %s: %s", file, strerror(errno));
+		rc = bw_err_from_errno(errno);
+	}
+out:
 	if (kd >= 0)
 		close(kd);
 	if (vm >= 0)

@@ -50,6 +50,14 @@ int bw_target_path(const struct bw_target *t, char *out, size_t size) BW_MUST_CH
 int bw_target_create(const struct bw_target *t, char *err, size_t errsize) BW_MUST_CHECK;
 
 /*
+ * Removes the image of t (compensation), by its name relative to its disk directory opened
+ * beneath the repository one component at a time without following symlinks: a directory
+ * replaced by a symlink since the image was made is refused (BW_EPERM), never followed.
+ * Returns 0 also when there is nothing to remove; else a BW_E code with the reason in err.
+ */
+int bw_target_remove(const struct bw_target *t, char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
  * Why a parent's backing chain is refused: X(NAME, rule, code). rule is the violation
  * name of the host rule (README, "Violation names"), code what bw_target_check_chain
  * returns for it.

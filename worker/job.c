@@ -260,6 +260,7 @@ static void compensate(struct job *j)
 		return;
 
 	struct bw_cleanup_action a[ACTIONS_MAX];
+	char rm_error[BW_MESSAGE_MAX_DISKS][200]; /* why an image could not be removed */
 	size_t n = 0;
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
@@ -298,9 +299,11 @@ static void compensate(struct job *j)
 							    d->qcow2_path, true, NULL};
 			continue;
 		}
-		bool ok = unlink(d->qcow2_path) == 0 || access(d->qcow2_path, F_OK) != 0;
+		struct bw_target t = {j->repository, j->vm_dir, d->key, j->spec->job_id,
+				      d->size_bytes, d->parent_path, IMAGE_MODE};
+		bool ok = bw_target_remove(&t, rm_error[i], sizeof(rm_error[i])) == 0;
 		a[n++] = (struct bw_cleanup_action){BW_ACTION_QCOW2_REMOVED, d->key, 0, 0,
-						    d->qcow2_path, ok, ok ? NULL : "unlink failed"};
+						    d->qcow2_path, ok, ok ? NULL : rm_error[i]};
 		d->created = false;
 	}
 	char key_dir[PATH_MAX], key_err[300] = "";

@@ -141,6 +141,32 @@ static void test_symlink_out_of_repository_refused(void **state)
 	rmdir(outside);
 }
 
+/* Compensation removes an image through its directories, never through a symlink that
+ * replaced one of them since. */
+static void test_remove_never_follows_a_symlink(void **state)
+{
+	(void)state;
+	char err[512], path[PATH_MAX], vmdir[PATH_MAX], moved[PATH_MAX], outside[PATH_MAX];
+	struct bw_target t = target("bk-3", 2002, 1048576, NULL);
+	assert_int_equal(bw_target_create(&t, err, sizeof(err)), 0);
+	assert_int_equal(bw_target_path(&t, path, sizeof(path)), 0);
+	assert_int_equal(bw_target_remove(&t, err, sizeof(err)), 0);
+	assert_int_equal(access(path, F_OK), -1);
+	assert_int_equal(bw_target_remove(&t, err, sizeof(err)), 0); /* nothing left: done */
+
+	/* the VM's directory swapped for a symlink to a look-alike outside: refused, the
+	 * outside file stays */
+	assert_int_equal(bw_target_create(&t, err, sizeof(err)), 0);
+	snprintf(vmdir, sizeof(vmdir), "%s/%s", repo, t.vm_dir);
+	snprintf(moved, sizeof(moved), "%s-moved", repo);
+	snprintf(outside, sizeof(outside), "%s-moved/2002/bk-3.qcow2", repo);
+	assert_int_equal(rename(vmdir, moved), 0);
+	assert_int_equal(symlink(moved, vmdir), 0);
+	assert_int_equal(bw_target_remove(&t, err, sizeof(err)), BW_EPERM);
+	assert_int_equal(access(outside, F_OK), 0);
+	assert_int_equal(bw_test_sh("rm -rf '%s' '%s'", vmdir, moved), 0);
+}
+
 static void test_unusable_size_leaves_nothing(void **state)
 {
 	(void)state;
@@ -635,6 +661,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_symlink_out_of_repository_refused, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_unusable_size_leaves_nothing, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_remove_never_follows_a_symlink, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_qemu_accepts_the_images, setup,
 						teardown),
 		cmocka_unit_test(test_chain_rule_names),
