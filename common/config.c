@@ -866,14 +866,22 @@ static void check_exposure(struct loader *ld)
 			"auto or psk, or set nbd.allow_plaintext = true if you mean it",
 			cfg->nbd_bind_address, origin_of(ld, "nbd", "bind_address"));
 
-	if (strncmp(cfg->sna_url, "http://", 7) == 0 && !cfg->sna_allow_plaintext) {
+	if (strncmp(cfg->sna_url, "http://", 7) == 0) {
 		url_host(cfg->sna_url, host, sizeof(host));
-		if (!bw_config_host_is_loopback(host))
+		bool remote = !bw_config_host_is_loopback(host);
+		if (remote && !cfg->sna_allow_plaintext)
 			problem(ld, origin_of(ld, "sna", "url"), "sna", "url",
 				"http:// to the non-loopback host %s sends the vCenter password and "
 				"the NBD key in clear text; use https://, or set sna.allow_plaintext = "
 				"true if you mean it",
 				host);
+		else if (remote && bw_config_nbd_psk(cfg))
+			/* CONTRACT 3.1: the key goes only over https or to a loopback SNA */
+			problem(ld, origin_of(ld, "sna", "url"), "sna", "url",
+				"http:// to the non-loopback host %s cannot carry the NBD key of "
+				"nbd.tls (%s): sna.allow_plaintext covers the password, never the key; "
+				"use https://, or nbd.tls = off with nbd.allow_plaintext",
+				host, origin_of(ld, "nbd", "tls"));
 	}
 
 	bool tls = false, oom = false;

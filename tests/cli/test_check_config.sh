@@ -205,6 +205,9 @@ refused "http:// with a user part names the host only" \
 	"--set: sna.url: http:// to the non-loopback host 127.0.0.1.example $sna_why" \
 	"$tmp/sna-plain.conf" --set sna.url=http://127.0.0.1:x@127.0.0.1.example
 ok "http:// to a remote SNA, meant" "$tmp/sna-plain.conf" --set sna.allow_plaintext=true
+refused "http:// to a remote SNA, meant, but the NBD key would travel in it" \
+	"$tmp/sna-plain.conf:3: sna.url: http:// to the non-loopback host sna.example cannot carry the NBD key of nbd.tls (--set): sna.allow_plaintext covers the password, never the key; use https://, or nbd.tls = off with nbd.allow_plaintext" \
+	"$tmp/sna-plain.conf" --set sna.allow_plaintext=true --set nbd.tls=psk
 for url in https://sna.example:8443 https://10.0.0.9 http://127.0.0.1:8081 "http://[::1]:8081" \
 	http://localhost:8081 http://LOCALHOST/api http://127.0.0.2; do
 	ok "sna.url $url" "$tmp/sna-plain.conf" --set "sna.url=$url"
