@@ -439,7 +439,54 @@ def case_too_large(env, failures):
         failures.append("too_large: not in the DLQ whole")
 
 
-CASES = {"full_and_incremental": case_full_and_incremental, "rejected": case_rejected, "too_large": case_too_large,
+def case_tls_exports(env, failures):
+    """nbd.tls = psk: while the copy runs, a plain client and one with a wrong key are refused
+    by every export; the job completes with identical images; no key is left."""
+    if NBD_TLS != "psk":
+        print("     (tls_exports runs with BW_E2E_NBD_TLS=psk: see ctest e2e_psk)")
+        return
+    env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/tls", "seed": 5,
+                              "disks": {"2000": {"size": 16 * MiB}, "2001": {"size": 8 * MiB}}})
+    env.sim_post("/_sim/faults?job=e2e-tls-1", {"slow_bytes_per_s": 4 * MiB})
+    env.publish(vm_message("e2e-tls-1", "/DC/vm/tls", [{"key": 2000, "size_bytes": 16 * MiB},
+                                                       {"key": 2001, "size_bytes": 8 * MiB}]))
+    end, started = time.time() + 60, None
+    while time.time() < end and started is None:
+        env.drain_events(0.3)
+        started = next((e for e in env.job_events("e2e-tls-1") if e["event"] == "backup.started"), None)
+    if started is None:
+        failures.append("tls: never started")
+        return
+    wrong = os.path.join(env.tmp, "wrong.psk")
+    with open(wrong, "w") as f:
+        f.write("bw:" + "ab" * 32 + "\n")
+    for d in started["disks"]:
+        url = d["nbd_url"]
+        if not url.startswith("nbds://"):
+            failures.append(f"tls: disk {d['key']} served as {url}")
+            continue
+        host_port_export = url[len("nbds://"):]
+        probes = {"plain": "nbd://" + host_port_export,
+                  "wrong key": f"nbds://bw@{host_port_export}?tls-psk-file={wrong}"}
+        for what, probe in probes.items():
+            r = subprocess.run(["nbdinfo", "--size", probe], capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                failures.append(f"tls: a {what} client read disk {d['key']}: {r.stdout.strip()}")
+    if any(e["event"] == "backup.completed" for e in env.job_events("e2e-tls-1")):
+        failures.append("tls: the copy ended before the probes (they proved nothing)")
+    if env.wait_terminal("e2e-tls-1") != "completed":
+        failures.append(f"tls: not completed: {env.job_events('e2e-tls-1')[-1]}")
+        return
+    evs = check_events(env, "e2e-tls-1", failures)
+    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == "e2e-tls-1"]
+    done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
+    for key, d in snaps[0]["disks"].items():
+        if subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]]).returncode:
+            failures.append(f"tls: disk {key} differs from its snapshot")
+    failures += [f"tls: {x}" for x in leftovers(env)]
+
+
+CASES = {"full_and_incremental": case_full_and_incremental, "tls_exports": case_tls_exports, "rejected": case_rejected, "too_large": case_too_large,
          "faults": case_faults, "duplicate_and_ports": case_duplicate_and_ports}
 
 
