@@ -140,7 +140,7 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 			  " generation, attempt, seq, message, created_at, updated_at)"
 			  " VALUES (?1, 'claimed', ?2, ?3, ?4, 1, 1, 1, ?5, ?6, ?6)",
 	[BW__ST_DISK_INSERT] = "INSERT INTO job_disks (job_id, disk_key, export_name, qcow2_path, state)"
-			   " VALUES (?1, ?2, ?3, ?4, 'pending')",
+			   " VALUES (?1, ?2, ?3, ?4, 'pending')", /* BW_DISK_ROW_PENDING */
 	[BW__ST_HISTORY] = "INSERT INTO job_history (job_id, state, owner, generation, at)"
 		       " VALUES (?1, ?2, ?3, ?4, ?5)",
 	[BW__ST_OUTBOX_INSERT] = "INSERT INTO outbox (event_id, job_id, seq, routing_key, body, created_at)"
@@ -565,6 +565,18 @@ static const char *const state_names[] = {
 #undef BW__STATE_NAME
 };
 
+const char *bw_disk_row_state_name(enum bw_disk_row_state state)
+{
+	switch (state) {
+#define BW__DISK_ROW_NAME(name, text)                                                              \
+	case BW_DISK_ROW_##name:                                                                   \
+		return text;
+		BW_DISK_ROW_MAP(BW__DISK_ROW_NAME)
+#undef BW__DISK_ROW_NAME
+	}
+	return "pending";
+}
+
 const char *bw_job_state_name(enum bw_job_state state)
 {
 	if ((unsigned)state >= sizeof(state_names) / sizeof(state_names[0]))
@@ -964,7 +976,8 @@ static int update_disks(struct bw_ledger *l, const struct bw_fence *f,
 {
 	int rc = 0;
 	for (size_t i = 0; rc == 0 && i < n; i++) {
-		rc = run(l, BW__ST_DISK_UPDATE, "titiii", f->job_id, u[i].key, u[i].state,
+		rc = run(l, BW__ST_DISK_UPDATE, "titiii", f->job_id, u[i].key,
+			 bw_disk_row_state_name(u[i].state),
 			 (int64_t)u[i].nbd_pid, (int64_t)u[i].nbd_start_time,
 			 (int64_t)u[i].qcow2_created);
 		if (rc == 0 && sqlite3_changes(l->db) == 0)
@@ -1031,7 +1044,7 @@ int bw_ledger_disks_update(struct bw_ledger *l, const struct bw_fence *f,
 }
 
 int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
-			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
+			  enum bw_disk_row_state state, pid_t nbd_pid, uint64_t nbd_start_time,
 			  bool qcow2_created)
 {
 	struct bw_disk_update u = {key, state, nbd_pid, nbd_start_time, qcow2_created};

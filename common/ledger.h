@@ -57,6 +57,23 @@ int bw_job_state_parse(const char *name, enum bw_job_state *out) BW_MUST_CHECK;
  */
 bool bw_job_state_terminal(enum bw_job_state state);
 
+/* A disk row's state: pending (claimed) -> creating (its image being made) -> serving (its
+ * qemu-nbd recorded) -> completed (finished, reported). */
+#define BW_DISK_ROW_MAP(X)                                                                         \
+	X(PENDING, "pending")                                                                      \
+	X(CREATING, "creating")                                                                    \
+	X(SERVING, "serving")                                                                      \
+	X(COMPLETED, "completed")
+
+enum bw_disk_row_state {
+#define BW__DISK_ROW_ENUM(name, text) BW_DISK_ROW_##name,
+	BW_DISK_ROW_MAP(BW__DISK_ROW_ENUM)
+#undef BW__DISK_ROW_ENUM
+};
+
+/* Returns "pending", ... (static). */
+const char *bw_disk_row_state_name(enum bw_disk_row_state state);
+
 /* Identifies a write about a job: only the holder of the current generation may write. */
 struct bw_fence {
 	const char *job_id;
@@ -168,7 +185,7 @@ int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message
 /* A disk row of a job: its state text, its qemu-nbd (pid 0: none), its image created. */
 struct bw_disk_update {
 	int64_t key;
-	const char *state;
+	enum bw_disk_row_state state;
 	pid_t nbd_pid;
 	uint64_t nbd_start_time;
 	bool qcow2_created;
@@ -191,9 +208,9 @@ int bw_ledger_transition_disks(struct bw_ledger *l, const struct bw_fence *f,
 			       const struct bw_event *events, size_t n,
 			       const struct bw_disk_update *disks, size_t n_disks) BW_MUST_CHECK;
 
-/* Records a disk's qemu-nbd (pid 0: none) and the disk state text. Fenced. */
+/* Records a disk's qemu-nbd (pid 0: none) and its state. Fenced. */
 int bw_ledger_disk_update(struct bw_ledger *l, const struct bw_fence *f, int64_t key,
-			  const char *state, pid_t nbd_pid, uint64_t nbd_start_time,
+			  enum bw_disk_row_state state, pid_t nbd_pid, uint64_t nbd_start_time,
 			  bool qcow2_created) BW_MUST_CHECK;
 
 /* The same for several disks of the job in one transaction: all or nothing. */

@@ -339,7 +339,8 @@ static void try_reserve(struct job *j, int64_t now)
 	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
 	for (size_t i = 0; i < j->n_disks; i++) {
 		keys[i] = j->disks[i].key;
-		u[i] = (struct bw_disk_update){j->disks[i].key, "creating", 0, 0, true};
+		u[i] = (struct bw_disk_update){j->disks[i].key, BW_DISK_ROW_CREATING, 0, 0,
+						 true};
 	}
 	int rc = bw_ledger_reserve_and_move(w->ledger, &j->fence, keys, j->n_disks, ports,
 					    BW_JOB_RESERVED, u, j->n_disks);
@@ -436,7 +437,7 @@ static size_t server_rows(struct job *j, struct bw_disk_update *u)
 	for (size_t i = 0; i < j->n_disks; i++) {
 		struct job_disk *d = &j->disks[i];
 		if (d->spawned && !d->nbd.exited)
-			u[n++] = (struct bw_disk_update){d->key, "serving", d->nbd.pid,
+			u[n++] = (struct bw_disk_update){d->key, BW_DISK_ROW_SERVING, d->nbd.pid,
 							 d->nbd.start_time, true};
 	}
 	return n;
@@ -737,7 +738,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	d->fin = FIN_NONE;
 
 	/* the event and the disk's row in one transaction, then its port */
-	struct bw_disk_update u = {d->key, "completed", 0, 0, true};
+	struct bw_disk_update u = {d->key, BW_DISK_ROW_COMPLETED, 0, 0, true};
 	struct bw_disk_result res = disk_result(d);
 	struct batch b = BATCH(j);
 	b.disks = &u;

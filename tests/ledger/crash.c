@@ -196,7 +196,7 @@ static int fence_cmd(struct bw_ledger *l, const struct worker_spec *s,
 	case 'A':
 		return bw_ledger_release_all(l, &f, &released);
 	case 'D':
-		return bw_ledger_disk_update(l, &f, 2000, "zombie", 4242, 4242, true);
+		return bw_ledger_disk_update(l, &f, 2000, BW_DISK_ROW_COMPLETED, 4242, 4242, true);
 	case 'Q':
 		return bw_ledger_quarantine(l, &f, rep->ports[0][0], 60, &replacement);
 	case 'H':

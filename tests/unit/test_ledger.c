@@ -203,9 +203,9 @@ static void test_transition_seq_and_fence(void **state)
 	json_object_put(job);
 	assert_int_equal(bw_ledger_show_job(fx->l, "job-none", &job), BW_ENOENT);
 
-	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2000, "serving", 4242, 99, true), 0);
-	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2999, "serving", 1, 1, true), BW_ENOENT);
-	assert_int_equal(bw_ledger_disk_update(fx->l, &stale, 2000, "x", 0, 0, false), BW_EFENCED);
+	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2000, BW_DISK_ROW_SERVING, 4242, 99, true), 0);
+	assert_int_equal(bw_ledger_disk_update(fx->l, &f, 2999, BW_DISK_ROW_SERVING, 1, 1, true), BW_ENOENT);
+	assert_int_equal(bw_ledger_disk_update(fx->l, &stale, 2000, BW_DISK_ROW_COMPLETED, 0, 0, false), BW_EFENCED);
 
 	/* The state machine only moves forward, to failed, and from failed to compensated. */
 	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_CLAIMED, NULL, NULL, 0), BW_ESTATE);
@@ -301,7 +301,7 @@ static void test_reserve_and_move_is_one_transaction(void **state)
 	int64_t keys[3] = {2000, 2001, 2002};
 	struct bw_disk_update u[3];
 	for (int i = 0; i < 3; i++)
-		u[i] = (struct bw_disk_update){keys[i], "creating", 0, 0, true};
+		u[i] = (struct bw_disk_update){keys[i], BW_DISK_ROW_CREATING, 0, 0, true};
 	int pa[3], pb[3];
 
 	assert_int_equal(bw_ledger_reserve_and_move(fx->l, &a, keys, 3, pa, BW_JOB_RESERVED, u, 3), 0);
