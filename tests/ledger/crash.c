@@ -276,7 +276,7 @@ static void worker_child(const struct worker_spec *s, int cmd_r, int rep_w)
 }
 
 /* The reaper child: open, register, say ready, wait for the start, reap, report. */
-static void reaper_child(const char *dir, const char *worker_id, int go_r, int rep_w)
+static void reaper_child(const char *dir, const char *worker_id, int go_r, int hold_r, int rep_w)
 {
 	struct reap_report rep;
 	struct bw_ledger *l = NULL;
@@ -307,7 +307,12 @@ static void reaper_child(const char *dir, const char *worker_id, int go_r, int r
 	if (rc == 0 && n > MAX_JOBS * 2)
 		rep.rc = BW_ERANGE;
 	bw_reaped_free(jobs, n);
-	_exit(write_full(rep_w, &rep, sizeof(rep)) == 0 ? 0 : 1);
+	int code = write_full(rep_w, &rep, sizeof(rep)) == 0 ? 0 : 1;
+	/* Alive (its lock held) until both have reported: a reaper that exited early would be a
+	 * dead worker whose jobs the other one rightly takes over again. */
+	while (read(hold_r, &byte, 1) < 0 && errno == EINTR)
+		;
+	_exit(code);
 }
 
 /* Forks; in the child closes every other kid's pipes. Returns the pid (0 in the child). */
@@ -645,7 +650,7 @@ static void one_round(struct fixture *fx, int round, int *split)
 	struct worker_report rw;
 	struct reap_report rr[2];
 	struct kid *reapers[2];
-	int go[2], cmd[2], rep[2];
+	int go[2], hold[2], cmd[2], rep[2];
 
 	snprintf(dir, sizeof(dir), "%s/round-%d", fx->dir, round);
 	assert_int_equal(mkdir(dir, 0700), 0);
@@ -658,25 +663,30 @@ static void one_round(struct fixture *fx, int round, int *split)
 	kid_kill(spawn_worker(fx, &w, &rw));
 
 	assert_int_equal(pipe(go), 0);
+	assert_int_equal(pipe(hold), 0);
 	for (int r = 0; r < 2; r++) {
 		char id[16];
 		snprintf(id, sizeof(id), "P%d%c", round, 'a' + r);
 		reapers[r] = kid_new(fx);
 		if (fork_kid(fx, reapers[r], cmd, rep) == 0) {
 			close(go[1]);
-			reaper_child(dir, id, go[0], rep[1]);
+			close(hold[1]);
+			reaper_child(dir, id, go[0], hold[0], rep[1]);
 		}
 	}
 	close(go[0]);
+	close(hold[0]);
 	for (int r = 0; r < 2; r++) {
 		char byte = 0;
 		assert_int_equal(read_full(reapers[r]->rep_r, &byte, 1, IO_TIMEOUT_MS), 0);
 		assert_int_equal(byte, 'R');
 	}
 	close(go[1]); /* both start reaping now */
-	for (int r = 0; r < 2; r++) {
+	for (int r = 0; r < 2; r++)
 		assert_int_equal(read_full(reapers[r]->rep_r, &rr[r], sizeof(rr[r]), IO_TIMEOUT_MS),
 				 0);
+	close(hold[1]); /* both reported: now they may exit */
+	for (int r = 0; r < 2; r++) {
 		assert_int_equal(kid_wait(reapers[r]), 0);
 		if (rr[r].rc != 0)
 			fail_msg("round %d reaper %d: %s", round, r, bw_err_name(rr[r].rc));
