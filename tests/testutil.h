@@ -52,4 +52,27 @@ static inline int bw_test_rmdir(const char *dir)
 	return bw_test_sh("rm -rf '%s'", dir) == 0 ? 0 : -1;
 }
 
+#ifndef BW_TEST_NAME
+#define BW_TEST_NAME "c" /* bw_add_unit_test and bw_add_process_test give the target's name */
+#endif
+
+/*
+ * The scratch directory of a cmocka test program: bw_test_scratch_setup makes it
+ * (/tmp/bw-test-<BW_TEST_NAME>-XXXXXX), bw_test_scratch_teardown removes it and everything in
+ * it. Both are cmocka fixtures, for the group or for each test.
+ */
+static char bw_test_dir[64] __attribute__((unused));
+
+static inline int bw_test_scratch_setup(void **state)
+{
+	(void)state;
+	return bw_test_mkdir(bw_test_dir, sizeof(bw_test_dir), BW_TEST_NAME) ? 0 : -1;
+}
+
+static inline int bw_test_scratch_teardown(void **state)
+{
+	(void)state;
+	return bw_test_rmdir(bw_test_dir);
+}
+
 #endif
