@@ -1,4 +1,4 @@
-/* testutil.h: what the C tests and benchmarks share: a scratch directory, a shell command, a full write (test code only). */
+/* testutil.h: what the C tests and benchmarks share: scratch dirs, files, shell commands, full writes (test code only). */
 #ifndef BW_TESTUTIL_H
 #define BW_TESTUTIL_H
 
@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -37,6 +38,18 @@ static inline int bw_test_write_all(int fd, const void *buf, size_t len)
 		len -= (size_t)w;
 	}
 	return 0;
+}
+
+/* Writes text to path (created or emptied) and gives it mode; 0, or -1 on an error. */
+static inline int bw_test_write_file(const char *path, const char *text, mode_t mode)
+{
+	FILE *f = fopen(path, "w");
+	if (f == NULL)
+		return -1;
+	int rc = fputs(text, f) < 0 ? -1 : 0;
+	if (fclose(f) != 0)
+		rc = -1;
+	return rc == 0 ? chmod(path, mode) : rc;
 }
 
 /* Makes a new scratch directory /tmp/bw-test-<name>-XXXXXX into dir[size]; true on success. */

@@ -92,11 +92,7 @@ static void test_programs_from_the_trusted_path_only(void **state)
 	/* A program only $PATH knows is not found, not even when $PATH names it first. */
 	char prog[PATH_MAX];
 	snprintf(prog, sizeof(prog), "%s/bw-test-only-in-path", bw_test_dir);
-	FILE *f = fopen(prog, "w");
-	assert_non_null(f);
-	fputs("#!/bin/sh\nexit 0\n", f);
-	fclose(f);
-	assert_int_equal(chmod(prog, 0755), 0);
+	assert_int_equal(bw_test_write_file(prog, "#!/bin/sh\nexit 0\n", 0755), 0);
 	char *old = getenv("PATH") ? strdup(getenv("PATH")) : NULL;
 	setenv("PATH", bw_test_dir, 1);
 	assert_int_equal(bw_child_find_program("bw-test-only-in-path", path, sizeof(path)),

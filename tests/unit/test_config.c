@@ -15,15 +15,13 @@
 
 #include "child.h"
 #include "config.h"
+#include "../testutil.h"
 
 static char conf_path[] = "/tmp/bw-test-config-XXXXXX";
 
 static void write_conf(const char *text)
 {
-	FILE *f = fopen(conf_path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
+	assert_int_equal(bw_test_write_file(conf_path, text, 0600), 0); /* mkstemp's mode */
 }
 
 static int setup(void **state)
@@ -286,11 +284,7 @@ static void test_program_paths(void **state)
 	assert_non_null(mkdtemp(dir));
 	char prog[PATH_MAX];
 	snprintf(prog, sizeof(prog), "%s/bw-fake-qemu-nbd", dir);
-	FILE *f = fopen(prog, "w");
-	assert_non_null(f);
-	fputs("#!/bin/sh\n", f);
-	fclose(f);
-	assert_int_equal(chmod(prog, 0755), 0);
+	assert_int_equal(bw_test_write_file(prog, "#!/bin/sh\n", 0755), 0);
 	char *old = strdup(getenv("PATH") ? getenv("PATH") : "/usr/bin:/bin");
 	setenv("PATH", dir, 1);
 	char fake[] = "nbd.qemu_nbd=bw-fake-qemu-nbd";
@@ -422,11 +416,7 @@ static void test_errors_never_echo_a_secret(void **state)
 /* Writes text to path with mode; returns path. */
 static const char *put_file(const char *path, const char *text, mode_t mode)
 {
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
-	assert_int_equal(chmod(path, mode), 0);
+	assert_int_equal(bw_test_write_file(path, text, mode), 0);
 	return path;
 }
 

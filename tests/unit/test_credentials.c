@@ -20,11 +20,7 @@ static void put(const char *name, const char *text, mode_t mode)
 {
 	char path[PATH_MAX];
 	snprintf(path, sizeof(path), "%s/%s.json", bw_test_dir, name);
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
-	assert_int_equal(chmod(path, mode), 0);
+	assert_int_equal(bw_test_write_file(path, text, mode), 0);
 }
 
 static int load(const char *name, char *err, size_t size)

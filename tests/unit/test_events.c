@@ -19,10 +19,7 @@ static void save(const char *name, const char *body)
 {
 	char path[PATH_MAX];
 	snprintf(path, sizeof(path), "%s/%s.json", bw_test_dir, name);
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(body, f);
-	fclose(f);
+	assert_int_equal(bw_test_write_file(path, body, 0644), 0);
 }
 
 static const char *msg_incremental =
