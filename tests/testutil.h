@@ -1,4 +1,4 @@
-/* testutil.h: what the C tests and benchmarks share: scratch dirs, files, shell commands, full writes (test code only). */
+/* testutil.h: what the C tests and benchmarks share: scratch dirs, files, shell commands, full writes, reaped children (test code only). */
 #ifndef BW_TESTUTIL_H
 #define BW_TESTUTIL_H
 
@@ -22,6 +22,29 @@ static inline int bw_test_sh(const char *fmt, ...)
 	va_end(ap);
 	int rc = system(cmd);
 	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+/*
+ * Takes a child that waitpid reaped (pid, status) off pids[n]: its slot becomes 0. Returns
+ * the slot, or -1 when pid is none of them. A child that did not exit 0 is counted in *failed
+ * and reported on out: "<prefix>child N exited S" or "<prefix>child N killed by signal S".
+ */
+static inline int bw_test_child_reaped(pid_t *pids, int n, pid_t pid, int status, FILE *out,
+				       const char *prefix, int *failed)
+{
+	for (int i = 0; i < n; i++) {
+		if (pids[i] != pid)
+			continue;
+		pids[i] = 0;
+		if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+			(*failed)++;
+			fprintf(out, "%schild %d %s %d\n", prefix, i,
+				WIFEXITED(status) ? "exited" : "killed by signal",
+				WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+		}
+		return i;
+	}
+	return -1;
 }
 
 /* Writes all of buf to fd (retrying short writes and EINTR); 0, or -1 on an error. */
