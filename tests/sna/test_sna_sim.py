@@ -343,6 +343,15 @@ def sim_snapshots(env):
     return env.http("GET", "/_sim/snapshots")[1]["snapshots"]
 
 
+def compare_snapshot(env, jid, images, label, what="the image equals the snapshot"):
+    """One ok() a disk: images[key] (qcow2, its servers may still run) equals the job's snapshot
+    of the disk (raw); named "<label> disk <key>: <what>"."""
+    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid][0]["disks"]
+    for k in SIZES:
+        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", images[k], snap[str(k)]["path"])
+        ok(rc == 0, f"{label} disk {k}: {what}", out)
+
+
 def run(env):
     line = env.start_sim()
     ok(True, f"simulator started: {line}")
@@ -860,10 +869,7 @@ def tls_psk(env):
        f"{oct(fst.st_mode) if fst else None} {oct(dst.st_mode) if dst else None}")
     st, prog = env.wait_job(jid, "TLS full")
     ok(st == 200 and prog["status"] == "completed", "a full job over NBD TLS completed", str(prog))
-    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
-        ok(rc == 0, f"TLS full disk {k}: the image equals the snapshot (nbdcopy over TLS)", out)
+    compare_snapshot(env, jid, imgs, "TLS full", "the image equals the snapshot (nbdcopy over TLS)")
     jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
     ok(all(d["method"] == "nbdcopy" for d in jobs[jid]["disks"]), "TLS full: copied by nbdcopy")
 
@@ -876,10 +882,7 @@ def tls_psk(env):
     st, prog = env.wait_job(jid2, "TLS libnbd")
     ok(st == 200 and prog["status"] == "completed", "a job over NBD TLS completed through libnbd", str(prog))
     env.stop_servers(servers2, "TLS libnbd")
-    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid2][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs2[k], snap[str(k)]["path"])
-        ok(rc == 0, f"TLS libnbd disk {k}: the image equals the snapshot", out)
+    compare_snapshot(env, jid2, imgs2, "TLS libnbd")
     jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
     ok(all(d["method"] == "libnbd" for d in jobs[jid2]["disks"]), "TLS slowed: copied by libnbd")
 
@@ -1201,10 +1204,8 @@ def hostile(env):
     st, pg = env.wait_job(jid, "after progress_garbage_n")
     ok(st == 200 and pg["status"] == "completed", "progress_garbage_n: then the truth, and the job completed", str(pg))
     env.stop_servers(servers, "progress_garbage_n")
-    snap = [s for s in sim_snapshots(env) if s["job_id"] == jid][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
-        ok(rc == 0, f"progress_garbage_n disk {k}: the copy went on under the garbage (image equals snapshot)", out)
+    compare_snapshot(env, jid, imgs, "progress_garbage_n",
+                     "the copy went on under the garbage (image equals snapshot)")
     env.cleanup(jid)
 
     # lie_complete on real targets with a slow copy: the lie from the first reply, the copy still running
