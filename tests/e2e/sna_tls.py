@@ -26,6 +26,8 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
+sys.path.insert(0, os.path.join(e2e.ROOT, "tests", "sna"))
+import pki  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
 
 VM = "/DC/vm/tls"
@@ -34,30 +36,11 @@ TLS_ERROR = re.compile(r"(?i)\b(ssl|tls|certificate|handshake)\b|SSL_|alert")
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy")
 
 
-def openssl(*args):
-    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
-
-
 def make_pki(d):
-    """Two CAs; server certificates for localhost and for other.example and a client
-    certificate, all signed by ca (like tests/amqp/test_tls.sh)."""
-    os.makedirs(d)
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-e2e-{ca}",
-                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
-    for name, ext in (("localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-                      ("other", "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
-                "-out", f"{d}/{name}.csr")
-        with open(f"{d}/{name}.ext", "w") as fh:
-            fh.write(ext)
-        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
-    for f in os.listdir(d):
-        os.chmod(os.path.join(d, f), 0o600 if f.endswith(".key") else 0o644)
+    """ca and other-ca; server certificates for localhost and for other.example and a client
+    certificate, all signed by ca."""
+    pki.make_pki(d, [("localhost", "ca", pki.SERVER_EXT.format("localhost")),
+                     ("other", "ca", pki.SERVER_EXT.format("other.example")), ("client", "ca", pki.CLIENT_EXT)])
 
 
 class ProxyTrap(threading.Thread):

@@ -51,6 +51,8 @@ import urllib.parse
 
 import nbd
 
+import pki
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SIM = os.path.join(HERE, "sna_sim.py")
@@ -937,28 +939,11 @@ def tls_psk(env):
     env.stop_servers(servers, "TLS reset")
 
 
-def openssl(*args):
-    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
-
-
 def make_pki(d):
     """Under d: ca.pem/ca.key, server.pem/.key (localhost), client.pem/.key (signed by the CA),
-    other-ca.pem and rogue-client.pem/.key (signed by other-ca). Like tests/amqp/test_tls.sh."""
-    os.makedirs(d)
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-test-{ca}",
-                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
-    for name, ca, ext in (("server", "ca", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-                          ("client", "ca", "extendedKeyUsage=clientAuth\n"),
-                          ("rogue-client", "other-ca", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
-                "-out", f"{d}/{name}.csr")
-        with open(f"{d}/{name}.ext", "w") as fh:
-            fh.write(ext)
-        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/{ca}.pem", "-CAkey", f"{d}/{ca}.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
+    other-ca.pem and rogue-client.pem/.key (signed by other-ca)."""
+    pki.make_pki(d, [("server", "ca", pki.SERVER_EXT.format("localhost")), ("client", "ca", pki.CLIENT_EXT),
+                     ("rogue-client", "other-ca", pki.CLIENT_EXT)])
 
 
 def client_ctx(ca, cert=None):
