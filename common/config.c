@@ -137,34 +137,44 @@ struct loader {
 	bool oom;
 };
 
+/* Appends "ORIGIN: SECTION[.KEY]: KIND REASON" to list, the reason from fmt and ap. */
+static void note(struct bw_buf *list, const char *origin, const char *section, const char *key,
+		 const char *kind, const char *fmt, va_list ap) BW_PRINTF(6, 0);
+
+static void note(struct bw_buf *list, const char *origin, const char *section, const char *key,
+		 const char *kind, const char *fmt, va_list ap)
+{
+	char reason[512];
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	bw_buf_printf(list, "%s: %s%s%s: %s%s\n", origin, section, key ? "." : "", key ? key : "",
+		      kind, reason);
+}
+
+/* An error: the load fails. */
 static void problem(struct loader *ld, const char *origin, const char *section, const char *key,
 		    const char *fmt, ...) BW_PRINTF(5, 6);
 
 static void problem(struct loader *ld, const char *origin, const char *section, const char *key,
 		    const char *fmt, ...)
 {
-	char reason[512];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(reason, sizeof(reason), fmt, ap);
+	note(&ld->errors, origin, section, key, "", fmt, ap);
 	va_end(ap);
-	bw_buf_printf(&ld->errors, "%s: %s%s%s: %s\n", origin, section, key ? "." : "",
-		      key ? key : "", reason);
 	ld->nerrors++;
 }
 
+/* A warning: cfg->warnings says it, the load goes on. */
 static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
 		    const char *fmt, ...) BW_PRINTF(5, 6);
 
 static void warning(struct loader *ld, const char *origin, const char *section, const char *key,
 		    const char *fmt, ...)
 {
-	char reason[512];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(reason, sizeof(reason), fmt, ap);
+	note(&ld->warnings, origin, section, key, "warning: ", fmt, ap);
 	va_end(ap);
-	bw_buf_printf(&ld->warnings, "%s: %s.%s: warning: %s\n", origin, section, key, reason);
 }
 
 /* ---- URLs -------------------------------------------------------------------------------- */

@@ -14,12 +14,7 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-pass=0 fail=0
-check() {
-	local name=$1
-	shift
-	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
-}
+. "$root/scripts/lib.sh"
 
 # A CA, a server certificate for "localhost" only, and an unrelated CA.
 mkdir -p "$broker/tls" "$tmp/other"
@@ -79,5 +74,4 @@ check "no CA file, verification off connects ($out)" [ "$out" = connected ]
 out=$("$probe" "amqp://guest:guest@localhost:$TLS_PORT" "$broker/tls/ca.pem")
 check "plain AMQP to the TLS port refused ($out)" bash -c 'grep -q "^refused" <<<"$1"' _ "$out"
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+check_summary

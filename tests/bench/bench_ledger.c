@@ -678,19 +678,9 @@ static int reap_children(pid_t *pids, int n, double deadline_s)
 		int status;
 		pid_t pid = waitpid(-1, &status, WNOHANG);
 		if (pid > 0) {
-			for (int i = 0; i < n; i++) {
-				if (pids[i] != pid)
-					continue;
-				pids[i] = 0;
+			if (bw_test_child_reaped(pids, n, pid, status, stderr,
+						 "bench_ledger: ", &failed) >= 0)
 				left--;
-				if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-					fprintf(stderr, "bench_ledger: child %d %s %d\n", i,
-						WIFEXITED(status) ? "exited" : "killed by signal",
-						WIFEXITED(status) ? WEXITSTATUS(status)
-								  : WTERMSIG(status));
-					failed = 1;
-				}
-			}
 			continue;
 		}
 		if (pid < 0 && errno != EINTR)

@@ -127,30 +127,30 @@ static size_t gen_empty_disks(struct bw_buf *b, size_t bytes)
 	return n;
 }
 
-/* disks[] of distinct valid disks: one violation (max_items), and every key to compare. */
-static size_t gen_unique_disks(struct bw_buf *b, size_t bytes)
+/* disks[] of valid disks keyed 1, 2, 3... (same: every key 2000). */
+static size_t keyed_disks(struct bw_buf *b, size_t bytes, bool same)
 {
 	size_t n = 0;
 	bw_buf_puts(b, head);
 	bw_buf_puts(b, ",\"disks\":[");
 	for (; b->len + 48 < bytes && !b->failed; n++)
-		bw_buf_printf(b, "%s{\"key\":%zu,\"size_bytes\":512}", n ? "," : "", n + 1);
+		bw_buf_printf(b, "%s{\"key\":%zu,\"size_bytes\":512}", n ? "," : "",
+			      same ? (size_t)2000 : n + 1);
 	bw_buf_puts(b, "]");
 	pad_to(b, bytes);
 	return n;
 }
 
+/* disks[] of distinct valid disks: one violation (max_items), and every key to compare. */
+static size_t gen_unique_disks(struct bw_buf *b, size_t bytes)
+{
+	return keyed_disks(b, bytes, false);
+}
+
 /* disks[] whose keys all repeat the first: a "unique" violation per disk. */
 static size_t gen_same_key_disks(struct bw_buf *b, size_t bytes)
 {
-	size_t n = 0;
-	bw_buf_puts(b, head);
-	bw_buf_puts(b, ",\"disks\":[");
-	for (; b->len + 48 < bytes && !b->failed; n++)
-		bw_buf_printf(b, "%s{\"key\":2000,\"size_bytes\":512}", n ? "," : "");
-	bw_buf_puts(b, "]");
-	pad_to(b, bytes);
-	return n;
+	return keyed_disks(b, bytes, true);
 }
 
 static const struct bench_case cases[] = {

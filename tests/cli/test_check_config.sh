@@ -5,12 +5,7 @@ worker=$1
 root=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-pass=0 fail=0
-check() { # name, condition...
-	local name=$1
-	shift
-	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
-}
+. "$root/scripts/lib.sh"
 
 # ok NAME FILE [ARGS...]: accepted without a word; refused NAME EXPECTED FILE [ARGS...]: exit
 # non-zero with exactly EXPECTED; warned NAME EXPECTED FILE [ARGS...]: "configuration OK" on
@@ -259,5 +254,4 @@ refused "warnings come after the errors" \
 $tmp/amqps-noverify.conf:3: amqp.tls_verify_peer: warning: false: the broker's certificate is not verified, so anyone on the path can pose as the broker and read the password and every message" \
 	"$tmp/amqps-noverify.conf" --set nbd.port_max=100
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+check_summary

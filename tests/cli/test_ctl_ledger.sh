@@ -11,12 +11,7 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-pass=0 fail=0
-check() {
-	local name=$1
-	shift
-	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
-}
+. "$(dirname "$0")/../../scripts/lib.sh"
 py() { /usr/bin/python3 -c "$@"; }
 
 printf '[worker]\nstate_dir = %s\n' "$tmp" >"$tmp/bw.conf"
@@ -73,5 +68,4 @@ w = json.loads(sys.argv[1])
 assert len(w) == 1 and w[0]["alive"] is False, w
 ' "$out"
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+check_summary

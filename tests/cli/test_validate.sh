@@ -6,12 +6,7 @@ root=$2
 data=$root/tests/data/messages
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-pass=0 fail=0
-check() {
-	local name=$1
-	shift
-	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
-}
+. "$root/scripts/lib.sh"
 
 valid=$(ls "$data"/valid-*.json | head -1)
 invalid=$(ls "$data"/invalid-*.json | head -1)
@@ -91,5 +86,4 @@ $tmp/host2.json: credential_id: unknown_credential" ]
 "$ctl" --config "$tmp/missing.conf" validate "$valid" >/dev/null 2>&1
 check "unreadable config: exit 2" [ $? -eq 2 ]
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+check_summary

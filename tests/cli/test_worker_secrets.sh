@@ -14,12 +14,7 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-pass=0 fail=0
-check() { # name, condition...
-	local name=$1
-	shift
-	if "$@"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $name"; fi
-}
+. "$(dirname "$0")/../../scripts/lib.sh"
 if ! command -v setpriv >/dev/null || [ "$(id -u)" -ne 0 ]; then
 	echo "needs root and setpriv (util-linux): skipped"
 	exit 77
@@ -64,5 +59,4 @@ wait "$pid"
 pid=
 check "no secret in the log after the stop" bash -c "! grep -q '$secret' '$tmp/log'"
 [ $fail -eq 0 ] || cat "$tmp/log"
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+check_summary

@@ -43,8 +43,16 @@ def free_port():
 
 class Env:
     def __init__(self, worker, ctl):
+        self.make_dirs(worker, ctl, "bw-e2e-", "e2e-secret")
+        self.sim_port = free_port()
+        self.sim_url = f"http://127.0.0.1:{self.sim_port}"
+        self.spawn_sim()
+        self.connect()
+
+    def make_dirs(self, worker, ctl, prefix, password):
+        """A new tmp (mkdtemp with prefix): repo/, state/ and creds/ with vcenter-main.json (0600)."""
         self.worker, self.ctl = worker, ctl
-        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-")
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.repo = os.path.join(self.tmp, "repo")
         self.state = os.path.join(self.tmp, "state")
         self.creds = os.path.join(self.tmp, "creds")
@@ -52,34 +60,32 @@ class Env:
             os.makedirs(d)
         with open(os.path.join(self.creds, "vcenter-main.json"), "w") as f:
             json.dump({"vcenter_host": "vcenter.example", "username": "backup@vsphere.local",
-                       "password": "e2e-secret"}, f)
+                       "password": password}, f)
         os.chmod(os.path.join(self.creds, "vcenter-main.json"), 0o600)
-        self.sim_port = free_port()
-        self.sim_url = f"http://127.0.0.1:{self.sim_port}"
-        self.sim = subprocess.Popen(
-            ["/usr/bin/python3", os.path.join(ROOT, "tests", "sna", "sna_sim.py"), "--port",
-             str(self.sim_port), "--state", os.path.join(self.tmp, "sim")],
-            stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "sim.log"), "w"))
-        line = self.sim.stdout.readline().decode()
-        assert "listening" in line, line
-        self.workers = {}
+        self.sim, self.sim_ctx, self.workers, self.events = None, None, {}, []
+
+    def connect(self):
+        """The broker connection, and e2e.events bound to every event."""
         self.conn = pika.BlockingConnection(pika.URLParameters(URL))
         self.ch = self.conn.channel()
         self.ch.exchange_declare("backup.events", "topic", durable=True)
         self.ch.queue_declare("e2e.events", durable=True)
         self.ch.queue_bind("e2e.events", "backup.events", "#")
-        self.events = []
 
-    def restart_sim(self):
+    def spawn_sim(self, *args):
+        """The simulator on sim_port with more options args; its state in tmp/sim, so that a new
+        one after a dead one knows the old one's jobs. Returns its "listening" line."""
         self.sim = subprocess.Popen(
             ["/usr/bin/python3", os.path.join(ROOT, "tests", "sna", "sna_sim.py"), "--port",
-             str(self.sim_port), "--state", os.path.join(self.tmp, "sim")],
+             str(self.sim_port), "--state", os.path.join(self.tmp, "sim"), *args],
             stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "sim.log"), "a"))
         line = self.sim.stdout.readline().decode()
         assert "listening" in line, line
+        return line
 
-    def config(self, wid, extra=""):
+    def config(self, wid, extra="", sna_url=None, sna_lines=()):
         path = os.path.join(self.tmp, f"{wid}.conf")
+        sna = "\n".join(sna_lines)
         with open(path, "w") as f:
             f.write(f"""[amqp]
 url = {URL}
@@ -93,7 +99,7 @@ port_min = {PORT_MIN + PORT_SHIFT}
 port_max = {PORT_MAX + PORT_SHIFT}
 {"tls = " + NBD_TLS if NBD_TLS else ""}
 [sna]
-url = {self.sim_url}
+url = {sna_url or self.sim_url}
 poll_interval_s = 1
 max_attempts = 3
 backoff_base_ms = 100
@@ -101,6 +107,7 @@ backoff_cap_s = 1
 connect_timeout_s = 2
 timeout_s = 5
 lost_after = 3
+{sna}
 [credentials]
 dir = {self.creds}
 [log]
@@ -110,10 +117,10 @@ repo-001 = {self.repo}
 {extra}""")
         return path
 
-    def start_worker(self, wid, extra=""):
-        cfg = self.config(wid, extra)
+    def start_worker(self, wid, extra="", env=None, **config):
+        cfg = self.config(wid, extra, **config)
         log = open(os.path.join(self.tmp, f"{wid}.log"), "a")
-        self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log)
+        self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log, env=env)
         return self.workers[wid]
 
     def stop_workers(self):
@@ -131,13 +138,13 @@ repo-001 = {self.repo}
         return codes
 
     def sim_get(self, path):
-        with urllib.request.urlopen(self.sim_url + path, timeout=10) as r:
+        with urllib.request.urlopen(self.sim_url + path, timeout=10, context=self.sim_ctx) as r:
             return json.loads(r.read())
 
     def sim_post(self, path, body):
         req = urllib.request.Request(self.sim_url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=self.sim_ctx) as r:
             return json.loads(r.read() or b"{}")
 
     def publish(self, msg):
@@ -161,7 +168,11 @@ repo-001 = {self.repo}
             if m is None:
                 time.sleep(0.05)
                 continue
-            self.events.append(json.loads(b))
+            self.events.append(self.parse_event(b))
+
+    def parse_event(self, body):
+        """An event's body (bytes) as a dict; hostile.py puts in one that survives broken UTF-8."""
+        return json.loads(body)
 
     def wait_terminal(self, job_id, timeout=120, cleanup=False):
         end = time.time() + timeout
@@ -183,19 +194,27 @@ repo-001 = {self.repo}
                 out.append(e)
         return sorted(out, key=lambda e: e["seq"])
 
-    def close(self):
-        self.stop_workers()
-        if self.sim.poll() is None:
+    def stop_sim(self):
+        if self.sim is not None and self.sim.poll() is None:
             self.sim.send_signal(signal.SIGTERM)
             try:
                 self.sim.wait(20)
             except subprocess.TimeoutExpired:
                 self.sim.kill()
+                self.sim.wait()
+        if self.sim is not None and self.sim.stdout:
+            self.sim.stdout.close()
+        self.sim = None
+
+    def close(self, keep_tmp=False):
+        self.stop_workers()
+        self.stop_sim()
         try:
             self.conn.close()
         except Exception:
             pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def vm_message(job_id, vm_path, disks, name="db, \"prod\" / shard 1", backup_type="full", **extra):
@@ -329,7 +348,7 @@ def case_faults(env, failures):
         env.publish(vm_message(job_id, "/DC/vm/f", disks, **extra))
         env.wait_terminal(job_id, timeout=120, cleanup=True)
         if env.sim.poll() is not None:  # it died on purpose: a new one, same state dir
-            env.restart_sim()
+            env.spawn_sim()
         env.sim_post("/_sim/faults", {})
         evs = check_events(env, job_id, failures)
         failed = [e for e in evs if e["event"] == "backup.failed"]
@@ -391,6 +410,17 @@ def case_duplicate_and_ports(env, failures):
     failures += [f"ports: {x}" for x in leftovers(env)]
 
 
+def dlq_get(env):
+    """The next message of backup.start.dlq as (method, properties, body), waiting up to 5 s;
+    (None, None, None) when none came."""
+    for _ in range(50):
+        m, p, b = env.ch.basic_get("backup.start.dlq", auto_ack=True)
+        if m:
+            return m, p, b
+        time.sleep(0.1)
+    return None, None, None
+
+
 def case_rejected(env, failures):
     env.ch.basic_publish("backup.jobs", "backup.start", b"{not json",
                          pika.BasicProperties(delivery_mode=2))
@@ -404,12 +434,7 @@ def case_rejected(env, failures):
         failures.append(f"rejected: {rej}")
     for e in rej:
         failures += [f"rejected: {x}" for x in schemas.check("backup.rejected", e)]
-    m = None
-    for _ in range(50):
-        m, p, b = env.ch.basic_get("backup.start.dlq", auto_ack=True)
-        if m:
-            break
-        time.sleep(0.1)
+    m, p, b = dlq_get(env)
     if m is None or b != b"{not json" or "x-death" not in (p.headers or {}):
         failures.append("rejected: not in the DLQ with x-death")
 
@@ -429,12 +454,7 @@ def case_too_large(env, failures):
         failures.append(f"too_large: {rej} (want id rejected/{h:016x})")
     else:
         print("too_large event:", rej[0]["event_id"], rej[0]["errors"])
-    m = None
-    for _ in range(50):
-        m, p, b = env.ch.basic_get("backup.start.dlq", auto_ack=True)
-        if m:
-            break
-        time.sleep(0.1)
+    m, p, b = dlq_get(env)
     if m is None or b != body:
         failures.append("too_large: not in the DLQ whole")
 
@@ -507,44 +527,70 @@ def run_case(env, name, case, after=None):
     return not failures
 
 
-def main():
-    worker, ctl = sys.argv[1], sys.argv[2]
-    names = sys.argv[3:] or list(CASES)
-    env = Env(worker, ctl)
-    passed = failed = 0
-    try:
-        env.start_worker("w1")
-        env.start_worker("w2")
+def run_suite(env, cases, names, results, workers=("w1", "w2"), wrap=None):
+    """The body of a suite's main: starts workers (none: each case starts its own), runs the
+    named cases with run_case (each case through wrap(case), if given), then wants every worker
+    to exit 0 on SIGTERM and nothing left behind. Records {name: passed} in results, with
+    "shutdown" (when there were workers) and "leftovers" (when there were some)."""
+    for wid in workers:
+        env.start_worker(wid)
+    if workers:
         env.wait_queue()
-        for name in names:
-            if run_case(env, name, CASES[name]):
-                passed += 1
-            else:
-                failed += 1
+    for name in names:
+        results[name] = run_case(env, name, wrap(cases[name]) if wrap else cases[name])
+    if workers:
         codes = env.stop_workers()
-        if any(c != 0 for c in codes.values()):
-            failed += 1
+        results["shutdown"] = all(c == 0 for c in codes.values())
+        if results["shutdown"]:
+            print(f"ok   shutdown: {len(codes)} workers exited 0 on SIGTERM")
+        else:
             print(f"FAIL shutdown: exit codes {codes}")
-        else:
-            passed += 1
-            print("ok   shutdown: both workers exited 0 on SIGTERM")
-        left = leftovers(env)
-        if left:
-            failed += 1
-            print(f"FAIL leftovers: {left}")
-    finally:
-        if failed and os.environ.get("BW_E2E_KEEP"):
-            print(f"kept {env.tmp}")
-        else:
-            for wid in ("w1", "w2"):
-                log = os.path.join(env.tmp, f"{wid}.log")
-                if failed and os.path.exists(log):
-                    print(f"--- {wid}.log (tail)")
-                    print("".join(open(log).readlines()[-40:]))
-        env.close()
-    print(f"{passed} passed, {failed} failed")
+    left = leftovers(env)
+    if left:
+        results["leftovers"] = False
+        print(f"FAIL leftovers: {left}")
+
+
+def finish(env, failed, lines, logs=None):
+    """Ends a suite: when it failed, keeps env.tmp (BW_E2E_KEEP set) or prints the last lines
+    of each worker log (logs: their names; every *.log in env.tmp but sim.log when None). Then
+    closes env."""
+    keep = bool(failed and os.environ.get("BW_E2E_KEEP"))
+    if keep:
+        print(f"kept {env.tmp}")
+    elif failed:
+        for name in logs or sorted(f for f in os.listdir(env.tmp) if f.endswith(".log") and f != "sim.log"):
+            path = os.path.join(env.tmp, name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as fh:
+                    print(f"--- {name} (tail)\n" + "".join(fh.readlines()[-lines:]))
+    env.close(keep_tmp=keep)
+
+
+def summary(results, t0=None):
+    """Prints how many passed and failed (and the time since t0); returns the exit code."""
+    failed = list(results.values()).count(False)
+    took = f" ({time.time() - t0:.0f} s)" if t0 is not None else ""
+    print(f"{len(results) - failed} passed, {failed} failed{took}")
     return 1 if failed else 0
 
 
+def suite_main(make_env, cases, lines, logs=None, workers=("w1", "w2"), notes=None):
+    """A suite's main: argv is BW_WORKER BW_CTL [CASE...]; runs the cases (all when none is
+    named) in make_env(worker, ctl) with run_suite, then notes(results), if given, then
+    finish(env, failed, lines, logs). Returns the exit code."""
+    worker, ctl = sys.argv[1], sys.argv[2]
+    names = sys.argv[3:] or list(cases)
+    env = make_env(worker, ctl)
+    results = {}
+    try:
+        run_suite(env, cases, names, results, workers)
+        if notes:
+            notes(results)
+    finally:
+        finish(env, False in results.values(), lines, logs)
+    return summary(results)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(suite_main(Env, CASES, 40, ["w1.log", "w2.log"]))

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
-from e2e import Env, MiB, check_events, images, leftovers, run_case, vm_message  # noqa: E402
+from e2e import Env, MiB, check_events, images, leftovers, run_suite, summary, vm_message  # noqa: E402
 
 # not e2e.py's (22300-) nor recovery.py's (22320-) ports: ctest may run them at once. 48 ports:
 # 16 jobs of 2 disks at once (2 workers x 8 jobs).
@@ -113,20 +113,14 @@ def tolerant_drain(env):
     character): it is kept, decoded with replacement characters, and named in env.bad_utf8."""
     env.bad_utf8 = []
 
-    def drain(timeout=1.0):
-        end = time.time() + timeout
-        while time.time() < end:
-            m, p, b = env.ch.basic_get("e2e.events", auto_ack=True)
-            if m is None:
-                time.sleep(0.05)
-                continue
-            try:
-                env.events.append(json.loads(b))
-            except UnicodeDecodeError:
-                e = json.loads(b.decode("utf-8", "replace"))
-                env.bad_utf8.append(e.get("event_id"))
-                env.events.append(e)
-    env.drain_events = drain
+    def parse(body):
+        try:
+            return json.loads(body)
+        except UnicodeDecodeError:
+            e = json.loads(body.decode("utf-8", "replace"))
+            env.bad_utf8.append(e.get("event_id"))
+            return e
+    env.parse_event = parse
 
 
 def kill_left_servers(env):
@@ -406,31 +400,14 @@ def main():
     env = Env(worker, ctl)
     tolerant_drain(env)
     logs = Logs(env)
-    passed = failed = 0
+    results = {}
     t0 = time.time()
     try:
         env.sim_post("/_sim/vm", {"vm_path": VM, "seed": 13,
                                   "disks": {str(d["key"]): {"size": d["size_bytes"]} for d in DISKS}})
-        env.start_worker("w1")
-        env.start_worker("w2")
-        env.wait_queue()
-        for name in names:
-            if run_case(env, name, hostile_case(CASES[name], logs)):
-                passed += 1
-            else:
-                failed += 1
-        codes = env.stop_workers()
-        if any(c != 0 for c in codes.values()):
-            failed += 1
-            print(f"FAIL shutdown: exit codes {codes}")
-        else:
-            passed += 1
-            print("ok   shutdown: both workers exited 0 on SIGTERM")
-        left = leftovers(env)
-        if left:
-            failed += 1
-            print(f"FAIL leftovers: {left}")
+        run_suite(env, CASES, names, results, wrap=lambda case: hostile_case(case, logs))
     finally:
+        failed = False in results.values()
         if failed and os.environ.get("BW_E2E_KEEP"):
             kept = tempfile.mkdtemp(prefix="bw-hostile-kept-")
             for f in ("w1.log", "w2.log", "sim.log"):
@@ -447,8 +424,7 @@ def main():
                     print("\n".join(short(x, 300) for x in tail))
         kill_left_servers(env)
         env.close()
-    print(f"{passed} passed, {failed} failed ({time.time() - t0:.0f} s)")
-    return 1 if failed else 0
+    return summary(results, t0)
 
 
 if __name__ == "__main__":

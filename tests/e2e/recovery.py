@@ -364,30 +364,19 @@ def main():
     env = Recovery(worker, ctl)
     env.sim_post("/_sim/vm", {"vm_path": VM, "seed": 9,
                               "disks": {str(k): {"size": 4 * MiB} for k in KEYS}})
-    passed = failed = 0
+    results = {}
+
+    def stop_all():
+        for wid in list(env.workers):
+            env.stop(wid)
     try:
         for name in names:
-            def stop_all():
-                for wid in list(env.workers):
-                    env.stop(wid)
-            if e2e.run_case(env, name, CASES[name], stop_all):
-                passed += 1
-            else:
-                failed += 1
+            results[name] = e2e.run_case(env, name, CASES[name], stop_all)
     finally:
-        if failed:
-            for log in sorted(os.listdir(env.tmp)):
-                if log.endswith(".log") and log != "sim.log":
-                    print(f"--- {log} (tail)")
-                    print("".join(open(os.path.join(env.tmp, log)).readlines()[-25:]))
         # what a failed case left running is the test's to end
         subprocess.run(["pkill", "-KILL", "-f", f"qemu-nbd .*{env.repo}/"])
-        if failed and os.environ.get("BW_E2E_KEEP"):
-            print(f"kept {env.tmp}")
-            env.tmp = "/nonexistent"
-        env.close()
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+        e2e.finish(env, False in results.values(), 25)
+    return e2e.summary(results)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,9 @@ the only outside observable of PR_SET_DUMPABLE 0 is that the kernel makes /proc/
 import json
 import os
 import pwd
-import re
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -34,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
 
-SIM = os.path.join(e2e.ROOT, "tests", "sna", "sna_sim.py")
 VM = "/DC/vm/secrets"
 SIZES = {2000: 16 * MiB, 2001: 8 * MiB}
 RATE = 4 * MiB  # slow_bytes_per_s: a ~4 s transfer to sample
@@ -97,21 +92,10 @@ def hits(data, needles):
 
 class Env(e2e.Env):
     def __init__(self, worker, ctl):
-        import pika
-        self.worker, self.ctl = worker, ctl
-        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-sec-")
-        os.chmod(self.tmp, 0o755)
-        self.repo = os.path.join(self.tmp, "repo")
-        self.state = os.path.join(self.tmp, "state")
-        self.creds = os.path.join(self.tmp, "creds")
-        for d in (self.repo, self.state, self.creds):
-            os.makedirs(d)
         self.password = "bwPW-" + os.urandom(10).hex()
         self.token = "bwTOK-" + os.urandom(10).hex()
-        with open(os.path.join(self.creds, "vcenter-main.json"), "w") as f:
-            json.dump({"vcenter_host": "vcenter.example", "username": "backup@vsphere.local",
-                       "password": self.password}, f)
-        os.chmod(os.path.join(self.creds, "vcenter-main.json"), 0o600)
+        self.make_dirs(worker, ctl, "bw-e2e-sec-", self.password)
+        os.chmod(self.tmp, 0o755)
         self.token_file = os.path.join(self.tmp, "sna.token")
         with open(self.token_file, "w") as f:
             f.write(self.token + "\n")
@@ -124,18 +108,8 @@ class Env(e2e.Env):
                     os.chown(x, self.user.pw_uid, self.user.pw_gid)
         self.sim_port = e2e.free_port()
         self.sim_url = f"http://127.0.0.1:{self.sim_port}"
-        self.sim = subprocess.Popen(["/usr/bin/python3", SIM, "--port", str(self.sim_port), "--state",
-                                     os.path.join(self.tmp, "sim"), "--test-reveal-secrets"],
-                                    stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "sim.log"), "w"))
-        line = self.sim.stdout.readline().decode()
-        assert "listening" in line, line
-        self.workers = {}
-        self.conn = pika.BlockingConnection(pika.URLParameters(e2e.URL))
-        self.ch = self.conn.channel()
-        self.ch.exchange_declare("backup.events", "topic", durable=True)
-        self.ch.queue_declare("e2e.events", durable=True)
-        self.ch.queue_bind("e2e.events", "backup.events", "#")
-        self.events = []
+        self.spawn_sim("--test-reveal-secrets")
+        self.connect()
 
     def config(self, wid, extra=""):
         return super().config(wid, extra) if wid == "ctl" else self.worker_config(wid)
@@ -318,17 +292,8 @@ def main():
         print(f"{'FAIL' if failures else 'ok  '} secrets ({time.time() - t0:.1f} s)")
         for f in failures:
             print(f"     {f}")
-        if failures and os.environ.get("BW_E2E_KEEP"):
-            print(f"kept {env.tmp}")
-        elif failures:
-            print("--- w1.log (tail)\n" + "".join(open(os.path.join(env.tmp, "w1.log"), errors="replace").readlines()[-15:]))
-        if not (failures and os.environ.get("BW_E2E_KEEP")):
-            env.close()
-        else:
-            env.tmp, keep = tempfile.mkdtemp(), env.tmp  # close() removes env.tmp: keep the real one
-            env.close()
-    print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
-    return 1 if failures else 0
+        e2e.finish(env, bool(failures), 15, ["w1.log"])
+    return e2e.summary({"secrets": not failures})
 
 
 if __name__ == "__main__":

@@ -18,52 +18,29 @@ checks that /_sim/requests holds nothing of its job.
 """
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-import json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
+sys.path.insert(0, os.path.join(e2e.ROOT, "tests", "sna"))
+import pki  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
 
-ROOT = e2e.ROOT
-SIM = os.path.join(ROOT, "tests", "sna", "sna_sim.py")
 VM = "/DC/vm/tls"
 SIZES = {2000: 8 * MiB, 2001: 4 * MiB}
 TLS_ERROR = re.compile(r"(?i)\b(ssl|tls|certificate|handshake)\b|SSL_|alert")
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy")
 
 
-def openssl(*args):
-    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
-
-
 def make_pki(d):
-    """Two CAs; server certificates for localhost and for other.example and a client
-    certificate, all signed by ca (like tests/amqp/test_tls.sh)."""
-    os.makedirs(d)
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-e2e-{ca}",
-                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
-    for name, ext in (("localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-                      ("other", "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
-                "-out", f"{d}/{name}.csr")
-        with open(f"{d}/{name}.ext", "w") as fh:
-            fh.write(ext)
-        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
-    for f in os.listdir(d):
-        os.chmod(os.path.join(d, f), 0o600 if f.endswith(".key") else 0o644)
+    """ca and other-ca; server certificates for localhost and for other.example and a client
+    certificate, all signed by ca."""
+    pki.make_pki(d, [("localhost", "ca", pki.SERVER_EXT.format("localhost")),
+                     ("other", "ca", pki.SERVER_EXT.format("other.example")), ("client", "ca", pki.CLIENT_EXT)])
 
 
 class ProxyTrap(threading.Thread):
@@ -102,46 +79,24 @@ class Env(e2e.Env):
     """e2e.Env with a simulator that serves https and is restarted per case."""
 
     def __init__(self, worker, ctl):
-        import pika
-        self.worker, self.ctl = worker, ctl
-        self.tmp = tempfile.mkdtemp(prefix="bw-e2e-tls-")
-        self.repo = os.path.join(self.tmp, "repo")
-        self.state = os.path.join(self.tmp, "state")
-        self.creds = os.path.join(self.tmp, "creds")
-        for d in (self.repo, self.state, self.creds):
-            os.makedirs(d)
-        with open(os.path.join(self.creds, "vcenter-main.json"), "w") as f:
-            json.dump({"vcenter_host": "vcenter.example", "username": "backup@vsphere.local",
-                       "password": "e2e-secret"}, f)
-        os.chmod(os.path.join(self.creds, "vcenter-main.json"), 0o600)
+        self.make_dirs(worker, ctl, "bw-e2e-tls-", "e2e-secret")
         self.pki = os.path.join(self.tmp, "pki")
         make_pki(self.pki)
-        self.sim = None
         self.sim_port = None
         self.sim_url = "http://127.0.0.1:1"
-        self.sim_ctx = None
-        self.workers = {}
-        self.conn = pika.BlockingConnection(pika.URLParameters(e2e.URL))
-        self.ch = self.conn.channel()
-        self.ch.exchange_declare("backup.events", "topic", durable=True)
-        self.ch.queue_declare("e2e.events", durable=True)
-        self.ch.queue_bind("e2e.events", "backup.events", "#")
-        self.events = []
+        self.connect()
 
-    # ---------------------------------------------------------------- the simulator
     def start_sim(self, cert=None, client_ca=None):
         """A simulator on a new port: https with pki/<cert>.pem (and a client certificate
         required with client_ca), or plain http when cert is None. Creates the VM."""
         self.stop_sim()
         self.sim_port = e2e.free_port()
-        args = ["/usr/bin/python3", SIM, "--port", str(self.sim_port), "--state", os.path.join(self.tmp, "sim")]
+        args = []
         if cert:
             args += ["--tls-cert", f"{self.pki}/{cert}.pem", "--tls-key", f"{self.pki}/{cert}.key"]
         if client_ca:
             args += ["--tls-client-ca", f"{self.pki}/{client_ca}.pem"]
-        self.sim = subprocess.Popen(args, stdout=subprocess.PIPE,
-                                    stderr=open(os.path.join(self.tmp, "sim.log"), "a"))
-        line = self.sim.stdout.readline().decode()
+        line = self.spawn_sim(*args)
         want = f"listening on {'https://' if cert else ''}127.0.0.1:{self.sim_port}"
         assert want in line, f"simulator: {line!r}"
         if cert:
@@ -154,83 +109,6 @@ class Env(e2e.Env):
             self.sim_url = f"http://127.0.0.1:{self.sim_port}"
         self.sim_post("/_sim/vm", {"vm_path": VM, "seed": 9, "replace": True,
                                    "disks": {str(k): {"size": s} for k, s in SIZES.items()}})
-
-    def stop_sim(self):
-        if self.sim is not None and self.sim.poll() is None:
-            self.sim.send_signal(signal.SIGTERM)
-            try:
-                self.sim.wait(20)
-            except subprocess.TimeoutExpired:
-                self.sim.kill()
-                self.sim.wait()
-        if self.sim is not None and self.sim.stdout:
-            self.sim.stdout.close()
-        self.sim = None
-
-    def urlopen(self, req):
-        import urllib.request
-        return urllib.request.urlopen(req, timeout=30, context=self.sim_ctx)
-
-    def sim_get(self, path):
-        with self.urlopen(self.sim_url + path) as r:
-            return json.loads(r.read())
-
-    def sim_post(self, path, body):
-        import urllib.request
-        req = urllib.request.Request(self.sim_url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with self.urlopen(req) as r:
-            return json.loads(r.read() or b"{}")
-
-    # ---------------------------------------------------------------- the worker
-    def config(self, wid, extra="", sna_url=None, sna_lines=()):
-        path = os.path.join(self.tmp, f"{wid}.conf")
-        sna = "\n".join(sna_lines)
-        with open(path, "w") as f:
-            f.write(f"""[amqp]
-url = {e2e.URL}
-heartbeat_s = 10
-[worker]
-id = {wid}
-max_jobs = 2
-state_dir = {self.state}
-[nbd]
-port_min = {e2e.PORT_MIN}
-port_max = {e2e.PORT_MAX}
-[sna]
-url = {sna_url or self.sim_url}
-poll_interval_s = 1
-max_attempts = 3
-backoff_base_ms = 100
-backoff_cap_s = 1
-connect_timeout_s = 2
-timeout_s = 5
-lost_after = 3
-{sna}
-[credentials]
-dir = {self.creds}
-[log]
-level = debug
-[repositories]
-repo-001 = {self.repo}
-{extra}""")
-        return path
-
-    def start_worker(self, wid, sna_url=None, sna_lines=(), env=None):
-        cfg = self.config(wid, sna_url=sna_url, sna_lines=sna_lines)
-        log = open(os.path.join(self.tmp, f"{wid}.log"), "a")
-        self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log, env=env)
-        return self.workers[wid]
-
-    def close(self):
-        self.stop_workers()
-        self.stop_sim()
-        try:
-            self.conn.close()
-        except Exception:
-            pass
-        import shutil
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_job(env, failures, job_id, want, sna_url=None, sna_lines=(), worker_env=None):
@@ -343,39 +221,12 @@ CASES = {"right_ca": case_right_ca, "wrong_ca": case_wrong_ca, "wrong_name": cas
          "no_client_cert": case_no_client_cert, "proxy_ignored": case_proxy_ignored}
 
 
-def main():
-    worker, ctl = sys.argv[1], sys.argv[2]
-    names = sys.argv[3:] or list(CASES)
-    env = Env(worker, ctl)
-    passed = failed = 0
-    results = {}
-    try:
-        for name in names:
-            results[name] = e2e.run_case(env, name, CASES[name])
-            if results[name]:
-                passed += 1
-            else:
-                failed += 1
-        if results.get("right_ca") is False and any(results.get(n) for n in ("wrong_ca", "wrong_name", "wrong_name_ip")):
-            print("note: right_ca failed, so the refusals above prove nothing about sna.tls_ca_file")
-        if results.get("client_cert") is False and results.get("no_client_cert"):
-            print("note: client_cert failed, so no_client_cert proves nothing about sna.tls_cert_file")
-        left = leftovers(env)
-        if left:
-            failed += 1
-            print(f"FAIL leftovers: {left}")
-    finally:
-        if failed and os.environ.get("BW_E2E_KEEP"):
-            print(f"kept {env.tmp}")
-        elif failed:
-            for f in sorted(os.listdir(env.tmp)):
-                if f.endswith(".log") and f.startswith("w-"):
-                    lines = open(os.path.join(env.tmp, f), errors="replace").readlines()
-                    print(f"--- {f} (tail)\n" + "".join(lines[-12:]))
-        env.close()
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+def notes(results):
+    if results.get("right_ca") is False and any(results.get(n) for n in ("wrong_ca", "wrong_name", "wrong_name_ip")):
+        print("note: right_ca failed, so the refusals above prove nothing about sna.tls_ca_file")
+    if results.get("client_cert") is False and results.get("no_client_cert"):
+        print("note: client_cert failed, so no_client_cert proves nothing about sna.tls_cert_file")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(e2e.suite_main(Env, CASES, 12, workers=(), notes=notes))

@@ -22,6 +22,7 @@
 #include "error.h"
 #include "ledger.h"
 #include "ledger_views.h"
+#include "../testutil.h"
 
 /*
  * What is proved, and why the proof does not trust the ledger.
@@ -673,21 +674,8 @@ static int wait_children(pid_t *pids, int n, int64_t deadline)
 		int status;
 		pid_t pid = waitpid(-1, &status, WNOHANG);
 		if (pid > 0) {
-			for (int i = 0; i < n; i++) {
-				if (pids[i] != pid)
-					continue;
-				pids[i] = 0;
+			if (bw_test_child_reaped(pids, n, pid, status, stdout, "  ", &failed) >= 0)
 				left--;
-				if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-					failed++;
-					if (WIFSIGNALED(status))
-						printf("  child %d killed by signal %d\n", i,
-						       WTERMSIG(status));
-					else
-						printf("  child %d exited %d\n", i,
-						       WEXITSTATUS(status));
-				}
-			}
 			continue;
 		}
 		if (pid < 0 && errno != EINTR)

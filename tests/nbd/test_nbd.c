@@ -28,20 +28,6 @@
 
 #define PORT_BASE 22100 /* tests use 22100-22199: below the ephemeral range */
 
-static char dir[64];
-
-static int setup(void **state)
-{
-	(void)state;
-	return bw_test_mkdir(dir, sizeof(dir), "nbd") ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-	(void)state;
-	return bw_test_rmdir(dir);
-}
-
 /* A raw source of n MiB: random and zero 1 MiB chunks, seeded. */
 static void make_source(const char *path, int mib, unsigned seed)
 {
@@ -67,7 +53,7 @@ static int spawn(struct bw_nbd *n, const char *image, const char *export, int po
 		 size_t errsize)
 {
 	char log[PATH_MAX];
-	snprintf(log, sizeof(log), "%s/%s.log", dir, export);
+	snprintf(log, sizeof(log), "%s/%s.log", bw_test_dir, export);
 	struct bw_nbd_opts o = {"qemu-nbd", image, export, "127.0.0.1", port, 8, log, NULL};
 	return bw_nbd_spawn(&o, n, err, errsize);
 }
@@ -77,8 +63,8 @@ static void test_bytes_land_after_stop(void **state)
 	(void)state;
 	char src[PATH_MAX], img[PATH_MAX], err[1024];
 	struct bw_nbd n;
-	snprintf(src, sizeof(src), "%s/source.raw", dir);
-	snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
+	snprintf(src, sizeof(src), "%s/source.raw", bw_test_dir);
+	snprintf(img, sizeof(img), "%s/disk.qcow2", bw_test_dir);
 	make_source(src, 64, 1);
 	create_image(img, "64M");
 	assert_int_equal(spawn(&n, img, "bk-1-2000", PORT_BASE, err, sizeof(err)), 0);
@@ -92,8 +78,8 @@ static void test_bytes_land_after_stop(void **state)
 
 	/* an overlay read through its chain: base + the new source's bytes */
 	char src2[PATH_MAX], overlay[PATH_MAX];
-	snprintf(src2, sizeof(src2), "%s/source2.raw", dir);
-	snprintf(overlay, sizeof(overlay), "%s/overlay.qcow2", dir);
+	snprintf(src2, sizeof(src2), "%s/source2.raw", bw_test_dir);
+	snprintf(overlay, sizeof(overlay), "%s/overlay.qcow2", bw_test_dir);
 	make_source(src2, 64, 2);
 	assert_int_equal(bw_test_sh("qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 '%s' 64M", overlay),
 			 0);
@@ -110,7 +96,7 @@ static void test_second_server_on_same_image_fails_with_qemu_message(void **stat
 	(void)state;
 	char img[PATH_MAX], err[1024];
 	struct bw_nbd a, b;
-	snprintf(img, sizeof(img), "%s/locked.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/locked.qcow2", bw_test_dir);
 	create_image(img, "16M");
 	assert_int_equal(spawn(&a, img, "a", PORT_BASE + 2, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&a, 5000, err, sizeof(err)), 0);
@@ -127,18 +113,18 @@ static void test_bad_images_reported_nothing_left(void **state)
 	char img[PATH_MAX], err[1024];
 	struct bw_nbd n;
 
-	snprintf(img, sizeof(img), "%s/missing.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/missing.qcow2", bw_test_dir);
 	assert_int_equal(spawn(&n, img, "m", PORT_BASE + 4, err, sizeof(err)), BW_ENOENT);
 	assert_non_null(strstr(err, "never started before its image"));
 
-	snprintf(img, sizeof(img), "%s/corrupt.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/corrupt.qcow2", bw_test_dir);
 	assert_int_equal(bw_test_sh("head -c 1048576 /dev/urandom > '%s'", img), 0);
 	assert_int_equal(spawn(&n, img, "c", PORT_BASE + 4, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), BW_ECHILD);
 	assert_true(n.exited);
 	assert_non_null(strstr(err, "qcow2")); /* qemu's own words, from the log */
 
-	snprintf(img, sizeof(img), "%s/raw.img", dir);
+	snprintf(img, sizeof(img), "%s/raw.img", bw_test_dir);
 	assert_int_equal(bw_test_sh("qemu-img create -q -f raw '%s' 1M", img), 0);
 	assert_int_equal(spawn(&n, img, "r", PORT_BASE + 5, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), BW_ECHILD);
@@ -151,7 +137,7 @@ static void test_taken_port_is_reported_and_next_works(void **state)
 	(void)state;
 	char img[PATH_MAX], err[1024];
 	struct bw_nbd n;
-	snprintf(img, sizeof(img), "%s/p.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/p.qcow2", bw_test_dir);
 	create_image(img, "16M");
 
 	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -171,7 +157,7 @@ static void test_stop_of_just_ready_server_always_ends_it(void **state)
 {
 	(void)state;
 	char img[PATH_MAX], err[1024];
-	snprintf(img, sizeof(img), "%s/s.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/s.qcow2", bw_test_dir);
 	create_image(img, "16M");
 	int left = 0, failed = 0;
 	for (int i = 0; i < 100; i++) {
@@ -190,7 +176,7 @@ static void test_stop_of_just_ready_server_always_ends_it(void **state)
 	assert_int_equal(failed, 0);
 	assert_int_equal(left, 0);
 	/* the readiness probe ends its handshake politely: no error in the server's log */
-	assert_int_equal(bw_test_sh("! grep -i 'failed' '%s/s.log'", dir), 0);
+	assert_int_equal(bw_test_sh("! grep -i 'failed' '%s/s.log'", bw_test_dir), 0);
 }
 
 /* The inode numbers behind a process's descriptors ("socket:[123]", paths). */
@@ -221,12 +207,12 @@ static void test_child_inherits_no_descriptor(void **state)
 	(void)state;
 	char img[PATH_MAX], err[1024], db_path[PATH_MAX], target[PATH_MAX];
 	struct bw_nbd n;
-	snprintf(img, sizeof(img), "%s/fd.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/fd.qcow2", bw_test_dir);
 	create_image(img, "16M");
 
 	/* What a worker holds: the ledger, a broker-like socket, and a careless pipe. */
 	sqlite3 *db;
-	snprintf(db_path, sizeof(db_path), "%s/ledger.db", dir);
+	snprintf(db_path, sizeof(db_path), "%s/ledger.db", bw_test_dir);
 	assert_int_equal(sqlite3_open(db_path, &db), SQLITE_OK);
 	assert_int_equal(sqlite3_exec(db, "CREATE TABLE t(x)", NULL, NULL, NULL), SQLITE_OK);
 	int sock = socket(AF_INET, SOCK_STREAM, 0); /* deliberately without SOCK_CLOEXEC */
@@ -244,7 +230,7 @@ static void test_child_inherits_no_descriptor(void **state)
 	snprintf(target, sizeof(target), "pipe:[%lu]", (unsigned long)st.st_ino);
 	assert_false(has_fd_target(n.pid, target));
 	assert_true(has_fd_target(n.pid, "/dev/null")); /* stdin */
-	snprintf(target, sizeof(target), "%s/fd.log", dir);
+	snprintf(target, sizeof(target), "%s/fd.log", bw_test_dir);
 	assert_true(has_fd_target(n.pid, target)); /* stdout, stderr */
 
 	/* its own session: a worker's death does not take it down */
@@ -261,7 +247,7 @@ static void test_unexpected_death_reported_with_status_and_log(void **state)
 	(void)state;
 	char img[PATH_MAX], err[1024];
 	struct bw_nbd n;
-	snprintf(img, sizeof(img), "%s/d.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/d.qcow2", bw_test_dir);
 	create_image(img, "16M");
 	assert_int_equal(spawn(&n, img, "d", PORT_BASE + 21, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), 0);
@@ -279,7 +265,7 @@ static void test_adopt_only_the_same_process(void **state)
 	(void)state;
 	char img[PATH_MAX], err[1024];
 	struct bw_nbd n, adopted;
-	snprintf(img, sizeof(img), "%s/adopt.qcow2", dir);
+	snprintf(img, sizeof(img), "%s/adopt.qcow2", bw_test_dir);
 	create_image(img, "16M");
 	assert_int_equal(spawn(&n, img, "ad", PORT_BASE + 22, err, sizeof(err)), 0);
 	assert_int_equal(bw_nbd_wait_ready(&n, 5000, err, sizeof(err)), 0);
@@ -308,14 +294,14 @@ static void test_tls_psk_only_the_key_gets_in(void **state)
 	char hex[BW_PSK_HEX_SIZE], keyfile[PATH_MAX], badfile[PATH_MAX];
 	struct bw_nbd n;
 	const int port = PORT_BASE + 40;
-	snprintf(src, sizeof(src), "%s/tls-source.raw", dir);
-	snprintf(img, sizeof(img), "%s/tls.qcow2", dir);
-	snprintf(log, sizeof(log), "%s/tls.log", dir);
+	snprintf(src, sizeof(src), "%s/tls-source.raw", bw_test_dir);
+	snprintf(img, sizeof(img), "%s/tls.qcow2", bw_test_dir);
+	snprintf(log, sizeof(log), "%s/tls.log", bw_test_dir);
 	make_source(src, 8, 3);
 	create_image(img, "8M");
-	assert_int_equal(bw_psk_create(dir, "bk-tls", err, sizeof(err)), 0);
-	assert_true(bw_psk_exists(dir, "bk-tls"));
-	assert_int_equal(bw_psk_dir(dir, "bk-tls", keydir, sizeof(keydir)), 0);
+	assert_int_equal(bw_psk_create(bw_test_dir, "bk-tls", err, sizeof(err)), 0);
+	assert_true(bw_psk_exists(bw_test_dir, "bk-tls"));
+	assert_int_equal(bw_psk_dir(bw_test_dir, "bk-tls", keydir, sizeof(keydir)), 0);
 	struct stat st;
 	assert_int_equal(stat(keydir, &st), 0);
 	assert_int_equal(st.st_mode & 0777, 0700);
@@ -323,7 +309,7 @@ static void test_tls_psk_only_the_key_gets_in(void **state)
 	snprintf(path, sizeof(path), "%s/keys.psk", keydir);
 	assert_int_equal(stat(path, &st), 0);
 	assert_int_equal(st.st_mode & 0777, 0600);
-	assert_int_equal(bw_psk_read(dir, "bk-tls", hex), 0);
+	assert_int_equal(bw_psk_read(bw_test_dir, "bk-tls", hex), 0);
 	assert_int_equal(strlen(hex), 64);
 
 	struct bw_nbd_opts o = {"qemu-nbd", img, "bk-tls-2000", "127.0.0.1", port, 8, log, keydir};
@@ -344,8 +330,8 @@ static void test_tls_psk_only_the_key_gets_in(void **state)
 	/* plain: refused; the right key: byte-identical; a wrong key: the handshake fails */
 	assert_int_not_equal(bw_test_sh("nbdinfo --size nbd://127.0.0.1:%d/bk-tls-2000 >/dev/null 2>&1",
 					port), 0);
-	snprintf(keyfile, sizeof(keyfile), "%s/client.psk", dir);
-	snprintf(badfile, sizeof(badfile), "%s/bad.psk", dir);
+	snprintf(keyfile, sizeof(keyfile), "%s/client.psk", bw_test_dir);
+	snprintf(badfile, sizeof(badfile), "%s/bad.psk", bw_test_dir);
 	f = fopen(keyfile, "w");
 	assert_non_null(f);
 	fprintf(f, "%s:%s\n", BW_PSK_IDENTITY, hex);
@@ -362,10 +348,11 @@ static void test_tls_psk_only_the_key_gets_in(void **state)
 	assert_int_equal(bw_nbd_stop(&n, BW_NBD_KEEP, 10000, err, sizeof(err)), 0);
 	assert_int_equal(bw_test_sh("qemu-img compare -q '%s' '%s'", src, img), 0);
 	/* the key goes with the job */
-	assert_int_equal(bw_psk_remove(dir, "bk-tls", err, sizeof(err)), 0);
-	assert_false(bw_psk_exists(dir, "bk-tls"));
-	assert_int_equal(bw_psk_read(dir, "bk-tls", hex), BW_ENOENT);
-	assert_int_equal(bw_psk_remove(dir, "bk-tls", err, sizeof(err)), 0); /* idempotent */
+	assert_int_equal(bw_psk_remove(bw_test_dir, "bk-tls", err, sizeof(err)), 0);
+	assert_false(bw_psk_exists(bw_test_dir, "bk-tls"));
+	assert_int_equal(bw_psk_read(bw_test_dir, "bk-tls", hex), BW_ENOENT);
+	assert_int_equal(bw_psk_remove(bw_test_dir, "bk-tls", err, sizeof(err)),
+			 0); /* idempotent */
 }
 
 int main(void)
@@ -381,5 +368,5 @@ int main(void)
 		cmocka_unit_test(test_adopt_only_the_same_process),
 		cmocka_unit_test(test_tls_psk_only_the_key_gets_in),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, bw_test_scratch_setup, bw_test_scratch_teardown);
 }

@@ -58,6 +58,36 @@ def check_expect(name, lines, valid, reason, doc):
     return problems
 
 
+def check_file(corpus, name, schema):
+    """The problems of corpus/name against schema: its name says valid or invalid, and an
+    invalid one has an .expect that check() agrees with."""
+    path = os.path.join(corpus, name)
+    with open(path, "rb") as f:
+        raw = f.read()
+    valid, reason = differential.check(raw, schema)
+    doc = None
+    if reason is None or reason.startswith("invalid_message"):
+        doc = differential.decode_strict(raw)
+    expect_path = path[:-len(".json")] + ".expect"
+    problems = []
+    if name.startswith("valid-"):
+        if not valid:
+            problems.append("named valid, but check() says %s" % reason)
+        if os.path.exists(expect_path):
+            problems.append("a valid file has an .expect")
+    elif name.startswith("invalid-"):
+        if valid:
+            problems.append("named invalid, but check() says valid")
+        if not os.path.exists(expect_path):
+            problems.append("no .expect")
+        else:
+            lines = differential.read_expect(expect_path)
+            problems += check_expect(name, lines, valid, reason, doc)
+    else:
+        problems.append("name is neither valid-* nor invalid-*")
+    return problems
+
+
 def main(argv):
     args = argv[1:]
     schema = differential.SCHEMA_PATH
@@ -78,7 +108,7 @@ def main(argv):
         return 1
     files = sorted(os.listdir(corpus))
     names = [n for n in files if n.endswith(".json")]
-    passed = failed = 0
+    failed = 0
     if not names:
         print("%s: no *.json files" % corpus)
         failed += 1
@@ -86,40 +116,7 @@ def main(argv):
         if stray[:-len(".expect")] + ".json" not in files:
             print("FAIL %s: no matching .json" % stray)
             failed += 1
-    for name in names:
-        path = os.path.join(corpus, name)
-        with open(path, "rb") as f:
-            raw = f.read()
-        valid, reason = differential.check(raw, schema)
-        doc = None
-        if reason is None or reason.startswith("invalid_message"):
-            doc = differential.decode_strict(raw)
-        expect_path = path[:-len(".json")] + ".expect"
-        problems = []
-        if name.startswith("valid-"):
-            if not valid:
-                problems.append("named valid, but check() says %s" % reason)
-            if os.path.exists(expect_path):
-                problems.append("a valid file has an .expect")
-        elif name.startswith("invalid-"):
-            if valid:
-                problems.append("named invalid, but check() says valid")
-            if not os.path.exists(expect_path):
-                problems.append("no .expect")
-            else:
-                lines = differential.read_expect(expect_path)
-                problems += check_expect(name, lines, valid, reason, doc)
-        else:
-            problems.append("name is neither valid-* nor invalid-*")
-        if problems:
-            failed += 1
-            print("FAIL %s" % name)
-            for p in problems:
-                print("     %s" % p)
-        else:
-            passed += 1
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return differential.run_files(names, lambda name: check_file(corpus, name, schema), failed)
 
 
 if __name__ == "__main__":

@@ -338,6 +338,23 @@ def run_one(bw_ctl, file_arg, name):
     return problems
 
 
+def run_files(names, check, failed=0):
+    """check(name) gives the problems of each name: "FAIL name" and each problem are printed,
+    then "N passed, M failed" (failed: how many failed before). Returns the exit code."""
+    passed = 0
+    for name in names:
+        problems = check(name)
+        if problems:
+            failed += 1
+            print("FAIL %s" % name)
+            for p in problems:
+                print("     %s" % p)
+        else:
+            passed += 1
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
 def main(argv):
     if len(argv) != 3:
         print("usage: %s BW_CTL CORPUS_DIR" % os.path.basename(argv[0]), file=sys.stderr)
@@ -350,18 +367,7 @@ def main(argv):
     if not names:
         print("%s: no *.json files" % corpus, file=sys.stderr)
         return 2
-    passed = failed = 0
-    for name in names:
-        problems = run_one(bw_ctl, os.path.join(corpus, name), name)
-        if problems:
-            failed += 1
-            print("FAIL %s" % name)
-            for p in problems:
-                print("     %s" % p)
-        else:
-            passed += 1
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return run_files(names, lambda name: run_one(bw_ctl, os.path.join(corpus, name), name))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ import urllib.parse
 
 import nbd
 
+import pki
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SIM = os.path.join(HERE, "sna_sim.py")
@@ -341,6 +343,15 @@ def sim_requests(env):
 
 def sim_snapshots(env):
     return env.http("GET", "/_sim/snapshots")[1]["snapshots"]
+
+
+def compare_snapshot(env, jid, images, label, what="the image equals the snapshot"):
+    """One ok() a disk: images[key] (qcow2, its servers may still run) equals the job's snapshot
+    of the disk (raw); named "<label> disk <key>: <what>"."""
+    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid][0]["disks"]
+    for k in SIZES:
+        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", images[k], snap[str(k)]["path"])
+        ok(rc == 0, f"{label} disk {k}: {what}", out)
 
 
 def run(env):
@@ -860,10 +871,7 @@ def tls_psk(env):
        f"{oct(fst.st_mode) if fst else None} {oct(dst.st_mode) if dst else None}")
     st, prog = env.wait_job(jid, "TLS full")
     ok(st == 200 and prog["status"] == "completed", "a full job over NBD TLS completed", str(prog))
-    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
-        ok(rc == 0, f"TLS full disk {k}: the image equals the snapshot (nbdcopy over TLS)", out)
+    compare_snapshot(env, jid, imgs, "TLS full", "the image equals the snapshot (nbdcopy over TLS)")
     jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
     ok(all(d["method"] == "nbdcopy" for d in jobs[jid]["disks"]), "TLS full: copied by nbdcopy")
 
@@ -876,10 +884,7 @@ def tls_psk(env):
     st, prog = env.wait_job(jid2, "TLS libnbd")
     ok(st == 200 and prog["status"] == "completed", "a job over NBD TLS completed through libnbd", str(prog))
     env.stop_servers(servers2, "TLS libnbd")
-    snap = [x for x in sim_snapshots(env) if x["job_id"] == jid2][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", imgs2[k], snap[str(k)]["path"])
-        ok(rc == 0, f"TLS libnbd disk {k}: the image equals the snapshot", out)
+    compare_snapshot(env, jid2, imgs2, "TLS libnbd")
     jobs = {j["job_id"]: j for j in env.http("GET", "/_sim/jobs")[1]["jobs"]}
     ok(all(d["method"] == "libnbd" for d in jobs[jid2]["disks"]), "TLS slowed: copied by libnbd")
 
@@ -934,28 +939,11 @@ def tls_psk(env):
     env.stop_servers(servers, "TLS reset")
 
 
-def openssl(*args):
-    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]}: {r.stderr.strip()}")
-
-
 def make_pki(d):
     """Under d: ca.pem/ca.key, server.pem/.key (localhost), client.pem/.key (signed by the CA),
-    other-ca.pem and rogue-client.pem/.key (signed by other-ca). Like tests/amqp/test_tls.sh."""
-    os.makedirs(d)
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=bw-test-{ca}",
-                "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")
-    for name, ca, ext in (("server", "ca", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-                          ("client", "ca", "extendedKeyUsage=clientAuth\n"),
-                          ("rogue-client", "other-ca", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{d}/{name}.key",
-                "-out", f"{d}/{name}.csr")
-        with open(f"{d}/{name}.ext", "w") as fh:
-            fh.write(ext)
-        openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/{ca}.pem", "-CAkey", f"{d}/{ca}.key",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.pem")
+    other-ca.pem and rogue-client.pem/.key (signed by other-ca)."""
+    pki.make_pki(d, [("server", "ca", pki.SERVER_EXT.format("localhost")), ("client", "ca", pki.CLIENT_EXT),
+                     ("rogue-client", "other-ca", pki.CLIENT_EXT)])
 
 
 def client_ctx(ca, cert=None):
@@ -1201,10 +1189,8 @@ def hostile(env):
     st, pg = env.wait_job(jid, "after progress_garbage_n")
     ok(st == 200 and pg["status"] == "completed", "progress_garbage_n: then the truth, and the job completed", str(pg))
     env.stop_servers(servers, "progress_garbage_n")
-    snap = [s for s in sim_snapshots(env) if s["job_id"] == jid][0]["disks"]
-    for k in SIZES:
-        rc, out = qemu_img("compare", "-f", "qcow2", "-F", "raw", imgs[k], snap[str(k)]["path"])
-        ok(rc == 0, f"progress_garbage_n disk {k}: the copy went on under the garbage (image equals snapshot)", out)
+    compare_snapshot(env, jid, imgs, "progress_garbage_n",
+                     "the copy went on under the garbage (image equals snapshot)")
     env.cleanup(jid)
 
     # lie_complete on real targets with a slow copy: the lie from the first reply, the copy still running

@@ -16,13 +16,11 @@
 
 #define SECRET "t0ken-that-must-not-leak-4242"
 
-static char dir[64];
-
-/* Runs argv with env_add, its output into <dir>/out; returns the output (malloc'd). */
+/* Runs argv with env_add, its output into <bw_test_dir>/out; returns the output (malloc'd). */
 static char *run(const char *const *argv, const char *const *env_add)
 {
 	char log[PATH_MAX], err[256];
-	snprintf(log, sizeof(log), "%s/out", dir);
+	snprintf(log, sizeof(log), "%s/out", bw_test_dir);
 	unlink(log);
 	struct bw_spawn s = {argv, env_add, log, false};
 	int status = 0;
@@ -93,14 +91,10 @@ static void test_programs_from_the_trusted_path_only(void **state)
 
 	/* A program only $PATH knows is not found, not even when $PATH names it first. */
 	char prog[PATH_MAX];
-	snprintf(prog, sizeof(prog), "%s/bw-test-only-in-path", dir);
-	FILE *f = fopen(prog, "w");
-	assert_non_null(f);
-	fputs("#!/bin/sh\nexit 0\n", f);
-	fclose(f);
-	assert_int_equal(chmod(prog, 0755), 0);
+	snprintf(prog, sizeof(prog), "%s/bw-test-only-in-path", bw_test_dir);
+	assert_int_equal(bw_test_write_file(prog, "#!/bin/sh\nexit 0\n", 0755), 0);
 	char *old = getenv("PATH") ? strdup(getenv("PATH")) : NULL;
-	setenv("PATH", dir, 1);
+	setenv("PATH", bw_test_dir, 1);
 	assert_int_equal(bw_child_find_program("bw-test-only-in-path", path, sizeof(path)),
 			 BW_ENOENT);
 	const char *argv[] = {"bw-test-only-in-path", NULL};
@@ -122,18 +116,6 @@ static void test_programs_from_the_trusted_path_only(void **state)
 	assert_int_equal(bw_run(&a, 10000, &status, err, sizeof(err)), BW_EPERM);
 }
 
-static int setup(void **state)
-{
-	(void)state;
-	return bw_test_mkdir(dir, sizeof(dir), "child") ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-	(void)state;
-	return bw_test_rmdir(dir);
-}
-
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -141,5 +123,5 @@ int main(void)
 		cmocka_unit_test(test_added_variable_replaces_the_base_one),
 		cmocka_unit_test(test_programs_from_the_trusted_path_only),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, bw_test_scratch_setup, bw_test_scratch_teardown);
 }

@@ -15,15 +15,13 @@
 
 #include "child.h"
 #include "config.h"
+#include "../testutil.h"
 
 static char conf_path[] = "/tmp/bw-test-config-XXXXXX";
 
 static void write_conf(const char *text)
 {
-	FILE *f = fopen(conf_path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
+	assert_int_equal(bw_test_write_file(conf_path, text, 0600), 0); /* mkstemp's mode */
 }
 
 static int setup(void **state)
@@ -126,6 +124,23 @@ static void test_file_env_set_order(void **state)
 	bw_config_free(cfg);
 }
 
+/* Loads path (NULL: none) with the sets; returns the error text (malloc'd), or NULL when it
+ * loaded. */
+static char *load_errors(const char *path, char **sets, size_t nsets)
+{
+	struct bw_config *cfg = NULL;
+	char *errors = NULL;
+	int rc = bw_config_load(&cfg, path, sets, nsets, &errors);
+	if (rc == 0) {
+		bw_config_free(cfg);
+		return NULL;
+	}
+	assert_int_equal(rc, BW_ECONFIG);
+	assert_null(cfg);
+	assert_non_null(errors);
+	return errors;
+}
+
 static void test_errors_name_file_line_key(void **state)
 {
 	(void)state;
@@ -147,11 +162,7 @@ static void test_errors_name_file_line_key(void **state)
 		   "relative = x/y\n"
 		   "[log]\n"
 		   "timestamps = perhaps\n");
-	struct bw_config *cfg = NULL;
-	char *errors = NULL;
-	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
-	assert_null(cfg);
-	assert_non_null(errors);
+	char *errors = load_errors(conf_path, NULL, 0);
 	char want[4096];
 	snprintf(want, sizeof(want),
 		 "%1$s:2: amqp.url: must start with amqp:// or amqps://\n"
@@ -222,21 +233,6 @@ static void test_format_masks_secrets(void **state)
 	bw_config_free(cfg);
 }
 
-/* Loads with the sets; returns the error text (malloc'd), or NULL when it loaded. */
-static char *load_errors(char **sets, size_t nsets)
-{
-	struct bw_config *cfg = NULL;
-	char *errors = NULL;
-	int rc = bw_config_load(&cfg, NULL, sets, nsets, &errors);
-	if (rc == 0) {
-		bw_config_free(cfg);
-		return NULL;
-	}
-	assert_int_equal(rc, BW_ECONFIG);
-	assert_non_null(errors);
-	return errors;
-}
-
 static void test_program_paths(void **state)
 {
 	(void)state;
@@ -252,32 +248,32 @@ static void test_program_paths(void **state)
 	bw_config_free(cfg);
 
 	char rel[] = "nbd.qemu_nbd=bin/qemu-nbd";
-	char *e = load_errors((char *[]){rel}, 1);
+	char *e = load_errors(NULL, (char *[]){rel}, 1);
 	assert_string_equal(e, "--set: nbd.qemu_nbd: must be an absolute path or a bare program "
 			       "name (looked up in /usr/local/sbin:/usr/local/bin:/usr/sbin:"
 			       "/usr/bin:/sbin:/bin)\n");
 	free(e);
 	char dot[] = "nbd.qemu_img=./qemu-img";
-	e = load_errors((char *[]){dot}, 1);
+	e = load_errors(NULL, (char *[]){dot}, 1);
 	assert_non_null(strstr(e, "--set: nbd.qemu_img: must be an absolute path"));
 	free(e);
 	char missing[] = "nbd.qemu_nbd=bw-no-such-program";
-	e = load_errors((char *[]){missing}, 1);
+	e = load_errors(NULL, (char *[]){missing}, 1);
 	assert_string_equal(e, "--set: nbd.qemu_nbd: bw-no-such-program not found in "
 			       "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin (give an "
 			       "absolute path to use another)\n");
 	free(e);
 	char notexec[PATH_MAX + 16];
 	snprintf(notexec, sizeof(notexec), "nbd.qemu_nbd=%s", conf_path); /* mode 0600 */
-	e = load_errors((char *[]){notexec}, 1);
+	e = load_errors(NULL, (char *[]){notexec}, 1);
 	assert_string_equal(e, "--set: nbd.qemu_nbd: is not an executable file\n");
 	free(e);
 	char adir[] = "nbd.qemu_img=/usr/bin";
-	e = load_errors((char *[]){adir}, 1);
+	e = load_errors(NULL, (char *[]){adir}, 1);
 	assert_string_equal(e, "--set: nbd.qemu_img: is not an executable file\n");
 	free(e);
 	char gone[] = "nbd.qemu_img=/nonexistent/qemu-img";
-	e = load_errors((char *[]){gone}, 1);
+	e = load_errors(NULL, (char *[]){gone}, 1);
 	assert_string_equal(e, "--set: nbd.qemu_img: No such file or directory\n");
 	free(e);
 
@@ -286,15 +282,11 @@ static void test_program_paths(void **state)
 	assert_non_null(mkdtemp(dir));
 	char prog[PATH_MAX];
 	snprintf(prog, sizeof(prog), "%s/bw-fake-qemu-nbd", dir);
-	FILE *f = fopen(prog, "w");
-	assert_non_null(f);
-	fputs("#!/bin/sh\n", f);
-	fclose(f);
-	assert_int_equal(chmod(prog, 0755), 0);
+	assert_int_equal(bw_test_write_file(prog, "#!/bin/sh\n", 0755), 0);
 	char *old = strdup(getenv("PATH") ? getenv("PATH") : "/usr/bin:/bin");
 	setenv("PATH", dir, 1);
 	char fake[] = "nbd.qemu_nbd=bw-fake-qemu-nbd";
-	e = load_errors((char *[]){fake}, 1);
+	e = load_errors(NULL, (char *[]){fake}, 1);
 	setenv("PATH", old, 1);
 	free(old);
 	unlink(prog);
@@ -315,8 +307,7 @@ static void test_exposure_refused_and_warned(void **state)
 		   "url = amqps://bw:pw@mq.example\n"
 		   "tls_verify_hostname = false\n");
 	struct bw_config *cfg = NULL;
-	char *errors = NULL;
-	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	char *errors = load_errors(conf_path, NULL, 0);
 	char want[4096];
 	snprintf(want, sizeof(want),
 		 "%1$s:3: nbd.tls: off with the non-loopback nbd.bind_address 192.0.2.10 (%1$s:2) "
@@ -396,9 +387,7 @@ static void test_errors_never_echo_a_secret(void **state)
 	char set4[] = "sna.token=a " SECRET;    /* a bad value for a secret key */
 	char set5[] = "amqp.url=amqq://bw:" SECRET "@mq.example"; /* a broken URL */
 	char *sets[] = {set1, set2, set3, set4, set5};
-	struct bw_config *cfg = NULL;
-	char *errors = NULL;
-	assert_int_equal(bw_config_load(&cfg, conf_path, sets, 5, &errors), BW_ECONFIG);
+	char *errors = load_errors(conf_path, sets, 5);
 	char want[4096];
 	snprintf(want, sizeof(want),
 		 "%1$s:2: token: expected \"key = value\" (the rest of the line is not shown)\n"
@@ -422,11 +411,7 @@ static void test_errors_never_echo_a_secret(void **state)
 /* Writes text to path with mode; returns path. */
 static const char *put_file(const char *path, const char *text, mode_t mode)
 {
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
-	assert_int_equal(chmod(path, mode), 0);
+	assert_int_equal(bw_test_write_file(path, text, mode), 0);
 	return path;
 }
 
@@ -488,7 +473,7 @@ static void test_secrets_from_files(void **state)
 		 "token_file = %s\n",
 		 pw, link);
 	write_conf(conf);
-	assert_int_equal(bw_config_load(&cfg, conf_path, NULL, 0, &errors), BW_ECONFIG);
+	errors = load_errors(conf_path, NULL, 0);
 	snprintf(want, sizeof(want),
 		 "%1$s:4: sna.token_file: %2$s: is a symbolic link (refused)\n"
 		 "%1$s:2: amqp.password_file: %3$s refused: mode 0640 owner %4$u (must be 0600 "
@@ -503,7 +488,7 @@ static void test_secrets_from_files(void **state)
 	snprintf(nl, sizeof(nl), "sna.token_file=%s", empty);
 	snprintf(missing, sizeof(missing), "amqp.password_file=%s/nope", dir);
 	char *sets[] = {nl, missing};
-	assert_int_equal(bw_config_load(&cfg, NULL, sets, 2, &errors), BW_ECONFIG);
+	errors = load_errors(NULL, sets, 2);
 	snprintf(want, sizeof(want),
 		 "--set: sna.token_file: %1$s: is empty\n"
 		 "--set: amqp.password_file: %2$s/nope: No such file or directory\n",

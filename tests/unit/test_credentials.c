@@ -16,23 +16,17 @@
 #include "credentials.h"
 #include "../testutil.h"
 
-static char dir[64];
-
 static void put(const char *name, const char *text, mode_t mode)
 {
 	char path[PATH_MAX];
-	snprintf(path, sizeof(path), "%s/%s.json", dir, name);
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
-	assert_int_equal(chmod(path, mode), 0);
+	snprintf(path, sizeof(path), "%s/%s.json", bw_test_dir, name);
+	assert_int_equal(bw_test_write_file(path, text, mode), 0);
 }
 
 static int load(const char *name, char *err, size_t size)
 {
 	struct bw_credential *c = NULL;
-	int rc = bw_credential_load(dir, name, &c, err, size);
+	int rc = bw_credential_load(bw_test_dir, name, &c, err, size);
 	if (rc == 0) {
 		assert_string_equal(c->vcenter_host, "vcenter.example");
 		assert_string_equal(c->username, "backup@vsphere.local");
@@ -61,8 +55,8 @@ static void test_credentials(void **state)
 	assert_int_equal(load("world", err, sizeof(err)), BW_EPERM);
 
 	char target[PATH_MAX], link[PATH_MAX];
-	snprintf(target, sizeof(target), "%s/ok.json", dir);
-	snprintf(link, sizeof(link), "%s/link.json", dir);
+	snprintf(target, sizeof(target), "%s/ok.json", bw_test_dir);
+	snprintf(link, sizeof(link), "%s/link.json", bw_test_dir);
 	assert_int_equal(symlink(target, link), 0);
 	assert_int_equal(load("link", err, sizeof(err)), BW_EPERM);
 
@@ -82,7 +76,7 @@ static void test_fifo_and_directory_refused_at_once(void **state)
 	char err[512], path[PATH_MAX];
 	/* A FIFO under the credential's name: without O_NONBLOCK the open would wait forever
 	 * for a writer. The alarm turns such a hang into a failure. */
-	snprintf(path, sizeof(path), "%s/fifo.json", dir);
+	snprintf(path, sizeof(path), "%s/fifo.json", bw_test_dir);
 	assert_int_equal(mkfifo(path, 0600), 0);
 	alarm(5);
 	struct timespec t0, t1;
@@ -93,7 +87,7 @@ static void test_fifo_and_directory_refused_at_once(void **state)
 	assert_true(t1.tv_sec - t0.tv_sec < 2);
 	assert_non_null(strstr(err, "not a regular file"));
 
-	snprintf(path, sizeof(path), "%s/adir.json", dir);
+	snprintf(path, sizeof(path), "%s/adir.json", bw_test_dir);
 	assert_int_equal(mkdir(path, 0700), 0);
 	assert_int_equal(load("adir", err, sizeof(err)), BW_EPERM);
 	assert_non_null(strstr(err, "not a regular file"));
@@ -106,7 +100,7 @@ static void test_read_file(void **state)
 	char *text = NULL;
 	size_t len = 0;
 	put("secret", "pa:ss@w0rd\n", 0400);
-	snprintf(path, sizeof(path), "%s/secret.json", dir);
+	snprintf(path, sizeof(path), "%s/secret.json", bw_test_dir);
 	assert_int_equal(bw_credential_read_file(path, 64, &text, &len, err, sizeof(err)), 0);
 	assert_int_equal(len, 11);
 	assert_string_equal(text, "pa:ss@w0rd\n");
@@ -126,38 +120,28 @@ static void test_read_file(void **state)
 	assert_null(strstr(err, "pa:ss"));
 
 	char link[PATH_MAX];
-	snprintf(link, sizeof(link), "%s/secret-link", dir);
+	snprintf(link, sizeof(link), "%s/secret-link", bw_test_dir);
 	assert_int_equal(chmod(path, 0600), 0);
 	assert_int_equal(symlink(path, link), 0);
 	assert_int_equal(bw_credential_read_file(link, 64, &text, &len, err, sizeof(err)),
 			 BW_EPERM);
 	assert_non_null(strstr(err, "symbolic link"));
 
-	snprintf(path, sizeof(path), "%s/nope", dir);
+	snprintf(path, sizeof(path), "%s/nope", bw_test_dir);
 	assert_int_equal(bw_credential_read_file(path, 64, &text, &len, err, sizeof(err)),
 			 BW_ENOENT);
 	bw_credential_wipe(NULL, 0);
 }
 
-static int setup(void **state)
-{
-	(void)state;
-	return bw_test_mkdir(dir, sizeof(dir), "cred") ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-	(void)state;
-	return bw_test_rmdir(dir);
-}
-
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_credentials, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_fifo_and_directory_refused_at_once, setup,
-						teardown),
-		cmocka_unit_test_setup_teardown(test_read_file, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_credentials, bw_test_scratch_setup,
+					    bw_test_scratch_teardown),
+	    cmocka_unit_test_setup_teardown(test_fifo_and_directory_refused_at_once,
+					    bw_test_scratch_setup, bw_test_scratch_teardown),
+	    cmocka_unit_test_setup_teardown(test_read_file, bw_test_scratch_setup,
+					    bw_test_scratch_teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

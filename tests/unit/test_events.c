@@ -15,16 +15,11 @@
 #include "events.h"
 #include "../testutil.h"
 
-static char out_dir[64];
-
 static void save(const char *name, const char *body)
 {
 	char path[PATH_MAX];
-	snprintf(path, sizeof(path), "%s/%s.json", out_dir, name);
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(body, f);
-	fclose(f);
+	snprintf(path, sizeof(path), "%s/%s.json", bw_test_dir, name);
+	assert_int_equal(bw_test_write_file(path, body, 0644), 0);
 }
 
 static const char *msg_incremental =
@@ -178,24 +173,14 @@ static void test_all_valid_against_schemas(void **state)
 {
 	(void)state;
 	char cmd[PATH_MAX];
-	snprintf(cmd, sizeof(cmd), "/usr/bin/python3 %s/tests/schema/validate_events.py %s | tail -3",
-		 BW_SOURCE_DIR, out_dir);
+	snprintf(cmd, sizeof(cmd),
+		 "/usr/bin/python3 %s/tests/schema/validate_events.py %s | tail -3", BW_SOURCE_DIR,
+		 bw_test_dir);
 	assert_int_equal(system(cmd), 0);
-	snprintf(cmd, sizeof(cmd), "/usr/bin/python3 %s/tests/schema/validate_events.py %s >/dev/null",
-		 BW_SOURCE_DIR, out_dir);
+	snprintf(cmd, sizeof(cmd),
+		 "/usr/bin/python3 %s/tests/schema/validate_events.py %s >/dev/null", BW_SOURCE_DIR,
+		 bw_test_dir);
 	assert_int_equal(system(cmd), 0);
-}
-
-static int setup(void **state)
-{
-	(void)state;
-	return bw_test_mkdir(out_dir, sizeof(out_dir), "events") ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-	(void)state;
-	return bw_test_rmdir(out_dir);
 }
 
 int main(void)
@@ -205,5 +190,5 @@ int main(void)
 		cmocka_unit_test(test_rejected_for_the_whole_corpus),
 		cmocka_unit_test(test_all_valid_against_schemas),
 	};
-	return cmocka_run_group_tests(tests, setup, teardown);
+	return cmocka_run_group_tests(tests, bw_test_scratch_setup, bw_test_scratch_teardown);
 }

@@ -156,22 +156,37 @@ static void test_document_level(void **state)
 	bw_verdict_free(vd);
 }
 
+/*
+ * Starts a full job "job" with schema_version sv in b: every field but "disks", then
+ * "disks":[ for the caller to go on; tags (a JSON object) when not NULL.
+ */
+static void job_head(struct bw_buf *b, const char *job, int sv, const char *tags)
+{
+	bw_buf_printf(b,
+		      "{\"schema_version\":%d,\"job_id\":\"%s\",\"vm\":{\"name\":\"n\",\"path\":"
+		      "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
+		      "\"c\",%s%s%s\"disks\":[",
+		      sv, job, tags ? "\"tags\":" : "", tags ? tags : "", tags ? "," : "");
+}
+
+/* Ends what b holds with tail; returns it (malloc'd). */
+static char *job_end(struct bw_buf *b, const char *tail)
+{
+	char *out = NULL;
+	bw_buf_puts(b, tail);
+	assert_false(b->failed);
+	assert_int_equal(bw_buf_steal(b, &out), 0);
+	return out;
+}
+
 /* A full job "job" of n copies of disk, with schema_version sv and tags; malloc'd. */
 static char *many_disks(const char *job, int sv, const char *tags, const char *disk, size_t n)
 {
 	struct bw_buf b = BW_BUF_INIT;
-	char *out = NULL;
-	bw_buf_printf(&b,
-		      "{\"schema_version\":%d,\"job_id\":\"%s\",\"vm\":{\"name\":\"n\",\"path\":"
-		      "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-		      "\"c\",\"tags\":%s,\"disks\":[",
-		      sv, job, tags);
+	job_head(&b, job, sv, tags);
 	for (size_t i = 0; i < n; i++)
 		bw_buf_printf(&b, "%s%s", i ? "," : "", disk);
-	bw_buf_puts(&b, "]}");
-	assert_false(b.failed);
-	assert_int_equal(bw_buf_steal(&b, &out), 0);
-	return out;
+	return job_end(&b, "]}");
 }
 
 static void assert_entry(const struct bw_verdict *vd, size_t i, const char *want)
@@ -277,15 +292,10 @@ static void test_duplicate_keys(void **state)
 
 	/* 30,000 disks, keys 1..15000 twice: disks[15000+i] repeats disks[i] */
 	struct bw_buf b = BW_BUF_INIT;
-	char *body = NULL;
-	bw_buf_puts(&b,
-		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
-		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-		    "\"c\",\"disks\":[");
+	job_head(&b, "j", 1, NULL);
 	for (int i = 0; i < 30000; i++)
 		bw_buf_printf(&b, "%s{\"key\":%d,\"size_bytes\":512}", i ? "," : "", i % 15000 + 1);
-	bw_buf_puts(&b, "]}");
-	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	char *body = job_end(&b, "]}");
 	vd = reject(body, 4u << 20);
 	assert_int_equal(vd->n, 101);
 	assert_entry(vd, 0, "disks: max_items");
@@ -317,16 +327,11 @@ static void test_duplicate_keys_across_blocks(void **state)
 		keys[plant[p].at] = keys[plant[p].repeats];
 
 	struct bw_buf b = BW_BUF_INIT;
-	char *body = NULL;
-	bw_buf_puts(&b,
-		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
-		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-		    "\"c\",\"disks\":[");
+	job_head(&b, "j", 1, NULL);
 	for (size_t i = 0; i < 2000; i++)
 		bw_buf_printf(&b, "%s{\"key\":%" PRId64 "%s,\"size_bytes\":512}", i ? "," : "",
 			      keys[i], i == 512 ? ".0" : "");
-	bw_buf_puts(&b, "]}");
-	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	char *body = job_end(&b, "]}");
 	struct bw_verdict *vd = reject(body, 262144);
 	size_t n_plant = sizeof(plant) / sizeof(plant[0]);
 	assert_int_equal(vd->n, 1 + n_plant);
@@ -348,15 +353,11 @@ static void test_unknown_fields_bounded(void **state)
 {
 	(void)state;
 	struct bw_buf b = BW_BUF_INIT;
-	char *body = NULL;
-	bw_buf_puts(&b,
-		    "{\"schema_version\":1,\"job_id\":\"j\",\"vm\":{\"name\":\"n\",\"path\":"
-		    "\"/p\"},\"backup_type\":\"full\",\"repository_id\":\"r\",\"credential_id\":"
-		    "\"c\",\"disks\":[{\"key\":1,\"size_bytes\":512}]");
+	job_head(&b, "j", 1, NULL);
+	bw_buf_puts(&b, "{\"key\":1,\"size_bytes\":512}]");
 	for (int i = 0; i < 5000; i++)
 		bw_buf_printf(&b, ",\"x_%04d\":%d", i, i);
-	bw_buf_puts(&b, "}");
-	assert_int_equal(bw_buf_steal(&b, &body), 0);
+	char *body = job_end(&b, "}");
 
 	struct bw_job_spec *spec = NULL;
 	struct bw_verdict *vd = NULL;
