@@ -6,6 +6,9 @@
 
 #define BW_MUST_CHECK __attribute__((warn_unused_result))
 
+/* The number of entries of a name table built from an X-macro (static const char *const[]). */
+#define BW_NAMES(table) (sizeof(table) / sizeof((table)[0]))
+
 /*
  * X(name, value, transient, text)
  * transient: a retry (or a requeue) can help; permanent: fail or reject now.

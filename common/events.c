@@ -11,50 +11,45 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BW__NAME_CASE(name, text, ...)                                                             \
-	case name:                                                                                 \
-		return text;
+static const char *const reason_names[] = {
+#define BW__FAIL_NAME(name, text, retryable) text,
+	BW_FAIL_REASON_MAP(BW__FAIL_NAME)
+#undef BW__FAIL_NAME
+};
+static const bool reason_retryable[] = {
+#define BW__FAIL_RETRY(name, text, retryable) retryable,
+	BW_FAIL_REASON_MAP(BW__FAIL_RETRY)
+#undef BW__FAIL_RETRY
+};
+static const char *const outcome_names[] = {
+#define BW__OUTCOME_NAME(name, text) text,
+	BW_DISK_OUTCOME_MAP(BW__OUTCOME_NAME)
+#undef BW__OUTCOME_NAME
+};
+static const char *const action_names[] = {
+#define BW__ACTION_NAME(name, text) text,
+	BW_ACTION_MAP(BW__ACTION_NAME)
+#undef BW__ACTION_NAME
+};
 
 const char *bw_fail_reason_name(enum bw_fail_reason r)
 {
-	switch (r) {
-#define BW__FAIL_NAME(name, text, retryable) BW__NAME_CASE(BW_FAIL_##name, text)
-		BW_FAIL_REASON_MAP(BW__FAIL_NAME)
-#undef BW__FAIL_NAME
-	}
-	return "internal_error";
+	return (unsigned)r < BW_NAMES(reason_names) ? reason_names[r] : "internal_error";
 }
 
 bool bw_fail_reason_retryable(enum bw_fail_reason r)
 {
-	switch (r) {
-#define BW__FAIL_RETRY(name, text, retryable)                                                      \
-	case BW_FAIL_##name:                                                                       \
-		return retryable;
-		BW_FAIL_REASON_MAP(BW__FAIL_RETRY)
-#undef BW__FAIL_RETRY
-	}
-	return true;
+	return (unsigned)r < BW_NAMES(reason_retryable) ? reason_retryable[r] : true;
 }
 
 const char *bw_disk_outcome_name(enum bw_disk_outcome o)
 {
-	switch (o) {
-#define BW__OUTCOME_NAME(name, text) BW__NAME_CASE(BW_DISK_##name, text)
-		BW_DISK_OUTCOME_MAP(BW__OUTCOME_NAME)
-#undef BW__OUTCOME_NAME
-	}
-	return "aborted";
+	return (unsigned)o < BW_NAMES(outcome_names) ? outcome_names[o] : "aborted";
 }
 
 const char *bw_action_name(enum bw_action_kind k)
 {
-	switch (k) {
-#define BW__ACTION_NAME(name, text) BW__NAME_CASE(BW_ACTION_##name, text)
-		BW_ACTION_MAP(BW__ACTION_NAME)
-#undef BW__ACTION_NAME
-	}
-	return "unknown";
+	return (unsigned)k < BW_NAMES(action_names) ? action_names[k] : "unknown";
 }
 
 void bw_event_text_free(struct bw_event_text *e)

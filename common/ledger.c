@@ -565,28 +565,25 @@ static const char *const state_names[] = {
 #undef BW__STATE_NAME
 };
 
+static const char *const disk_row_names[] = {
+#define BW__DISK_ROW_NAME(name, text) text,
+	BW_DISK_ROW_MAP(BW__DISK_ROW_NAME)
+#undef BW__DISK_ROW_NAME
+};
+
 const char *bw_disk_row_state_name(enum bw_disk_row_state state)
 {
-	switch (state) {
-#define BW__DISK_ROW_NAME(name, text)                                                              \
-	case BW_DISK_ROW_##name:                                                                   \
-		return text;
-		BW_DISK_ROW_MAP(BW__DISK_ROW_NAME)
-#undef BW__DISK_ROW_NAME
-	}
-	return "pending";
+	return (unsigned)state < BW_NAMES(disk_row_names) ? disk_row_names[state] : "?";
 }
 
 const char *bw_job_state_name(enum bw_job_state state)
 {
-	if ((unsigned)state >= sizeof(state_names) / sizeof(state_names[0]))
-		return "?";
-	return state_names[state];
+	return (unsigned)state < BW_NAMES(state_names) ? state_names[state] : "?";
 }
 
 int bw_job_state_parse(const char *name, enum bw_job_state *out)
 {
-	for (unsigned i = 0; i < sizeof(state_names) / sizeof(state_names[0]); i++) {
+	for (unsigned i = 0; i < BW_NAMES(state_names); i++) {
 		if (strcmp(state_names[i], name) == 0) {
 			*out = (enum bw_job_state)i;
 			return 0;

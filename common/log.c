@@ -3,6 +3,7 @@
 
 #include "clock.h"
 #include "error.h"
+#include "io.h"
 #include "text.h"
 
 #include <errno.h>
@@ -79,16 +80,7 @@ static void vlog(enum bw_log_level level, int err, const char *fmt, va_list ap)
 	n += bw_text_escape(line + n, sizeof(line) - n - 1, msg, mlen);
 	line[n++] = '\n';
 
-	const char *p = line;
-	while (n > 0) {
-		ssize_t w = write(STDERR_FILENO, p, n);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			break;
-		p += w;
-		n -= (size_t)w;
-	}
+	(void)bw_write_all(STDERR_FILENO, line, n); /* nowhere to report a failed log write */
 }
 
 #define BW__LOG_FN(fn, level, with_errno)                                                          \

@@ -1,6 +1,7 @@
 /* psk.c: per-job NBD TLS keys: made, read back for the one start request, wiped and removed. */
 #include "psk.h"
 
+#include "io.h"
 #include "rand.h"
 
 #include <errno.h>
@@ -25,21 +26,6 @@ static int key_path(const char *state_dir, const char *job_id, char *path, size_
 {
 	int n = snprintf(path, size, "%s/tls/%s/" KEY_FILE, state_dir, job_id);
 	return n < 0 || (size_t)n >= size ? BW_ERANGE : 0;
-}
-
-/* Writes all of buf[0..n) to fd. */
-static int write_all(int fd, const char *buf, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, buf, n);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return -1;
-		buf += w;
-		n -= (size_t)w;
-	}
-	return 0;
 }
 
 int bw_psk_create(const char *state_dir, const char *job_id, char *err, size_t errsize)
@@ -77,7 +63,7 @@ int bw_psk_create(const char *state_dir, const char *job_id, char *err, size_t e
 	}
 	line[n++] = '\n';
 	fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd < 0 || write_all(fd, line, n) != 0 || fsync(fd) != 0) {
+	if (fd < 0 || bw_write_all(fd, line, n) != 0 || fsync(fd) != 0) {
 		snprintf(err, errsize, "%s: %s", path, strerror(errno));
 		rc = BW_EIO;
 		goto out;
@@ -136,7 +122,7 @@ int bw_psk_remove(const char *state_dir, const char *job_id, char *err, size_t e
 	int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
 	if (fd >= 0) {
 		char zeros[LINE_SIZE] = {0};
-		(void)write_all(fd, zeros, sizeof(zeros));
+		(void)bw_write_all(fd, zeros, sizeof(zeros));
 		(void)fsync(fd);
 		close(fd);
 	}

@@ -22,27 +22,25 @@
  * than this while a call is active */
 #define CURL_BLIND_MS 50
 
+static const char *const status_names[] = {
+#define BW__SNA_STATUS_NAME(name, text) text,
+	BW_SNA_STATUS_MAP(BW__SNA_STATUS_NAME)
+#undef BW__SNA_STATUS_NAME
+};
+
 const char *bw_sna_status_name(enum bw_sna_status s)
 {
-	switch (s) {
-#define BW__SNA_STATUS_NAME(name, text)                                                            \
-	case BW_SNA_##name:                                                                        \
-		return text;
-		BW_SNA_STATUS_MAP(BW__SNA_STATUS_NAME)
-#undef BW__SNA_STATUS_NAME
-	}
-	return "unknown";
+	return (unsigned)s < BW_NAMES(status_names) ? status_names[s] : "unknown";
 }
 
 static bool status_parse(const char *s, size_t n, enum bw_sna_status *out)
 {
-#define BW__SNA_STATUS_PARSE(name, text)                                                           \
-	if (n == sizeof(text) - 1 && memcmp(s, text, n) == 0) {                                    \
-		*out = BW_SNA_##name;                                                              \
-		return true;                                                                       \
+	for (unsigned i = 0; i < BW_NAMES(status_names); i++) {
+		if (strlen(status_names[i]) == n && memcmp(s, status_names[i], n) == 0) {
+			*out = (enum bw_sna_status)i;
+			return true;
+		}
 	}
-	BW_SNA_STATUS_MAP(BW__SNA_STATUS_PARSE)
-#undef BW__SNA_STATUS_PARSE
 	return false;
 }
 

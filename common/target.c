@@ -140,12 +140,50 @@ static int write_qcow2(int fd, int64_t size, const char *backing, char *err, siz
 	return rc;
 }
 
+/* The descriptors of an image's directories: the repository, the VM's, the disk's. */
+struct disk_dir {
+	int repo, vm, key;
+};
+
+static void disk_dir_close(struct disk_dir *d)
+{
+	if (d->key >= 0)
+		close(d->key);
+	if (d->vm >= 0)
+		close(d->vm);
+	if (d->repo >= 0)
+		close(d->repo);
+}
+
+/*
+ * Opens <repository>/<vm dir>/<key>/ one component at a time, never following a symlink
+ * below the repository (create: making what is missing). On failure every descriptor
+ * opened is closed and err says why.
+ */
+static int disk_dir_open(const struct bw_target *t, bool create, struct disk_dir *d, char *err,
+			 size_t errsize)
+{
+	char key[24];
+	int rc;
+	*d = (struct disk_dir){-1, -1, -1};
+	snprintf(key, sizeof(key), "%" PRId64, t->key);
+	d->repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (d->repo < 0) {
+		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
+		return bw_err_from_errno(errno);
+	}
+	if ((rc = subdir(d->repo, t->vm_dir, create, &d->vm, err, errsize)) != 0 ||
+	    (rc = subdir(d->vm, key, create, &d->key, err, errsize)) != 0)
+		disk_dir_close(d);
+	return rc;
+}
+
 /* The directories and the image (O_EXCL: a new file), without following symlinks. */
 int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 {
-	char path[PATH_MAX], key[24], file[160], backing[PATH_MAX];
-	int repo = -1, vm = -1, kd = -1, fd = -1;
-	int rc;
+	char path[PATH_MAX], file[160], backing[PATH_MAX];
+	struct disk_dir d;
+	int fd = -1, rc;
 
 	if ((rc = bw_target_path(t, path, sizeof(path))) != 0) {
 		snprintf(err, errsize, "image path too long");
@@ -157,72 +195,40 @@ int bw_target_create(const struct bw_target *t, char *err, size_t errsize)
 		snprintf(err, errsize, "parent path too long");
 		return BW_ERANGE;
 	}
-	snprintf(key, sizeof(key), "%" PRId64, t->key);
 	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
-	repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (repo < 0) {
-		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
-		rc = bw_err_from_errno(errno);
-		goto out;
-	}
-	if ((rc = subdir(repo, t->vm_dir, true, &vm, err, errsize)) != 0 ||
-	    (rc = subdir(vm, key, true, &kd, err, errsize)) != 0)
-		goto out;
-	fd = openat(kd, file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, t->mode);
+	if ((rc = disk_dir_open(t, true, &d, err, errsize)) != 0)
+		return rc;
+	fd = openat(d.key, file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, t->mode);
 	if (fd < 0) {
 		snprintf(err, errsize, "%s: %s", path, strerror(errno));
 		rc = errno == EEXIST ? BW_EEXIST : bw_err_from_errno(errno);
-		goto out;
-	}
-	if (fchmod(fd, t->mode) != 0) { /* the umask may have taken bits away */
+	} else if (fchmod(fd, t->mode) != 0) { /* the umask may have taken bits away */
 		snprintf(err, errsize, "chmod %s: %s", path, strerror(errno));
 		rc = BW_EIO;
 	} else {
 		rc = write_qcow2(fd, t->size_bytes, t->parent_path ? backing : NULL, err, errsize);
 	}
-	if (rc != 0)
-		unlinkat(kd, file, 0); /* nothing is left behind */
-out:
+	if (fd >= 0 && rc != 0)
+		unlinkat(d.key, file, 0); /* nothing is left behind */
 	if (fd >= 0)
 		close(fd);
-	if (kd >= 0)
-		close(kd);
-	if (vm >= 0)
-		close(vm);
-	if (repo >= 0)
-		close(repo);
+	disk_dir_close(&d);
 	return rc;
 }
 
 int bw_target_remove(const struct bw_target *t, char *err, size_t errsize)
 {
-	char key[24], file[160];
-	int repo = -1, vm = -1, kd = -1, rc = 0;
-	snprintf(key, sizeof(key), "%" PRId64, t->key);
+	char file[160];
+	struct disk_dir d;
 	snprintf(file, sizeof(file), "%s.qcow2", t->job_id);
-	repo = open(t->repository, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (repo < 0) {
-		snprintf(err, errsize, "repository %s: %s", t->repository, strerror(errno));
-		rc = errno == ENOENT ? 0 : bw_err_from_errno(errno);
-		goto out;
-	}
-	if ((rc = subdir(repo, t->vm_dir, false, &vm, err, errsize)) != 0 ||
-	    (rc = subdir(vm, key, false, &kd, err, errsize)) != 0) {
-		if (rc == BW_ENOENT)
-			rc = 0; /* nothing there: nothing to remove */
-		goto out;
-	}
-	if (unlinkat(kd, file, 0) != 0 && errno != ENOENT) {
+	int rc = disk_dir_open(t, false, &d, err, errsize);
+	if (rc != 0)
+		return rc == BW_ENOENT ? 0 : rc; /* nothing there: nothing to remove */
+	if (unlinkat(d.key, file, 0) != 0 && errno != ENOENT) {
 		snprintf(err, errsize, "unlink %s: %s", file, strerror(errno));
 		rc = bw_err_from_errno(errno);
 	}
-out:
-	if (kd >= 0)
-		close(kd);
-	if (vm >= 0)
-		close(vm);
-	if (repo >= 0)
-		close(repo);
+	disk_dir_close(&d);
 	return rc;
 }
 

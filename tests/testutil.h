@@ -47,22 +47,6 @@ static inline int bw_test_child_reaped(pid_t *pids, int n, pid_t pid, int status
 	return -1;
 }
 
-/* Writes all of buf to fd (retrying short writes and EINTR); 0, or -1 on an error. */
-static inline int bw_test_write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-	while (len > 0) {
-		ssize_t w = write(fd, p, len);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return -1;
-		p += w;
-		len -= (size_t)w;
-	}
-	return 0;
-}
-
 /* Writes text to path (created or emptied) and gives it mode; 0, or -1 on an error. */
 static inline int bw_test_write_file(const char *path, const char *text, mode_t mode)
 {

@@ -192,6 +192,14 @@ void job_fail(struct job *j, enum bw_fail_reason reason, const char *fmt, ...)
 	}
 }
 
+/* Disk d makes the job fail: its error kept for backup.failed's disks[], then job_fail. */
+static void fail_disk(struct job *j, struct job_disk *d, enum bw_fail_reason reason,
+		      const char *what, const char *err)
+{
+	copy_text(d->error, sizeof(d->error), err);
+	job_fail(j, reason, "disk %" PRId64 ": %s%s", d->key, what, err);
+}
+
 static void cleanup_done_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
@@ -395,11 +403,10 @@ static void create_targets(struct job *j)
 				      d->size_bytes, d->parent_path, IMAGE_MODE};
 		int rc = bw_target_create(&t, err, sizeof(err));
 		if (rc != 0) {
-			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, rc == BW_EPERM || rc == BW_EEXIST || rc == BW_EINVAL
-				    ? BW_FAIL_TARGET_ERROR
-				    : BW_FAIL_INTERNAL_ERROR,
-				 "disk %" PRId64 ": %s", d->key, err);
+			fail_disk(j, d, rc == BW_EPERM || rc == BW_EEXIST || rc == BW_EINVAL
+						? BW_FAIL_TARGET_ERROR
+						: BW_FAIL_INTERNAL_ERROR,
+				  "", err);
 			return;
 		}
 		d->created = true;
@@ -461,11 +468,10 @@ static void start_servers(struct job *j)
 			continue;
 		int rc = bw_target_check_chain(j->repository, d->parent_path, NULL, err, sizeof(err));
 		if (rc != 0) {
-			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, rc == BW_EIO || rc == BW_ENOMEM || rc == BW_ESYS
-					    ? BW_FAIL_INTERNAL_ERROR
-					    : BW_FAIL_TARGET_ERROR,
-				 "disk %" PRId64 ": parent %s", d->key, err);
+			fail_disk(j, d, rc == BW_EIO || rc == BW_ENOMEM || rc == BW_ESYS
+						? BW_FAIL_INTERNAL_ERROR
+						: BW_FAIL_TARGET_ERROR,
+				  "parent ", err);
 			return;
 		}
 	}
@@ -473,8 +479,7 @@ static void start_servers(struct job *j)
 		if (spawn_disk(j, &j->disks[i], err, sizeof(err)) != 0) {
 			if (record_servers(j) != 0)
 				bw_log_warnx("job=%s ledger: cannot record its servers", j->spec->job_id);
-			copy_text(j->disks[i].error, sizeof(j->disks[i].error), err);
-			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", j->disks[i].key, err);
+			fail_disk(j, &j->disks[i], BW_FAIL_QEMU_NBD_FAILED, "", err);
 			return;
 		}
 		crash_point("spawned", i + 1);
@@ -607,8 +612,7 @@ static void poll_servers(struct job *j, int64_t now)
 				snprintf(err, sizeof(err), "port %d taken and no other port free", old);
 			}
 		}
-		copy_text(d->error, sizeof(d->error), err);
-		job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", d->key, err);
+		fail_disk(j, d, BW_FAIL_QEMU_NBD_FAILED, "", err);
 		return;
 	}
 	if (all) {
@@ -700,16 +704,14 @@ static void finalize_step(struct job *j, struct job_disk *d)
 			return;
 		}
 		if (rc != 0) {
-			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": stop: %s", d->key, err);
+			fail_disk(j, d, BW_FAIL_QEMU_NBD_FAILED, "stop: ", err);
 			return;
 		}
 		bw_nbd_release(&d->nbd);
 		rc = bw_image_check_start(w->cfg->nbd_qemu_img, d->qcow2_path, log, &d->check_pid,
 					  err, sizeof(err));
 		if (rc != 0) {
-			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, BW_FAIL_CHECK_FAILED, "disk %" PRId64 ": %s", d->key, err);
+			fail_disk(j, d, BW_FAIL_CHECK_FAILED, "", err);
 			return;
 		}
 		d->check_by_ms = bw_clock_mono_ms() + CHECK_MS;
@@ -728,8 +730,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	}
 	d->check_pid = 0;
 	if (rc != 0) {
-		copy_text(d->error, sizeof(d->error), err);
-		job_fail(j, BW_FAIL_CHECK_FAILED, "disk %" PRId64 ": %s", d->key, err);
+		fail_disk(j, d, BW_FAIL_CHECK_FAILED, "", err);
 		return;
 	}
 	unlink(log);
@@ -992,8 +993,7 @@ static void follow(struct job *j, int64_t now)
 			if (d->nbd.status != -1)
 				bw_status_text(d->nbd.status, what, sizeof(what));
 			snprintf(err, sizeof(err), "qemu-nbd pid %ld %s", (long)d->nbd.pid, what);
-			copy_text(d->error, sizeof(d->error), err);
-			job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "disk %" PRId64 ": %s", d->key, err);
+			fail_disk(j, d, BW_FAIL_QEMU_NBD_FAILED, "", err);
 			return;
 		}
 		all &= d->completed;

@@ -2,6 +2,7 @@
 #include "error.h"
 #include "ledger.h"
 #include "ledger_views.h"
+#include "io.h"
 #include "../testutil.h"
 
 #include <errno.h>
@@ -509,8 +510,8 @@ static int write_result(const struct child *c)
 	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 	if (fd < 0)
 		return -1;
-	if (bw_test_write_all(fd, &c->res, sizeof(c->res)) == 0 &&
-	    bw_test_write_all(fd, c->samples, c->res.n_samples * sizeof(uint64_t)) == 0)
+	if (bw_write_all(fd, &c->res, sizeof(c->res)) == 0 &&
+	    bw_write_all(fd, c->samples, c->res.n_samples * sizeof(uint64_t)) == 0)
 		rc = 0;
 	if (close(fd) != 0)
 		rc = -1;
@@ -529,7 +530,7 @@ static int child_main(struct child *c, int ready_fd, int go_fd)
 	c->res.magic = RESULT_MAGIC;
 	setup = c->o->mode == MODE_LEDGER ? ledger_setup(c) : raw_setup(c);
 	c->res.setup_ok = setup == 0;
-	(void)bw_test_write_all(ready_fd, &byte, 1);
+	(void)bw_write_all(ready_fd, &byte, 1);
 	close(ready_fd);
 	while (read(go_fd, &byte, 1) < 0 && errno == EINTR)
 		;

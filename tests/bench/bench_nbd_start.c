@@ -3,6 +3,7 @@
 #include "error.h"
 #include "nbd.h"
 #include "target.h"
+#include "io.h"
 #include "../testutil.h"
 
 #include <errno.h>
@@ -160,7 +161,7 @@ static int cmd_gen(int argc, char **argv)
 				buf[j] = splitmix64(&state);
 			n_random++;
 		}
-		if (bw_test_write_all(fd, random_chunk ? buf : zero, CHUNK) != 0) {
+		if (bw_write_all(fd, random_chunk ? buf : zero, CHUNK) != 0) {
 			fprintf(stderr, "gen: write %s: %s\n", argv[0], strerror(errno));
 			goto out;
 		}

@@ -254,6 +254,27 @@ def leftovers(env):
     return out
 
 
+def compare_images(env, jid, evs, failures, what=None):
+    """Each completed disk's image of job jid against the SNA's snapshot of it (qemu-img
+    compare); returns the paths of the images compared."""
+    what = what or jid
+    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == jid]
+    done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
+    if len(snaps) != 1:
+        failures.append(f"{what}: {len(snaps)} snapshots (want 1)")
+        return set()
+    compared = set()
+    for key, d in snaps[0]["disks"].items():
+        if int(key) not in done:
+            continue
+        img = done[int(key)]["qcow2_path"]
+        compared.add(img)
+        r = subprocess.run(["qemu-img", "compare", "-q", d["path"], img], capture_output=True, text=True)
+        if r.returncode != 0:
+            failures.append(f"{what}: disk {key} differs from its snapshot {r.stderr.strip()[:200]}")
+    return compared
+
+
 def images(env):
     found = []
     for d, _, files in os.walk(env.repo):
@@ -288,10 +309,8 @@ def case_full_and_incremental(env, failures):
     if len(starts) != 1 or len(snaps) != 1:
         failures.append(f"full: {len(starts)} start requests, {len(snaps)} snapshots (want 1, 1)")
     done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
-    for key, d in snaps[0]["disks"].items():
-        r = subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]])
-        if r.returncode != 0:
-            failures.append(f"full: disk {key} differs from its snapshot")
+    if len(compare_images(env, "e2e-full-1", evs, failures, "full")) != 3:
+        failures.append(f"full: disks completed {sorted(done)}")
     failures += [f"full: {x}" for x in leftovers(env)]
     logs = [f for f in os.listdir(os.path.join(env.state, "logs")) if f.startswith("e2e-full-1-")]
     if logs:
@@ -498,11 +517,8 @@ def case_tls_exports(env, failures):
         failures.append(f"tls: not completed: {env.job_events('e2e-tls-1')[-1]}")
         return
     evs = check_events(env, "e2e-tls-1", failures)
-    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == "e2e-tls-1"]
-    done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
-    for key, d in snaps[0]["disks"].items():
-        if subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]]).returncode:
-            failures.append(f"tls: disk {key} differs from its snapshot")
+    if len(compare_images(env, "e2e-tls-1", evs, failures, "tls")) != 2:
+        failures.append("tls: not every disk completed")
     failures += [f"tls: {x}" for x in leftovers(env)]
 
 

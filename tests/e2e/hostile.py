@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
-from e2e import Env, MiB, check_events, images, leftovers, run_suite, summary, vm_message  # noqa: E402
+from e2e import Env, MiB, check_events, compare_images, images, leftovers, run_suite, summary, vm_message  # noqa: E402
 
 # not e2e.py's (22300-) nor recovery.py's (22320-) ports: ctest may run them at once. 48 ports:
 # 16 jobs of 2 disks at once (2 workers x 8 jobs).
@@ -167,22 +167,6 @@ def check_bounded(evs, jid, failures):
 
 def progress_requests(env, jid):
     return [r for r in env.sim_get("/_sim/requests")["requests"] if r["path"] == f"/api/v1/progress/{jid}"]
-
-
-def compare_images(env, jid, evs, failures):
-    snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == jid]
-    done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
-    if len(snaps) != 1:
-        failures.append(f"{jid}: {len(snaps)} snapshots (want 1)")
-        return
-    for key, d in snaps[0]["disks"].items():
-        if int(key) not in done:
-            continue
-        r = subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            failures.append(f"{jid}: disk {key}: the image differs from the SNA's snapshot "
-                            f"(completed before the copy ended?) {r.stderr.strip()[:200]}")
 
 
 def run_jobs(env, jobs, failures):

@@ -119,16 +119,10 @@ def check_job(env, job_id, want, failures, reason=None, adopter=None):
         failures.append(f"{job_id}: last event by {evs[-1]['worker_id']}, want {adopter}")
     kept = set()
     if want == "completed":
-        snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == job_id]
         done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
-        if len(snaps) != 1 or sorted(done) != sorted(KEYS):
-            failures.append(f"{job_id}: {len(snaps)} snapshots, disks completed {sorted(done)}")
-        else:
-            for key, d in snaps[0]["disks"].items():
-                img = done[int(key)]["qcow2_path"]
-                kept.add(img)
-                if subprocess.run(["qemu-img", "compare", "-q", d["path"], img]).returncode:
-                    failures.append(f"{job_id}: disk {key} differs from its snapshot")
+        kept = e2e.compare_images(env, job_id, evs, failures)
+        if sorted(done) != sorted(KEYS):
+            failures.append(f"{job_id}: disks completed {sorted(done)}")
     else:
         kept = {e["qcow2_path"] for e in evs if e["event"] == "backup.disk.completed"}
     stray = [f for f in images(env) if f"/{job_id}.qcow2" in f and f not in kept]

@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 
@@ -136,11 +135,7 @@ def run_job(env, failures, job_id, want, sna_url=None, sna_lines=(), worker_env=
             failures.append(f"{job_id}: {got}, want completed: "
                             + (f"{failed[0]['reason']}: {failed[0]['message']}" if failed else "no terminal event"))
         else:
-            snaps = [s for s in env.sim_get("/_sim/snapshots")["snapshots"] if s["job_id"] == job_id]
-            done = {e["key"]: e for e in evs if e["event"] == "backup.disk.completed"}
-            for key, d in (snaps[0]["disks"].items() if snaps else []):
-                if subprocess.run(["qemu-img", "compare", "-q", d["path"], done[int(key)]["qcow2_path"]]).returncode:
-                    failures.append(f"{job_id}: disk {key} differs from its snapshot")
+            e2e.compare_images(env, job_id, evs, failures)
         if len(starts) != 1:
             failures.append(f"{job_id}: the simulator got {len(starts)} start requests (want 1)")
     else:
