@@ -197,31 +197,44 @@ static void trust_text(char *buf, size_t size, const char *ca_file)
 		 dir ? "$SSL_CERT_DIR=" : "", dir ? dir : X509_get_default_cert_dir());
 }
 
-static amqp_table_entry_t entry_bool(const char *k, bool v)
+/*
+ * The next frame, taken without waiting from what is buffered or readable (which also
+ * sends a due heartbeat): 1 with *f, 0 when there is none, BW_EAMQP when the connection
+ * broke (c->lost set, err says how).
+ */
+static int next_frame(struct bw_amqp *c, amqp_frame_t *f, char *err, size_t errsize)
 {
-	amqp_table_entry_t e;
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
-	e.value.value.boolean = v;
-	return e;
+	struct timeval zero = {0, 0};
+	int st = amqp_simple_wait_frame_noblock(c->conn, f, &zero);
+	if (st == AMQP_STATUS_TIMEOUT)
+		return 0;
+	if (st != AMQP_STATUS_OK) {
+		snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
+		c->lost = true;
+		return BW_EAMQP;
+	}
+	return 1;
 }
 
-static amqp_table_entry_t entry_str(const char *k, const char *v)
+/* A field table entry: key k with value v (borrowed). */
+static amqp_table_entry_t entry(const char *k, amqp_field_value_t v)
 {
-	amqp_table_entry_t e;
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_UTF8;
-	e.value.value.bytes = amqp_cstring_bytes(v);
-	return e;
+	return (amqp_table_entry_t){amqp_cstring_bytes(k), v};
 }
 
-static amqp_table_entry_t entry_i64(const char *k, int64_t v)
+static amqp_field_value_t bool_value(bool b)
 {
-	amqp_table_entry_t e;
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_I64;
-	e.value.value.i64 = v;
-	return e;
+	return (amqp_field_value_t){.kind = AMQP_FIELD_KIND_BOOLEAN, .value.boolean = b};
+}
+
+static amqp_field_value_t str_value(const char *s)
+{
+	return (amqp_field_value_t){.kind = AMQP_FIELD_KIND_UTF8, .value.bytes = amqp_cstring_bytes(s)};
+}
+
+static amqp_field_value_t i64_value(int64_t i)
+{
+	return (amqp_field_value_t){.kind = AMQP_FIELD_KIND_I64, .value.i64 = i};
 }
 
 int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *err, size_t errsize)
@@ -286,14 +299,14 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 	amqp_set_rpc_timeout(c->conn, &tv);
 
 	amqp_table_entry_t caps[] = {
-		entry_bool("consumer_cancel_notify", true),
-		entry_bool("connection.blocked", true),
-		entry_bool("publisher_confirms", true),
-		entry_bool("basic.nack", true),
-		entry_bool("authentication_failure_close", true),
+		entry("consumer_cancel_notify", bool_value(true)),
+		entry("connection.blocked", bool_value(true)),
+		entry("publisher_confirms", bool_value(true)),
+		entry("basic.nack", bool_value(true)),
+		entry("authentication_failure_close", bool_value(true)),
 	};
-	amqp_table_entry_t props[3] = {entry_str("product", "bw"),
-				       entry_str("connection_name", o->name ? o->name : "bw")};
+	amqp_table_entry_t props[3] = {entry("product", str_value("bw")),
+				       entry("connection_name", str_value(o->name ? o->name : "bw"))};
 	props[2].key = amqp_cstring_bytes("capabilities");
 	props[2].value.kind = AMQP_FIELD_KIND_TABLE;
 	props[2].value.value.table.num_entries = (int)(sizeof(caps) / sizeof(caps[0]));
@@ -399,14 +412,14 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 		    size_t errsize)
 {
 	amqp_table_entry_t qargs[] = {
-		entry_str("x-queue-type", "quorum"),
-		entry_i64("x-delivery-limit", t->delivery_limit),
-		entry_str("x-dead-letter-exchange", t->dlx),
-		entry_str("x-dead-letter-strategy", "at-least-once"),
+		entry("x-queue-type", str_value("quorum")),
+		entry("x-delivery-limit", i64_value(t->delivery_limit)),
+		entry("x-dead-letter-exchange", str_value(t->dlx)),
+		entry("x-dead-letter-strategy", str_value("at-least-once")),
 		/* without reject-publish the broker silently falls back to at-most-once */
-		entry_str("x-overflow", "reject-publish"),
+		entry("x-overflow", str_value("reject-publish")),
 	};
-	amqp_table_entry_t dargs[] = {entry_str("x-queue-type", "quorum")};
+	amqp_table_entry_t dargs[] = {entry("x-queue-type", str_value("quorum"))};
 	amqp_table_t qtable = {(int)(sizeof(qargs) / sizeof(qargs[0])), qargs};
 	amqp_table_t dtable = {1, dargs};
 	int rc;
@@ -568,17 +581,12 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 		}
 	}
 	for (int n = 0; n < POLL_FRAMES; n++) {
-		/* zero wait: takes what is buffered or readable, sends a due heartbeat */
 		amqp_frame_t f;
-		struct timeval zero = {0, 0};
-		int st = amqp_simple_wait_frame_noblock(c->conn, &f, &zero);
-		if (st == AMQP_STATUS_TIMEOUT)
-			return 0;
-		if (st != AMQP_STATUS_OK) {
-			snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
-			inbound_reset(c);
-			c->lost = true;
-			return BW_EAMQP;
+		int next = next_frame(c, &f, err, errsize);
+		if (next <= 0) {
+			if (next < 0)
+				inbound_reset(c);
+			return next;
 		}
 		int rc = inbound_frame(c, &f, d, got, err, errsize);
 		if (c->lost)
@@ -784,15 +792,11 @@ int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, c
 	amqp_maybe_release_buffers(c->conn);
 	for (;;) {
 		amqp_frame_t f;
-		struct timeval zero = {0, 0};
-		int st = amqp_simple_wait_frame_noblock(c->conn, &f, &zero);
-		if (st == AMQP_STATUS_TIMEOUT)
-			return 0;
-		if (st != AMQP_STATUS_OK) {
-			snprintf(err, errsize, "reading a frame: %s", amqp_error_string2(st));
-			c->lost = true;
-			settle_all_failed(c, cb, arg, "connection lost");
-			return BW_EAMQP;
+		int next = next_frame(c, &f, err, errsize);
+		if (next <= 0) {
+			if (next < 0)
+				settle_all_failed(c, cb, arg, "connection lost");
+			return next;
 		}
 		int rc = handle_frame(c, &f, cb, arg, err, errsize);
 		if (rc != 0) {

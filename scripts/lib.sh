@@ -15,3 +15,10 @@ check_summary() {
 	echo "$pass passed, $fail failed"
 	[ "$fail" -eq 0 ]
 }
+
+# stop_pid_remove_tmp: an EXIT trap for a test with one child ($pid, maybe empty) and one
+# scratch directory ($tmp): stops the child, waits for it, removes the directory.
+stop_pid_remove_tmp() {
+	[ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+	rm -rf "$tmp"
+}

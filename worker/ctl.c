@@ -6,6 +6,7 @@
 #include "log.h"
 #include "message.h"
 #include "proc.h"
+#include "cli.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -100,10 +101,7 @@ static int validate_file(const char *file, const struct bw_config *cfg, bool ver
 	struct bw_verdict *vd = NULL;
 	size_t max = cfg ? (size_t)cfg->job_max_message_bytes : BW_MESSAGE_MAX_BYTES_DEFAULT;
 	int status = EXIT_USAGE;
-	if (bw_proc_undumpable() != 0) { /* it reads the same config and its secrets */
-		fprintf(stderr, "bw-ctl: cannot make the process undumpable: %s\n", strerror(errno));
-		return EXIT_USAGE;
-	}
+
 
 	int rc = read_all(file, &body, &len);
 	if (rc != 0) {
@@ -321,17 +319,17 @@ int main(int argc, char **argv)
 	int opt;
 
 	bw_log_init("bw-ctl", BW_LOG_WARN, false);
+	if (bw_proc_undumpable() != 0) { /* it reads the same config and its secrets */
+		bw_log_warn("cannot make the process undumpable");
+		return EXIT_USAGE;
+	}
 	sets = calloc((size_t)argc, sizeof(*sets));
 	if (sets == NULL)
 		return EXIT_USAGE;
 	while ((opt = getopt_long(argc, argv, "+c:s:h", opts, NULL)) != -1) {
+		if (cli_config_option(opt, &config_path, sets, &nsets))
+			continue;
 		switch (opt) {
-		case 'c':
-			config_path = optarg;
-			break;
-		case 's':
-			sets[nsets++] = optarg;
-			break;
 		case 'h':
 			usage(stdout);
 			status = 0;

@@ -4,6 +4,7 @@
 #include "ledger.h"
 #include "log.h"
 #include "proc.h"
+#include "cli.h"
 #include "worker.h"
 
 #include <getopt.h>
@@ -120,13 +121,9 @@ int main(int argc, char **argv)
 	if (sets == NULL)
 		return 2;
 	while ((opt = getopt_long(argc, argv, "c:s:h", opts, NULL)) != -1) {
+		if (cli_config_option(opt, &config_path, sets, &nsets))
+			continue;
 		switch (opt) {
-		case 'c':
-			config_path = optarg;
-			break;
-		case 's':
-			sets[nsets++] = optarg;
-			break;
 		case 'k':
 			check_only = true;
 			break;

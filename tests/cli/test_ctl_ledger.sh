@@ -5,12 +5,8 @@ ctl=$1
 fixture=$2
 tmp=$(mktemp -d)
 fifo=$tmp/hold
-fixture_pid=
-cleanup() {
-	[ -n "$fixture_pid" ] && kill "$fixture_pid" 2>/dev/null && wait "$fixture_pid" 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
+pid=
+trap stop_pid_remove_tmp EXIT
 . "$(dirname "$0")/../../scripts/lib.sh"
 py() { /usr/bin/python3 -c "$@"; }
 
@@ -22,7 +18,7 @@ check "no ledger: nothing created" [ ! -e "$tmp/ledger.db" ]
 
 mkfifo "$fifo"
 "$fixture" "$tmp/ledger.db" "$tmp" <"$fifo" >"$tmp/fixture.out" &
-fixture_pid=$!
+pid=$!
 exec 3>"$fifo"
 for _ in $(seq 100); do grep -q ready "$tmp/fixture.out" 2>/dev/null && break; sleep 0.05; done
 check "fixture ready" grep -q "ready 10100 10101" "$tmp/fixture.out"
@@ -59,8 +55,8 @@ check "show unknown job: exit 1" [ $? -eq 1 ]
 check "show without JOB: exit 2" [ $? -eq 2 ]
 
 exec 3>&-
-wait "$fixture_pid"
-fixture_pid=
+wait "$pid"
+pid=
 out=$("$ctl" --config "$tmp/bw.conf" workers --json)
 check "workers: dead once the process is gone" py '
 import json, sys

@@ -9,11 +9,7 @@ secret=Qv4-worker-log-secret
 uid=65534
 tmp=$(mktemp -d)
 pid=
-cleanup() {
-	[ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
+trap stop_pid_remove_tmp EXIT
 . "$(dirname "$0")/../../scripts/lib.sh"
 if ! command -v setpriv >/dev/null || [ "$(id -u)" -ne 0 ]; then
 	echo "needs root and setpriv (util-linux): skipped"
