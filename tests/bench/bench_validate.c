@@ -81,8 +81,9 @@ static void pad_to(struct bw_buf *b, size_t bytes)
 
 /*
  * A valid job at its largest: 32 tags of 256 characters, 64 disks with 255-character
- * labels, then unknown fields filling the rest: ~60,000 top-level members of ~100 bytes,
- * an array of small objects, and one long string to the exact size.
+ * labels, then unknown fields filling the rest: 20,000 top-level members of ~100 bytes,
+ * an array of 15,000 small objects (about 80,000 values in all: under BW_JSON_MAX_VALUES),
+ * and one long string to the exact size.
  */
 static size_t gen_valid(struct bw_buf *b, size_t bytes)
 {
@@ -102,10 +103,10 @@ static size_t gen_valid(struct bw_buf *b, size_t bytes)
 			      i ? "," : "", 2000 + i, (int64_t)(i + 1) * 1073741824, text, i / 16,
 			      i % 16);
 	bw_buf_puts(b, "]");
-	for (int i = 0; i < 60000; i++)
+	for (int i = 0; i < 20000; i++)
 		bw_buf_printf(b, ",\"x_field_%06d\":\"%.80s\"", i, text);
 	bw_buf_puts(b, ",\"x_history\":[");
-	for (int i = 0; b->len < bytes / 4 * 3 && !b->failed; i++)
+	for (int i = 0; i < 15000 && b->len < bytes / 4 * 3 && !b->failed; i++)
 		bw_buf_printf(b, "%s{\"t\":%d,\"ok\":true,\"note\":\"n%d\"}", i ? "," : "", i, i);
 	bw_buf_puts(b, "],\"x_pad\":\"");
 	while (b->len + 2 < bytes && !b->failed)
@@ -214,9 +215,10 @@ static void measure(const struct bench_case *bc, const struct bw_buf *b, bool js
 		int jrc = bw_json_parse_strict(b->data, b->len, &doc, why, sizeof(why));
 		res->json_ms = (double)(now_ns() - t0) / 1e6;
 		json_object_put(doc);
-		res->ok = jrc == 0;
+		/* a hostile body may be refused by the JSON pass itself (BW_JSON_MAX_VALUES) */
+		res->ok = jrc == 0 || (!bc->valid && jrc == BW_EJSON);
 		if (jrc != 0)
-			fprintf(stderr, "bench_validate: %s: not JSON: %s\n", bc->name, why);
+			fprintf(stderr, "bench_validate: %s: the JSON pass: %s\n", bc->name, why);
 		return;
 	}
 	int64_t t0 = now_ns();
