@@ -67,6 +67,7 @@ class Env:
     def connect(self):
         """The broker connection, and e2e.events bound to every event."""
         self.conn = pika.BlockingConnection(pika.URLParameters(URL))
+        self.pub = None  # publish() opens a confirmed channel on this connection
         self.ch = self.conn.channel()
         self.ch.exchange_declare("backup.events", "topic", durable=True)
         self.ch.queue_declare("e2e.events", durable=True)
@@ -147,9 +148,27 @@ repo-001 = {self.repo}
         with urllib.request.urlopen(req, timeout=30, context=self.sim_ctx) as r:
             return json.loads(r.read() or b"{}")
 
-    def publish(self, msg):
-        self.ch.basic_publish("backup.jobs", "backup.start", json.dumps(msg).encode(),
-                              pika.BasicProperties(delivery_mode=2, content_type="application/json"))
+    def publish(self, msg, timeout=30):
+        """Publishes a backup.start, confirmed and routed: a worker may have declared the
+        queue but not yet bound it, and an unroutable message would be dropped silently."""
+        if self.pub is None:
+            self.pub = self.conn.channel()
+            self.pub.confirm_delivery()
+        end = time.time() + timeout
+        while True:
+            try:
+                self.pub.basic_publish("backup.jobs", "backup.start", json.dumps(msg).encode(),
+                                       pika.BasicProperties(delivery_mode=2,
+                                                            content_type="application/json"),
+                                       mandatory=True)
+                return
+            except (pika.exceptions.UnroutableError, pika.exceptions.ChannelClosedByBroker):
+                if time.time() > end:
+                    raise AssertionError("backup.start could not be routed to a queue")
+                if self.pub.is_closed:
+                    self.pub = self.conn.channel()
+                    self.pub.confirm_delivery()
+                time.sleep(0.1)
 
     def wait_queue(self):
         for _ in range(200):
