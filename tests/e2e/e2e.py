@@ -253,7 +253,22 @@ def check_events(env, job_id, failures):
     for e in evs:
         for err in schemas.check(e["event"], e):
             failures.append(f"{job_id}: {e['event_id']}: {err}")
+    check_requests(env, job_id, failures)
     return evs
+
+
+def check_requests(env, job_id, failures):
+    """Every start and cleanup request the simulator got for job_id held to schemas/sna/
+    (the simulator records what jsonschema says of each body once it has answered; None: it
+    could not check)."""
+    for r in env.sim_get("/_sim/requests")["requests"]:
+        if (r.get("body") or {}).get("job_id") != job_id or not r["path"].endswith(("/backup/start", "/cleanup")):
+            continue
+        if r.get("status") is None:
+            continue  # still being answered (a hanging SNA): checked once it is
+        errs = r.get("contract_errors")
+        if errs is None or errs:
+            failures.append(f"{job_id}: {r['path']} body against schemas/sna/: {errs}")
 
 
 def leftovers(env):
