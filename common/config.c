@@ -48,6 +48,8 @@ static const char *check_program(const char *v);
 static const char *check_token(const char *v);
 static const char *check_log_level(const char *v);
 static const char *check_nbd_tls(const char *v);
+static const char *check_listen(const char *v);
+static const char *check_log_format(const char *v);
 
 #define OFF(f) offsetof(struct bw_config, f)
 
@@ -61,6 +63,8 @@ static const struct key_def keys[] = {
 	 check_amqp_name, false},
 	{"amqp", "dlx", T_STR, OFF(amqp_dlx), "backup.dlx", 0, 0, check_amqp_name, false},
 	{"amqp", "dlq", T_STR, OFF(amqp_dlq), "backup.start.dlq", 0, 0, check_amqp_name, false},
+	{"amqp", "control_exchange", T_STR, OFF(amqp_control_exchange), "backup.control", 0, 0,
+	 check_amqp_name, false},
 	{"amqp", "heartbeat_s", T_INT, OFF(amqp_heartbeat_s), "30", 1, 600, NULL, false},
 	{"amqp", "prefetch", T_INT, OFF(amqp_prefetch), NULL, 1, 65535, NULL, false},
 	{"amqp", "delivery_limit", T_INT, OFF(amqp_delivery_limit), "5", 1, 1000, NULL, false},
@@ -83,6 +87,8 @@ static const struct key_def keys[] = {
 	 false},
 
 	{"ledger", "path", T_STR, OFF(ledger_path), NULL, 0, 0, check_abs_path, false},
+	{"ledger", "retention_days", T_INT, OFF(ledger_retention_days), "14", 1, 36500, NULL,
+	 false},
 
 	{"nbd", "port_min", T_INT, OFF(nbd_port_min), "10100", 1, 65535, NULL, false},
 	{"nbd", "port_max", T_INT, OFF(nbd_port_max), "10200", 1, 65535, NULL, false},
@@ -119,9 +125,14 @@ static const struct key_def keys[] = {
 	{"job", "port_wait_s", T_INT, OFF(job_port_wait_s), "600", 0, 86400, NULL, false},
 	{"job", "max_message_bytes", T_INT, OFF(job_max_message_bytes), "262144", 1024,
 	 16777216, NULL, false},
+	{"job", "cancel_memory_s", T_INT, OFF(job_cancel_memory_s), "86400", 0, 31536000, NULL,
+	 false},
+
+	{"metrics", "listen", T_STR, OFF(metrics_listen), "", 0, 0, check_listen, false},
 
 	{"log", "level", T_STR, OFF(log_level), "info", 0, 0, check_log_level, false},
 	{"log", "timestamps", T_BOOL, OFF(log_timestamps), "true", 0, 0, NULL, false},
+	{"log", "format", T_STR, OFF(log_format), "text", 0, 0, check_log_format, false},
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -351,6 +362,47 @@ static const char *check_host(const char *v)
 		if (!isalnum((unsigned char)*p) && *p != '.' && *p != '-')
 			return "must be a host name or an IP address";
 	return NULL;
+}
+
+/* metrics.listen: empty (off), or host:port with an IPv6 address in brackets. */
+static const char *check_listen(const char *v)
+{
+	if (v[0] == '\0')
+		return NULL;
+	const char *colon = strrchr(v, ':');
+	if (colon == NULL || colon == v)
+		return "must be host:port (an IPv6 address in brackets), or empty for off";
+	char host[300];
+	size_t hn = (size_t)(colon - v);
+	if (hn >= sizeof(host))
+		return "host is too long";
+	memcpy(host, v, hn);
+	host[hn] = '\0';
+	if (host[0] == '[') {
+		if (hn < 3 || host[hn - 1] != ']')
+			return "must be host:port (an IPv6 address in brackets), or empty for off";
+		host[hn - 1] = '\0';
+		unsigned char addr[16];
+		if (inet_pton(AF_INET6, host + 1, addr) != 1)
+			return "is not an IPv6 address in brackets";
+	} else if (strchr(host, ':') != NULL) {
+		return "an IPv6 address must be in brackets";
+	} else if (check_host(host) != NULL) {
+		return "must name a host or an IP address before the port";
+	}
+	char *end;
+	errno = 0;
+	long port = strtol(colon + 1, &end, 10);
+	if (colon[1] == '\0' || *end != '\0' || errno != 0 || port < 1 || port > 65535)
+		return "port must be 1-65535";
+	return NULL;
+}
+
+static const char *check_log_format(const char *v)
+{
+	if (strcmp(v, "text") == 0 || strcmp(v, "json") == 0)
+		return NULL;
+	return "must be text or json";
 }
 
 static const char *check_program(const char *v)

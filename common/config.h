@@ -20,6 +20,7 @@ struct bw_config {
 	char *amqp_events_exchange;
 	char *amqp_dlx;
 	char *amqp_dlq;
+	char *amqp_control_exchange; /* fanout: backup.cancel (CONTRACT §2.1) */
 	int amqp_heartbeat_s;
 	int amqp_prefetch;
 	int amqp_delivery_limit;
@@ -38,6 +39,7 @@ struct bw_config {
 	int worker_shutdown_grace_s;    /* SIGTERM: preparing jobs rolled back within this */
 
 	char *ledger_path;
+	int ledger_retention_days; /* finished jobs older than this are pruned */
 
 	int nbd_port_min;
 	int nbd_port_max;
@@ -69,9 +71,13 @@ struct bw_config {
 	int job_max_duration_s;
 	int job_port_wait_s;
 	int job_max_message_bytes;
+	int job_cancel_memory_s; /* a cancel for a job no host knows yet is kept this long */
+
+	char *metrics_listen; /* "host:port" of /metrics and /healthz; empty: off */
 
 	char *log_level;
 	bool log_timestamps;
+	char *log_format; /* "text" or "json" */
 
 	struct bw_repository *repositories;
 	size_t n_repositories;

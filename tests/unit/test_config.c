@@ -79,6 +79,11 @@ static void test_defaults(void **state)
 	assert_int_equal(cfg->job_max_duration_s, 86400);
 	assert_int_equal(cfg->job_port_wait_s, 600);
 	assert_int_equal(cfg->job_max_message_bytes, 262144);
+	assert_int_equal(cfg->job_cancel_memory_s, 86400);
+	assert_int_equal(cfg->ledger_retention_days, 14);
+	assert_string_equal(cfg->metrics_listen, "");
+	assert_string_equal(cfg->amqp_control_exchange, "backup.control");
+	assert_string_equal(cfg->log_format, "text");
 	assert_non_null(strchr(cfg->worker_id, '-'));
 	assert_int_equal(cfg->n_repositories, 0);
 	bw_config_free(cfg);
@@ -202,6 +207,33 @@ static void test_env_and_set_errors(void **state)
 			    "--set: nonsense: expected section.key=value\n"
 			    "--set: sna.nope: unknown key\n");
 	free(errors);
+}
+
+static void test_metrics_listen(void **state)
+{
+	(void)state;
+	static const char *const good[] = {"127.0.0.1:9464", "[::1]:9464", "localhost:1",
+					   "0.0.0.0:65535"};
+	static const char *const bad[] = {"9464", ":9464", "127.0.0.1:", "127.0.0.1:0",
+					  "127.0.0.1:65536", "::1:9464", "[::1:9464",
+					  "[nope]:1", "a b:1", "127.0.0.1:9x"};
+	char set[128];
+	char *sets[] = {set};
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		struct bw_config *cfg = NULL;
+		snprintf(set, sizeof(set), "metrics.listen=%s", good[i]);
+		assert_int_equal(bw_config_load(&cfg, NULL, sets, 1, NULL), 0);
+		assert_string_equal(cfg->metrics_listen, good[i]);
+		bw_config_free(cfg);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct bw_config *cfg = NULL;
+		char *errors = NULL;
+		snprintf(set, sizeof(set), "metrics.listen=%s", bad[i]);
+		assert_int_equal(bw_config_load(&cfg, NULL, sets, 1, &errors), BW_ECONFIG);
+		assert_non_null(strstr(errors, "--set: metrics.listen: "));
+		free(errors);
+	}
 }
 
 static void test_missing_file(void **state)
@@ -545,6 +577,7 @@ int main(void)
 		cmocka_unit_test(test_file_env_set_order),
 		cmocka_unit_test(test_errors_name_file_line_key),
 		cmocka_unit_test(test_env_and_set_errors),
+		cmocka_unit_test(test_metrics_listen),
 		cmocka_unit_test(test_missing_file),
 		cmocka_unit_test(test_format_masks_secrets),
 		cmocka_unit_test(test_program_paths),
