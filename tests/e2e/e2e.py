@@ -24,7 +24,8 @@ BROKER_DIR = os.environ["BW_TEST_BROKER_DIR"]
 # nbd.tls of every worker: the suites run once plain ("off") and once with a per-job key
 # ("psk"); ctest registers both.
 NBD_TLS = os.environ.get("BW_E2E_NBD_TLS", "")  # "": the worker's default (auto: off on loopback)
-PORT_SHIFT = 1000 if NBD_TLS == "psk" else 0  # the two runs may go side by side under ctest -j
+# the two runs may go side by side under ctest -j; BW_E2E_PORT_SHIFT moves a hand run aside
+PORT_SHIFT = int(os.environ.get("BW_E2E_PORT_SHIFT", 1000 if NBD_TLS == "psk" else 0))
 PORT_MIN, PORT_MAX = 22300, 22311  # 12 ports: two 3-disk jobs fit, three do not
 MiB = 1 << 20
 
