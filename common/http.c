@@ -181,10 +181,10 @@ int bw_http_open(struct bw_http **out, const char *listen_at, bw_http_handler_cb
 	}
 	/* no MHD_USE_INTERNAL_POLLING_THREAD: the loop runs it (DESIGN decision 1) */
 	h->d = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, h,
+				MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, /* first: it logs the rest */
 				MHD_OPTION_LISTEN_SOCKET, (MHD_socket)h->listen_fd,
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
-				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_TIMEOUT_S,
-				MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
+				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_TIMEOUT_S, MHD_OPTION_END);
 	if (h->d == NULL) {
 		snprintf(err, errsize, "cannot serve %s: libmicrohttpd refused to start", listen_at);
 		close(h->listen_fd);
