@@ -21,13 +21,14 @@
  * never reached; past it new series are dropped, never the process's memory).
  */
 
-/* Histogram buckets (upper bounds, seconds): X(name, bounds...) of one bucket layout. */
+/* Histogram bucket layouts: upper bounds in seconds, ascending (+Inf is implied). */
 /* a whole backup: seconds to a day */
 #define BW_BUCKETS_JOB 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400
 /* claimed -> the SNA accepted the start: milliseconds (idle) to minutes (waiting for ports) */
 #define BW_BUCKETS_START 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600
 /* one job state: a commit (ms) to a transfer (hours) */
-#define BW_BUCKETS_STAGE 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 14400, 86400
+#define BW_BUCKETS_STAGE                                                                           \
+	0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 14400, 86400
 /* one HTTP request to the SNA: loopback ms to the 30 s default timeout */
 #define BW_BUCKETS_SNA 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 /* publish -> broker confirm: sub-ms on a quiet broker, seconds under an alarm */

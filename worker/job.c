@@ -1161,7 +1161,9 @@ static int reject(struct worker *w, const struct bw_delivery *d, const struct bw
 		return rc;
 	struct bw_event e = {id, "backup.rejected", 0, event};
 	rc = bw_ledger_outbox_append(w->ledger, &e);
-	bw_metrics_add(w->metrics, BW_METRIC_REJECTED, (const char *const[]){bw_reject_reason_name(vd->reason)}, 1);
+	if (rc == 0) /* else requeued: counted when it is rejected for good */
+		bw_metrics_add(w->metrics, BW_METRIC_REJECTED,
+			       (const char *const[]){bw_reject_reason_name(vd->reason)}, 1);
 	bw_log_info("rejected a backup.start (%s, %zu rule(s) broken; first: %s: %s) job=%s",
 		    bw_reject_reason_name(vd->reason), vd->n, vd->n ? vd->v[0].path : "-",
 		    vd->n ? vd->v[0].rule : "-", vd->job_id ? vd->job_id : "-");
