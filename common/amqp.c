@@ -842,9 +842,11 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	if (rc != 0) {
 		bw_amqp_close(c);
 		schedule_retry(link);
+		snprintf(link->why, sizeof(link->why), "%s", err);
 		return rc == BW_ECONFIG ? BW_ECONFIG : BW_EBUSY;
 	}
 	link->c = c;
+	link->why[0] = '\0';
 	link->attempts = 0;
 	link->next_try_ms = 0;
 	link->connects++;
@@ -852,8 +854,17 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	return 0;
 }
 
+void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why)
+{
+	if (link->c)
+		snprintf(link->why, sizeof(link->why), "%s", why);
+	bw_amqp_link_down(link);
+}
+
 void bw_amqp_link_down(struct bw_amqp_link *link)
 {
+	if (link->c && link->why[0] == '\0')
+		snprintf(link->why, sizeof(link->why), "connection closed");
 	bw_amqp_close(link->c);
 	link->c = NULL;
 	if (link->next_try_ms == 0 || link->attempts == 0)

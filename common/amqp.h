@@ -170,6 +170,7 @@ struct bw_amqp_link {
 	unsigned attempts;  /* failed connects in a row */
 	int64_t next_try_ms; /* monotonic; 0: now */
 	uint64_t connects;  /* successful (re)connects */
+	char why[256];      /* while down: why (the last failed connect, or what lost it) */
 };
 
 /*
@@ -182,6 +183,9 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 
 /* The link's connection failed: close it; the next bw_amqp_link_up reconnects. */
 void bw_amqp_link_down(struct bw_amqp_link *link);
+
+/* The same, keeping why (for monitoring: link->why until it is up again). */
+void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why);
 
 /* Milliseconds until the next connection attempt (0 when up or due). */
 int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link);

@@ -170,6 +170,13 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 	[BW__ST_PORT_QUARANTINE] = "UPDATE ports SET state = 'quarantined', job_id = NULL,"
 			       " disk_key = NULL, owner = NULL, generation = NULL, until = ?2,"
 			       " since = ?3 WHERE port = ?1",
+	/* For monitoring: the pool's free ports, and reserved and live quarantined ones (an
+	 * expired quarantine is free, as bw-ctl ports shows it), ?1 = now. */
+	[BW__ST_PORT_COUNTS] = "SELECT (SELECT count(*) FROM port_pool p WHERE NOT EXISTS"
+			   " (SELECT 1 FROM ports r WHERE r.port = p.port"
+			   "  AND (r.state = 'reserved' OR r.until > ?1))),"
+			   " (SELECT count(*) FROM ports WHERE state = 'reserved'),"
+			   " (SELECT count(*) FROM ports WHERE state = 'quarantined' AND until > ?1)",
 	[BW__ST_OUTBOX_NEXT] = "SELECT id, event_id, routing_key, body, attempts FROM outbox"
 			   " WHERE published_at IS NULL AND id > ?2 ORDER BY id LIMIT ?1",
 	[BW__ST_OUTBOX_PUBLISHED] = "UPDATE outbox SET published_at = ?2, attempts = attempts + 1"
@@ -268,6 +275,8 @@ struct bw_ledger {
 	struct bw_gate *gate; /* writers' gate (gate.h); NULL for a read-only handle */
 	char errmsg[256];  /* SQLite's words for the last failed transaction */
 	bool no_wait;      /* the busy handler gives up at once (the checkpoint) */
+	uint64_t busy_waits;   /* sleeps of the busy handler (bw_ledger_busy_stats) */
+	uint64_t busy_retries; /* transactions run again after staying busy */
 
 	/* Set by bw_ledger_register. */
 	char *worker_id;
@@ -446,6 +455,7 @@ static int busy_cb(void *arg, int count)
 	if (l->no_wait || now - l->busy_since_ms > BUSY_BOUND_MS)
 		return 0;
 	uint64_t cap = count < 50 ? 200 : 1000;
+	l->busy_waits++;
 	sleep_us(20 + bw_rand_below_incl(cap - 1));
 	return 1;
 }
@@ -469,6 +479,7 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 	int rc = BW_EBUSY;
 	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
 		if (attempt > 0) {
+			l->busy_retries++;
 			int64_t wait_ms = TXN_RETRY_MIN_MS +
 					  bw_backoff_ms(TXN_RETRY_BASE_MS, TXN_RETRY_CAP_MS, attempt);
 			sleep_us((uint64_t)wait_ms * 1000);
@@ -1620,6 +1631,27 @@ int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest
 	}
 	sqlite3_reset(s);
 	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+}
+
+int bw_ledger_port_counts(struct bw_ledger *l, struct bw_port_counts *out)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_PORT_COUNTS, &err, "i", bw_clock_wall_ms());
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW)
+		*out = (struct bw_port_counts){(size_t)sqlite3_column_int64(s, 0),
+					       (size_t)sqlite3_column_int64(s, 1),
+					       (size_t)sqlite3_column_int64(s, 2)};
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : sql_err(l, rc);
+}
+
+void bw_ledger_busy_stats(const struct bw_ledger *l, uint64_t *waits, uint64_t *retries)
+{
+	*waits = l->busy_waits;
+	*retries = l->busy_retries;
 }
 
 void bw_outbox_free(struct bw_outbox_row *rows, size_t n)

@@ -347,6 +347,25 @@ void bw_outbox_free(struct bw_outbox_row *rows, size_t n);
 int bw_ledger_outbox_backlog(struct bw_ledger *l, size_t *count, int64_t *oldest_age_ms)
 	BW_MUST_CHECK;
 
+/* ---- monitoring ------------------------------------------------------------------------- */
+
+/* The host's ports now: free in the pool, reserved, quarantined (a live quarantine). */
+struct bw_port_counts {
+	size_t free;
+	size_t reserved;
+	size_t quarantined;
+};
+
+/* Counts the host's ports (one read, no transaction) into *out. Returns 0, BW_EBUSY, BW_EIO. */
+int bw_ledger_port_counts(struct bw_ledger *l, struct bw_port_counts *out) BW_MUST_CHECK;
+
+/*
+ * Since the handle was opened: how often its busy handler slept while another process held
+ * the write lock (*waits), and how many transactions were run again after staying busy
+ * past its bound (*retries).
+ */
+void bw_ledger_busy_stats(const struct bw_ledger *l, uint64_t *waits, uint64_t *retries);
+
 /* ---- maintenance ------------------------------------------------------------------------ */
 
 /* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired

@@ -19,6 +19,7 @@ struct flight {
 	uint64_t seq;
 	int64_t id;
 	int64_t sent_ms;
+	int64_t sent_us; /* for the confirm latency */
 	bool settled;
 	bool ok;
 	char why[96];
@@ -34,6 +35,7 @@ struct bw_relay {
 	int64_t retry_at_ms;    /* backoff after a failure: nothing is sent before */
 	unsigned failures;      /* consecutive failed attempts, for the backoff */
 	uint64_t confirmed, failed;
+	struct bw_metrics *metrics; /* borrowed; NULL: none */
 };
 
 int bw_relay_new(struct bw_relay **out, struct bw_ledger *l, const char *exchange, size_t window)
@@ -79,6 +81,11 @@ void bw_relay_stats(const struct bw_relay *r, uint64_t *confirmed, uint64_t *fai
 	*failed = r->failed;
 }
 
+void bw_relay_set_metrics(struct bw_relay *r, struct bw_metrics *m)
+{
+	r->metrics = m;
+}
+
 int bw_relay_timeout_ms(const struct bw_relay *r)
 {
 	if (r->retry_at_ms == 0)
@@ -94,6 +101,9 @@ static void confirm_cb(void *arg, uint64_t seq, bool ok, const char *why)
 		if (r->f[i].seq == seq) {
 			r->f[i].settled = true;
 			r->f[i].ok = ok;
+			if (ok)
+				bw_metrics_observe(r->metrics, BW_METRIC_CONFIRM_LATENCY, NULL,
+						   (double)(bw_clock_mono_us() - r->f[i].sent_us) / 1e6);
 			snprintf(r->f[i].why, sizeof(r->f[i].why), "%s", why ? why : "");
 			return;
 		}
@@ -198,8 +208,8 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 			bw_relay_reset(r);
 			break;
 		}
-		r->f[r->n++] =
-			(struct flight){seq, rows[i].id, bw_clock_mono_ms(), false, false, ""};
+		r->f[r->n++] = (struct flight){seq, rows[i].id, bw_clock_mono_ms(), bw_clock_mono_us(),
+					       false, false, ""};
 		r->cursor = rows[i].id;
 	}
 	bw_outbox_free(rows, n);

@@ -8,6 +8,7 @@
 #include "amqp.h"
 #include "error.h"
 #include "ledger.h"
+#include "metrics.h"
 
 /*
  * Events are written to the ledger in the same transaction as the state they report
@@ -44,5 +45,8 @@ int bw_relay_timeout_ms(const struct bw_relay *r);
 
 /* Counters since bw_relay_new: confirmed, failed attempts. */
 void bw_relay_stats(const struct bw_relay *r, uint64_t *confirmed, uint64_t *failed);
+
+/* Records each confirm's latency (publish to ack) into m (borrowed; NULL: none). */
+void bw_relay_set_metrics(struct bw_relay *r, struct bw_metrics *m);
 
 #endif

@@ -344,6 +344,20 @@ bool bw_sna_cleanup_reply_parse(const char *body, size_t len, char *text)
 
 enum kind { K_START, K_PROGRESS, K_CLEANUP };
 
+/* The call label of bw_sna_requests_total, by kind. */
+static const char *const kind_names[] = {"start", "progress", "cleanup"};
+
+static const char *const outcome_names[] = {
+#define BW__SNA_OUTCOME_NAME(name, text) text,
+	BW_SNA_OUTCOME_MAP(BW__SNA_OUTCOME_NAME)
+#undef BW__SNA_OUTCOME_NAME
+};
+
+const char *bw_sna_outcome_name(enum bw_sna_outcome o)
+{
+	return (unsigned)o < BW_NAMES(outcome_names) ? outcome_names[o] : "unknown";
+}
+
 struct bw_sna_call {
 	struct bw_sna *s;
 	enum kind kind;
@@ -363,6 +377,7 @@ struct bw_sna_call {
 	char curl_error[CURL_ERROR_SIZE]; /* curl's own words on a failed transfer */
 	int attempts;
 	int64_t retry_at_ms;
+	int64_t request_us; /* the duration of the request that just ended; -1: none to count */
 	struct bw_sna_result result;
 	struct bw_sna_call *next;
 };
@@ -536,6 +551,7 @@ static struct bw_sna_call *call_new(struct bw_sna *s, enum kind kind, const char
 		return NULL;
 	c->s = s;
 	c->kind = kind;
+	c->request_us = -1;
 	c->body = (struct bw_buf)BW_BUF_INIT;
 	snprintf(c->job_id, sizeof(c->job_id), "%s", job_id);
 	return c;
@@ -694,6 +710,19 @@ static bool finished(struct bw_sna_call *c, CURLcode code)
 	return false;
 }
 
+/* Counts the request of c that just ended, with outcome o (nothing when none ended). */
+static void count_request(struct bw_sna_call *c, enum bw_sna_outcome o)
+{
+	if (c->request_us < 0)
+		return;
+	const char *call = kind_names[c->kind];
+	bw_metrics_add(c->s->o.metrics, BW_METRIC_SNA_REQUESTS,
+		       (const char *const[]){call, bw_sna_outcome_name(o)}, 1);
+	bw_metrics_observe(c->s->o.metrics, BW_METRIC_SNA_DURATION, (const char *const[]){call},
+			   (double)c->request_us / 1e6);
+	c->request_us = -1;
+}
+
 /* Runs the callback of a call that is over, with its reply read into the result. */
 static void complete(struct bw_sna *s, struct bw_sna_call *c)
 {
@@ -721,6 +750,7 @@ static void complete(struct bw_sna *s, struct bw_sna_call *c)
 		if (bw_sna_cleanup_reply_parse(body, c->resp_len, said))
 			snprintf(r->error, sizeof(r->error), "HTTP %d: %.400s", r->http_status, said);
 	}
+	count_request(c, r->outcome);
 	if (c->cb)
 		c->cb(c->arg, r);
 	free(p);
@@ -740,9 +770,14 @@ void bw_sna_perform(struct bw_sna *s)
 		curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&c);
 		CURLcode code = m->data.result;
 		bool over = finished(c, code);
+		curl_off_t us = 0;
+		curl_easy_getinfo(c->easy, CURLINFO_TOTAL_TIME_T, &us);
+		c->request_us = us;
 		call_release_transfer(c);
 		if (over)
 			complete(s, c);
+		else
+			count_request(c, BW_SNA_UNAVAILABLE); /* retried later */
 	}
 	/* retries that are due */
 	int64_t now = bw_clock_mono_ms();

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "metrics.h"
 #include "text.h"
 
 /* A reply body larger than this is not an answer (CONTRACT §3.2). */
@@ -146,15 +147,28 @@ struct bw_sna_opts {
 	const char *tls_ca_file;   /* https: verify the SNA with this CA; NULL or "": the system's */
 	const char *tls_cert_file; /* https: present this client certificate; NULL or "": none */
 	const char *tls_key_file;
+	/* every HTTP request counted by call and outcome, with its duration (borrowed; NULL:
+	 * none): bw_sna_requests_total, bw_sna_request_duration_seconds */
+	struct bw_metrics *metrics;
 };
 
+/* How a call ended: X(name, word for metrics and logs). */
+#define BW_SNA_OUTCOME_MAP(X)                                                                      \
+	X(OK, "ok")                   /* 2xx (start: or 409, already known there = accepted) */   \
+	X(REJECTED, "rejected")       /* a 4xx other than 409 (start) / 404 (progress, cleanup) */ \
+	X(NOT_FOUND, "not_found")     /* progress: 404 */                                         \
+	X(UNAVAILABLE, "unavailable") /* 5xx, timeouts, connection errors (start, cleanup: after  \
+					 every attempt) */                                        \
+	X(UNREADABLE, "unreadable")   /* progress: a 2xx whose body is not an answer */
+
 enum bw_sna_outcome {
-	BW_SNA_OK,          /* 2xx (start: or 409, already known there = accepted) */
-	BW_SNA_REJECTED,    /* a 4xx other than 409 (start) / 404 (progress, cleanup): permanent */
-	BW_SNA_NOT_FOUND,   /* progress: 404 */
-	BW_SNA_UNAVAILABLE, /* 5xx, timeouts, connection errors (start, cleanup: after every attempt) */
-	BW_SNA_UNREADABLE,  /* progress: a 2xx whose body is not an answer (bw_sna_progress_parse) */
+#define BW__SNA_OUTCOME_ENUM(name, text) BW_SNA_##name,
+	BW_SNA_OUTCOME_MAP(BW__SNA_OUTCOME_ENUM)
+#undef BW__SNA_OUTCOME_ENUM
 };
+
+/* The outcome's word ("unavailable"), static. */
+const char *bw_sna_outcome_name(enum bw_sna_outcome o);
 
 /* What a call ended with; valid during the callback only. */
 struct bw_sna_result {

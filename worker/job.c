@@ -1067,10 +1067,12 @@ void jobs_step(struct worker *w)
 {
 	int64_t now = bw_clock_mono_ms();
 	for (struct job *j = w->jobs; j; j = j->next) {
+		monitor_job(j); /* what callbacks moved since the last turn */
 		/* a few steps at a time: each one is short and persisted first */
 		for (int k = 0; k < STEPS_PER_TURN && !j->done; k++) {
 			enum bw_job_state before = j->state;
 			step(j, now);
+			monitor_job(j);
 			if (j->state == before)
 				break;
 		}
@@ -1159,6 +1161,9 @@ static int reject(struct worker *w, const struct bw_delivery *d, const struct bw
 		return rc;
 	struct bw_event e = {id, "backup.rejected", 0, event};
 	rc = bw_ledger_outbox_append(w->ledger, &e);
+	if (rc == 0) /* else requeued: counted when it is rejected for good */
+		bw_metrics_add(w->metrics, BW_METRIC_REJECTED,
+			       (const char *const[]){bw_reject_reason_name(vd->reason)}, 1);
 	bw_log_info("rejected a backup.start (%s, %zu rule(s) broken; first: %s: %s) job=%s",
 		    bw_reject_reason_name(vd->reason), vd->n, vd->n ? vd->v[0].path : "-",
 		    vd->n ? vd->v[0].rule : "-", vd->job_id ? vd->job_id : "-");
@@ -1215,6 +1220,7 @@ void job_enqueue(struct worker *w, struct job *j)
 		tail = &(*tail)->next;
 	*tail = j;
 	w->n_jobs++;
+	monitor_job(j);
 }
 
 int job_receive(struct worker *w, const struct bw_delivery *d)

@@ -36,7 +36,8 @@
 /* Nothing wakes the loop for what other processes write to the shared ledger (their events
  * in the outbox): it looks at least once a second. */
 #define MAX_WAIT_MS 1000
-/* The signalfd, the two broker sockets and the SNA's curl sockets (the rest waits a turn). */
+/* The signalfd, the two broker sockets, the metrics listener and the SNA's curl sockets (the
+ * rest waits a turn). */
 #define MAX_POLLFDS 80
 
 /* A delivery held while every job slot is busy; the others wait unacked in the prefetch. */
@@ -98,7 +99,7 @@ static void consume(struct worker *w, struct held *held)
 		struct bw_delivery d;
 		if (bw_amqp_poll(w->consumer.c, &d, &got, err, sizeof(err)) != 0) {
 			bw_log_warnx("consumer: %s; reconnecting", err);
-			bw_amqp_link_down(&w->consumer);
+			bw_amqp_link_lost(&w->consumer, err);
 			return;
 		}
 		if (!got)
@@ -124,7 +125,7 @@ static void publish(struct worker *w)
 	}
 	if (bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
 		bw_log_warnx("publisher: %s; reconnecting", err);
-		bw_amqp_link_down(&w->publisher);
+		bw_amqp_link_lost(&w->publisher, err);
 	}
 }
 
@@ -198,6 +199,8 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 			     rc == BW_EEXIST ? " (another process runs with this worker.id)" : "");
 		return -1;
 	}
+	if (monitor_open(w) != 0)
+		return -1;
 	struct bw_sna_opts so = {.url = cfg->sna_url,
 				 .token = cfg->sna_token,
 				 .connect_timeout_s = cfg->sna_connect_timeout_s,
@@ -207,12 +210,14 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 				 .backoff_cap_s = cfg->sna_backoff_cap_s,
 				 .tls_ca_file = cfg->sna_tls_ca_file,
 				 .tls_cert_file = cfg->sna_tls_cert_file,
-				 .tls_key_file = cfg->sna_tls_key_file};
+				 .tls_key_file = cfg->sna_tls_key_file,
+				 .metrics = w->metrics};
 	if (bw_sna_new(&w->sna, &so) != 0 ||
 	    bw_relay_new(&w->relay, w->ledger, cfg->amqp_events_exchange, RELAY_WINDOW) != 0) {
 		bw_log_warnx("out of memory");
 		return -1;
 	}
+	bw_relay_set_metrics(w->relay, w->metrics);
 	w->topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
 						cfg->amqp_events_exchange, cfg->amqp_dlx,
 						cfg->amqp_dlq, cfg->amqp_delivery_limit,
@@ -253,6 +258,7 @@ static void loop_teardown(struct loop *lp)
 	bw_amqp_link_down(&w->publisher);
 	bw_relay_free(w->relay);
 	bw_sna_free(w->sna);
+	monitor_close(w);
 	if (w->ledger && w->jobs == NULL && bw_ledger_unregister(w->ledger) != 0)
 		bw_log_warnx("could not unregister: the next worker's recovery pass will");
 	bw_ledger_close(w->ledger);
@@ -287,6 +293,8 @@ static int next_deadline_ms(struct loop *lp, int64_t now)
 	t = min_timeout(t, jobs_timeout_ms(w));
 	t = min_timeout(t, bw_sna_timeout_ms(w->sna));
 	t = min_timeout(t, bw_relay_timeout_ms(w->relay));
+	if (w->http)
+		t = min_timeout(t, bw_http_timeout_ms(w->http));
 	if (w->consumer.c == NULL && taking_jobs(w))
 		t = min_timeout(t, bw_amqp_link_timeout_ms(&w->consumer));
 	if (w->publisher.c == NULL)
@@ -317,6 +325,8 @@ static void wait_ready(struct loop *lp, int timeout_ms)
 		fds[n++] = (struct pollfd){bw_amqp_fd(w->consumer.c), POLLIN, 0};
 	if (w->publisher.c)
 		fds[n++] = (struct pollfd){bw_amqp_fd(w->publisher.c), POLLIN, 0};
+	if (w->http)
+		fds[n++] = (struct pollfd){bw_http_fd(w->http), POLLIN, 0};
 	n += bw_sna_pollfds(w->sna, fds + n, MAX_POLLFDS - n);
 	poll(fds, (nfds_t)n, timeout_ms);
 }
@@ -415,6 +425,8 @@ static enum turn dispatch(struct loop *lp)
 	if (read_signals(lp) == TURN_STOP)
 		return TURN_STOP;
 	int64_t now = bw_clock_mono_ms();
+	if (w->http)
+		bw_http_run(w->http); /* a scrape or a probe, answered from memory */
 	if (taking_jobs(w) && w->consumer.c == NULL) {
 		int rc = bw_amqp_link_up(&w->consumer, &fresh, err, sizeof(err));
 		if (rc == BW_ECONFIG)

@@ -9,8 +9,10 @@
 #include "amqp.h"
 #include "config.h"
 #include "events.h"
+#include "http.h"
 #include "ledger.h"
 #include "message.h"
+#include "metrics.h"
 #include "nbd.h"
 #include "relay.h"
 #include "sna.h"
@@ -41,6 +43,12 @@ struct worker {
 	int64_t last_maintain_ms;
 	int64_t last_heartbeat_ms;
 	int64_t last_recovery_ms;
+	/* monitoring (monitor.c): the registry, the metrics.listen listener (NULL: off) and
+	 * /healthz's cached ledger write */
+	struct bw_metrics *metrics;
+	struct bw_http *http;
+	int64_t health_checked_ms;
+	int health_ledger_rc;
 };
 
 /* A disk of a job in memory (the ledger holds the durable copy). */
@@ -117,6 +125,11 @@ struct job {
 	bool cleanup_failed;
 	char cleanup_error[BW_SNA_TEXT_SIZE];
 
+	/* what monitor_job saw last: the state, and since when (mono ms; 0: unknown) */
+	bool seen;
+	enum bw_job_state seen_state;
+	int64_t seen_since_ms;
+
 	struct job *next;
 };
 
@@ -165,6 +178,24 @@ void crash_point(const char *point, size_t index);
 
 /* Takes over the jobs of this host's dead workers: adopts, resumes or compensates them. */
 void recover_pass(struct worker *w);
+
+/* ---- monitor.c: /metrics and /healthz ---- */
+
+/*
+ * Makes the worker's metrics registry and, when metrics.listen is set, opens its listener
+ * (logging the address). Returns 0, or -1 with the reason logged (a port taken is a
+ * start-up error naming metrics.listen).
+ */
+int monitor_open(struct worker *w);
+/* Closes the listener and frees the registry. Safe after a failed or no monitor_open. */
+void monitor_close(struct worker *w);
+
+/*
+ * Records what changed in j since the last call: the time it spent in the state it left
+ * (per stage), its start latency (claimed -> the SNA accepted), its outcome and duration
+ * when it completed or failed. Call it whenever j may have moved.
+ */
+void monitor_job(struct job *j);
 
 
 #endif

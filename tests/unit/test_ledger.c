@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ledger.h"
@@ -363,6 +364,63 @@ static void test_quarantine(void **state)
 	assert_int_equal(bw_ledger_reserve(fx->l, &b, &k, 1, pb), 0);
 }
 
+/* What /metrics shows of the host's ports: free, reserved, and live quarantines only. */
+static void test_port_counts(void **state)
+{
+	struct fixture *fx = *state;
+	struct bw_port_counts c;
+	assert_int_equal(bw_ledger_port_counts(fx->l, &c), 0);
+	assert_true(c.free == 5 && c.reserved == 0 && c.quarantined == 0);
+	struct bw_fence a = {"job-c", claim(fx->l, "job-c", 2)};
+	int64_t keys[2] = {2000, 2001};
+	int p[2], repl = 0;
+	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 2, p), 0);
+	assert_int_equal(bw_ledger_port_counts(fx->l, &c), 0);
+	assert_true(c.free == 3 && c.reserved == 2 && c.quarantined == 0);
+	assert_int_equal(bw_ledger_quarantine(fx->l, &a, p[0], 1, &repl), 0);
+	assert_int_equal(bw_ledger_port_counts(fx->l, &c), 0);
+	assert_true(c.free == 2 && c.reserved == 2 && c.quarantined == 1);
+	/* an expired quarantine is free, upkeep or not */
+	usleep(1100000);
+	assert_int_equal(bw_ledger_port_counts(fx->l, &c), 0);
+	assert_true(c.free == 3 && c.reserved == 2 && c.quarantined == 0);
+}
+
+/* The busy handler's sleeps are counted: another process holds the write lock a moment. */
+static void test_busy_stats(void **state)
+{
+	struct fixture *fx = *state;
+	uint64_t waits = 1, retries = 1;
+	assert_int_equal(bw_ledger_heartbeat(fx->l), 0);
+	bw_ledger_busy_stats(fx->l, &waits, &retries);
+	assert_true(waits == 0 && retries == 0);
+	int ready[2];
+	assert_int_equal(pipe(ready), 0);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		sqlite3 *db = NULL;
+		if (sqlite3_open(fx->path, &db) != SQLITE_OK ||
+		    sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+			_exit(1);
+		if (write(ready[1], "x", 1) != 1)
+			_exit(1);
+		usleep(200000);
+		_exit(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK ? 0 : 1);
+	}
+	char x;
+	assert_int_equal(read(ready[0], &x, 1), 1);
+	assert_int_equal(bw_ledger_heartbeat(fx->l), 0); /* waits for the child's commit */
+	int status = 0;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	close(ready[0]);
+	close(ready[1]);
+	bw_ledger_busy_stats(fx->l, &waits, &retries);
+	assert_true(waits > 0);
+	assert_int_equal(retries, 0);
+}
+
 static void test_outbox(void **state)
 {
 	struct fixture *fx = *state;
@@ -474,6 +532,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_reserve_and_move_is_one_transaction, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_quarantine, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_port_counts, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_busy_stats, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_readonly_views, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_worker_row_and_owned_jobs, setup, teardown),
