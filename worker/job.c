@@ -650,6 +650,7 @@ static void job_started(struct job *j, const char *sna_job_id)
 static void start_done_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
+	bw_log_set_job(j->spec->job_id); /* cleared by the loop after bw_sna_perform */
 	j->call = NULL;
 	if (r->outcome == BW_SNA_REJECTED) {
 		j->sna_called = false; /* a definite 4xx: it accepted nothing */
@@ -914,6 +915,7 @@ static void adopt_answer(struct job *j, const struct bw_sna_progress *p)
 static void progress_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
+	bw_log_set_job(j->spec->job_id); /* cleared by the loop after bw_sna_perform */
 	const struct bw_config *cfg = j->w->cfg;
 	j->call = NULL;
 	j->next_try_ms = bw_clock_mono_ms() + (int64_t)cfg->sna_poll_interval_s * 1000;
@@ -1067,6 +1069,7 @@ void jobs_step(struct worker *w)
 {
 	int64_t now = bw_clock_mono_ms();
 	for (struct job *j = w->jobs; j; j = j->next) {
+		bw_log_set_job(j->spec->job_id); /* job_id of every JSON line about it */
 		/* a few steps at a time: each one is short and persisted first */
 		for (int k = 0; k < STEPS_PER_TURN && !j->done; k++) {
 			enum bw_job_state before = j->state;
@@ -1075,6 +1078,7 @@ void jobs_step(struct worker *w)
 				break;
 		}
 	}
+	bw_log_set_job(NULL);
 	for (struct job **p = &w->jobs; *p;) {
 		if ((*p)->done && (*p)->call == NULL) {
 			struct job *dead = *p;
@@ -1229,6 +1233,8 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 	   link was given (the same key), so the parse rejects it unread */
 	int rc = bw_message_parse(body, len, (size_t)cfg->job_max_message_bytes, &spec, &vd);
 	if (rc == 0)
+		bw_log_set_job(spec->job_id); /* cleared at out */
+	if (rc == 0)
 		rc = bw_message_check_host(spec, cfg, &vd);
 	if (rc == BW_EMESSAGE) {
 		rc = reject(w, d, vd);
@@ -1284,6 +1290,7 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 		    j->n_disks, j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
 	j = NULL;
 out:
+	bw_log_set_job(NULL);
 	job_free(j);
 	bw_job_spec_free(spec);
 	bw_verdict_free(vd);

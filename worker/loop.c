@@ -425,6 +425,7 @@ static enum turn dispatch(struct loop *lp)
 	consume(w, &lp->held);
 	publish(w);
 	bw_sna_perform(w->sna);
+	bw_log_set_job(NULL); /* the SNA's callbacks set the job they answer */
 	jobs_step(w);
 	publish(w);
 	run_timers(w, now);
