@@ -1,6 +1,7 @@
 /* job.c: one VM backup: claim, all ports, all images, all servers, ONE SNA call, the transfer, results or compensation. */
 #include "worker.h"
 
+#include "cgroup.h"
 #include "child.h"
 #include "clock.h"
 #include "credentials.h"
@@ -434,6 +435,13 @@ static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsi
 	d->spawned = true;
 	bw_log_debug("job=%s disk=%" PRId64 " port=%d pid=%ld qemu-nbd started", j->spec->job_id,
 		     d->key, d->port, (long)d->nbd.pid);
+	/* under systemd: out of the worker's unit, so its restart leaves the server serving */
+	const char *holder = bw_cgroup_holder();
+	char why[300];
+	if (holder && bw_cgroup_attach(holder, d->nbd.pid, why, sizeof(why)) != 0)
+		bw_log_warnx("job=%s disk=%" PRId64 " pid=%ld qemu-nbd stays in the worker's unit, "
+			     "whose stop or restart ends it: %s", j->spec->job_id, d->key,
+			     (long)d->nbd.pid, why);
 	return 0;
 }
 
