@@ -22,13 +22,15 @@
 const char *bw_cgroup_holder(void);
 
 /*
- * Asks the system's service manager (AttachProcessesToUnit on the system bus, at most
- * BW_CGROUP_CALL_TIMEOUT_MS) to move pid into unit's control group. systemd lets an
- * unprivileged caller do so without polkit when the unit is delegated (Delegate=yes) and
- * active, and both pid and the unit run as the caller's user. Blocking. Returns 0; BW_EIO
- * when the bus cannot be reached; BW_EPERM when the manager refuses (the message in err).
+ * Asks the system's service manager (AttachProcessesToUnit on the system bus, one call of
+ * at most BW_CGROUP_CALL_TIMEOUT_MS) to move pids[0..n) into unit's control group. systemd
+ * lets an unprivileged caller do so without polkit when the unit is delegated
+ * (Delegate=yes) and active, and every pid and the unit run as the caller's user. Blocking.
+ * Returns 0; BW_EIO when the bus cannot be reached or does not answer in time; BW_EPERM
+ * when the manager refuses; the reason in err.
  */
-int bw_cgroup_attach(const char *unit, pid_t pid, char *err, size_t errsize) BW_MUST_CHECK;
+int bw_cgroup_attach(const char *unit, const pid_t *pids, size_t n, char *err, size_t errsize)
+	BW_MUST_CHECK;
 
 /* The bus call's bound: a manager this slow would stall the worker's loop. */
 #define BW_CGROUP_CALL_TIMEOUT_MS 2000

@@ -435,14 +435,23 @@ static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsi
 	d->spawned = true;
 	bw_log_debug("job=%s disk=%" PRId64 " port=%d pid=%ld qemu-nbd started", j->spec->job_id,
 		     d->key, d->port, (long)d->nbd.pid);
-	/* under systemd: out of the worker's unit, so its restart leaves the server serving */
-	const char *holder = bw_cgroup_holder();
-	char why[300];
-	if (holder && bw_cgroup_attach(holder, d->nbd.pid, why, sizeof(why)) != 0)
-		bw_log_warnx("job=%s disk=%" PRId64 " pid=%ld qemu-nbd stays in the worker's unit, "
-			     "whose stop or restart ends it: %s", j->spec->job_id, d->key,
-			     (long)d->nbd.pid, why);
 	return 0;
+}
+
+/* Under systemd: the servers leave the worker's unit, so that its restart leaves them serving
+ * (cgroup.h); one bus call for the job. A failure is only a warning: they serve on. */
+static void hold_servers(struct job *j)
+{
+	const char *holder = bw_cgroup_holder();
+	pid_t pids[BW_MESSAGE_MAX_DISKS];
+	size_t n = 0;
+	char why[300];
+	for (size_t i = 0; holder && i < j->n_disks; i++)
+		if (j->disks[i].spawned && !j->disks[i].nbd.exited)
+			pids[n++] = j->disks[i].nbd.pid;
+	if (n && bw_cgroup_attach(holder, pids, n, why, sizeof(why)) != 0)
+		bw_log_warnx("job=%s its %zu qemu-nbd stay in the worker's unit, whose stop or "
+			     "restart ends them: %s", j->spec->job_id, n, why);
 }
 
 /* The servers started so far as disk rows (pid and start time: who may be signalled later). */
@@ -492,6 +501,7 @@ static void start_servers(struct job *j)
 		}
 		crash_point("spawned", i + 1);
 	}
+	hold_servers(j);
 	/* a crash before this commit leaves servers the ledger does not name: the recovery
 	 * finds them by their export name (bw_nbd_find) */
 	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
