@@ -152,14 +152,19 @@ int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *e
 
 	close(pipefd[1]);
 	pipefd[1] = -1;
-	/* The start time does not change on exec: read it while the child certainly exists. */
-	uint64_t st = 0;
-	rc = bw_proc_start_time(child, &st);
 	int e = 0;
 	ssize_t n;
 	do
 		n = read(pipefd[0], &e, sizeof(e));
 	while (n < 0 && errno == EINTR);
+	/*
+	 * The start time does not change on exec; read it once the exec is done (the pipe's
+	 * end), while the child, unreaped, certainly exists. Not before: until its exec the
+	 * child is undumpable like this process, and a /proc mounted with hidepid (systemd's
+	 * ProtectProc=invisible) hides an undumpable process even from its own user.
+	 */
+	uint64_t st = 0;
+	rc = bw_proc_start_time(child, &st);
 	if (n == (ssize_t)sizeof(e)) {
 		waitpid(child, NULL, 0);
 		snprintf(err, errsize, "%s: %s", s->argv[0], strerror(e));

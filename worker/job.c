@@ -1,6 +1,7 @@
 /* job.c: one VM backup: claim, all ports, all images, all servers, ONE SNA call, the transfer, results or compensation. */
 #include "worker.h"
 
+#include "cgroup.h"
 #include "child.h"
 #include "clock.h"
 #include "credentials.h"
@@ -437,6 +438,22 @@ static int spawn_disk(struct job *j, struct job_disk *d, char *err, size_t errsi
 	return 0;
 }
 
+/* Under systemd: the servers leave the worker's unit, so that its restart leaves them serving
+ * (cgroup.h); one bus call for the job. A failure is only a warning: they serve on. */
+static void hold_servers(struct job *j)
+{
+	const char *holder = bw_cgroup_holder();
+	pid_t pids[BW_MESSAGE_MAX_DISKS];
+	size_t n = 0;
+	char why[300];
+	for (size_t i = 0; holder && i < j->n_disks; i++)
+		if (j->disks[i].spawned && !j->disks[i].nbd.exited)
+			pids[n++] = j->disks[i].nbd.pid;
+	if (n && bw_cgroup_attach(holder, pids, n, why, sizeof(why)) != 0)
+		bw_log_warnx("job=%s its %zu qemu-nbd stay in the worker's unit, whose stop or "
+			     "restart ends them: %s", j->spec->job_id, n, why);
+}
+
 /* The servers started so far as disk rows (pid and start time: who may be signalled later). */
 static size_t server_rows(struct job *j, struct bw_disk_update *u)
 {
@@ -484,6 +501,7 @@ static void start_servers(struct job *j)
 		}
 		crash_point("spawned", i + 1);
 	}
+	hold_servers(j);
 	/* a crash before this commit leaves servers the ledger does not name: the recovery
 	 * finds them by their export name (bw_nbd_find) */
 	struct bw_disk_update u[BW_MESSAGE_MAX_DISKS];
@@ -650,6 +668,7 @@ static void job_started(struct job *j, const char *sna_job_id)
 static void start_done_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
+	bw_log_set_job(j->spec->job_id); /* cleared by the loop after bw_sna_perform */
 	j->call = NULL;
 	if (r->outcome == BW_SNA_REJECTED) {
 		j->sna_called = false; /* a definite 4xx: it accepted nothing */
@@ -914,6 +933,7 @@ static void adopt_answer(struct job *j, const struct bw_sna_progress *p)
 static void progress_cb(void *arg, const struct bw_sna_result *r)
 {
 	struct job *j = arg;
+	bw_log_set_job(j->spec->job_id); /* cleared by the loop after bw_sna_perform */
 	const struct bw_config *cfg = j->w->cfg;
 	j->call = NULL;
 	j->next_try_ms = bw_clock_mono_ms() + (int64_t)cfg->sna_poll_interval_s * 1000;
@@ -1068,6 +1088,7 @@ void jobs_step(struct worker *w)
 	int64_t now = bw_clock_mono_ms();
 	for (struct job *j = w->jobs; j; j = j->next) {
 		monitor_job(j); /* what callbacks moved since the last turn */
+		bw_log_set_job(j->spec->job_id); /* job_id of every JSON line about it */
 		/* a few steps at a time: each one is short and persisted first */
 		for (int k = 0; k < STEPS_PER_TURN && !j->done; k++) {
 			enum bw_job_state before = j->state;
@@ -1077,6 +1098,7 @@ void jobs_step(struct worker *w)
 				break;
 		}
 	}
+	bw_log_set_job(NULL);
 	for (struct job **p = &w->jobs; *p;) {
 		if ((*p)->done && (*p)->call == NULL) {
 			struct job *dead = *p;
@@ -1235,6 +1257,8 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 	   link was given (the same key), so the parse rejects it unread */
 	int rc = bw_message_parse(body, len, (size_t)cfg->job_max_message_bytes, &spec, &vd);
 	if (rc == 0)
+		bw_log_set_job(spec->job_id); /* cleared at out */
+	if (rc == 0)
 		rc = bw_message_check_host(spec, cfg, &vd);
 	if (rc == BW_EMESSAGE) {
 		rc = reject(w, d, vd);
@@ -1290,6 +1314,7 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 		    j->n_disks, j->spec->backup_type == BW_BACKUP_FULL ? "full" : "incremental");
 	j = NULL;
 out:
+	bw_log_set_job(NULL);
 	job_free(j);
 	bw_job_spec_free(spec);
 	bw_verdict_free(vd);

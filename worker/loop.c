@@ -3,6 +3,7 @@
 
 #include "clock.h"
 #include "log.h"
+#include "notify.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -144,7 +145,21 @@ struct loop {
 	struct held held;
 	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1 */
 	int64_t stop_by; /* stopping: leave by then, whatever is left (monotonic ms) */
+	struct bw_notify *notify; /* the service manager (sd_notify; inert without one) */
 };
+
+/* Tells the service manager the worker's state (READY=1, STATUS=, WATCHDOG=1), or that it
+ * stops (STOPPING=1). */
+static void service_notify(struct loop *lp, int64_t now, bool stopping)
+{
+	const struct worker *w = &lp->w;
+	struct bw_notify_state s = {w->n_jobs, w->consumer.c != NULL, w->publisher.c != NULL,
+				    w->stopping, w->draining};
+	if (stopping)
+		bw_notify_stopping(lp->notify, &s);
+	else
+		bw_notify_update(lp->notify, now, &s);
+}
 
 /* Forgets the delivery held for a free slot: unacked, the broker gives it to another. */
 static void drop_held(struct loop *lp)
@@ -167,6 +182,8 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 
 	memset(lp, 0, sizeof(*lp));
 	lp->sfd = -1;
+	if (bw_notify_new(&lp->notify) != 0)
+		return -1;
 	w->cfg = cfg;
 	if (gethostname(w->host, sizeof(w->host) - 1) != 0)
 		snprintf(w->host, sizeof(w->host), "localhost");
@@ -264,6 +281,7 @@ static void loop_teardown(struct loop *lp)
 	bw_ledger_close(w->ledger);
 	if (lp->sfd >= 0)
 		close(lp->sfd);
+	bw_notify_free(lp->notify);
 }
 
 /* Milliseconds from now until due_ms (0 when due). */
@@ -309,6 +327,7 @@ static int next_deadline_ms(struct loop *lp, int64_t now)
 	t = min_timeout(t, until_ms(w->last_heartbeat_ms + HEARTBEAT_MS, now));
 	if (w->stopping)
 		t = min_timeout(t, until_ms(lp->stop_by, now));
+	t = min_timeout(t, bw_notify_timeout_ms(lp->notify, now));
 	if (t < 0 || t > MAX_WAIT_MS)
 		t = MAX_WAIT_MS;
 	return t;
@@ -351,6 +370,7 @@ static enum turn read_signals(struct loop *lp)
 				    "their end, then the worker exits",
 				    w->n_jobs);
 			w->draining = true;
+			service_notify(lp, 0, true);
 			bw_amqp_link_down(&w->consumer); /* unacked deliveries go back at once */
 			drop_held(lp);
 			continue;
@@ -363,6 +383,7 @@ static enum turn read_signals(struct loop *lp)
 			    "transferring ones handed over (%d job(s))",
 			    si.ssi_signo, w->n_jobs);
 		w->stopping = true;
+		service_notify(lp, 0, true);
 		lp->stop_by = bw_clock_mono_ms() + (int64_t)w->cfg->worker_shutdown_grace_s * 1000;
 		bw_amqp_link_down(&w->consumer); /* stop consuming at once */
 		drop_held(lp);                   /* unacked: the broker redelivers it */
@@ -437,9 +458,11 @@ static enum turn dispatch(struct loop *lp)
 	consume(w, &lp->held);
 	publish(w);
 	bw_sna_perform(w->sna);
+	bw_log_set_job(NULL); /* the SNA's callbacks set the job they answer */
 	jobs_step(w);
 	publish(w);
 	run_timers(w, now);
+	service_notify(lp, now, false);
 	return wound_down(lp, now) ? TURN_STOP : TURN_GO_ON;
 }
 

@@ -27,6 +27,7 @@ static void usage(FILE *f)
 		   "  --check-config     validate the configuration, print \"configuration OK\" or\n"
 		   "                     one \"FILE:LINE: key: reason\" line per problem, and exit\n"
 		   "  --print-config     print the effective configuration (secrets masked) and exit\n"
+		   "  --log-format=F     text or json (one JSON object per line); overrides log.format\n"
 		   "  --drain            tell the running worker with this config's worker.id to\n"
 		   "                     take no new jobs and exit once its running jobs ended\n"
 		   "                     (SIGUSR1 to the process the ledger records), and wait\n"
@@ -97,10 +98,11 @@ int main(int argc, char **argv)
 		{"print-config", no_argument, NULL, 'p'},
 		{"drain", no_argument, NULL, 'd'},
 		{"no-wait", no_argument, NULL, 'n'},
+		{"log-format", required_argument, NULL, 'f'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
-	const char *config_path = NULL;
+	const char *config_path = NULL, *log_format = NULL;
 	bool check_only = false, print_only = false, drain_only = false, wait = true;
 	char **sets = NULL;
 	size_t nsets = 0;
@@ -135,6 +137,9 @@ int main(int argc, char **argv)
 			break;
 		case 'n':
 			wait = false;
+			break;
+		case 'f':
+			log_format = optarg;
 			break;
 		case 'h':
 			usage(stdout);
@@ -178,9 +183,22 @@ int main(int argc, char **argv)
 	}
 
 	enum bw_log_level level = BW_LOG_INFO;
+	enum bw_log_format format = BW_LOG_TEXT;
+	if (bw_log_format_parse(log_format ? log_format : cfg->log_format, &format) != 0) {
+		fprintf(stderr, "bw-worker: --log-format must be text or json\n");
+		goto out;
+	}
 	if (bw_log_level_parse(cfg->log_level, &level) == 0)
 		bw_log_set_level(level);
-	bw_log_init("bw-worker", level, cfg->log_timestamps);
+	/* under journald: its priority on each line, and no timestamp (it stamps lines) */
+	bool journal = bw_log_stderr_is_journal();
+	bw_log_init("bw-worker", level, cfg->log_timestamps && !journal);
+	bw_log_set_priority_prefix(journal);
+	bw_log_set_format(format);
+	char host[256] = "";
+	if (gethostname(host, sizeof(host) - 1) != 0)
+		host[0] = '\0';
+	bw_log_set_identity(cfg->worker_id, host);
 	bw_log_info("starting worker=%s config=%s", cfg->worker_id, config_path);
 	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
 		bw_log_info("config: %s", line);

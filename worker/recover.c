@@ -136,7 +136,10 @@ void recover_pass(struct worker *w)
 		bw_log_debug("recovery pass: %s", bw_strerror(rc));
 		return;
 	}
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
+		bw_log_set_job(jobs[i].job_id);
 		take_over(w, &jobs[i]);
+	}
+	bw_log_set_job(NULL);
 	bw_reaped_free(jobs, n);
 }

@@ -1,17 +1,24 @@
 /* test_child.c: children get a short explicit environment, never the worker's, and programs from the trusted path only. */
+#define _GNU_SOURCE /* unshare */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
 
 #include <limits.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "child.h"
+#include "proc.h"
 #include "../testutil.h"
 
 #define SECRET "t0ken-that-must-not-leak-4242"
@@ -116,12 +123,55 @@ static void test_programs_from_the_trusted_path_only(void **state)
 	assert_int_equal(bw_run(&a, 10000, &status, err, sizeof(err)), BW_EPERM);
 }
 
+/*
+ * Under systemd's ProtectProc=invisible (/proc mounted with hidepid=invisible) an undumpable
+ * process is hidden from its own user; a child is undumpable like the worker until its exec.
+ * Its start time must still be recorded (a restarted worker adopts a server by pid and start
+ * time): in a helper with a mount namespace of its own, such a /proc, an unprivileged user
+ * and an undumpable process, a spawned child's start time is the one /proc shows after its
+ * exec, never 0. Needs root (skipped otherwise).
+ */
+static void test_start_time_under_hidepid(void **state)
+{
+	(void)state;
+	if (geteuid() != 0)
+		skip();
+	pid_t helper = fork();
+	assert_true(helper >= 0);
+	if (helper == 0) {
+		if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
+		    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+			  "hidepid=invisible") != 0)
+			_exit(77); /* no namespaces here (a container): nothing to test */
+		if (setgid(65534) != 0 || setuid(65534) != 0 || prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+			_exit(2);
+		const char *argv[] = {"sleep", "30", NULL};
+		struct bw_spawn sp = {argv, NULL, NULL, true};
+		pid_t pid = 0;
+		uint64_t start = 0, seen = 0;
+		char err[256];
+		if (bw_spawn(&sp, &pid, &start, err, sizeof(err)) != 0)
+			_exit(3);
+		int rc = bw_proc_start_time(pid, &seen) != 0 ? 4 : start == 0 ? 5 : start != seen ? 6 : 0;
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		_exit(rc);
+	}
+	int status = 0;
+	assert_int_equal(waitpid(helper, &status, 0), helper);
+	assert_true(WIFEXITED(status));
+	if (WEXITSTATUS(status) == 77)
+		skip();
+	assert_int_equal(WEXITSTATUS(status), 0); /* 5: the start time was recorded as 0 */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_child_environment_is_short_and_explicit),
 		cmocka_unit_test(test_added_variable_replaces_the_base_one),
 		cmocka_unit_test(test_programs_from_the_trusted_path_only),
+		cmocka_unit_test(test_start_time_under_hidepid),
 	};
 	return cmocka_run_group_tests(tests, bw_test_scratch_setup, bw_test_scratch_teardown);
 }
