@@ -22,8 +22,14 @@ enum { OPT_JSON = 256, OPT_MAX, OPT_JOB };
  * the messages are taken with basic.get (no auto-ack) on one channel and stay unacked, so
  * no other consumer sees them meanwhile and none is lost if bw-ctl dies (the broker gives
  * back what the connection held). When done, each one not acked is given back with
- * basic.nack (requeue), from the last taken to the first: the broker puts a returned
- * message back at the head, so the queue ends in its old order. Positions count from the
+ * basic.nack (requeue), from the first taken to the last: a quorum queue delivers the
+ * messages given back before the others, in the order they were given back, so the
+ * queue keeps its order (seen on RabbitMQ 3.10; giving them back last to first reversed
+ * it on every listing). The messages given back come first even when other messages were
+ * never taken, so every command takes the same number from the head (--max, 1000, or N
+ * when larger), never only the first N: giving back fewer than were given back last time
+ * would rotate the head of the queue. Each give-back counts as a delivery (x-delivery-count): the DLQ
+ * has no delivery limit, so nothing is dropped for it. Positions count from the
  * head as this run saw it: a concurrent dlq command or a new dead letter may shift them
  * (requeue --job guards against acting on the wrong one).
  */
@@ -35,7 +41,7 @@ struct taken {
 static void give_back(struct bw_amqp *c, struct taken *t, size_t skip_index)
 {
 	bool up = true; /* once the connection is gone, the broker gives them back itself */
-	for (size_t i = t->n; i-- > 0;)
+	for (size_t i = 0; i < t->n; i++)
 		if (up && i != skip_index)
 			up = bw_amqp_settle(c, t->m[i].tag, false) == 0;
 	for (size_t i = 0; i < t->n; i++)
@@ -291,7 +297,8 @@ int ctl_dlq(int argc, char **argv, const struct bw_config *cfg)
 		return CTL_USAGE;
 	if ((status = ctl_connect(cfg, "bw-ctl dlq", false, &c)) != CTL_OK)
 		return status;
-	int rc = take(c, cfg->amqp_dlq, list ? max : pos, &t, err, sizeof(err));
+	/* show and requeue take as many as list does, not only N: see struct taken */
+	int rc = take(c, cfg->amqp_dlq, pos > max ? pos : max, &t, err, sizeof(err));
 	if (rc != 0) {
 		fprintf(stderr, "bw-ctl: dlq: %s\n", err);
 		status = CTL_USAGE;
