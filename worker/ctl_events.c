@@ -136,8 +136,10 @@ static bool show(struct follow *f, const char *body, size_t len)
 		    (strcmp(name, "backup.cleanup") == 0 && f->failed_seen))
 			f->ended = true;
 	}
-	if (f->json) {
-		/* the raw event on one line */
+	if (f->json && memchr(body, '\n', len) == NULL) {
+		printf("%.*s\n", (int)len, body); /* the raw event, as published */
+	} else if (f->json) {
+		/* one event per line even when a publisher broke its JSON into lines */
 		printf("%s\n", json_object_to_json_string_ext(e, JSON_C_TO_STRING_PLAIN |
 								     JSON_C_TO_STRING_NOSLASHESCAPE));
 	} else {

@@ -125,9 +125,14 @@ int ctl_reap(int argc, char **argv, const struct bw_config *cfg)
 	dead = ids(workers, false);
 	for (size_t i = 0; i < json_object_array_length(workers); i++) {
 		struct json_object *w = json_object_array_get_idx(workers, i), *v;
-		if (json_object_object_get_ex(w, "alive", &v) && json_object_get_boolean(v) &&
-		    signal_worker(w) == 0)
+		if (!json_object_object_get_ex(w, "alive", &v) || !json_object_get_boolean(v))
+			continue;
+		rc = signal_worker(w);
+		if (rc == 0)
 			json_object_array_add(asked, json_object_new_string(ctl_str(w, "worker_id")));
+		else if (rc != BW_ENOENT) /* gone meanwhile is no news; anything else is */
+			fprintf(stderr, "bw-ctl: reap: cannot signal worker %s: %s\n",
+				ctl_str(w, "worker_id"), bw_strerror(rc));
 	}
 	if (json_object_array_length(asked) == 0) {
 		fprintf(stderr, "bw-ctl: reap: no live worker on this host to ask (a worker runs a "
