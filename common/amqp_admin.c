@@ -48,10 +48,13 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 	while (!s.done) {
 		char perr[512] = "";
 		rc = bw_amqp_poll_confirms(c, settled_cb, &s, perr, sizeof(perr));
+		if (perr[0]) /* the broker's own words (a channel it closed) beat ours */
+			snprintf(err, errsize, "%s", perr);
 		if (s.done)
 			break;
 		if (rc != 0) {
-			snprintf(err, errsize, "%s", perr[0] ? perr : "connection lost");
+			if (err[0] == '\0')
+				snprintf(err, errsize, "connection lost");
 			return BW_EAMQP;
 		}
 		int64_t left = end - bw_clock_mono_ms();
@@ -63,8 +66,6 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 			struct pollfd p = {bw_amqp_fd(c), POLLIN, 0};
 			(void)poll(&p, 1, left < 200 ? (int)left : 200); /* heartbeats are sent by the poll */
 		}
-		if (perr[0] && !s.done)
-			snprintf(err, errsize, "%s", perr);
 	}
 	if (s.ok)
 		return 0;

@@ -143,7 +143,7 @@ static int min_timeout(int a, int b)
 struct loop {
 	struct worker w;
 	struct held held;
-	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1 */
+	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1, SIGUSR2 */
 	int64_t stop_by; /* stopping: leave by then, whatever is left (monotonic ms) */
 	struct bw_notify *notify; /* the service manager (sd_notify; inert without one) */
 };
