@@ -55,6 +55,20 @@ class Ctl(e2e.Env):
         ch.close()
         return n
 
+    def wait_consumer(self):
+        """Waits until a worker consumes backup.start (a worker stopped before its signalfd
+        is set up would die of the SIGTERM)."""
+        for _ in range(300):
+            ch = self.conn.channel()
+            try:
+                if ch.queue_declare("backup.start", passive=True).method.consumer_count:
+                    return
+            finally:
+                if ch.is_open:
+                    ch.close()
+            time.sleep(0.05)
+        raise AssertionError("no worker consumes backup.start")
+
     def job_state(self, job_id):
         r, j = self.ctl_json("show", job_id)
         return j.get("state") if isinstance(j, dict) else None
@@ -403,6 +417,11 @@ def case_reap(env, failures):
     finally:
         codes.update(env.stop_workers())
         env.start_worker("w1")
+        env.wait_consumer()
+        # a job nobody ended leaves the victim's servers: stop them (ours: they serve our repo)
+        for line in subprocess.run(["pgrep", "-af", "qemu-nbd"], capture_output=True, text=True).stdout.splitlines():
+            if env.repo in line and jid in line:
+                os.kill(int(line.split()[0]), signal.SIGTERM)
     if any(c not in (0, -signal.SIGKILL) for c in codes.values()):
         failures.append(f"reap: worker exit codes {codes}")
     r = env.run_ctl("reap", "--wait", "1", sets=["worker.state_dir=" + os.path.join(env.tmp, "nowhere")])
