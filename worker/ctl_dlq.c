@@ -304,6 +304,8 @@ int ctl_dlq(int argc, char **argv, const struct bw_config *cfg)
 		status = CTL_USAGE;
 	} else if (list) {
 		print_list(&t, json);
+		if (t.n == max)
+			fprintf(stderr, "bw-ctl: dlq: listed the first %zu; more may follow (--max)\n", max);
 	} else if (t.n < pos) {
 		fprintf(stderr, "bw-ctl: dlq: no message %zu: %s holds %zu\n", pos, cfg->amqp_dlq, t.n);
 		status = CTL_NO;

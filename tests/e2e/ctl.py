@@ -262,7 +262,9 @@ def case_retry(env, failures):
         failures.append(f"retry: {base}.r2 did not complete")
     evs = check_events(env, f"{base}.r2", failures)
     acc = [e for e in evs if e["event"] == "backup.accepted"]
-    if not acc or acc[0]["vm"]["path"] != VM or acc[0].get("tags") != {"team": "db"}:
+    orig = vm_message(base, VM, DISKS)
+    if not acc or acc[0]["vm"] != orig["vm"] or acc[0].get("tags") != orig["tags"] \
+            or acc[0].get("policy_id") != orig["policy_id"] or acc[0].get("disk_count") != 2:
         failures.append(f"retry: {base}.r2 is not the same message: {acc}")
     r = env.run_ctl("retry", f"{base}.r2")
     if r.returncode != 1 or "not failed" not in r.stderr:
