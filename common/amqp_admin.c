@@ -1,4 +1,5 @@
-/* amqp_admin.c: bw-ctl's broker operations: confirmed one-off publishes, a temporary queue, basic.get with headers. */
+/* amqp_admin.c: bw-ctl's broker operations: confirmed one-off publishes, a temporary queue,
+ * basic.get with headers. */
 #include "amqp_admin.h"
 #include "amqp_internal.h"
 
@@ -59,18 +60,22 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 		}
 		int64_t left = end - bw_clock_mono_ms();
 		if (left <= 0) {
-			snprintf(err, errsize, "no confirm from the broker within %d ms", timeout_ms);
+			snprintf(err, errsize, "no confirm from the broker within %d ms",
+				 timeout_ms);
 			return BW_ETIMEDOUT;
 		}
 		if (!bw_amqp_pending(c)) {
 			struct pollfd p = {bw_amqp_fd(c), POLLIN, 0};
-			(void)poll(&p, 1, left < 200 ? (int)left : 200); /* heartbeats are sent by the poll */
+			(void)poll(&p, 1,
+				   left < 200 ? (int)left
+					      : 200); /* heartbeats are sent by the poll */
 		}
 	}
 	if (s.ok)
 		return 0;
 	if (strstr(s.why, "unroutable") != NULL) {
-		snprintf(err, errsize, "returned unroutable: no queue is bound to %s with routing key %s",
+		snprintf(err, errsize,
+			 "returned unroutable: no queue is bound to %s with routing key %s",
 			 exchange[0] ? exchange : "(default exchange)", routing_key);
 		return BW_ENOENT;
 	}
@@ -84,15 +89,15 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 /* A reply that closed the channel with 404 NOT_FOUND. */
 static bool not_found(amqp_rpc_reply_t r)
 {
-	if (r.reply_type != AMQP_RESPONSE_SERVER_EXCEPTION || r.reply.id != AMQP_CHANNEL_CLOSE_METHOD)
+	if (r.reply_type != AMQP_RESPONSE_SERVER_EXCEPTION ||
+	    r.reply.id != AMQP_CHANNEL_CLOSE_METHOD)
 		return false;
 	const amqp_channel_close_t *m = r.reply.decoded;
 	return m->reply_code == AMQP_NOT_FOUND;
 }
 
 /* Judges r: 0, BW_ENOENT for 404 (the channel is reopened), else bw__amqp_reply's code. */
-static int judge(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char *err,
-		 size_t errsize)
+static int judge(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char *err, size_t errsize)
 {
 	bool nf = not_found(r);
 	int rc = bw__amqp_reply(c, r, what, err, errsize);
@@ -112,12 +117,12 @@ int bw_amqp_exchange_exists(struct bw_amqp *c, const char *exchange, char *err, 
 	return rc;
 }
 
-int bw_amqp_temp_queue(struct bw_amqp *c, const char *exchange, const char *binding_key,
-		       char *name, size_t size, char *err, size_t errsize)
+int bw_amqp_temp_queue(struct bw_amqp *c, const char *exchange, const char *binding_key, char *name,
+		       size_t size, char *err, size_t errsize)
 {
 	amqp_connection_state_t conn = bw__amqp_conn(c);
-	amqp_queue_declare_ok_t *ok = amqp_queue_declare(conn, BW__AMQP_CHANNEL, amqp_empty_bytes, 0,
-							 0, 1, 1, amqp_empty_table);
+	amqp_queue_declare_ok_t *ok = amqp_queue_declare(conn, BW__AMQP_CHANNEL, amqp_empty_bytes,
+							 0, 0, 1, 1, amqp_empty_table);
 	int rc = judge(c, amqp_get_rpc_reply(conn), "temporary queue", err, errsize);
 	if (rc != 0)
 		return rc;
@@ -129,8 +134,9 @@ int bw_amqp_temp_queue(struct bw_amqp *c, const char *exchange, const char *bind
 	name[ok->queue.len] = '\0';
 	char what[600];
 	snprintf(what, sizeof(what), "bind %s to %s/%s", name, exchange, binding_key);
-	amqp_queue_bind(conn, BW__AMQP_CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(exchange),
-			amqp_cstring_bytes(binding_key), amqp_empty_table);
+	amqp_queue_bind(conn, BW__AMQP_CHANNEL, amqp_cstring_bytes(name),
+			amqp_cstring_bytes(exchange), amqp_cstring_bytes(binding_key),
+			amqp_empty_table);
 	rc = judge(c, amqp_get_rpc_reply(conn), what, err, errsize);
 	if (rc == BW_ENOENT)
 		snprintf(err, errsize, "exchange %s does not exist", exchange);
@@ -171,7 +177,8 @@ static struct json_object *table_json(const amqp_table_t *t)
 	struct json_object *o = json_object_new_object();
 	for (int i = 0; o && i < t->num_entries; i++) {
 		char key[256];
-		size_t n = t->entries[i].key.len < sizeof(key) - 1 ? t->entries[i].key.len : sizeof(key) - 1;
+		size_t n = t->entries[i].key.len < sizeof(key) - 1 ? t->entries[i].key.len
+								   : sizeof(key) - 1;
 		memcpy(key, t->entries[i].key.bytes, n);
 		key[n] = '\0';
 		json_object_object_add(o, key, value_json(&t->entries[i].value));
@@ -199,7 +206,8 @@ static struct json_object *value_json(const amqp_field_value_t *v)
 	case AMQP_FIELD_KIND_I64:
 		return json_object_new_int64(v->value.i64);
 	case AMQP_FIELD_KIND_U64:
-		return json_object_new_int64(v->value.u64 > INT64_MAX ? INT64_MAX : (int64_t)v->value.u64);
+		return json_object_new_int64(v->value.u64 > INT64_MAX ? INT64_MAX
+								      : (int64_t)v->value.u64);
 	case AMQP_FIELD_KIND_F32:
 		return json_object_new_double(v->value.f32);
 	case AMQP_FIELD_KIND_F64:
@@ -237,9 +245,9 @@ static struct json_object *props_json(const amqp_basic_properties_t *p)
 		json_object_object_add(o, "delivery_mode", json_object_new_int(p->delivery_mode));
 	if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG)
 		json_object_object_add(o, "timestamp", time_json(p->timestamp));
-	json_object_object_add(o, "headers", p->_flags & AMQP_BASIC_HEADERS_FLAG
-						     ? table_json(&p->headers)
-						     : json_object_new_object());
+	json_object_object_add(o, "headers",
+			       p->_flags & AMQP_BASIC_HEADERS_FLAG ? table_json(&p->headers)
+								   : json_object_new_object());
 	return o;
 }
 

@@ -1,4 +1,5 @@
-/* amqp_admin.h: what bw-ctl asks of a broker beyond a worker's needs: confirmed one-off publishes, a temporary queue, messages taken one by one with their headers. */
+/* amqp_admin.h: what bw-ctl asks of a broker beyond a worker's needs: confirmed one-off publishes,
+ * a temporary queue, messages taken one by one with their headers. */
 #ifndef BW_AMQP_ADMIN_H
 #define BW_AMQP_ADMIN_H
 
@@ -24,16 +25,16 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 			      char *err, size_t errsize) BW_MUST_CHECK;
 
 /* Checks that exchange exists (a passive declare). Returns 0, BW_ENOENT, or BW_EAMQP. */
-int bw_amqp_exchange_exists(struct bw_amqp *c, const char *exchange, char *err, size_t errsize)
-	BW_MUST_CHECK;
+int bw_amqp_exchange_exists(struct bw_amqp *c, const char *exchange, char *err,
+			    size_t errsize) BW_MUST_CHECK;
 
 /*
  * Declares a server-named, exclusive, auto-delete queue (it goes with the connection) and
  * binds it to exchange with binding_key. Stores its name in name[0..size). Returns 0;
  * BW_ENOENT when the exchange does not exist; BW_EAMQP / BW_ECONFIG with err.
  */
-int bw_amqp_temp_queue(struct bw_amqp *c, const char *exchange, const char *binding_key,
-		       char *name, size_t size, char *err, size_t errsize) BW_MUST_CHECK;
+int bw_amqp_temp_queue(struct bw_amqp *c, const char *exchange, const char *binding_key, char *name,
+		       size_t size, char *err, size_t errsize) BW_MUST_CHECK;
 
 /* A message taken with basic.get and not yet settled. */
 struct bw_amqp_message {

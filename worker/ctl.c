@@ -166,15 +166,14 @@ static int validate_file(const char *file, const struct bw_config *cfg, bool ver
 	size_t max = cfg ? (size_t)cfg->job_max_message_bytes : BW_MESSAGE_MAX_BYTES_DEFAULT;
 	int status = EXIT_USAGE;
 
-
 	int rc = ctl_read_file(file, &body, &len);
 	if (rc != 0) {
 		fprintf(stderr, "bw-ctl: %s: cannot read: %s\n", file, strerror(rc));
 		goto out;
 	}
-	rc = bw_message_parse(body, len, max, &spec, &vd);
-	if (rc == 0 && cfg)
-		rc = bw_message_check_host(spec, cfg, &vd);
+	/* with a config, the very check publish makes */
+	rc = cfg ? ctl_check_message(body, len, cfg, &spec, &vd)
+		 : bw_message_parse(body, len, max, &spec, &vd);
 	if (rc == BW_EMESSAGE) {
 		ctl_print_verdict(file, vd, verbose);
 		status = EXIT_INVALID;

@@ -1,4 +1,5 @@
-/* ctl_dlq.c: bw-ctl dlq: list, show and requeue the dead-letter queue's messages without losing one. */
+/* ctl_dlq.c: bw-ctl dlq: list, show and requeue the dead-letter queue's messages without losing
+ * one. */
 #include "amqp_admin.h"
 #include "json.h"
 #include "text.h"
@@ -28,10 +29,10 @@ enum { OPT_JSON = 256, OPT_MAX, OPT_JOB };
  * it on every listing). The messages given back come first even when other messages were
  * never taken, so every command takes the same number from the head (--max, 1000, or N
  * when larger), never only the first N: giving back fewer than were given back last time
- * would rotate the head of the queue. Each give-back counts as a delivery (x-delivery-count): the DLQ
- * has no delivery limit, so nothing is dropped for it. Positions count from the
- * head as this run saw it: a concurrent dlq command or a new dead letter may shift them
- * (requeue --job guards against acting on the wrong one).
+ * would rotate the head of the queue. Each give-back counts as a delivery (x-delivery-count): the
+ * DLQ has no delivery limit, so nothing is dropped for it. Positions count from the head as this
+ * run saw it: a concurrent dlq command or a new dead letter may shift them (requeue --job guards
+ * against acting on the wrong one).
  */
 struct taken {
 	struct bw_amqp_message *m;
@@ -73,7 +74,8 @@ static int take(struct bw_amqp *c, const char *queue, size_t max, struct taken *
 static struct json_object *header(struct json_object *props, const char *key)
 {
 	struct json_object *h = NULL, *v = NULL;
-	if (json_object_object_get_ex(props, "headers", &h) && json_object_object_get_ex(h, key, &v))
+	if (json_object_object_get_ex(props, "headers", &h) &&
+	    json_object_object_get_ex(h, key, &v))
 		return v;
 	return NULL;
 }
@@ -82,7 +84,8 @@ static struct json_object *header(struct json_object *props, const char *key)
 static struct json_object *last_death(struct json_object *props)
 {
 	struct json_object *d = header(props, "x-death");
-	if (d == NULL || !json_object_is_type(d, json_type_array) || json_object_array_length(d) == 0)
+	if (d == NULL || !json_object_is_type(d, json_type_array) ||
+	    json_object_array_length(d) == 0)
 		return NULL;
 	return json_object_array_get_idx(d, 0);
 }
@@ -98,7 +101,8 @@ static void first_route(struct json_object *props, const struct bw_config *cfg,
 	struct json_object *d = header(props, "x-death"), *chosen = NULL, *keys = NULL;
 	*exchange = cfg->amqp_jobs_exchange;
 	*key = CTL_START_KEY;
-	if (d == NULL || !json_object_is_type(d, json_type_array) || json_object_array_length(d) == 0)
+	if (d == NULL || !json_object_is_type(d, json_type_array) ||
+	    json_object_array_length(d) == 0)
 		return;
 	struct json_object *q = header(props, "x-first-death-queue");
 	struct json_object *r = header(props, "x-first-death-reason");
@@ -129,7 +133,8 @@ static struct json_object *body_job(const struct bw_amqp_message *m)
 	if (bw_json_parse_strict(m->body, m->len, &doc, why, sizeof(why)) != 0)
 		return NULL;
 	struct json_object *out = NULL;
-	if (json_object_is_type(doc, json_type_object) && json_object_object_get_ex(doc, "job_id", &v) &&
+	if (json_object_is_type(doc, json_type_object) &&
+	    json_object_object_get_ex(doc, "job_id", &v) &&
 	    json_object_is_type(v, json_type_string)) {
 		char safe[600];
 		bw_text_escape(safe, sizeof(safe), json_object_get_string(v),
@@ -149,12 +154,12 @@ static struct json_object *row_json(const struct bw_amqp_message *m, size_t pos)
 	json_object_object_add(o, "size", json_object_new_int64((int64_t)m->len));
 	static const char *const keys[] = {"reason", "queue", "count", "time"};
 	for (size_t i = 0; i < 4; i++)
-		json_object_object_add(o, keys[i],
-				       d && json_object_object_get_ex(d, keys[i], &v) ? json_object_get(v)
-										       : NULL);
-	json_object_object_add(o, "message_id",
-			       json_object_object_get_ex(m->props, "message_id", &v) ? json_object_get(v)
-										     : NULL);
+		json_object_object_add(
+		    o, keys[i],
+		    d && json_object_object_get_ex(d, keys[i], &v) ? json_object_get(v) : NULL);
+	json_object_object_add(
+	    o, "message_id",
+	    json_object_object_get_ex(m->props, "message_id", &v) ? json_object_get(v) : NULL);
 	return o;
 }
 
@@ -175,7 +180,8 @@ static int parse_position(const char *s, size_t *pos)
 	char *end;
 	long v = strtol(s, &end, 10);
 	if (*s == '\0' || *end != '\0' || v < 1 || v > DLQ_POSITION_MAX) {
-		fprintf(stderr, "bw-ctl: dlq: a position is 1 to %d, not \"%s\"\n", DLQ_POSITION_MAX, s);
+		fprintf(stderr, "bw-ctl: dlq: a position is 1 to %d, not \"%s\"\n",
+			DLQ_POSITION_MAX, s);
 		return CTL_USAGE;
 	}
 	*pos = (size_t)v;
@@ -184,10 +190,9 @@ static int parse_position(const char *s, size_t *pos)
 
 static void print_list(const struct taken *t, bool json)
 {
-	static const struct ctl_column cols[] = {{"position", "POS"}, {"job_id", "JOB"},
-						 {"size", "SIZE"},	 {"reason", "REASON"},
-						 {"queue", "QUEUE"},	 {"count", "COUNT"},
-						 {"time", "TIME"}};
+	static const struct ctl_column cols[] = {
+	    {"position", "POS"}, {"job_id", "JOB"},  {"size", "SIZE"}, {"reason", "REASON"},
+	    {"queue", "QUEUE"},	 {"count", "COUNT"}, {"time", "TIME"}};
 	struct json_object *rows = json_object_new_array();
 	for (size_t i = 0; i < t->n; i++)
 		json_object_array_add(rows, row_json(&t->m[i], i + 1));
@@ -210,11 +215,12 @@ static void print_message(const struct bw_amqp_message *m, size_t pos, bool json
 		ctl_print_json(o);
 	} else {
 		const char *job = ctl_str(o, "job_id");
-		printf("position    %zu\njob_id      %s\nsize        %zu\nproperties  %s\nbody\n%s\n", pos,
-		       job ? job : "-", m->len,
-		       json_object_to_json_string_ext(m->props, JSON_C_TO_STRING_PRETTY |
-								    JSON_C_TO_STRING_NOSLASHESCAPE),
-		       text ? text : "");
+		printf(
+		    "position    %zu\njob_id      %s\nsize        %zu\nproperties  %s\nbody\n%s\n",
+		    pos, job ? job : "-", m->len,
+		    json_object_to_json_string_ext(m->props, JSON_C_TO_STRING_PRETTY |
+								 JSON_C_TO_STRING_NOSLASHESCAPE),
+		    text ? text : "");
 	}
 	json_object_put(o);
 	free(text);
@@ -238,20 +244,24 @@ static int republish(const struct bw_config *cfg, const struct bw_amqp_message *
 		int rc = bw_amqp_publish_confirmed(p, exchange, key, id, m->body, m->len,
 						   CTL_CONFIRM_TIMEOUT_MS, err, sizeof(err));
 		if (rc != 0) {
-			fprintf(stderr, "bw-ctl: dlq requeue %zu: not republished (it stays in the "
-					"dead-letter queue): %s\n",
+			fprintf(stderr,
+				"bw-ctl: dlq requeue %zu: not republished (it stays in the "
+				"dead-letter queue): %s\n",
 				pos, err);
 			status = CTL_USAGE;
 		} else if (json) {
 			struct json_object *o = row_json(m, pos);
-			json_object_object_add(o, "requeued_to_exchange", json_object_new_string(exchange));
-			json_object_object_add(o, "requeued_with_routing_key", json_object_new_string(key));
+			json_object_object_add(o, "requeued_to_exchange",
+					       json_object_new_string(exchange));
+			json_object_object_add(o, "requeued_with_routing_key",
+					       json_object_new_string(key));
 			ctl_print_json(o);
 			json_object_put(o);
 		} else {
-			printf("requeued message %zu (job %s) to %s with routing key %s: confirmed\n", pos,
-			       job ? json_object_get_string(job) : "-", exchange[0] ? exchange : "(default)",
-			       key);
+			printf(
+			    "requeued message %zu (job %s) to %s with routing key %s: confirmed\n",
+			    pos, job ? json_object_get_string(job) : "-",
+			    exchange[0] ? exchange : "(default)", key);
 		}
 	}
 	bw_amqp_close(p);
@@ -305,9 +315,12 @@ int ctl_dlq(int argc, char **argv, const struct bw_config *cfg)
 	} else if (list) {
 		print_list(&t, json);
 		if (t.n == max)
-			fprintf(stderr, "bw-ctl: dlq: listed the first %zu; more may follow (--max)\n", max);
+			fprintf(stderr,
+				"bw-ctl: dlq: listed the first %zu; more may follow (--max)\n",
+				max);
 	} else if (t.n < pos) {
-		fprintf(stderr, "bw-ctl: dlq: no message %zu: %s holds %zu\n", pos, cfg->amqp_dlq, t.n);
+		fprintf(stderr, "bw-ctl: dlq: no message %zu: %s holds %zu\n", pos, cfg->amqp_dlq,
+			t.n);
 		status = CTL_NO;
 	} else if (show) {
 		print_message(&t.m[pos - 1], pos, json);
@@ -315,15 +328,18 @@ int ctl_dlq(int argc, char **argv, const struct bw_config *cfg)
 		struct json_object *job = body_job(&t.m[pos - 1]);
 		const char *jid = job ? json_object_get_string(job) : NULL;
 		if (want_job && (jid == NULL || strcmp(jid, want_job) != 0)) {
-			fprintf(stderr, "bw-ctl: dlq requeue: message %zu is job %s, not %s: left as it is\n",
-				pos, jid ? jid : "(none)", want_job);
+			fprintf(
+			    stderr,
+			    "bw-ctl: dlq requeue: message %zu is job %s, not %s: left as it is\n",
+			    pos, jid ? jid : "(none)", want_job);
 			status = CTL_NO;
 		} else {
 			status = republish(cfg, &t.m[pos - 1], pos, json);
 			/* only once the copy is confirmed is the dead letter acked */
 			if (status == CTL_OK && bw_amqp_settle(c, t.m[pos - 1].tag, true) != 0) {
-				fprintf(stderr, "bw-ctl: dlq requeue: republished, but the dead letter "
-						"could not be acked: it stays there too (a duplicate)\n");
+				fprintf(stderr,
+					"bw-ctl: dlq requeue: republished, but the dead letter "
+					"could not be acked: it stays there too (a duplicate)\n");
 				status = CTL_USAGE;
 			}
 			if (status == CTL_OK)

@@ -1,4 +1,5 @@
-/* ctl_events.c: bw-ctl events: follows backup.events through a temporary queue, one line per event. */
+/* ctl_events.c: bw-ctl events: follows backup.events through a temporary queue, one line per event.
+ */
 #include "amqp_admin.h"
 #include "clock.h"
 #include "json.h"
@@ -57,10 +58,13 @@ static void summary(struct json_object *e, const char *name, char *out, size_t s
 	else if (strcmp(name, "backup.started") == 0)
 		snprintf(raw, sizeof(raw), "sna_job_id %s, %zu disk(s) served",
 			 (s = ctl_str(e, "sna_job_id")) ? s : "?", len_of(e, "disks"));
-	else if (strcmp(name, "backup.progress") == 0)
-		snprintf(raw, sizeof(raw), "%" PRId64 "%% (%" PRId64 " of %" PRId64 " bytes)",
-			 int_of(e, "percent"), int_of(e, "bytes_transferred"), int_of(e, "total_bytes"));
-	else if (strcmp(name, "backup.disk.completed") == 0)
+	else if (strcmp(name, "backup.progress") == 0) {
+		struct json_object *p = NULL;
+		double pc =
+		    json_object_object_get_ex(e, "percent", &p) ? json_object_get_double(p) : 0;
+		snprintf(raw, sizeof(raw), "%.1f%% (%" PRId64 " of %" PRId64 " bytes)", pc,
+			 int_of(e, "bytes_transferred"), int_of(e, "total_bytes"));
+	} else if (strcmp(name, "backup.disk.completed") == 0)
 		snprintf(raw, sizeof(raw), "disk %" PRId64 " change_id %s, %" PRId64 " bytes",
 			 int_of(e, "key"), (s = ctl_str(e, "change_id")) ? s : "?",
 			 int_of(e, "virtual_size"));
@@ -69,8 +73,10 @@ static void summary(struct json_object *e, const char *name, char *out, size_t s
 			 int_of(e, "duration_ms"));
 	else if (strcmp(name, "backup.failed") == 0) {
 		struct json_object *r = NULL;
-		bool retry = json_object_object_get_ex(e, "retryable", &r) && json_object_get_boolean(r);
-		snprintf(raw, sizeof(raw), "%s at %s (%s): %s", (s = ctl_str(e, "reason")) ? s : "?",
+		bool retry =
+		    json_object_object_get_ex(e, "retryable", &r) && json_object_get_boolean(r);
+		snprintf(raw, sizeof(raw), "%s at %s (%s): %s",
+			 (s = ctl_str(e, "reason")) ? s : "?",
 			 ctl_str(e, "stage") ? ctl_str(e, "stage") : "?",
 			 retry ? "retryable" : "not retryable",
 			 ctl_str(e, "message") ? ctl_str(e, "message") : "");
@@ -83,9 +89,11 @@ static void summary(struct json_object *e, const char *name, char *out, size_t s
 		    json_object_is_type(errs, json_type_array) && json_object_array_length(errs))
 			first = json_object_array_get_idx(errs, 0);
 		snprintf(raw, sizeof(raw), "%s, %zu error(s)%s%s%s%s",
-			 (s = ctl_str(e, "reason")) ? s : "?", len_of(e, "errors"), first ? ": " : "",
+			 (s = ctl_str(e, "reason")) ? s : "?", len_of(e, "errors"),
+			 first ? ": " : "",
 			 first && ctl_str(first, "path") ? ctl_str(first, "path") : "",
-			 first ? ": " : "", first && ctl_str(first, "rule") ? ctl_str(first, "rule") : "");
+			 first ? ": " : "",
+			 first && ctl_str(first, "rule") ? ctl_str(first, "rule") : "");
 	} else
 		raw[0] = '\0';
 	bw_text_escape(out, size, raw, strlen(raw));
@@ -95,11 +103,11 @@ static void summary(struct json_object *e, const char *name, char *out, size_t s
 struct follow {
 	bool json;
 	const char *job; /* NULL: every job */
-	long count;      /* 0: no limit */
-	long timeout_s;  /* 0: none */
+	long count;	 /* 0: no limit */
+	long timeout_s;	 /* 0: none */
 	long shown;
 	bool failed_seen; /* --job: its backup.failed came; its backup.cleanup ends the follow */
-	bool ended;       /* --job: the job's last event came */
+	bool ended;	  /* --job: the job's last event came */
 	struct json_object *seen; /* --job: event_ids shown (an object used as a set) */
 };
 
@@ -140,12 +148,13 @@ static bool show(struct follow *f, const char *body, size_t len)
 		printf("%.*s\n", (int)len, body); /* the raw event, as published */
 	} else if (f->json) {
 		/* one event per line even when a publisher broke its JSON into lines */
-		printf("%s\n", json_object_to_json_string_ext(e, JSON_C_TO_STRING_PLAIN |
-								     JSON_C_TO_STRING_NOSLASHESCAPE));
+		printf("%s\n", json_object_to_json_string_ext(
+				   e, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
 	} else {
 		summary(e, name, sum, sizeof(sum));
 		char t[64], n[64], j[300];
-		bw_text_escape(t, sizeof(t), ctl_str(e, "occurred_at") ? ctl_str(e, "occurred_at") : "-",
+		bw_text_escape(t, sizeof(t),
+			       ctl_str(e, "occurred_at") ? ctl_str(e, "occurred_at") : "-",
 			       strlen(ctl_str(e, "occurred_at") ? ctl_str(e, "occurred_at") : "-"));
 		bw_text_escape(n, sizeof(n), name, strlen(name));
 		bw_text_escape(j, sizeof(j), job ? job : "-", strlen(job ? job : "-"));
@@ -257,9 +266,10 @@ int ctl_events(int argc, char **argv, const struct bw_config *cfg)
 				if (f.job || f.count)
 					status = CTL_NO;
 				if (f.job || f.count)
-					fprintf(stderr, "bw-ctl: events: %ld s without an event%s\n",
-						f.timeout_s,
-						f.job ? " before the job's end" : " before the count");
+					fprintf(
+					    stderr, "bw-ctl: events: %ld s without an event%s\n",
+					    f.timeout_s,
+					    f.job ? " before the job's end" : " before the count");
 				break;
 			}
 			if (left < wait)

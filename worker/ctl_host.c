@@ -1,4 +1,5 @@
-/* ctl_host.c: bw-ctl's host commands: reap (a recovery pass now) and verify (a completed job's images). */
+/* ctl_host.c: bw-ctl's host commands: reap (a recovery pass now) and verify (a completed job's
+ * images). */
 #define _GNU_SOURCE /* pidfd_open */
 #include "child.h"
 #include "clock.h"
@@ -38,9 +39,8 @@ static int signal_worker(struct json_object *w)
 {
 	struct json_object *v;
 	pid_t pid = json_object_object_get_ex(w, "pid", &v) ? json_object_get_int(v) : 0;
-	uint64_t st = json_object_object_get_ex(w, "start_time", &v)
-			      ? (uint64_t)json_object_get_int64(v)
-			      : 0;
+	uint64_t st =
+	    json_object_object_get_ex(w, "start_time", &v) ? (uint64_t)json_object_get_int64(v) : 0;
 	if (pid <= 0)
 		return BW_ENOENT;
 	int fd = pidfd_open(pid, 0);
@@ -48,8 +48,9 @@ static int signal_worker(struct json_object *w)
 		return BW_ENOENT;
 	int rc = BW_ENOENT;
 	if (bw_proc_same(pid, st))
-		rc = syscall(SYS_pidfd_send_signal, fd, SIGUSR2, NULL, 0) == 0 ? 0
-									       : bw_err_from_errno(errno);
+		rc = syscall(SYS_pidfd_send_signal, fd, SIGUSR2, NULL, 0) == 0
+			 ? 0
+			 : bw_err_from_errno(errno);
 	close(fd);
 	return rc;
 }
@@ -129,7 +130,8 @@ int ctl_reap(int argc, char **argv, const struct bw_config *cfg)
 			continue;
 		rc = signal_worker(w);
 		if (rc == 0)
-			json_object_array_add(asked, json_object_new_string(ctl_str(w, "worker_id")));
+			json_object_array_add(asked,
+					      json_object_new_string(ctl_str(w, "worker_id")));
 		else if (rc != BW_ENOENT) /* gone meanwhile is no news; anything else is */
 			fprintf(stderr, "bw-ctl: reap: cannot signal worker %s: %s\n",
 				ctl_str(w, "worker_id"), bw_strerror(rc));
@@ -166,7 +168,8 @@ int ctl_reap(int argc, char **argv, const struct bw_config *cfg)
 		print_ids("dead workers left", left ? left : dead);
 	}
 	if (status != CTL_OK)
-		fprintf(stderr, "bw-ctl: reap: dead workers are still listed after %ld s\n", wait_s);
+		fprintf(stderr, "bw-ctl: reap: dead workers are still listed after %ld s\n",
+			wait_s);
 out:
 	json_object_put(left);
 	json_object_put(dead);
@@ -267,10 +270,9 @@ int ctl_verify(int argc, char **argv, const struct bw_config *cfg)
 {
 	static const struct option opts[] = {{"json", no_argument, NULL, OPT_JSON},
 					     {NULL, 0, NULL, 0}};
-	static const struct ctl_column cols[] = {{"key", "DISK"},	  {"exists", "EXISTS"},
-						 {"check", "CHECK"},	  {"size", "SIZE"},
-						 {"chain", "CHAIN"},	  {"qcow2_path", "QCOW2"},
-						 {"error", "ERROR"}};
+	static const struct ctl_column cols[] = {
+	    {"key", "DISK"},	{"exists", "EXISTS"},	 {"check", "CHECK"}, {"size", "SIZE"},
+	    {"chain", "CHAIN"}, {"qcow2_path", "QCOW2"}, {"error", "ERROR"}};
 	bool json = false;
 	struct bw_ledger *l = NULL;
 	struct json_object *job = NULL, *rows = NULL;
@@ -324,7 +326,8 @@ int ctl_verify(int argc, char **argv, const struct bw_config *cfg)
 	bool all = disks && json_object_array_length(disks) == spec->n_disks;
 	for (size_t i = 0; disks && i < json_object_array_length(disks); i++) {
 		struct json_object *d = json_object_array_get_idx(disks, i), *v = NULL;
-		int64_t key = json_object_object_get_ex(d, "key", &v) ? json_object_get_int64(v) : 0;
+		int64_t key =
+		    json_object_object_get_ex(d, "key", &v) ? json_object_get_int64(v) : 0;
 		const char *path = ctl_str(d, "qcow2_path");
 		struct json_object *o = json_object_new_object();
 		json_object_object_add(o, "key", json_object_new_int64(key));

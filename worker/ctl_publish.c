@@ -1,4 +1,5 @@
-/* ctl_publish.c: bw-ctl's publishing commands: publish a backup.start, cancel a job, retry a failed one. */
+/* ctl_publish.c: bw-ctl's publishing commands: publish a backup.start, cancel a job, retry a failed
+ * one. */
 #include "amqp_admin.h"
 #include "buf.h"
 #include "cancel.h"
@@ -60,7 +61,8 @@ int ctl_connect(const struct bw_config *cfg, const char *name, bool confirms, st
 					 CTL_AMQP_TIMEOUT_MS,
 					 name,
 					 cfg->amqp_tls_ca_file[0] ? cfg->amqp_tls_ca_file : NULL,
-					 cfg->amqp_tls_cert_file[0] ? cfg->amqp_tls_cert_file : NULL,
+					 cfg->amqp_tls_cert_file[0] ? cfg->amqp_tls_cert_file
+								    : NULL,
 					 cfg->amqp_tls_key_file[0] ? cfg->amqp_tls_key_file : NULL,
 					 cfg->amqp_tls_verify_peer,
 					 cfg->amqp_tls_verify_hostname};
@@ -250,7 +252,7 @@ static const struct {
 	bool retryable;
 } fail_reasons[] = {
 #define CTL__REASON(name, text, retryable) {text, retryable},
-	BW_FAIL_REASON_MAP(CTL__REASON)
+    BW_FAIL_REASON_MAP(CTL__REASON)
 #undef CTL__REASON
 };
 
@@ -309,7 +311,7 @@ static int rewrite_job_id(const char *message, const char *new_id, char **out, c
 	}
 	json_object_object_add(doc, "job_id", json_object_new_string(new_id));
 	*out = strdup(json_object_to_json_string_ext(doc, JSON_C_TO_STRING_PLAIN |
-								   JSON_C_TO_STRING_NOSLASHESCAPE));
+							      JSON_C_TO_STRING_NOSLASHESCAPE));
 	json_object_put(doc);
 	return *out ? 0 : BW_ENOMEM;
 }
@@ -341,8 +343,8 @@ static const char *not_retryable(struct bw_ledger *l, const char *job_id, struct
 		snprintf(buf, size, "job %s failed with an unknown reason \"%s\"", job_id,
 			 reason ? reason : "?");
 	else if (!fail_reasons[known].retryable)
-		snprintf(buf, size, "job %s failed with reason %s, which a retry cannot help", job_id,
-			 reason);
+		snprintf(buf, size, "job %s failed with reason %s, which a retry cannot help",
+			 job_id, reason);
 	json_object_put(ev);
 	free(body);
 	return known >= 0 && fail_reasons[known].retryable ? NULL : buf;
@@ -389,14 +391,16 @@ int ctl_retry(int argc, char **argv, const struct bw_config *cfg)
 	struct json_object *newest = NULL;
 	newest_attempt(jobs, job_id, base_len, &max, &newest);
 	if (max > k) {
-		fprintf(stderr, "bw-ctl: retry: %s (%s) is a newer attempt of %.*s: retry that one\n",
+		fprintf(stderr,
+			"bw-ctl: retry: %s (%s) is a newer attempt of %.*s: retry that one\n",
 			ctl_str(newest, "job_id"), ctl_str(newest, "state"), (int)base_len, job_id);
 		goto out;
 	}
 	int n = snprintf(new_id, sizeof(new_id), "%.*s.r%ld", (int)base_len, job_id, max + 1);
 	if (n < 0 || n > BW_CANCEL_JOB_ID_MAX) {
-		fprintf(stderr, "bw-ctl: retry: %.*s.r%ld would be %d characters, more than a job_id "
-				"may have (%d)\n",
+		fprintf(stderr,
+			"bw-ctl: retry: %.*s.r%ld would be %d characters, more than a job_id "
+			"may have (%d)\n",
 			(int)base_len, job_id, max + 1, n, BW_CANCEL_JOB_ID_MAX);
 		goto out;
 	}

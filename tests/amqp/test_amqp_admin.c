@@ -36,7 +36,8 @@ static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
 	snprintf(names[2], 64, "%s.events", prefix);
 	snprintf(names[3], 64, "%s.dlx", prefix);
 	snprintf(names[4], 64, "%s.start.dlq", prefix);
-	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 5, false};
+	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3],
+					 names[4], 5,	     false};
 }
 
 static int publish(struct bw_amqp *c, const char *x, const char *key, const char *id,
@@ -66,16 +67,19 @@ static void test_publish_confirmed_routed_unroutable_missing(void **state)
 	struct bw_amqp_topology t = topo("a1", names);
 	struct bw_amqp *c = connect_ok("admin-publish", true);
 	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
-	assert_int_equal(publish(c, t.jobs_exchange, "backup.start", "j1", "{\"a\":1}", err, sizeof(err)), 0);
+	assert_int_equal(
+	    publish(c, t.jobs_exchange, "backup.start", "j1", "{\"a\":1}", err, sizeof(err)), 0);
 	/* no queue bound with that key: returned, then acked: not a success */
-	assert_int_equal(publish(c, t.jobs_exchange, "nowhere", "j2", "{}", err, sizeof(err)), BW_ENOENT);
+	assert_int_equal(publish(c, t.jobs_exchange, "nowhere", "j2", "{}", err, sizeof(err)),
+			 BW_ENOENT);
 	assert_non_null(strstr(err, "unroutable"));
 	/* no such exchange: said plainly, and the connection stays usable (channel reopened) */
 	assert_int_equal(publish(c, "a1.missing", "k", "j3", "{}", err, sizeof(err)), BW_ENOENT);
 	assert_non_null(strstr(err, "does not exist"));
 	assert_int_equal(bw_amqp_exchange_exists(c, "a1.missing", err, sizeof(err)), BW_ENOENT);
 	assert_int_equal(bw_amqp_exchange_exists(c, t.jobs_exchange, err, sizeof(err)), 0);
-	assert_int_equal(publish(c, t.jobs_exchange, "backup.start", "j4", "{\"a\":4}", err, sizeof(err)), 0);
+	assert_int_equal(
+	    publish(c, t.jobs_exchange, "backup.start", "j4", "{\"a\":4}", err, sizeof(err)), 0);
 
 	/* exactly the two routed ones are in the queue, persistent, with their message ids */
 	struct bw_amqp_message m;
@@ -107,10 +111,14 @@ static void test_temp_queue_sees_what_is_published_after(void **state)
 	struct bw_amqp *p = connect_ok("admin-pub", true);
 	struct bw_amqp *c = connect_ok("admin-follow", false);
 	assert_int_equal(bw_amqp_declare(p, &t, err, sizeof(err)), 0);
-	assert_int_equal(bw_amqp_temp_queue(c, "a2.none", "#", q, sizeof(q), err, sizeof(err)), BW_ENOENT);
-	assert_int_equal(bw_amqp_temp_queue(c, t.events_exchange, "#", q, sizeof(q), err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_temp_queue(c, "a2.none", "#", q, sizeof(q), err, sizeof(err)),
+			 BW_ENOENT);
+	assert_int_equal(
+	    bw_amqp_temp_queue(c, t.events_exchange, "#", q, sizeof(q), err, sizeof(err)), 0);
 	assert_true(strncmp(q, "amq.gen-", 8) == 0);
-	assert_int_equal(publish(p, t.events_exchange, "backup.completed", "e1", "{\"e\":1}", err, sizeof(err)), 0);
+	assert_int_equal(
+	    publish(p, t.events_exchange, "backup.completed", "e1", "{\"e\":1}", err, sizeof(err)),
+	    0);
 	assert_int_equal(bw_amqp_consume(c, q, 8, err, sizeof(err)), 0);
 	struct bw_delivery d;
 	bool got = false;
@@ -141,8 +149,8 @@ static void test_dead_letters_read_with_x_death_and_given_back_in_order(void **s
 	assert_int_equal(bw_amqp_declare(c, &t, err, sizeof(err)), 0);
 	const char *bodies[3] = {"{\"n\":0}", "{\"n\":1}", "{\"n\":2}"};
 	for (int i = 0; i < 3; i++)
-		assert_int_equal(publish(c, t.jobs_exchange, "backup.start", bodies[i], bodies[i], err,
-					 sizeof(err)),
+		assert_int_equal(publish(c, t.jobs_exchange, "backup.start", bodies[i], bodies[i],
+					 err, sizeof(err)),
 				 0);
 	/* a consumer rejects them: dead-lettered with x-death, in order */
 	struct bw_amqp *w = connect_ok("admin-dlq-worker", false);
@@ -167,7 +175,8 @@ static void test_dead_letters_read_with_x_death_and_given_back_in_order(void **s
 		for (int i = 0; i < 3; i++)
 			assert_true(get(c, t.dlq, &m[i]));
 		for (int i = 0; i < 3; i++) {
-			assert_string_equal(m[i].body, bodies[i]); /* the order survived the last round */
+			assert_string_equal(m[i].body,
+					    bodies[i]); /* the order survived the last round */
 			struct json_object *h = NULL, *xd = NULL, *v = NULL;
 			assert_true(json_object_object_get_ex(m[i].props, "headers", &h));
 			assert_true(json_object_object_get_ex(h, "x-death", &xd));
@@ -198,9 +207,9 @@ int main(void)
 		return 1;
 	}
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_publish_confirmed_routed_unroutable_missing),
-		cmocka_unit_test(test_temp_queue_sees_what_is_published_after),
-		cmocka_unit_test(test_dead_letters_read_with_x_death_and_given_back_in_order),
+	    cmocka_unit_test(test_publish_confirmed_routed_unroutable_missing),
+	    cmocka_unit_test(test_temp_queue_sees_what_is_published_after),
+	    cmocka_unit_test(test_dead_letters_read_with_x_death_and_given_back_in_order),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
