@@ -67,6 +67,27 @@ static struct json_object *ids(struct json_object *workers, bool want)
 	return a;
 }
 
+/* The ids of the dead workers of rows whose row (that incarnation) is still in the ledger. */
+static struct json_object *still_listed(struct bw_ledger *l, struct json_object *workers)
+{
+	struct json_object *a = json_object_new_array(), *v;
+	for (size_t i = 0; a && i < json_object_array_length(workers); i++) {
+		struct json_object *w = json_object_array_get_idx(workers, i);
+		const char *id = ctl_str(w, "worker_id");
+		struct bw_worker_row row;
+		if (id == NULL || !json_object_object_get_ex(w, "alive", &v) ||
+		    json_object_get_boolean(v))
+			continue;
+		int64_t inc =
+		    json_object_object_get_ex(w, "incarnation", &v) ? json_object_get_int64(v) : 0;
+		int rc = bw_ledger_worker_get(l, id, &row);
+		if (rc == BW_ENOENT || (rc == 0 && row.incarnation != inc))
+			continue; /* reaped (or registered again: a new process) */
+		json_object_array_add(a, json_object_new_string(id));
+	}
+	return a;
+}
+
 static void print_ids(const char *what, struct json_object *a)
 {
 	printf("%s:", what);
@@ -141,16 +162,17 @@ int ctl_reap(int argc, char **argv, const struct bw_config *cfg)
 				"recovery pass when it starts)\n");
 		goto out;
 	}
-	/* the pass removes the dead workers' rows as it takes their jobs over */
+	/*
+	 * The pass removes the dead workers' rows as it takes their jobs over. Watched by SQL
+	 * alone: the liveness test of bw_ledger_list_workers takes each lock for a moment, and a
+	 * reaper that met that moment would think the dead worker alive and leave it.
+	 */
 	int64_t until = bw_clock_mono_ms() + wait_s * 1000;
 	for (;;) {
-		struct json_object *now = NULL;
-		if (bw_ledger_list_workers(l, &now) != 0)
-			break;
 		json_object_put(left);
-		left = ids(now, false);
-		json_object_put(now);
-		if (json_object_array_length(left) == 0 || bw_clock_mono_ms() >= until)
+		left = still_listed(l, workers);
+		if (left == NULL || json_object_array_length(left) == 0 ||
+		    bw_clock_mono_ms() >= until)
 			break;
 		usleep(REAP_POLL_MS * 1000);
 	}
