@@ -16,7 +16,7 @@ import e2e  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
 
 # not the other suites' ports (ctest may run them at once)
-e2e.PORT_MIN, e2e.PORT_MAX = 22460, 22479
+e2e.PORT_MIN, e2e.PORT_MAX = 22480, 22499
 VM = "/DC/vm/ctl"
 DISKS = [{"key": 2000, "size_bytes": 4 * MiB}, {"key": 2001, "size_bytes": 2 * MiB}]
 
