@@ -1,5 +1,6 @@
 /* amqp.c: connect, declare, consume and publish with confirms over librabbitmq-c 0.11, without long waits. */
 #include "amqp.h"
+#include "amqp_internal.h"
 #include "text.h"
 
 #include "clock.h"
@@ -375,6 +376,19 @@ bool bw_amqp_pending(const struct bw_amqp *c)
 bool bw_amqp_blocked(const struct bw_amqp *c)
 {
 	return c->blocked;
+}
+
+/* ---- for amqp_admin.c only (amqp_internal.h) -------------------------------------------- */
+
+amqp_connection_state_t bw__amqp_conn(struct bw_amqp *c)
+{
+	return c->conn;
+}
+
+int bw__amqp_reply(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char *err,
+		   size_t errsize)
+{
+	return reply_err(c, r, what, err, errsize);
 }
 
 /* ---- topology --------------------------------------------------------------------------- */

@@ -143,7 +143,7 @@ static int min_timeout(int a, int b)
 struct loop {
 	struct worker w;
 	struct held held;
-	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1 */
+	int sfd;         /* signalfd of SIGTERM, SIGINT, SIGCHLD, SIGUSR1, SIGUSR2 */
 	int64_t stop_by; /* stopping: leave by then, whatever is left (monotonic ms) */
 	struct bw_notify *notify; /* the service manager (sd_notify; inert without one) */
 };
@@ -195,6 +195,7 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGUSR1);
+	sigaddset(&mask, SIGUSR2); /* bw-ctl reap: a recovery pass now */
 	/*
 	 * Blocked signals reach the loop only through the signalfd: without one, SIGTERM would
 	 * stay blocked and the worker could not be stopped but by SIGKILL. Refuse to start.
@@ -352,6 +353,18 @@ static void wait_ready(struct loop *lp, int timeout_ms)
 
 enum turn { TURN_GO_ON, TURN_STOP };
 
+/* SIGUSR2 (bw-ctl reap): the recovery pass runs now rather than at its next interval. */
+static void recover_now(struct worker *w)
+{
+	if (!taking_jobs(w)) {
+		bw_log_info("SIGUSR2: no recovery pass while stopping or draining");
+		return;
+	}
+	bw_log_info("SIGUSR2: a recovery pass now");
+	recover_pass(w);
+	w->last_recovery_ms = bw_clock_mono_ms();
+}
+
 /*
  * Handles the signals that arrived: SIGCHLD is only a wake-up (jobs_step reaps), SIGUSR1
  * drains, a first SIGTERM/SIGINT stops taking jobs and winds down, a second one stops now.
@@ -363,6 +376,10 @@ static enum turn read_signals(struct loop *lp)
 	while (read(lp->sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
 		if (si.ssi_signo == SIGCHLD)
 			continue; /* jobs_step reaps its own children */
+		if (si.ssi_signo == SIGUSR2) {
+			recover_now(w);
+			continue;
+		}
 		if (si.ssi_signo == SIGUSR1) {
 			if (!taking_jobs(w))
 				continue;

@@ -1,14 +1,43 @@
-/* ledger_fixture.c: fills a ledger with one job of two disks holding ports, then holds its worker lock. */
+/* ledger_fixture.c: fills a ledger with one job of two disks holding ports (and, with "failed",
+ * failed jobs for bw-ctl retry), then holds its worker lock. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "ledger.h"
 
+/* A job of one disk claimed and then failed with reason, its backup.failed at seq 2. */
+static int failed_job(struct bw_ledger *l, const char *job_id, const char *reason)
+{
+	char msg[512], acc_id[200], fail_id[200], fail_body[200], export[200], path[300];
+	snprintf(msg, sizeof(msg),
+		 "{\"schema_version\":1,\"job_id\":\"%s\",\"vm\":{\"name\":\"v\",\"path\":\"/v\"},"
+		 "\"backup_type\":\"full\",\"repository_id\":\"repo-001\",\"credential_id\":\"c\","
+		 "\"disks\":[{\"key\":2000,\"size_bytes\":1048576}]}",
+		 job_id);
+	snprintf(acc_id, sizeof(acc_id), "%s/backup.accepted", job_id);
+	snprintf(fail_id, sizeof(fail_id), "%s/backup.failed", job_id);
+	snprintf(fail_body, sizeof(fail_body), "{\"event\":\"backup.failed\",\"reason\":\"%s\"}",
+		 reason);
+	snprintf(export, sizeof(export), "%s-2000", job_id);
+	snprintf(path, sizeof(path), "/repo/vm/2000/%s.qcow2", job_id);
+	struct bw_job_disk_new disk = {2000, export, path};
+	struct bw_event accepted = {acc_id, "backup.accepted", 1, "{}"};
+	struct bw_event failed = {fail_id, "backup.failed", 2, fail_body};
+	int64_t gen = 0;
+	if (bw_ledger_claim(l, job_id, msg, &disk, 1, &accepted, &gen, NULL) != 0)
+		return -1;
+	struct bw_fence f = {job_id, gen};
+	if (reason == NULL)
+		return 0;
+	return bw_ledger_transition(l, &f, BW_JOB_FAILED, reason, &failed, 1);
+}
+
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: ledger_fixture LEDGER LOCKDIR\n");
+	if (argc != 3 && !(argc == 4 && strcmp(argv[3], "failed") == 0)) {
+		fprintf(stderr, "usage: ledger_fixture LEDGER LOCKDIR [failed]\n");
 		return 2;
 	}
 	struct bw_ledger *l = NULL;
@@ -24,6 +53,10 @@ int main(int argc, char **argv)
 	struct bw_fence f = {"bk-1", gen};
 	if (bw_ledger_transition(l, &f, BW_JOB_RESERVED, NULL, NULL, 0) != 0 ||
 	    bw_ledger_reserve(l, &f, keys, 2, ports) != 0)
+		return 1;
+	/* bk-2 cancelled (no retry helps), bk-3 sna_failed with a newer attempt bk-3.r1 */
+	if (argc == 4 && (failed_job(l, "bk-2", "cancelled") != 0 ||
+			  failed_job(l, "bk-3", "sna_failed") != 0 || failed_job(l, "bk-3.r1", NULL) != 0))
 		return 1;
 	printf("ready %d %d\n", ports[0], ports[1]);
 	fflush(stdout);

@@ -10,11 +10,27 @@ trap stop_pid_remove_tmp EXIT
 . "$(dirname "$0")/../../scripts/lib.sh"
 py() { /usr/bin/python3 -c "$@"; }
 
+# No worker has run here: the state directory does not even exist. The lists are empty
+# (exit 0), show finds nothing (exit 1), and neither the ledger nor its directory appears.
+printf '[worker]\nstate_dir = %s/state\n' "$tmp" >"$tmp/none.conf"
+for cmd in jobs ports workers; do
+	out=$("$ctl" --config "$tmp/none.conf" $cmd 2>"$tmp/err")
+	check "no ledger: $cmd exit 0" [ $? -eq 0 ]
+	check "no ledger: $cmd says no worker has run here" grep -q "no worker has run on this host" <<<"$out"
+	out=$("$ctl" --config "$tmp/none.conf" $cmd --json 2>"$tmp/err")
+	check "no ledger: $cmd --json exit 0" [ $? -eq 0 ]
+	check "no ledger: $cmd --json is []" [ "$out" = "[]" ]
+done
+"$ctl" --config "$tmp/none.conf" show bk-1 >/dev/null 2>"$tmp/err"
+check "no ledger: show exit 1" [ $? -eq 1 ]
+check "no ledger: show says not found" grep -q 'no job "bk-1"' "$tmp/err"
+for cmd in "verify bk-1" "retry bk-1" reap; do
+	"$ctl" --config "$tmp/none.conf" $cmd >/dev/null 2>&1
+	check "no ledger: $cmd exit 1" [ $? -eq 1 ]
+done
+check "no ledger: neither the ledger nor its directory created" [ ! -e "$tmp/state" ]
+
 printf '[worker]\nstate_dir = %s\n' "$tmp" >"$tmp/bw.conf"
-"$ctl" --config "$tmp/bw.conf" jobs >/dev/null 2>"$tmp/err"
-check "no ledger: exit 2" [ $? -eq 2 ]
-check "no ledger: says so" grep -q "no ledger here" "$tmp/err"
-check "no ledger: nothing created" [ ! -e "$tmp/ledger.db" ]
 
 mkfifo "$fifo"
 "$fixture" "$tmp/ledger.db" "$tmp" <"$fifo" >"$tmp/fixture.out" &
