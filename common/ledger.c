@@ -307,7 +307,7 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 	/* Published events of no job (backup.rejected), by age. */
 	[BW__ST_PRUNE_LONE_EVENTS] = "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
 				 " WHERE job_id IS NULL AND published_at IS NOT NULL"
-				 " AND created_at < ?1 ORDER BY id LIMIT ?2)",
+				 " AND created_at < ?1 LIMIT ?2)",
 	/* Is anything but jobs due (tombstones before ?1, job-less events before ?2)? */
 	[BW__ST_PRUNE_DUE] = "SELECT EXISTS (SELECT 1 FROM job_tombstones WHERE finished_at < ?1)"
 			 " OR EXISTS (SELECT 1 FROM outbox WHERE job_id IS NULL"

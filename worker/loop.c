@@ -400,12 +400,16 @@ static bool prune(struct worker *w)
 	if (rc != 0)
 		bw_log_warnx("ledger retention: %s (%s)", bw_strerror(rc),
 			     bw_ledger_errmsg(w->ledger));
-	if (st.jobs || st.events || st.tombstones)
+	/* a line a minute on a busy host: at info level only when a backlog is worked off */
+	if (st.more)
 		bw_log_info("ledger retention: %zu job(s) older than %d day(s) removed with their "
 			    "history and %zu log file(s); %zu old job-less event(s), %zu expired "
-			    "tombstone(s)%s",
-			    st.jobs, cfg->ledger_retention_days, st.files, st.events, st.tombstones,
-			    st.more ? "; more to do" : "");
+			    "tombstone(s); more to do",
+			    st.jobs, cfg->ledger_retention_days, st.files, st.events, st.tombstones);
+	else if (st.jobs || st.events || st.tombstones)
+		bw_log_debug("ledger retention: %zu job(s) removed, %zu log file(s), %zu event(s), "
+			     "%zu tombstone(s)",
+			     st.jobs, st.files, st.events, st.tombstones);
 	if (st.skipped)
 		bw_log_debug("ledger retention: the write lock was busy; the next pass goes on");
 	return rc == 0 && st.more;
