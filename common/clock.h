@@ -10,6 +10,9 @@
 /* Milliseconds of CLOCK_MONOTONIC: for deadlines and durations (never jumps). */
 int64_t bw_clock_mono_ms(void);
 
+/* Microseconds of CLOCK_MONOTONIC: for short spans measured and reported (a lock held). */
+int64_t bw_clock_mono_us(void);
+
 /* Milliseconds since the Unix epoch (CLOCK_REALTIME): for what is stored or shown. */
 int64_t bw_clock_wall_ms(void);
 
