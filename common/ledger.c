@@ -1747,13 +1747,14 @@ int bw_ledger_maintain(struct bw_ledger *l)
  * Upkeep goes through here, so that it can only ever wait for the host's writers, never
  * make them wait long for it (a TRUNCATE checkpoint once stalled them 2.4 s: maintain).
  */
-static int with_txn_brief(struct bw_ledger *l, txn_fn fn, void *ctx)
+static int with_txn_brief(struct bw_ledger *l, txn_fn fn, void *ctx, int64_t *held_us)
 {
 	int rc = l->gate ? bw_gate_lock(l->gate, BW_PRUNE_LOCK_WAIT_MS, l->errmsg,
 					sizeof(l->errmsg))
 			 : 0;
 	if (rc != 0)
 		return rc;
+	int64_t t0 = bw_clock_mono_us();
 	l->no_wait = true;
 	rc = run(l, BW__ST_BEGIN, "");
 	l->no_wait = false;
@@ -1767,6 +1768,7 @@ static int with_txn_brief(struct bw_ledger *l, txn_fn fn, void *ctx)
 			/* rc already says why the transaction failed */
 		}
 	}
+	*held_us = bw_clock_mono_us() - t0;
 	if (l->gate)
 		bw_gate_unlock(l->gate);
 	return rc;
@@ -1896,7 +1898,7 @@ int bw_ledger_prune(struct bw_ledger *l, const struct bw_prune *p, struct bw_pru
 	c.ids = ids;
 	while (st->txns < max_txns) {
 		size_t want = batch < max - st->jobs ? batch : max - st->jobs;
-		int64_t due = 0;
+		int64_t due = 0, held = 0;
 		if ((rc = prune_candidates(l, c.cutoff, want, ids, &c.n)) != 0)
 			break;
 		if (c.n == 0 &&
@@ -1907,7 +1909,7 @@ int bw_ledger_prune(struct bw_ledger *l, const struct bw_prune *p, struct bw_pru
 		for (size_t i = 0; p->state_dir && i < c.n && rc == 0; i++)
 			rc = prune_files(l, p->state_dir, ids[i], &st->files);
 		if (rc == 0)
-			rc = with_txn_brief(l, prune_txn, &c);
+			rc = with_txn_brief(l, prune_txn, &c, &held);
 		for (size_t i = 0; i < c.n; i++) {
 			free(ids[i]);
 			ids[i] = NULL;
@@ -1920,6 +1922,8 @@ int bw_ledger_prune(struct bw_ledger *l, const struct bw_prune *p, struct bw_pru
 		if (rc != 0)
 			break;
 		st->txns++;
+		if (held > st->lock_max_us)
+			st->lock_max_us = held;
 		st->jobs += c.jobs;
 		st->events += c.events;
 		st->tombstones += c.tombstones;

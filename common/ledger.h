@@ -398,6 +398,8 @@ struct bw_prune_stats {
 	size_t tombstones; /* expired tombstones removed */
 	size_t files;      /* log files removed */
 	size_t txns;       /* write transactions committed */
+	int64_t lock_max_us; /* the longest the pass held the write lock (one batch): what it
+			      * can have made another writer wait */
 	bool more;         /* a bound was reached: more is due now */
 	bool skipped;      /* the write lock was busy: the pass stopped early */
 };

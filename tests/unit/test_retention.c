@@ -304,6 +304,7 @@ static void test_batches_are_bounded(void **state)
 	assert_int_equal(st.jobs, 7);
 	assert_int_equal(st.txns, 3);
 	assert_true(st.more);
+	assert_true(st.lock_max_us > 0 && st.lock_max_us < 1000000);
 	assert_int_equal(sql(fx, "SELECT count(*) FROM jobs", NULL), 3);
 	/* oldest first: the first seven claimed are gone */
 	assert_int_equal(job_rows(fx, "job-06"), 0);
@@ -438,6 +439,7 @@ static void test_busy_lock_skips_the_pass(void **state)
 		assert_true(st.skipped);
 		assert_int_equal(st.jobs, 0);
 		assert_int_equal(st.txns, 0);
+		assert_int_equal(st.lock_max_us, 0);
 		assert_true(took < SKIP_BOUND_MS);
 		if (gate)
 			assert_true(took >= BW_PRUNE_LOCK_WAIT_MS - 5); /* it did wait, briefly */
