@@ -1019,8 +1019,8 @@ int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message
 		    const struct bw_job_disk_new *disks, size_t n_disks,
 		    const struct bw_event *accepted, int64_t *generation, struct bw_known *existing)
 {
-	struct claim_ctx c = {job_id, message, disks, n_disks, accepted,
-			      {BW_JOB_CLAIMED, false}, false};
+	struct claim_ctx c = {job_id, message, disks, n_disks, accepted, {BW_JOB_CLAIMED, false},
+			      false};
 	if (l->worker_id == NULL || accepted == NULL || accepted->seq != 1)
 		return BW_EINVAL;
 	int rc = with_txn(l, claim_txn, &c);
