@@ -425,11 +425,7 @@ static int worker(const struct opts *o, pid_t maint)
 	waitpid(maint, &st, 0);
 	long done = rc == 0 ? o->jobs : 0;
 	long in_window = done > window ? done - window : 0;
-	int64_t *w = all + window;
-	if (in_window > 0)
-		qsort(w, (size_t)in_window, sizeof(*w), cmp_i64);
-	else
-		w = NULL;
+	int64_t *w = in_window > 0 ? all + window : NULL;
 	char win[512] = "";
 	int wlen = 0;
 	if (w) {
@@ -446,6 +442,7 @@ static int worker(const struct opts *o, pid_t maint)
 				nc, (double)c[nc / 2] / 1000.0, (double)c[nc * 99 / 100] / 1000.0,
 				(double)c[nc * 999 / 1000] / 1000.0, (double)c[nc - 1] / 1000.0);
 		free(c);
+		qsort(w, (size_t)in_window, sizeof(*w), cmp_i64); /* after the copy: in job order */
 	}
 	if (w)
 		snprintf(win + wlen, sizeof(win) - (size_t)wlen,
