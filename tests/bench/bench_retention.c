@@ -52,11 +52,11 @@ enum {
 	PORT_MIN = 31000,
 	PORT_MAX = 31100,
 	MAX_DISKS = 16,
-	PROGRESS_EVENTS = 3,   /* backup.progress events of a job (every 5 s while it runs) */
+	PROGRESS_EVENTS = 3, /* backup.progress events of a job (every 5 s while it runs) */
 	BODY_SIZE = 4096,
 	EVENT_BODY_BYTES = 420, /* about what events.c writes for a 2-disk VM */
-	MESSAGE_BYTES = 640,    /* about a 2-disk backup.start */
-	LOG_BYTES = 300,        /* a failed disk's qemu-nbd log: a few lines */
+	MESSAGE_BYTES = 640,	/* about a 2-disk backup.start */
+	LOG_BYTES = 300,	/* a failed disk's qemu-nbd log: a few lines */
 };
 
 /* The worker's loop runs maintenance once a minute; here once a simulated minute. */
@@ -74,7 +74,7 @@ struct shared {
 	/* the maintainer's figures, cumulative */
 	int64_t passes, pruned_jobs, pruned_files, pruned_tombstones, skipped, errors;
 	int64_t max_pass_us, max_prune_us, max_maintain_us;
-	int64_t max_lock_us;          /* the longest a prune batch held the write lock */
+	int64_t max_lock_us;	      /* the longest a prune batch held the write lock */
 	int64_t interval_max_lock_us; /* the same, reset by the worker at each report */
 };
 
@@ -93,8 +93,8 @@ int64_t __wrap_bw_clock_wall_ms(void)
 static void max_into(int64_t *at, int64_t v)
 {
 	int64_t cur = __atomic_load_n(at, __ATOMIC_RELAXED);
-	while (v > cur && !__atomic_compare_exchange_n(at, &cur, v, false, __ATOMIC_RELAXED,
-						      __ATOMIC_RELAXED))
+	while (v > cur &&
+	       !__atomic_compare_exchange_n(at, &cur, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
 		;
 }
 
@@ -163,7 +163,8 @@ static int maintainer(const struct opts *o)
 /* A JSON-ish body of about n bytes naming the job (the ledger stores text, unparsed). */
 static void body(char *out, size_t n, const char *kind, const char *job)
 {
-	int len = snprintf(out, BODY_SIZE, "{\"event\":\"%s\",\"job_id\":\"%s\",\"pad\":\"", kind, job);
+	int len =
+	    snprintf(out, BODY_SIZE, "{\"event\":\"%s\",\"job_id\":\"%s\",\"pad\":\"", kind, job);
 	while ((size_t)len + 3 < n && len + 3 < BODY_SIZE)
 		out[len++] = 'x';
 	snprintf(out + len, (size_t)(BODY_SIZE - len), "\"}");
@@ -174,7 +175,7 @@ struct job_ctx {
 	const struct opts *o;
 	char id[64];
 	int64_t gen, seq;
-	int64_t write_max_us; /* the worst write of the interval */
+	int64_t write_max_us;	  /* the worst write of the interval */
 	int64_t job_write_max_us; /* and of the current job */
 };
 
@@ -229,7 +230,7 @@ static int run_job(struct job_ctx *j, long i, int64_t *claim_us)
 	struct bw_disk_update upd[MAX_DISKS];
 	int64_t keys[MAX_DISKS];
 	char exports[MAX_DISKS][96], paths[MAX_DISKS][160], msg[BODY_SIZE], acc[BODY_SIZE],
-		acc_id[160];
+	    acc_id[160];
 	int ports[MAX_DISKS];
 	bool fail = o->fail_every > 0 && i % o->fail_every == o->fail_every - 1;
 	int rc;
@@ -238,8 +239,8 @@ static int run_job(struct job_ctx *j, long i, int64_t *claim_us)
 	for (int k = 0; k < o->disks; k++) {
 		keys[k] = 2000 + k;
 		snprintf(exports[k], sizeof(exports[k]), "%s-%" PRId64, j->id, keys[k]);
-		snprintf(paths[k], sizeof(paths[k]), "/srv/repo/id-vm-%ld/%" PRId64 "/%s.qcow2", i % 500,
-			 keys[k], j->id);
+		snprintf(paths[k], sizeof(paths[k]), "/srv/repo/id-vm-%ld/%" PRId64 "/%s.qcow2",
+			 i % 500, keys[k], j->id);
 		disks[k] = (struct bw_job_disk_new){keys[k], exports[k], paths[k]};
 	}
 	body(msg, MESSAGE_BYTES, "backup.start", j->id);
@@ -460,8 +461,7 @@ static int worker(const struct opts *o, pid_t maint)
 		       " claim_max_ms=%.3f write_max_ms=%.3f passes=%" PRId64 " pruned=%" PRId64
 		       " files=%" PRId64 " tombstones_expired=%" PRId64 " skipped=%" PRId64
 		       " pass_max_ms=%.3f prune_max_ms=%.3f maintain_max_ms=%.3f"
-		       " prune_lock_max_ms=%.3f errors=%" PRId64
-		       "%s\n",
+		       " prune_lock_max_ms=%.3f errors=%" PRId64 "%s\n",
 		       o->prune ? "prune" : "no-prune", done, o->per_day, o->retention_days,
 		       o->disks, (double)elapsed / 1e6, mib(first_size), steady_at,
 		       mib(steady_size), mib(last_size), mib(peak_size),
@@ -480,39 +480,62 @@ static int worker(const struct opts *o, pid_t maint)
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-		"usage: bench_retention [--jobs N] [--per-day N] [--retention-days D] [--disks K]\n"
-		"                       [--report N] [--fail-every N] [--compare N] [--no-prune] DIR\n"
-		"Runs N jobs (default 100000, 1000 a simulated day, 2 disks, every 10th failing)\n"
-		"through the ledger DIR/ledger.db with retention D days (14), a line every N jobs\n"
-		"(10000). --compare N: latency figures also over the first N jobs past the window.\n"
-		"Exit 0 ok, 1 an error, 2 usage.\n");
+	fprintf(
+	    f,
+	    "usage: bench_retention [--jobs N] [--per-day N] [--retention-days D] [--disks K]\n"
+	    "                       [--report N] [--fail-every N] [--compare N] [--no-prune] DIR\n"
+	    "Runs N jobs (default 100000, 1000 a simulated day, 2 disks, every 10th failing)\n"
+	    "through the ledger DIR/ledger.db with retention D days (14), a line every N jobs\n"
+	    "(10000). --compare N: latency figures also over the first N jobs past the window.\n"
+	    "Exit 0 ok, 1 an error, 2 usage.\n");
 }
 
 int main(int argc, char **argv)
 {
 	struct opts o = {100000, 1000, 10000, 10, 0, 14, 2, true, NULL, {0}};
-	static const struct option longopts[] = {
-		{"jobs", required_argument, NULL, 'n'},   {"per-day", required_argument, NULL, 'd'},
-		{"retention-days", required_argument, NULL, 'r'},
-		{"disks", required_argument, NULL, 'k'},  {"report", required_argument, NULL, 'e'},
-		{"fail-every", required_argument, NULL, 'f'},
-		{"compare", required_argument, NULL, 'c'},
-		{"no-prune", no_argument, NULL, 'P'},     {"help", no_argument, NULL, 'h'},
-		{NULL, 0, NULL, 0}};
+	static const struct option longopts[] = {{"jobs", required_argument, NULL, 'n'},
+						 {"per-day", required_argument, NULL, 'd'},
+						 {"retention-days", required_argument, NULL, 'r'},
+						 {"disks", required_argument, NULL, 'k'},
+						 {"report", required_argument, NULL, 'e'},
+						 {"fail-every", required_argument, NULL, 'f'},
+						 {"compare", required_argument, NULL, 'c'},
+						 {"no-prune", no_argument, NULL, 'P'},
+						 {"help", no_argument, NULL, 'h'},
+						 {NULL, 0, NULL, 0}};
 	int ch;
 	while ((ch = getopt_long(argc, argv, "n:d:r:k:e:f:c:Ph", longopts, NULL)) != -1) {
 		switch (ch) {
-		case 'n': o.jobs = atol(optarg); break;
-		case 'd': o.per_day = atol(optarg); break;
-		case 'r': o.retention_days = atoi(optarg); break;
-		case 'k': o.disks = atoi(optarg); break;
-		case 'e': o.report = atol(optarg); break;
-		case 'f': o.fail_every = atol(optarg); break;
-		case 'c': o.compare = atol(optarg); break;
-		case 'P': o.prune = false; break;
-		case 'h': usage(stdout); return 0;
-		default: usage(stderr); return 2;
+		case 'n':
+			o.jobs = atol(optarg);
+			break;
+		case 'd':
+			o.per_day = atol(optarg);
+			break;
+		case 'r':
+			o.retention_days = atoi(optarg);
+			break;
+		case 'k':
+			o.disks = atoi(optarg);
+			break;
+		case 'e':
+			o.report = atol(optarg);
+			break;
+		case 'f':
+			o.fail_every = atol(optarg);
+			break;
+		case 'c':
+			o.compare = atol(optarg);
+			break;
+		case 'P':
+			o.prune = false;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
 		}
 	}
 	if (optind != argc - 1 || o.jobs < 1 || o.per_day < 1 || o.report < 1 ||

@@ -85,10 +85,11 @@ static int64_t sql(struct fixture *fx, const char *text, const char *job)
 /* How many rows of the job are left in each of its tables, summed. */
 static int64_t job_rows(struct fixture *fx, const char *job)
 {
-	return sql(fx, "SELECT (SELECT count(*) FROM jobs WHERE job_id = ?1)"
-		       " + (SELECT count(*) FROM job_history WHERE job_id = ?1)"
-		       " + (SELECT count(*) FROM job_disks WHERE job_id = ?1)"
-		       " + (SELECT count(*) FROM outbox WHERE job_id = ?1)",
+	return sql(fx,
+		   "SELECT (SELECT count(*) FROM jobs WHERE job_id = ?1)"
+		   " + (SELECT count(*) FROM job_history WHERE job_id = ?1)"
+		   " + (SELECT count(*) FROM job_disks WHERE job_id = ?1)"
+		   " + (SELECT count(*) FROM outbox WHERE job_id = ?1)",
 		   job);
 }
 
@@ -96,8 +97,9 @@ static int64_t job_rows(struct fixture *fx, const char *job)
 static void age(struct fixture *fx, const char *job, int days)
 {
 	char text[160];
-	snprintf(text, sizeof(text), "UPDATE jobs SET updated_at = updated_at - %" PRId64
-		 " WHERE job_id = ?1", (int64_t)days * DAY_MS);
+	snprintf(text, sizeof(text),
+		 "UPDATE jobs SET updated_at = updated_at - %" PRId64 " WHERE job_id = ?1",
+		 (int64_t)days * DAY_MS);
 	sql(fx, text, job);
 }
 
@@ -137,7 +139,8 @@ static void job(struct bw_ledger *l, const char *id, size_t n, enum end end)
 	struct bw_fence f = {id, claim(l, id, n, "{\"m\":1}")};
 	char e1[160], e2[160];
 	if (end == END_RUNNING) {
-		assert_int_equal(bw_ledger_transition(l, &f, BW_JOB_TRANSFERRING, NULL, NULL, 0), 0);
+		assert_int_equal(bw_ledger_transition(l, &f, BW_JOB_TRANSFERRING, NULL, NULL, 0),
+				 0);
 		return;
 	}
 	if (end == END_COMPLETED) {
@@ -215,8 +218,8 @@ static void test_prunes_old_finished_jobs_only(void **state)
 	int64_t ports_before = sql(fx, "SELECT count(*) FROM ports", NULL);
 	assert_int_equal(ports_before, 3); /* reserved, quarantined, its replacement */
 
-	const char *old[] = {"old-completed", "old-compensated", "old-running", "old-failed",
-			     "old-holds-port", "old-unpublished"};
+	const char *old[] = {"old-completed", "old-compensated", "old-running",
+			     "old-failed",    "old-holds-port",	 "old-unpublished"};
 	for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++)
 		age(fx, old[i], RETENTION_DAYS + 1);
 	age(fx, "recent-completed", RETENTION_DAYS - 1);
@@ -236,7 +239,7 @@ static void test_prunes_old_finished_jobs_only(void **state)
 
 	assert_int_equal(prune(fx, now, 0, 0, &st), 0);
 	assert_int_equal(st.jobs, 2);
-	assert_int_equal(st.files, 6); /* 3 disks with a log and a check log each */
+	assert_int_equal(st.files, 6);	/* 3 disks with a log and a check log each */
 	assert_int_equal(st.events, 1); /* the old published rejection, not the unpublished */
 	assert_int_equal(st.txns, 1);
 	assert_false(st.more);
@@ -251,8 +254,8 @@ static void test_prunes_old_finished_jobs_only(void **state)
 	assert_int_equal(sql(fx, "SELECT count(*) FROM job_tombstones", NULL), 2);
 	/* nothing else moved: running, failed, holding a port, unpublished, recent */
 	assert_int_equal(job_rows(fx, "old-running") + job_rows(fx, "old-failed") +
-				 job_rows(fx, "old-holds-port") + job_rows(fx, "old-unpublished") +
-				 job_rows(fx, "recent-completed"),
+			     job_rows(fx, "old-holds-port") + job_rows(fx, "old-unpublished") +
+			     job_rows(fx, "recent-completed"),
 			 kept_rows);
 	assert_true(log_exists(fx, "old-running", 2000));
 	assert_true(log_exists(fx, "old-failed", 2000));
@@ -348,9 +351,9 @@ static void test_pruned_job_id_stays_known_for_a_while(void **state)
 			 BW_EEXIST);
 	assert_int_equal(existing.state, BW_JOB_COMPLETED);
 	assert_true(existing.same_message);
-	assert_int_equal(bw_ledger_claim(fx->l, "once", "{\"other\":1}", NULL, 0, &accepted, &gen,
-					 &existing),
-			 BW_EEXIST);
+	assert_int_equal(
+	    bw_ledger_claim(fx->l, "once", "{\"other\":1}", NULL, 0, &accepted, &gen, &existing),
+	    BW_EEXIST);
 	assert_false(existing.same_message);
 	assert_int_equal(job_rows(fx, "once"), 0); /* nothing claimed, no event */
 	assert_int_equal(bw_ledger_republish_terminal(fx->l, "once"), 0);
@@ -454,11 +457,11 @@ static void test_busy_lock_skips_the_pass(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_prunes_old_finished_jobs_only, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_batches_are_bounded, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_pruned_job_id_stays_known_for_a_while, setup,
-						teardown),
-		cmocka_unit_test_setup_teardown(test_busy_lock_skips_the_pass, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_prunes_old_finished_jobs_only, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_batches_are_bounded, setup, teardown),
+	    cmocka_unit_test_setup_teardown(test_pruned_job_id_stays_known_for_a_while, setup,
+					    teardown),
+	    cmocka_unit_test_setup_teardown(test_busy_lock_skips_the_pass, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
