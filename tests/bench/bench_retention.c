@@ -350,7 +350,8 @@ static int worker(const struct opts *o, pid_t maint)
 	char wal[PATH_MAX + 8], logs[PATH_MAX];
 	int64_t *lat = calloc((size_t)o->report, sizeof(*lat));
 	int64_t first_size = -1, steady_size = -1, last_size = -1, peak_size = 0;
-	long steady_at = 0;
+	long steady_at = 0, settled_at = 0;
+	int64_t settled_size = -1;
 	int64_t worst_claim = 0, worst_write = 0, window_write = 0;
 	/* past the retention window every pass has jobs to prune: the latency that counts */
 	long window = (long)o->retention_days * o->per_day;
@@ -411,6 +412,13 @@ static int worker(const struct opts *o, pid_t maint)
 			steady_size = size;
 			steady_at = i + 1;
 		}
+		/* settled: also a whole interval past the tombstones' window (they stop growing) */
+		if (settled_size < 0 &&
+		    day >= (double)o->retention_days * BW_PRUNE_TOMBSTONE_FACTOR +
+				   (double)o->report / o->per_day) {
+			settled_size = size;
+			settled_at = i + 1;
+		}
 		last_size = size;
 		if (size > peak_size)
 			peak_size = size;
@@ -456,7 +464,8 @@ static int worker(const struct opts *o, pid_t maint)
 	qsort(all, (size_t)done, sizeof(*all), cmp_i64);
 	if (done > 0)
 		printf("bench_retention mode=%s jobs=%ld per_day=%ld retention_days=%d disks=%d"
-		       " seconds=%.1f first_mib=%.2f steady_at=%ld steady_mib=%.2f last_mib=%.2f"
+		       " seconds=%.1f first_mib=%.2f steady_at=%ld steady_mib=%.2f settled_at=%ld"
+		       " settled_mib=%.2f last_mib=%.2f"
 		       " peak_mib=%.2f claim_p50_ms=%.3f claim_p99_ms=%.3f claim_p999_ms=%.3f"
 		       " claim_max_ms=%.3f write_max_ms=%.3f passes=%" PRId64 " pruned=%" PRId64
 		       " files=%" PRId64 " tombstones_expired=%" PRId64 " skipped=%" PRId64
@@ -464,7 +473,7 @@ static int worker(const struct opts *o, pid_t maint)
 		       " prune_lock_max_ms=%.3f errors=%" PRId64 "%s\n",
 		       o->prune ? "prune" : "no-prune", done, o->per_day, o->retention_days,
 		       o->disks, (double)elapsed / 1e6, mib(first_size), steady_at,
-		       mib(steady_size), mib(last_size), mib(peak_size),
+		       mib(steady_size), settled_at, mib(settled_size), mib(last_size), mib(peak_size),
 		       (double)all[done / 2] / 1000.0, (double)all[done * 99 / 100] / 1000.0,
 		       (double)all[done * 999 / 1000] / 1000.0, (double)all[done - 1] / 1000.0,
 		       (double)worst_write / 1000.0, sh->passes, sh->pruned_jobs, sh->pruned_files,
