@@ -10,7 +10,7 @@
 /* Milliseconds of CLOCK_MONOTONIC: for deadlines and durations (never jumps). */
 int64_t bw_clock_mono_ms(void);
 
-/* Microseconds of CLOCK_MONOTONIC: for latencies below a millisecond (metrics). */
+/* Microseconds of CLOCK_MONOTONIC: short spans measured and reported (latencies, a lock held). */
 int64_t bw_clock_mono_us(void);
 
 /* Milliseconds since the Unix epoch (CLOCK_REALTIME): for what is stored or shown. */

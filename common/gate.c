@@ -1,8 +1,6 @@
 /* gate.c: the writers' gate: a robust process-shared pthread mutex in an mmap'd file. */
 #include "gate.h"
 
-#include "clock.h"
-
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -96,9 +94,16 @@ void bw_gate_close(struct bw_gate *g)
 
 int bw_gate_lock(struct bw_gate *g, int wait_ms, char *err, size_t errsize)
 {
-	/* pthread_mutex_timedlock takes a CLOCK_REALTIME deadline */
-	int64_t until = bw_clock_wall_ms() + wait_ms;
-	struct timespec ts = {(time_t)(until / 1000), (long)(until % 1000) * 1000000};
+	/*
+	 * pthread_mutex_timedlock takes a CLOCK_REALTIME deadline: read that clock itself, not
+	 * bw_clock_wall_ms, which a test or benchmark may move (days pass in bench_retention)
+	 * and which would then make the bound a wait of days, or none.
+	 */
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	int64_t ns = (int64_t)ts.tv_nsec + (int64_t)wait_ms * 1000000;
+	ts.tv_sec += (time_t)(ns / 1000000000);
+	ts.tv_nsec = (long)(ns % 1000000000);
 	int rc;
 	while ((rc = pthread_mutex_timedlock(&g->f->mutex, &ts)) == EINTR)
 		;

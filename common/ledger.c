@@ -4,8 +4,10 @@
 #include "clock.h"
 #include "gate.h"
 #include "ledger_internal.h"
+#include "nbd.h"
 #include "proc.h"
 #include "rand.h"
+#include "text.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -21,7 +23,7 @@
 #include <unistd.h>
 
 /*
- * Schema, version 1 (PRAGMA user_version).
+ * Schema, version 2 (PRAGMA user_version).
  *
  * Migration procedure: never edit a released version's DDL. To change the schema, add
  * schema_v<N+1>[] with the ALTER/CREATE statements that take a version N ledger to N+1,
@@ -30,8 +32,8 @@
  * be upgraded one by one: an older worker refuses a newer ledger (BW_ENOTSUP) instead of
  * misreading it. Invariants live in the schema (keys, UNIQUE, CHECK), not only in code.
  */
-#define LEDGER_SCHEMA_VERSION 1
-#define LEDGER_SCHEMA_VERSION_TEXT "1" /* the same, for the statement that sets it */
+#define LEDGER_SCHEMA_VERSION 2
+#define LEDGER_SCHEMA_VERSION_TEXT "2" /* the same, for the statement that sets it */
 
 static const char schema_v1[] =
 	"CREATE TABLE meta ("
@@ -113,7 +115,25 @@ static const char schema_v1[] =
 	"  UNIQUE (job_id, seq));"
 	"CREATE INDEX outbox_unpublished ON outbox(id) WHERE published_at IS NULL;";
 
-static const char *const migrations[] = {schema_v1};
+/*
+ * Version 2: retention (bw_ledger_prune). A partial index finds finished jobs by age
+ * without reading the others. A pruned job leaves a tombstone: its id, its outcome, when
+ * it finished and the FNV-1a 64 of its message, so that a backup.start with its job_id is
+ * still known (and told apart from another body) after its rows are gone; tombstones go
+ * by age through their own index.
+ */
+static const char schema_v2[] =
+	"CREATE INDEX jobs_finished ON jobs(updated_at)"
+	"  WHERE state IN ('completed','compensated');"
+	"CREATE TABLE job_tombstones ("
+	"  job_id TEXT PRIMARY KEY CHECK (length(job_id) BETWEEN 1 AND 128),"
+	"  state TEXT NOT NULL CHECK (state IN ('completed','compensated')),"
+	"  finished_at INTEGER NOT NULL,"
+	"  message_hash INTEGER NOT NULL,"
+	"  pruned_at INTEGER NOT NULL) WITHOUT ROWID;"
+	"CREATE INDEX job_tombstones_finished ON job_tombstones(finished_at);";
+
+static const char *const migrations[] = {schema_v1, schema_v2};
 
 /* Where a job is done with: nothing left to do for anybody. */
 #define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
@@ -264,6 +284,41 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 				" WHERE job_id = ?1 ORDER BY id",
 	[BW__ST_VIEW_JOB_EVENTS] = "SELECT seq, event_id, routing_key, created_at, published_at,"
 			       " attempts, last_error FROM outbox WHERE job_id = ?1 ORDER BY seq",
+
+	/*
+	 * Retention (bw_ledger_prune). A job may go when it is finished, finished before ?
+	 * (the cutoff), has no unpublished event and holds no port: the candidates are read
+	 * with this rule outside the write lock and each one is checked again inside it.
+	 */
+	[BW__ST_TOMBSTONE_GET] = "SELECT state, message_hash FROM job_tombstones WHERE job_id = ?1",
+	[BW__ST_PRUNE_CANDIDATES] = "SELECT job_id FROM jobs j"
+				" WHERE state IN ('completed','compensated') AND updated_at < ?1"
+				" AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id"
+				"  AND o.published_at IS NULL)"
+				" AND NOT EXISTS (SELECT 1 FROM ports p WHERE p.job_id = j.job_id)"
+				" ORDER BY updated_at LIMIT ?2",
+	[BW__ST_PRUNE_DISK_KEYS] = "SELECT disk_key FROM job_disks WHERE job_id = ?1",
+	[BW__ST_PRUNE_CHECK] = "SELECT state, updated_at, message FROM jobs j WHERE job_id = ?1"
+			   " AND state IN ('completed','compensated') AND updated_at < ?2"
+			   " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id"
+			   "  AND o.published_at IS NULL)"
+			   " AND NOT EXISTS (SELECT 1 FROM ports p WHERE p.job_id = j.job_id)",
+	[BW__ST_TOMBSTONE_PUT] = "INSERT OR REPLACE INTO job_tombstones (job_id, state, finished_at,"
+			     " message_hash, pruned_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+	[BW__ST_PRUNE_HISTORY] = "DELETE FROM job_history WHERE job_id = ?1",
+	[BW__ST_PRUNE_DISKS] = "DELETE FROM job_disks WHERE job_id = ?1",
+	[BW__ST_PRUNE_OUTBOX] = "DELETE FROM outbox WHERE job_id = ?1",
+	[BW__ST_PRUNE_JOB] = "DELETE FROM jobs WHERE job_id = ?1",
+	[BW__ST_TOMBSTONE_EXPIRE] = "DELETE FROM job_tombstones WHERE job_id IN (SELECT job_id FROM"
+				" job_tombstones WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2)",
+	/* Published events of no job (backup.rejected), by age. */
+	[BW__ST_PRUNE_LONE_EVENTS] = "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+				 " WHERE job_id IS NULL AND published_at IS NOT NULL"
+				 " AND created_at < ?1 LIMIT ?2)",
+	/* Is anything but jobs due (tombstones before ?1, job-less events before ?2)? */
+	[BW__ST_PRUNE_DUE] = "SELECT EXISTS (SELECT 1 FROM job_tombstones WHERE finished_at < ?1)"
+			 " OR EXISTS (SELECT 1 FROM outbox WHERE job_id IS NULL"
+			 "  AND published_at IS NOT NULL AND created_at < ?2)",
 };
 
 struct bw_ledger {
@@ -914,6 +969,26 @@ struct claim_ctx {
 	bool exists;
 };
 
+/* A job_id the ledger knows only by its tombstone (bw_ledger_prune) is known all the same. */
+static int claim_tombstone(struct bw_ledger *l, struct claim_ctx *c)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_TOMBSTONE_GET, &err, "t", c->job_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		c->exists = true;
+		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 0), &c->existing.state) != 0)
+			c->existing.state = BW_JOB_COMPENSATED;
+		c->existing.same_message =
+			(uint64_t)sqlite3_column_int64(s, 1) ==
+			bw_fnv1a64(c->message, strlen(c->message));
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+}
+
 static int claim_txn(struct bw_ledger *l, void *arg)
 {
 	struct claim_ctx *c = arg;
@@ -936,6 +1011,8 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 		return sql_err(l, rc);
 	if (c->exists)
 		return 0; /* nothing changes */
+	if ((rc = claim_tombstone(l, c)) != 0 || c->exists)
+		return rc;
 
 	if ((rc = run(l, BW__ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
 		      l->boot_id, c->message, now)) != 0)
@@ -1687,4 +1764,210 @@ int bw_ledger_maintain(struct bw_ledger *l)
 	rc = run(l, BW__ST_CHECKPOINT, "");
 	l->no_wait = false;
 	return rc == BW_EBUSY ? 0 : rc;
+}
+
+/* ---- retention --------------------------------------------------------------------------- */
+
+#define DAY_MS INT64_C(86400000)
+#define MAX_RETENTION_DAYS 36500 /* the config key's bound (CONTRACT §6) */
+#define MAX_JOB_DISKS 64         /* a job's disks at most (CONTRACT §2): its log files */
+
+/*
+ * Runs fn in one transaction, briefly or not at all: the writers' gate is waited for at
+ * most BW_PRUNE_LOCK_WAIT_MS and SQLite's write lock not at all (a checkpoint or a foreign
+ * writer holds it), and nothing is retried. BW_EBUSY: the lock was busy, nothing done.
+ * Upkeep goes through here, so that it can only ever wait for the host's writers, never
+ * make them wait long for it (a TRUNCATE checkpoint once stalled them 2.4 s: maintain).
+ */
+static int with_txn_brief(struct bw_ledger *l, txn_fn fn, void *ctx, int64_t *held_us)
+{
+	int rc = l->gate ? bw_gate_lock(l->gate, BW_PRUNE_LOCK_WAIT_MS, l->errmsg,
+					sizeof(l->errmsg))
+			 : 0;
+	if (rc != 0)
+		return rc;
+	int64_t t0 = bw_clock_mono_us();
+	l->no_wait = true;
+	rc = run(l, BW__ST_BEGIN, "");
+	l->no_wait = false;
+	if (rc == 0) {
+		rc = fn(l, ctx);
+		if (rc != 0)
+			snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
+		if (rc == 0)
+			rc = run(l, BW__ST_COMMIT, "");
+		if (rc != 0 && run(l, BW__ST_ROLLBACK, "") != 0) {
+			/* rc already says why the transaction failed */
+		}
+	}
+	*held_us = bw_clock_mono_us() - t0;
+	if (l->gate)
+		bw_gate_unlock(l->gate);
+	return rc;
+}
+
+/* Reads up to want candidate job ids (oldest first) into ids[] (malloc'd each), n of them. */
+static int prune_candidates(struct bw_ledger *l, int64_t cutoff, size_t want, char **ids,
+			    size_t *n)
+{
+	int err = 0, rc = SQLITE_DONE;
+	sqlite3_stmt *s = query(l, BW__ST_PRUNE_CANDIDATES, &err, "ii", cutoff, (int64_t)want);
+	if (s == NULL)
+		return err;
+	*n = 0;
+	while (*n < want && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+		if ((ids[*n] = dup_col(s, 0)) == NULL) {
+			rc = SQLITE_NOMEM;
+			break;
+		}
+		(*n)++;
+	}
+	sqlite3_reset(s); /* lets go of the read snapshot */
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : sql_err(l, rc);
+}
+
+/*
+ * Removes the log files of job_id's disks (each disk's qemu-nbd log and qemu-img check
+ * log; most are long gone: a completed disk's are removed when it completes). Before the
+ * rows, so a crash in between leaves rows that the next pass finds, never files that no
+ * row names. Counts the files removed into *files.
+ */
+static int prune_files(struct bw_ledger *l, const char *state_dir, const char *job_id,
+		       size_t *files)
+{
+	int64_t keys[MAX_JOB_DISKS];
+	size_t n = 0;
+	int err = 0, rc = SQLITE_DONE;
+	sqlite3_stmt *s = query(l, BW__ST_PRUNE_DISK_KEYS, &err, "t", job_id);
+	if (s == NULL)
+		return err;
+	while (n < MAX_JOB_DISKS && (rc = sqlite3_step(s)) == SQLITE_ROW)
+		keys[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return sql_err(l, rc);
+	for (size_t i = 0; i < n; i++) {
+		char path[PATH_MAX], check[PATH_MAX + sizeof(BW_NBD_CHECK_LOG_SUFFIX)];
+		if (bw_nbd_log_path(path, sizeof(path), state_dir, job_id, keys[i]) != 0)
+			continue; /* such a name was never written */
+		snprintf(check, sizeof(check), "%s" BW_NBD_CHECK_LOG_SUFFIX, path);
+		*files += (unlink(path) == 0) + (unlink(check) == 0);
+	}
+	return 0;
+}
+
+struct prune_ctx {
+	char **ids;
+	size_t n;
+	int64_t cutoff, tomb_cutoff, now;
+	size_t jobs, events, tombstones; /* removed by this transaction */
+};
+
+/* Removes one candidate with all its rows, leaving its tombstone, if it still may go. */
+static int prune_job(struct bw_ledger *l, struct prune_ctx *c, const char *job_id)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_PRUNE_CHECK, &err, "ti", job_id, c->cutoff);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc != SQLITE_ROW) {
+		sqlite3_reset(s);
+		return rc == SQLITE_DONE ? 0 : sql_err(l, rc); /* gone, or no longer due */
+	}
+	const unsigned char *msg = sqlite3_column_text(s, 2);
+	uint64_t hash = bw_fnv1a64(msg ? (const char *)msg : "", msg ? strlen((const char *)msg) : 0);
+	int64_t finished_at = sqlite3_column_int64(s, 1);
+	char state[sizeof("compensated")];
+	snprintf(state, sizeof(state), "%s", (const char *)sqlite3_column_text(s, 0));
+	sqlite3_reset(s);
+	if ((rc = run(l, BW__ST_TOMBSTONE_PUT, "ttiii", job_id, state, finished_at, (int64_t)hash,
+		      c->now)) != 0 ||
+	    (rc = run(l, BW__ST_PRUNE_HISTORY, "t", job_id)) != 0 ||
+	    (rc = run(l, BW__ST_PRUNE_DISKS, "t", job_id)) != 0 ||
+	    (rc = run(l, BW__ST_PRUNE_OUTBOX, "t", job_id)) != 0 ||
+	    (rc = run(l, BW__ST_PRUNE_JOB, "t", job_id)) != 0)
+		return rc;
+	c->jobs++;
+	return 0;
+}
+
+static int prune_txn(struct bw_ledger *l, void *arg)
+{
+	struct prune_ctx *c = arg;
+	int rc;
+	c->jobs = c->events = c->tombstones = 0;
+	for (size_t i = 0; i < c->n; i++)
+		if ((rc = prune_job(l, c, c->ids[i])) != 0)
+			return rc;
+	if ((rc = run(l, BW__ST_TOMBSTONE_EXPIRE, "ii", c->tomb_cutoff,
+		      (int64_t)BW_PRUNE_ROWS_BATCH)) != 0)
+		return rc;
+	c->tombstones = (size_t)sqlite3_changes(l->db);
+	if ((rc = run(l, BW__ST_PRUNE_LONE_EVENTS, "ii", c->cutoff,
+		      (int64_t)BW_PRUNE_ROWS_BATCH)) != 0)
+		return rc;
+	c->events = (size_t)sqlite3_changes(l->db);
+	return 0;
+}
+
+int bw_ledger_prune(struct bw_ledger *l, const struct bw_prune *p, struct bw_prune_stats *st)
+{
+	size_t batch = p->batch ? p->batch : BW_PRUNE_BATCH;
+	size_t max = p->max_jobs ? p->max_jobs : BW_PRUNE_PASS_MAX;
+	size_t max_txns = (max + batch - 1) / batch;
+	char **ids = NULL;
+	int rc = 0;
+
+	memset(st, 0, sizeof(*st));
+	if (l->readonly || p->retention_days < 1 || p->retention_days > MAX_RETENTION_DAYS)
+		return BW_EINVAL;
+	int64_t keep = (int64_t)p->retention_days * DAY_MS;
+	struct prune_ctx c = {NULL, 0, p->now_ms - keep,
+			      p->now_ms - keep * BW_PRUNE_TOMBSTONE_FACTOR, p->now_ms, 0, 0, 0};
+	if ((ids = calloc(batch, sizeof(*ids))) == NULL)
+		return BW_ENOMEM;
+	c.ids = ids;
+	while (st->txns < max_txns) {
+		size_t want = batch < max - st->jobs ? batch : max - st->jobs;
+		int64_t due = 0, held = 0;
+		if ((rc = prune_candidates(l, c.cutoff, want, ids, &c.n)) != 0)
+			break;
+		if (c.n == 0 &&
+		    (rc = query_int(l, BW__ST_PRUNE_DUE, &due, "ii", c.tomb_cutoff, c.cutoff)) != 0)
+			break;
+		if (c.n == 0 && !due)
+			break; /* nothing to do: the write lock is not taken at all */
+		for (size_t i = 0; p->state_dir && i < c.n && rc == 0; i++)
+			rc = prune_files(l, p->state_dir, ids[i], &st->files);
+		if (rc == 0)
+			rc = with_txn_brief(l, prune_txn, &c, &held);
+		for (size_t i = 0; i < c.n; i++) {
+			free(ids[i]);
+			ids[i] = NULL;
+		}
+		if (rc == BW_EBUSY) {
+			st->skipped = true; /* the next pass goes on */
+			rc = 0;
+			break;
+		}
+		if (rc != 0)
+			break;
+		st->txns++;
+		if (held > st->lock_max_us)
+			st->lock_max_us = held;
+		st->jobs += c.jobs;
+		st->events += c.events;
+		st->tombstones += c.tombstones;
+		bool full = c.n == want || c.events == BW_PRUNE_ROWS_BATCH ||
+			    c.tombstones == BW_PRUNE_ROWS_BATCH;
+		if (!full)
+			break;
+		if (st->jobs >= max || st->txns >= max_txns) {
+			st->more = true;
+			break;
+		}
+	}
+	free(ids);
+	return rc;
 }

@@ -170,7 +170,8 @@ struct bw_job_disk_new {
  * Claims job_id for this worker: the job row (state claimed, generation 1), its disks and
  * its backup.accepted event (seq 1) in one transaction. message is the accepted body.
  * Returns 0 and the generation in *generation; BW_EEXIST when the ledger already knows the
- * job_id (nothing changed; what it knows in *existing when not NULL); BW_EINVAL when the
+ * job_id, also by the tombstone of a pruned job (bw_ledger_prune) (nothing changed; what it
+ * knows in *existing when not NULL); BW_EINVAL when the
  * worker is not registered; BW_EBUSY.
  */
 struct bw_known {
@@ -371,6 +372,64 @@ void bw_ledger_busy_stats(const struct bw_ledger *l, uint64_t *waits, uint64_t *
 /* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired
  * quarantines. Cheap enough to call every minute. */
 int bw_ledger_maintain(struct bw_ledger *l) BW_MUST_CHECK;
+
+/* ---- retention -------------------------------------------------------------------------- */
+
+/*
+ * A retention pass (ledger.retention_days). A job is pruned when it is finished (completed,
+ * or failed and compensated), every event of it is published, it holds no port, and it
+ * finished (its last state change) more than retention_days before now_ms. Pruned with it:
+ * its history, disk rows and outbox rows, and its disks' log files (nbd.h:
+ * bw_nbd_log_path, and the check logs) when state_dir is set. Its images are backups and
+ * are never touched. The job leaves a tombstone (job id, outcome, end, a hash of its
+ * message), so a backup.start with its job_id is still known (bw_ledger_claim: BW_EEXIST
+ * with its state and whether the body is the same; its events are gone, so nothing is
+ * republished) until BW_PRUNE_TOMBSTONE_FACTOR x retention_days after the job finished;
+ * then the tombstone goes too and the job_id is unknown to the ledger: retention bounds
+ * the idempotency window. Published events that belong to no job (backup.rejected) go
+ * after retention_days as well.
+ *
+ * The pass never stalls the host's writers: the candidates are read without the write
+ * lock, their files removed, then each batch of at most batch jobs (and at most
+ * BW_PRUNE_ROWS_BATCH tombstones and job-less events) is removed in one short transaction
+ * that re-checks every condition; other writers get the lock between batches. The write
+ * lock is waited for at most BW_PRUNE_LOCK_WAIT_MS and never retried: when it is busy the
+ * pass stops there (st->skipped) and the next one goes on. At most max_jobs jobs per pass
+ * (st->more: the bound was reached, call again soon).
+ */
+#define BW_PRUNE_BATCH 100          /* jobs per transaction when batch is 0 */
+#define BW_PRUNE_PASS_MAX 1000      /* jobs per pass when max_jobs is 0 */
+#define BW_PRUNE_ROWS_BATCH 500     /* tombstones and job-less events per transaction */
+#define BW_PRUNE_LOCK_WAIT_MS 50    /* the longest wait for the write lock */
+#define BW_PRUNE_TOMBSTONE_FACTOR 5 /* a job_id stays known this many retention periods */
+
+struct bw_prune {
+	int64_t now_ms;        /* the present, ms since the epoch (tests and benchmarks move it) */
+	int retention_days;    /* 1..36500 */
+	const char *state_dir; /* where the per-disk logs are (nbd.h); NULL: no files removed */
+	size_t batch;          /* jobs per transaction; 0: BW_PRUNE_BATCH */
+	size_t max_jobs;       /* jobs per pass; 0: BW_PRUNE_PASS_MAX */
+};
+
+struct bw_prune_stats {
+	size_t jobs;       /* jobs removed with their history, disks and events */
+	size_t events;     /* job-less published events removed */
+	size_t tombstones; /* expired tombstones removed */
+	size_t files;      /* log files removed */
+	size_t txns;       /* write transactions committed */
+	int64_t lock_max_us; /* the longest the pass held the write lock (one batch): what it
+			      * can have made another writer wait */
+	bool more;         /* a bound was reached: more is due now */
+	bool skipped;      /* the write lock was busy: the pass stopped early */
+};
+
+/*
+ * Runs one retention pass as above; fills *st (also when the pass stopped early).
+ * Returns 0 (also when skipped), BW_EINVAL (a read-only handle, retention_days out of
+ * range), BW_EIO, BW_ENOMEM.
+ */
+int bw_ledger_prune(struct bw_ledger *l, const struct bw_prune *p, struct bw_prune_stats *st)
+	BW_MUST_CHECK;
 
 /* bw-ctl's read-only views (list jobs, ports, workers, show a job): ledger_views.h. */
 

@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -449,4 +450,11 @@ void bw_nbd_mark_gone(struct bw_nbd *n, pid_t pid, const char *log_path)
 	n->ready = true;
 	snprintf(n->log_path, sizeof(n->log_path), "%s", log_path);
 	n->log_size = stat(log_path, &st) == 0 ? st.st_size : 0;
+}
+
+int bw_nbd_log_path(char *out, size_t size, const char *state_dir, const char *job_id,
+		    int64_t key)
+{
+	int len = snprintf(out, size, "%s/logs/%s-%" PRId64 ".log", state_dir, job_id, key);
+	return len < 0 || (size_t)len >= size ? BW_ERANGE : 0;
 }

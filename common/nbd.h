@@ -128,4 +128,14 @@ void bw_nbd_mark_gone(struct bw_nbd *n, pid_t pid, const char *log_path);
 /* Releases what n holds (its pidfd); never signals the process. */
 void bw_nbd_release(struct bw_nbd *n);
 
+/*
+ * The per-disk log of a job's disk: <state_dir>/logs/<job_id>-<key>.log, its qemu-nbd's
+ * output; its qemu-img check writes to the same path plus BW_NBD_CHECK_LOG_SUFFIX. One name
+ * for the worker that writes them and for the ledger's retention that removes them
+ * (bw_ledger_prune). Writes the path into out; returns 0, or BW_ERANGE when it does not fit.
+ */
+#define BW_NBD_CHECK_LOG_SUFFIX ".check"
+int bw_nbd_log_path(char *out, size_t size, const char *state_dir, const char *job_id,
+		    int64_t key) BW_MUST_CHECK;
+
 #endif

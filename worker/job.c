@@ -715,7 +715,7 @@ static void finalize_step(struct job *j, struct job_disk *d)
 	struct worker *w = j->w;
 	char err[700], log[PATH_MAX + 16];
 	int rc;
-	snprintf(log, sizeof(log), "%s.check", d->log_path);
+	snprintf(log, sizeof(log), "%s" BW_NBD_CHECK_LOG_SUFFIX, d->log_path);
 	if (d->fin == FIN_STOPPING) {
 		rc = bw_nbd_stop_step(&d->nbd, BW_NBD_KEEP, NBD_STOP_MS, err, sizeof(err));
 		if (rc == BW_EBUSY) {
@@ -1225,8 +1225,9 @@ struct job *job_build(struct worker *w, struct bw_job_spec *spec, const char *bo
 				      d->parent_path, IMAGE_MODE};
 		if (j->repository == NULL || bw_target_path(&t, d->qcow2_path, sizeof(d->qcow2_path)) != 0)
 			goto fail;
-		snprintf(d->log_path, sizeof(d->log_path), "%s/logs/%s-%" PRId64 ".log",
-			 cfg->worker_state_dir, spec->job_id, d->key);
+		if (bw_nbd_log_path(d->log_path, sizeof(d->log_path), cfg->worker_state_dir,
+				    spec->job_id, d->key) != 0)
+			goto fail;
 	}
 	return j;
 fail:

@@ -16,8 +16,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* Ledger upkeep (WAL truncation, quarantine expiry) is cheap: once a minute is enough. */
+/* Ledger upkeep (retention, WAL truncation, quarantine expiry) is cheap: once a minute is
+ * enough. */
 #define MAINTAIN_MS 60000
+/* A retention pass that stopped at its bound (a backlog, e.g. retention just shortened)
+ * goes on this soon, not a minute later. */
+#define PRUNE_AGAIN_MS 5000
 /* The ledger's heartbeat time is for monitoring only: coarse is enough. */
 #define HEARTBEAT_MS 10000
 /* Connect, login and each broker RPC: a broker slower than this would stall the whole loop. */
@@ -428,6 +432,37 @@ static bool wound_down(struct loop *lp, int64_t now)
 	return true;
 }
 
+/*
+ * One retention pass (ledger.retention_days): old finished jobs, their rows and the logs of
+ * their disks go, in short transactions that never wait long for the write lock. Before
+ * the checkpoint, which then truncates the WAL the pass wrote. Returns true when the pass
+ * stopped at its bound and more is due.
+ */
+static bool prune(struct worker *w)
+{
+	const struct bw_config *cfg = w->cfg;
+	struct bw_prune p = {bw_clock_wall_ms(), cfg->ledger_retention_days, cfg->worker_state_dir,
+			     0, 0};
+	struct bw_prune_stats st;
+	int rc = bw_ledger_prune(w->ledger, &p, &st);
+	if (rc != 0)
+		bw_log_warnx("ledger retention: %s (%s)", bw_strerror(rc),
+			     bw_ledger_errmsg(w->ledger));
+	/* a line a minute on a busy host: at info level only when a backlog is worked off */
+	if (st.more)
+		bw_log_info("ledger retention: %zu job(s) older than %d day(s) removed with their "
+			    "history and %zu log file(s); %zu old job-less event(s), %zu expired "
+			    "tombstone(s); more to do",
+			    st.jobs, cfg->ledger_retention_days, st.files, st.events, st.tombstones);
+	else if (st.jobs || st.events || st.tombstones)
+		bw_log_debug("ledger retention: %zu job(s) removed, %zu log file(s), %zu event(s), "
+			     "%zu tombstone(s)",
+			     st.jobs, st.files, st.events, st.tombstones);
+	if (st.skipped)
+		bw_log_debug("ledger retention: the write lock was busy; the next pass goes on");
+	return rc == 0 && st.more;
+}
+
 /* Runs the loop's own timers: recovery passes, ledger upkeep, the ledger heartbeat. */
 static void run_timers(struct worker *w, int64_t now)
 {
@@ -438,9 +473,10 @@ static void run_timers(struct worker *w, int64_t now)
 		w->last_recovery_ms = now;
 	}
 	if (now - w->last_maintain_ms >= MAINTAIN_MS) {
+		bool more = prune(w);
 		if ((rc = bw_ledger_maintain(w->ledger)) != 0)
 			bw_log_debug("ledger maintenance: %s", bw_strerror(rc));
-		w->last_maintain_ms = now;
+		w->last_maintain_ms = more ? now - MAINTAIN_MS + PRUNE_AGAIN_MS : now;
 	}
 	if (now - w->last_heartbeat_ms >= HEARTBEAT_MS) {
 		if ((rc = bw_ledger_heartbeat(w->ledger)) != 0)
