@@ -78,6 +78,7 @@ static const struct key_def keys[] = {
 	{"amqp", "password_file", T_STR, OFF(amqp_password_file), "", 0, 0, check_opt_path, false},
 
 	{"worker", "id", T_STR, OFF(worker_id), NULL, 0, 0, check_safe_id, false},
+	{"worker", "host", T_STR, OFF(worker_host), NULL, 0, 0, check_host, false},
 	{"worker", "max_jobs", T_INT, OFF(worker_max_jobs), "4", 1, 1024, NULL, false},
 	{"worker", "state_dir", T_STR, OFF(worker_state_dir), "/var/lib/bw-worker", 0, 0,
 	 check_abs_path, false},
@@ -1041,6 +1042,13 @@ static void finish(struct loader *ld)
 		if (!isalnum((unsigned char)tmp[0]))
 			tmp[0] = 'w';
 		cfg->worker_id = strdup(tmp);
+	}
+	if (cfg->worker_host == NULL) {
+		char host[256] = "localhost";
+		if (gethostname(host, sizeof(host) - 1) != 0)
+			snprintf(host, sizeof(host), "localhost");
+		host[sizeof(host) - 1] = '\0';
+		cfg->worker_host = strdup(host);
 	}
 	if (cfg->ledger_path == NULL) {
 		snprintf(tmp, sizeof(tmp), "%s/ledger.db", cfg->worker_state_dir);

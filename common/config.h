@@ -33,6 +33,8 @@ struct bw_config {
 	char *amqp_password_file; /* empty: the password in amqp.url */
 
 	char *worker_id;
+	char *worker_host; /* the host of events (default: the host name); set only to run the
+			      workers of several simulated hosts on one machine */
 	int worker_max_jobs;
 	char *worker_state_dir;
 	int worker_recovery_interval_s; /* how often dead workers' jobs are looked for */

@@ -189,8 +189,7 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 	if (bw_notify_new(&lp->notify) != 0)
 		return -1;
 	w->cfg = cfg;
-	if (gethostname(w->host, sizeof(w->host) - 1) != 0)
-		snprintf(w->host, sizeof(w->host), "localhost");
+	snprintf(w->host, sizeof(w->host), "%s", cfg->worker_host);
 	if (make_dirs(cfg) != 0)
 		return -1;
 

@@ -195,10 +195,7 @@ int main(int argc, char **argv)
 	bw_log_init("bw-worker", level, cfg->log_timestamps && !journal);
 	bw_log_set_priority_prefix(journal);
 	bw_log_set_format(format);
-	char host[256] = "";
-	if (gethostname(host, sizeof(host) - 1) != 0)
-		host[0] = '\0';
-	bw_log_set_identity(cfg->worker_id, host);
+	bw_log_set_identity(cfg->worker_id, cfg->worker_host);
 	bw_log_info("starting worker=%s config=%s", cfg->worker_id, config_path);
 	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n"))
 		bw_log_info("config: %s", line);

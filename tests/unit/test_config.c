@@ -84,6 +84,9 @@ static void test_defaults(void **state)
 	assert_string_equal(cfg->metrics_listen, "");
 	assert_string_equal(cfg->amqp_control_exchange, "backup.control");
 	assert_string_equal(cfg->log_format, "text");
+	char host[256] = "";
+	assert_int_equal(gethostname(host, sizeof(host) - 1), 0);
+	assert_string_equal(cfg->worker_host, host);
 	assert_non_null(strchr(cfg->worker_id, '-'));
 	assert_int_equal(cfg->n_repositories, 0);
 	bw_config_free(cfg);
