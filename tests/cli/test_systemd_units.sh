@@ -51,7 +51,7 @@ if [ "$(id -u)" = 0 ] && command -v systemd-sysusers >/dev/null && command -v sy
 	[ -z "$out" ] || { echo "FAIL: systemd-tmpfiles: $out"; fail=1; }
 	uid=$(awk -F: '$1 == "bw-worker" {print $3}' "$root/etc/passwd")
 	for want in "var/lib/bw-worker 750 $uid" "var/lib/bw-worker/logs 750 $uid" \
-		"etc/bw-worker/credentials 700 0"; do
+		"etc/bw-worker/credentials 700 $uid" "etc/bw-worker/secrets 700 0"; do
 		set -- $want ""
 		got=$(stat -c '%a %u' "$root/$1" 2>/dev/null)
 		[ "$got" = "$2 $3" ] || { echo "FAIL: $1: '$got' (want '$2 $3')"; fail=1; }
