@@ -24,6 +24,11 @@
 /* Frames one bw_amqp_poll handles at most (8 MiB of body at FRAME_MAX): the loop's other
    work gets its turn while a large body streams in. */
 #define POLL_FRAMES 64
+/* Consumer tags of our own, so that a delivery says which consumer it came from. */
+#define START_TAG "bw.start"
+#define CONTROL_TAG "bw.control"
+/* Cancels are small and rare: a few unacked at a time is plenty. */
+#define CONTROL_PREFETCH 16
 
 struct pending_publish {
 	uint64_t seq;
@@ -40,6 +45,7 @@ struct pending_publish {
  */
 struct inbound {
 	enum { IN_NONE, IN_HEADER, IN_BODY } stage;
+	enum bw_amqp_source source;
 	uint64_t tag;
 	bool redelivered;
 	bool too_large;  /* over max_message_bytes: frames are hashed and dropped */
@@ -62,6 +68,8 @@ struct bw_amqp {
 	bool consuming;
 	size_t max_message_bytes; /* 0: no limit */
 	struct inbound in;
+	char *control_exchange;   /* bw_amqp_consume_control: NULL none */
+	bool control_consuming;
 
 	/* publisher */
 	bool confirms;
@@ -99,6 +107,7 @@ static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
 	inbound_reset(c);
 	c->channel_epoch++;
 	c->consuming = false;
+	c->control_consuming = false; /* its auto-delete queue went with the channel */
 	amqp_channel_open(c->conn, CHANNEL);
 	bool ok_open = amqp_get_rpc_reply(c->conn).reply_type == AMQP_RESPONSE_NORMAL;
 	if (ok_open && c->confirms) {
@@ -358,6 +367,7 @@ void bw_amqp_close(struct bw_amqp *c)
 		free(c->pending[i].id);
 	free(c->pending);
 	free(c->queue);
+	free(c->control_exchange);
 	free(c->in.body);
 	free(c);
 }
@@ -432,6 +442,9 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 	    (rc = queue(c, t->queue, t->passive ? amqp_empty_table : qtable, t->passive, err,
 			errsize)) != 0)
 		return rc;
+	if (t->control_exchange &&
+	    (rc = exchange(c, t->control_exchange, "fanout", t->passive, err, errsize)) != 0)
+		return rc;
 	if (t->passive)
 		return 0;
 	if ((rc = bind_queue(c, t->queue, t->jobs_exchange, "backup.start", err, errsize)) != 0 ||
@@ -448,8 +461,8 @@ static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
 	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
 		return rc;
-	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue), amqp_empty_bytes, 0, 0, 0,
-			   amqp_empty_table);
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue),
+			   amqp_cstring_bytes(START_TAG), 0, 0, 0, amqp_empty_table);
 	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume", err, errsize);
 	c->consuming = rc == 0;
 	return rc;
@@ -463,6 +476,58 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 		return BW_ENOMEM;
 	c->prefetch = prefetch;
 	return start_consumer(c, err, errsize);
+}
+
+/*
+ * The control consumer: a new exclusive, auto-delete, server-named queue bound to the
+ * control exchange (fanout: the routing key is ignored), its own prefetch, its own tag.
+ */
+static int start_control(struct bw_amqp *c, char *err, size_t errsize)
+{
+	char what[300];
+	int rc;
+	snprintf(what, sizeof(what), "own queue for %s", c->control_exchange);
+	amqp_queue_declare_ok_t *ok = amqp_queue_declare(c->conn, CHANNEL, amqp_empty_bytes, 0, 0,
+							 1, 1, amqp_empty_table);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize)) != 0)
+		return rc;
+	if (ok == NULL || ok->queue.len == 0 || ok->queue.len > 255) {
+		snprintf(err, errsize, "%s: no queue name in the reply", what);
+		return BW_EAMQP;
+	}
+	char name[256];
+	memcpy(name, ok->queue.bytes, ok->queue.len);
+	name[ok->queue.len] = '\0';
+	if ((rc = bind_queue(c, name, c->control_exchange, "", err, errsize)) != 0)
+		return rc;
+	amqp_basic_qos(c->conn, CHANNEL, 0, CONTROL_PREFETCH, 0);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
+		return rc;
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(name),
+			   amqp_cstring_bytes(CONTROL_TAG), 0, 0, 1, amqp_empty_table);
+	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume (control)", err, errsize);
+	c->control_consuming = rc == 0;
+	return rc;
+}
+
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, char *err,
+			    size_t errsize)
+{
+	free(c->control_exchange);
+	c->control_exchange = strdup(exchange_name);
+	if (c->control_exchange == NULL)
+		return BW_ENOMEM;
+	return start_control(c, err, errsize);
+}
+
+/* The consumer a basic.deliver or basic.cancel names. */
+static enum bw_amqp_source source_of(amqp_bytes_t tag)
+{
+	if (tag.len == strlen(START_TAG) && memcmp(tag.bytes, START_TAG, tag.len) == 0)
+		return BW_AMQP_FROM_START;
+	if (tag.len == strlen(CONTROL_TAG) && memcmp(tag.bytes, CONTROL_TAG, tag.len) == 0)
+		return BW_AMQP_FROM_CONTROL;
+	return BW_AMQP_FROM_UNKNOWN;
 }
 
 void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes)
@@ -521,6 +586,7 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 		    f->payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
 			const amqp_basic_deliver_t *m = f->payload.method.decoded;
 			in->stage = IN_HEADER;
+			in->source = source_of(m->consumer_tag);
 			in->tag = m->delivery_tag;
 			in->redelivered = m->redelivered;
 			return 0;
@@ -551,6 +617,7 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 	if (in->body)
 		in->body[in->size] = '\0';
 	*d = (struct bw_delivery){
+		.source = in->source,
 		.tag = in->tag,
 		.channel_epoch = c->channel_epoch,
 		.redelivered = in->redelivered,
@@ -578,6 +645,14 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 				return BW_EAMQP;
 			if (rc != 0)
 				return 0; /* the queue may come back: try again on the next poll */
+		}
+		if (c->control_exchange && !c->control_consuming) {
+			/* its queue went with the channel, or was deleted: a new one */
+			int rc = start_control(c, err, errsize);
+			if (c->lost)
+				return BW_EAMQP;
+			if (rc != 0)
+				return 0; /* try again on the next poll */
 		}
 	}
 	for (int n = 0; n < POLL_FRAMES; n++) {
@@ -755,9 +830,15 @@ static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confir
 		amqp_destroy_message(&msg);
 		return 0;
 	}
-	case AMQP_BASIC_CANCEL_METHOD:
-		c->consuming = false; /* re-registered on the next poll */
+	case AMQP_BASIC_CANCEL_METHOD: {
+		amqp_basic_cancel_t *m = f->payload.method.decoded;
+		/* re-registered on the next poll */
+		if (source_of(m->consumer_tag) == BW_AMQP_FROM_CONTROL)
+			c->control_consuming = false;
+		else
+			c->consuming = false;
 		return 0;
+	}
 	case AMQP_CONNECTION_BLOCKED_METHOD:
 		c->blocked = true;
 		return 0;
@@ -839,6 +920,8 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		bw_amqp_limit_messages(c, link->max_message_bytes);
 		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
 	}
+	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->control_exchange)
+		rc = bw_amqp_consume_control(c, link->control_exchange, err, errsize);
 	if (rc != 0) {
 		bw_amqp_close(c);
 		schedule_retry(link);

@@ -38,6 +38,7 @@ struct bw_amqp_topology {
 	const char *dlq;             /* quorum, bound to dlx */
 	int delivery_limit;
 	bool passive; /* only check that everything exists */
+	const char *control_exchange; /* backup.control: fanout; NULL: none (CONTRACT §1) */
 };
 
 /*
@@ -67,7 +68,15 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 
 /* ---- consuming ------------------------------------------------------------------------- */
 
+/* Which consumer of the connection a delivery came from (its consumer tag says). */
+enum bw_amqp_source {
+	BW_AMQP_FROM_UNKNOWN = 0, /* a tag this connection never registered: give it back */
+	BW_AMQP_FROM_START,       /* the queue of bw_amqp_consume (backup.start) */
+	BW_AMQP_FROM_CONTROL,     /* the own queue of bw_amqp_consume_control (backup.cancel) */
+};
+
 struct bw_delivery {
+	enum bw_amqp_source source;
 	uint64_t tag;
 	uint64_t channel_epoch; /* tags of an older channel are never used */
 	bool redelivered;
@@ -92,6 +101,18 @@ void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes);
 /* Starts consuming queue with manual acks and prefetch (basic.qos per consumer). */
 int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
 		    size_t errsize) BW_MUST_CHECK;
+
+/*
+ * Consumes the control exchange (fanout, CONTRACT §1 backup.control) next to the queue of
+ * bw_amqp_consume on the same channel: declares an exclusive, auto-delete, server-named
+ * queue, binds it to exchange and consumes it with manual acks under a consumer tag of its
+ * own, so its deliveries come with source BW_AMQP_FROM_CONTROL. The queue dies with the
+ * channel: after a channel reopen or a basic.cancel, bw_amqp_poll declares, binds and
+ * consumes a new one (a reconnect does it through the link). BW_EAMQP/BW_ECONFIG as
+ * bw_amqp_declare.
+ */
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, char *err,
+			    size_t errsize) BW_MUST_CHECK;
 
 /*
  * Handles what arrived, never waiting for more: returns 0 with *got set when a delivery is
@@ -161,6 +182,7 @@ struct bw_amqp_link {
 	enum bw_amqp_role role;
 	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
 	const char *queue;                       /* consumer: the queue */
+	const char *control_exchange;            /* consumer: bw_amqp_consume_control; NULL none */
 	int prefetch;                            /* consumer */
 	size_t max_message_bytes;                /* consumer: bw_amqp_limit_messages; 0: none */
 	int backoff_base_ms;

@@ -57,7 +57,8 @@ static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
 	snprintf(names[2], 64, "%s.events", prefix);
 	snprintf(names[3], 64, "%s.dlx", prefix);
 	snprintf(names[4], 64, "%s.start.dlq", prefix);
-	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false};
+	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false,
+					 NULL};
 }
 
 /* Polls c until a delivery arrives or ms pass. */
