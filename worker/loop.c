@@ -39,10 +39,15 @@
 /* The signalfd, the two broker sockets and the SNA's curl sockets (the rest waits a turn). */
 #define MAX_POLLFDS 80
 
-/* A delivery held while every job slot is busy; the others wait unacked in the prefetch. */
+/*
+ * backup.start deliveries held while every job slot is busy, oldest first. The consumer
+ * keeps reading past them so that a backup.cancel is never stuck behind a start; the
+ * broker's prefetch bounds how many starts come, HELD_MAX bounds the memory all the same.
+ */
+#define HELD_MAX 64
 struct held {
-	bool have;
-	struct bw_delivery d;
+	size_t n;
+	struct bw_delivery d[HELD_MAX];
 };
 
 static int make_dirs(const struct bw_config *cfg)
@@ -61,9 +66,25 @@ static int make_dirs(const struct bw_config *cfg)
 	return 0;
 }
 
+/* A delivery of the worker's own backup.control queue: acked after the ledger write. */
+static void handle_control(struct worker *w, struct bw_delivery *d)
+{
+	int rc = control_receive(w, d);
+	int arc = rc == 0 ? bw_amqp_ack(w->consumer.c, d) : bw_amqp_requeue(w->consumer.c, d);
+	if (arc == BW_EAMQP)
+		bw_amqp_link_down(&w->consumer);
+}
+
 static void handle_delivery(struct worker *w, struct bw_delivery *d)
 {
 	struct bw_amqp *c = w->consumer.c;
+	if (d->source != BW_AMQP_FROM_START) {
+		/* never taken for a backup.start: consumer tags are ours */
+		bw_log_warnx("a delivery of an unknown consumer: given back");
+		if (bw_amqp_requeue(c, d) == BW_EAMQP)
+			bw_amqp_link_down(&w->consumer);
+		return;
+	}
 	int rc = job_receive(w, d);
 	int arc;
 	if (rc == 0)
@@ -85,15 +106,17 @@ static void consume(struct worker *w, struct held *held)
 	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
 	for (int k = 0; k < CONSUME_BATCH; k++) {
-		if (held->have) {
-			if (w->n_jobs >= w->cfg->worker_max_jobs)
-				return;
-			handle_delivery(w, &held->d);
-			bw_delivery_free(&held->d);
-			held->have = false;
+		while (held->n > 0 && w->n_jobs < w->cfg->worker_max_jobs) {
+			struct bw_delivery d = held->d[0];
+			memmove(&held->d[0], &held->d[1], (held->n - 1) * sizeof(held->d[0]));
+			held->n--;
+			handle_delivery(w, &d);
+			bw_delivery_free(&d);
 			if (w->consumer.c == NULL)
 				return;
 		}
+		if (held->n == HELD_MAX)
+			return;
 		bool got = false;
 		struct bw_delivery d;
 		if (bw_amqp_poll(w->consumer.c, &d, &got, err, sizeof(err)) != 0) {
@@ -103,8 +126,14 @@ static void consume(struct worker *w, struct held *held)
 		}
 		if (!got)
 			return;
-		held->d = d;
-		held->have = true;
+		if (d.source == BW_AMQP_FROM_CONTROL) {
+			handle_control(w, &d); /* at once: a cancel never waits behind a start */
+			bw_delivery_free(&d);
+			if (w->consumer.c == NULL)
+				return;
+			continue;
+		}
+		held->d[held->n++] = d;
 	}
 }
 
@@ -145,13 +174,12 @@ struct loop {
 	int64_t stop_by; /* stopping: leave by then, whatever is left (monotonic ms) */
 };
 
-/* Forgets the delivery held for a free slot: unacked, the broker gives it to another. */
+/* Forgets the deliveries held for a free slot: unacked, the broker gives them to another. */
 static void drop_held(struct loop *lp)
 {
-	if (lp->held.have) {
-		bw_delivery_free(&lp->held.d);
-		lp->held.have = false;
-	}
+	for (size_t i = 0; i < lp->held.n; i++)
+		bw_delivery_free(&lp->held.d[i]);
+	lp->held.n = 0;
 }
 
 /*
@@ -216,7 +244,10 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 	w->topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
 						cfg->amqp_events_exchange, cfg->amqp_dlx,
 						cfg->amqp_dlq, cfg->amqp_delivery_limit,
-						!cfg->amqp_declare};
+						!cfg->amqp_declare,
+						NULL};
+	if (cfg->amqp_control_exchange && cfg->amqp_control_exchange[0])
+		w->topology.control_exchange = cfg->amqp_control_exchange;
 	struct bw_amqp_opts ao = {cfg->amqp_url,
 				  cfg->amqp_heartbeat_s,
 				  AMQP_TIMEOUT_MS,
@@ -234,9 +265,11 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 					    .max_message_bytes = (size_t)cfg->job_max_message_bytes,
 					    .backoff_base_ms = AMQP_BACKOFF_BASE_MS,
 					    .backoff_cap_ms = AMQP_BACKOFF_CAP_MS};
+	w->consumer.control_exchange = w->topology.control_exchange; /* backup.cancel */
 	w->publisher = w->consumer;
 	w->publisher.role = BW_AMQP_PUBLISHER;
 	w->publisher.queue = NULL;
+	w->publisher.control_exchange = NULL;
 	bw_log_info("worker %s up: ledger %s, ports %d-%d, up to %d job(s)", cfg->worker_id,
 		    cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max, cfg->worker_max_jobs);
 	recover_pass(w); /* before the first delivery: what dead workers left comes first */
@@ -425,6 +458,7 @@ static enum turn dispatch(struct loop *lp)
 	consume(w, &lp->held);
 	publish(w);
 	bw_sna_perform(w->sna);
+	control_step(w, now); /* cancels another worker recorded for our jobs */
 	jobs_step(w);
 	publish(w);
 	run_timers(w, now);
