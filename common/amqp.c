@@ -29,6 +29,9 @@
 #define CONTROL_TAG "bw.control"
 /* Cancels are small and rare: a few unacked at a time is plenty. */
 #define CONTROL_PREFETCH 16
+/* A control queue that cannot be made again (its exchange deleted: the broker closes the
+ * channel, and with it the start consumer's) is retried this often, not at every poll. */
+#define CONTROL_RETRY_MS 5000
 
 struct pending_publish {
 	uint64_t seq;
@@ -70,6 +73,7 @@ struct bw_amqp {
 	struct inbound in;
 	char *control_exchange;   /* bw_amqp_consume_control: NULL none */
 	bool control_consuming;
+	int64_t control_retry_ms; /* monotonic: the next try after a failed one */
 
 	/* publisher */
 	bool confirms;
@@ -646,13 +650,16 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 			if (rc != 0)
 				return 0; /* the queue may come back: try again on the next poll */
 		}
-		if (c->control_exchange && !c->control_consuming) {
+		if (c->control_exchange && !c->control_consuming &&
+		    bw_clock_mono_ms() >= c->control_retry_ms) {
 			/* its queue went with the channel, or was deleted: a new one */
 			int rc = start_control(c, err, errsize);
 			if (c->lost)
 				return BW_EAMQP;
-			if (rc != 0)
-				return 0; /* try again on the next poll */
+			if (rc != 0) {
+				c->control_retry_ms = bw_clock_mono_ms() + CONTROL_RETRY_MS;
+				return 0; /* the start consumer goes on; the control one later */
+			}
 		}
 	}
 	for (int n = 0; n < POLL_FRAMES; n++) {
