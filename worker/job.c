@@ -218,7 +218,7 @@ bool job_cancel(struct job *j, const char *reason)
 	    j->state == BW_JOB_COMPLETED)
 		return false;
 	char msg[BW_TEXT_OUTSIDE_MAX + 64];
-	cancel_message(msg, sizeof(msg), "cancelled", reason);
+	cancel_message(msg, sizeof(msg), "backup.cancel received", reason);
 	/* as any failure: before the SNA start, a roll-back; after it (sna_called), the
 	   cleanup call stops the copy; completed disks stay completed and kept */
 	job_fail(j, BW_FAIL_CANCELLED, "%s", msg);
