@@ -132,6 +132,40 @@ def case_preparing(env, failures):
     failures += [f"preparing: {x}" for x in leftovers(env)]
 
 
+def case_sna_requested(env, failures):
+    """A job whose start request hangs at the SNA: cancelled, the request is abandoned and,
+    as the start may have been accepted, the SNA is asked to clean up; everything local is
+    undone."""
+    env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/c9", "seed": 12, "disks": {"2000": {"size": 4 * MiB},
+                                                                            "2001": {"size": 4 * MiB}}})
+    env.sim_post("/_sim/faults", {"hang_start_s": 4})
+    before = set(images(env))
+    f = cleanup = None
+    try:
+        env.publish(vm_message("c-hang", "/DC/vm/c9", [{"key": 2000, "size_bytes": 4 * MiB},
+                                                      {"key": 2001, "size_bytes": 4 * MiB}]))
+        env.wait_event("c-hang", "backup.accepted")
+        if env.wait_log([owner_of(env, "c-hang")], "job=c-hang SNA start requested"):
+            failures.append("c-hang: the start was never requested")
+        env.cancel("c-hang", "no time left")
+        f, cleanup = check_cancelled(env, "c-hang", failures, "sna_requested", "no time left")
+    finally:
+        env.sim_post("/_sim/faults", {})
+    if cleanup:
+        sna = [a for a in cleanup["actions"] if a["kind"] == "sna_cleanup_requested"]
+        if len(sna) != 1 or sna[0]["result"] != "done":
+            failures.append(f"c-hang: sna_cleanup_requested {sna}")
+        if not {"qemu_nbd_stopped", "port_released", "qcow2_removed"} <= set(kinds(cleanup)):
+            failures.append(f"c-hang: cleanup actions {kinds(cleanup)}")
+    if f and sorted(d["status"] for d in f["disks"]) != ["aborted", "aborted"]:
+        failures.append(f"c-hang: disks {f['disks']}")
+    if len(env.sim_requests("c-hang", "/cleanup")) != 1:
+        failures.append("c-hang: no SNA cleanup request")
+    if set(images(env)) - before:
+        failures.append(f"c-hang: files left {sorted(set(images(env)) - before)}")
+    failures += [f"sna_requested: {x}" for x in leftovers(env)]
+
+
 def case_transferring(env, failures):
     """A transferring job, cancelled: its owner asks the SNA to clean up (the simulator sees the
     request and stops the copy), failed cancelled with the reason, backup.cleanup with
@@ -351,7 +385,8 @@ def case_race(env, failures):
     failures += [f"race: {x}" for x in leftovers(env)]
 
 
-CASES = {"preparing": case_preparing, "transferring": case_transferring,
+CASES = {"preparing": case_preparing, "sna_requested": case_sna_requested,
+         "transferring": case_transferring,
          "before_start": case_before_start, "after_completion": case_after_completion,
          "invalid": case_invalid, "disk_completed_kept": case_disk_completed_kept,
          "dead_owner": case_dead_owner, "race": case_race}
