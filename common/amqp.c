@@ -684,6 +684,11 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 	return 0;
 }
 
+uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c)
+{
+	return c->channel_epoch;
+}
+
 enum settle_op { ACK, REJECT, REQUEUE };
 
 /* Settles a delivery of the current channel; a tag of an older channel is never used. */

@@ -130,6 +130,13 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 
 void bw_delivery_free(struct bw_delivery *d);
 
+/*
+ * The channel's epoch, raised at every reopen: a delivery whose channel_epoch differs (or
+ * one taken on another connection) came on a channel that is gone, and the broker has given
+ * it back to its queue.
+ */
+uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c);
+
 /* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a stale channel's tag. */
 int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
 int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;

@@ -47,8 +47,27 @@
 #define HELD_MAX 64
 struct held {
 	size_t n;
+	uint64_t connects; /* the consumer link's connection they came on */
 	struct bw_delivery d[HELD_MAX];
 };
+
+/*
+ * Forgets held deliveries whose connection or channel is gone: the broker gave them back
+ * to the queue, maybe to a worker of another host, so claiming one here could run the job
+ * twice.
+ */
+static void drop_stale_held(struct worker *w, struct held *held)
+{
+	size_t keep = 0;
+	for (size_t i = 0; i < held->n; i++) {
+		if (w->consumer.c && held->connects == w->consumer.connects &&
+		    held->d[i].channel_epoch == bw_amqp_channel_epoch(w->consumer.c))
+			held->d[keep++] = held->d[i];
+		else
+			bw_delivery_free(&held->d[i]);
+	}
+	held->n = keep;
+}
 
 static int make_dirs(const struct bw_config *cfg)
 {
@@ -106,6 +125,7 @@ static void consume(struct worker *w, struct held *held)
 	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
 	for (int k = 0; k < CONSUME_BATCH; k++) {
+		drop_stale_held(w, held);
 		while (held->n > 0 && w->n_jobs < w->cfg->worker_max_jobs) {
 			struct bw_delivery d = held->d[0];
 			memmove(&held->d[0], &held->d[1], (held->n - 1) * sizeof(held->d[0]));
@@ -133,6 +153,7 @@ static void consume(struct worker *w, struct held *held)
 				return;
 			continue;
 		}
+		held->connects = w->consumer.connects;
 		held->d[held->n++] = d;
 	}
 }
