@@ -360,6 +360,46 @@ def case_dead_owner(env, failures):
     env.control_ready()
 
 
+def case_held_start(env, failures):
+    """One worker with one job slot, busy: a second backup.start waits unacked for the slot,
+    and a cancel for it, arriving behind it, is handled at once (remembered); once the slot
+    is free the start is accepted and failed cancelled (stage claimed)."""
+    codes = env.stop_workers()
+    if any(c != 0 for c in codes.values()):
+        failures.append(f"held_start: workers exited {codes}")
+    try:
+        env.start_worker("w3", env={**os.environ, "BW_WORKER_MAX_JOBS": "1"})
+        env.control_ready(("w3",))
+        env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/c10", "seed": 4, "disks": {"2000": {"size": 8 * MiB}}})
+        env.sim_post("/_sim/faults?job=c-busy", {"slow_bytes_per_s": 512 * 1024})
+        disks = [{"key": 2000, "size_bytes": 8 * MiB}]
+        env.publish(vm_message("c-busy", "/DC/vm/c10", disks))
+        env.wait_event("c-busy", "backup.started")
+        env.publish(vm_message("c-held", "/DC/vm/c10", disks))
+        time.sleep(0.5)  # delivered to w3 and held there
+        env.cancel("c-held", "held back")
+        if env.wait_log(["w3"], "job=c-held cancel: unknown on this host: remembered", timeout=10):
+            failures.append("c-held: the cancel was not handled while the start was held")
+        env.drain_events(0.3)
+        if any(e["event"] in ("backup.completed", "backup.failed") for e in env.job_events("c-busy")):
+            failures.append("c-held: the busy job ended before the cancel was handled (proves nothing)")
+        env.sim_post("/_sim/faults?job=c-busy", {"slow_bytes_per_s": 64 * MiB})
+        if env.wait_terminal("c-busy") != "completed":
+            failures.append("c-busy: not completed")
+        check_events(env, "c-busy", failures)
+        check_cancelled(env, "c-held", failures, "claimed", "held back")
+        if env.sim_requests("c-held", "/backup/start"):
+            failures.append("c-held: the SNA was called")
+        failures += [f"held_start: {x}" for x in leftovers(env)]
+    finally:
+        codes = env.stop_workers()
+        if any(c != 0 for c in codes.values()):
+            failures.append(f"held_start: w3 exited {codes}")
+        env.start_worker("w1")
+        env.start_worker("w2")
+        env.control_ready()
+
+
 def case_race(env, failures):
     """Starts and cancels published together, in both orders, to both workers of the host:
     every job ends cancelled (at claim, or by its owner, or through the ledger), none
@@ -389,7 +429,7 @@ CASES = {"preparing": case_preparing, "sna_requested": case_sna_requested,
          "transferring": case_transferring,
          "before_start": case_before_start, "after_completion": case_after_completion,
          "invalid": case_invalid, "disk_completed_kept": case_disk_completed_kept,
-         "dead_owner": case_dead_owner, "race": case_race}
+         "dead_owner": case_dead_owner, "held_start": case_held_start, "race": case_race}
 
 
 class CancelEnv(Cancel):
