@@ -217,6 +217,11 @@ bool job_cancel(struct job *j, const char *reason)
 	if (j->done || j->state == BW_JOB_FAILED || j->state == BW_JOB_COMPENSATED ||
 	    j->state == BW_JOB_COMPLETED)
 		return false;
+	size_t completed = 0;
+	for (size_t i = 0; i < j->n_disks; i++)
+		completed += j->disks[i].completed;
+	if (completed == j->n_disks)
+		return false; /* every disk is finished and reported: backup.completed comes next */
 	char msg[BW_TEXT_OUTSIDE_MAX + 64];
 	cancel_message(msg, sizeof(msg), "backup.cancel received", reason);
 	/* as any failure: before the SNA start, a roll-back; after it (sna_called), the

@@ -165,7 +165,8 @@ void job_adopt(struct job *j);
  * A backup.cancel for a job of this worker (CONTRACT §2.1): backup.failed with reason
  * cancelled and the reason (bounded, escaped) in its message, then the compensation of
  * any failure (the SNA's cleanup call once the start may have been accepted). Returns
- * false, changing nothing, when the job is already ending, ended or handed over.
+ * false, changing nothing, when the job is already ending (failed, or every disk completed),
+ * ended or handed over.
  */
 bool job_cancel(struct job *j, const char *reason);
 
