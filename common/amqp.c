@@ -524,6 +524,20 @@ int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, char *
 	return start_control(c, err, errsize);
 }
 
+int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize)
+{
+	bool was = c->consuming;
+	free(c->queue);
+	c->queue = NULL; /* never registered again, not even after a channel reopen */
+	c->consuming = false;
+	if (c->lost)
+		return BW_EAMQP;
+	if (!was)
+		return 0;
+	amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(START_TAG));
+	return reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+}
+
 /* The consumer a basic.deliver or basic.cancel names. */
 static enum bw_amqp_source source_of(amqp_bytes_t tag)
 {

@@ -115,6 +115,15 @@ int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, char *err,
 			    size_t errsize) BW_MUST_CHECK;
 
 /*
+ * Stops the consumer of bw_amqp_consume for good (basic.cancel; it is never registered
+ * again), keeping the connection and the control consumer: a draining worker still hears
+ * cancels. Deliveries of that queue already on their way still arrive: give them back
+ * (bw_amqp_requeue). Returns 0, or BW_EAMQP/BW_ECONFIG with the reason in err (close the
+ * connection then).
+ */
+int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
  * Handles what arrived, never waiting for more: returns 0 with *got set when a delivery is
  * in *d (free with bw_delivery_free), 0 with *got false when nothing complete is there
  * yet (a delivery whose frames are still arriving is kept and finished by a later poll;

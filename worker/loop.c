@@ -119,9 +119,38 @@ static void handle_delivery(struct worker *w, struct bw_delivery *d)
 		bw_amqp_link_down(&w->consumer);
 }
 
+/*
+ * Draining: the consumer connection serves backup.control alone; a backup.start that was on
+ * its way when the start consumer stopped goes back to the queue.
+ */
+static void consume_control_only(struct worker *w)
+{
+	char err[512];
+	for (int k = 0; k < CONSUME_BATCH && w->consumer.c; k++) {
+		bool got = false;
+		struct bw_delivery d;
+		if (bw_amqp_poll(w->consumer.c, &d, &got, err, sizeof(err)) != 0) {
+			bw_log_warnx("consumer: %s; draining: not reconnected", err);
+			bw_amqp_link_down(&w->consumer);
+			return;
+		}
+		if (!got)
+			return;
+		if (d.source == BW_AMQP_FROM_CONTROL)
+			handle_control(w, &d);
+		else if (bw_amqp_requeue(w->consumer.c, &d) == BW_EAMQP)
+			bw_amqp_link_down(&w->consumer);
+		bw_delivery_free(&d);
+	}
+}
+
 static void consume(struct worker *w, struct held *held)
 {
 	char err[512];
+	if (w->draining && !w->stopping && w->consumer.c) {
+		consume_control_only(w);
+		return;
+	}
 	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
 	for (int k = 0; k < CONSUME_BATCH; k++) {
@@ -201,6 +230,24 @@ static void drop_held(struct loop *lp)
 	for (size_t i = 0; i < lp->held.n; i++)
 		bw_delivery_free(&lp->held.d[i]);
 	lp->held.n = 0;
+}
+
+/*
+ * Draining: the backup.start consumer stops and the starts held for a slot go back to the
+ * queue, but the connection stays for backup.control, so the running jobs can still be
+ * cancelled. When that fails, the connection goes (unacked deliveries go back at once).
+ */
+static void drain_consumer(struct loop *lp)
+{
+	struct worker *w = &lp->w;
+	char err[512];
+	bool kept = w->consumer.c &&
+		    bw_amqp_stop_start_consumer(w->consumer.c, err, sizeof(err)) == 0;
+	for (size_t i = 0; kept && i < lp->held.n; i++)
+		kept = bw_amqp_requeue(w->consumer.c, &lp->held.d[i]) != BW_EAMQP;
+	drop_held(lp);
+	if (!kept)
+		bw_amqp_link_down(&w->consumer);
 }
 
 /*
@@ -395,8 +442,7 @@ static enum turn read_signals(struct loop *lp)
 				    "their end, then the worker exits",
 				    w->n_jobs);
 			w->draining = true;
-			bw_amqp_link_down(&w->consumer); /* unacked deliveries go back at once */
-			drop_held(lp);
+			drain_consumer(lp);
 			continue;
 		}
 		if (w->stopping) {
