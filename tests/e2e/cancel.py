@@ -400,6 +400,49 @@ def case_held_start(env, failures):
         env.control_ready()
 
 
+def case_draining(env, failures):
+    """A draining worker (SIGUSR1), the only one of its host, still hears cancels for the jobs
+    it runs to their end: its own delivery ends the job; it takes no new start; it exits 0."""
+    codes = env.stop_workers()
+    if any(c != 0 for c in codes.values()):
+        failures.append(f"draining: workers exited {codes}")
+    try:
+        p = env.start_worker("w4")
+        env.control_ready(("w4",))
+        env.sim_post("/_sim/vm", {"vm_path": "/DC/vm/c11", "seed": 5, "disks": {"2000": {"size": 16 * MiB}}})
+        env.sim_post("/_sim/faults?job=c-drain", {"slow_bytes_per_s": 1 * MiB})
+        env.publish(vm_message("c-drain", "/DC/vm/c11", [{"key": 2000, "size_bytes": 16 * MiB}]))
+        env.wait_event("c-drain", "backup.started")
+        p.send_signal(signal.SIGUSR1)
+        if env.wait_log(["w4"], "SIGUSR1: draining"):
+            failures.append("draining: w4 did not drain")
+        env.publish(vm_message("c-after-drain", "/DC/vm/c11", [{"key": 2000, "size_bytes": 16 * MiB}]))
+        env.cancel("c-drain", "drained and cancelled")
+        check_cancelled(env, "c-drain", failures, "transferring", "drained and cancelled")
+        if "job=c-drain cancel: ended by its owner in transferring" not in env.log("w4"):
+            failures.append("draining: w4 did not end the job on its own delivery")
+        try:
+            code = p.wait(60)
+        except subprocess.TimeoutExpired:
+            code = "still running"
+        if code != 0:
+            failures.append(f"draining: w4 exited {code} (want 0 once its job ended)")
+        env.workers.pop("w4", None)
+        if env.job_events("c-after-drain") or "job=c-after-drain" in env.log("w4"):
+            failures.append("draining: w4 took a backup.start while draining")
+        if env.sim_requests("c-drain", "/cleanup") == []:
+            failures.append("draining: no SNA cleanup request")
+        failures += [f"draining: {x}" for x in leftovers(env)]
+    finally:
+        env.stop_workers()
+        env.start_worker("w1")
+        env.start_worker("w2")
+        env.control_ready()
+        # the start published while w4 drained runs now
+        if env.wait_terminal("c-after-drain", timeout=120) != "completed":
+            failures.append("draining: c-after-drain not completed afterwards")
+
+
 def case_race(env, failures):
     """Starts and cancels published together, in both orders, to both workers of the host:
     every job ends cancelled (at claim, or by its owner, or through the ledger), none
@@ -429,7 +472,8 @@ CASES = {"preparing": case_preparing, "sna_requested": case_sna_requested,
          "transferring": case_transferring,
          "before_start": case_before_start, "after_completion": case_after_completion,
          "invalid": case_invalid, "disk_completed_kept": case_disk_completed_kept,
-         "dead_owner": case_dead_owner, "held_start": case_held_start, "race": case_race}
+         "dead_owner": case_dead_owner, "held_start": case_held_start,
+         "draining": case_draining, "race": case_race}
 
 
 class CancelEnv(Cancel):
