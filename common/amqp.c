@@ -72,6 +72,7 @@ struct bw_amqp {
 	size_t max_message_bytes; /* 0: no limit */
 	struct inbound in;
 	char *control_exchange;   /* bw_amqp_consume_control: NULL none */
+	bool control_passive;     /* the exchange is only checked */
 	bool control_consuming;
 	int64_t control_retry_ms; /* monotonic: the next try after a failed one */
 
@@ -446,9 +447,6 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 	    (rc = queue(c, t->queue, t->passive ? amqp_empty_table : qtable, t->passive, err,
 			errsize)) != 0)
 		return rc;
-	if (t->control_exchange &&
-	    (rc = exchange(c, t->control_exchange, "fanout", t->passive, err, errsize)) != 0)
-		return rc;
 	if (t->passive)
 		return 0;
 	if ((rc = bind_queue(c, t->queue, t->jobs_exchange, "backup.start", err, errsize)) != 0 ||
@@ -483,13 +481,16 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 }
 
 /*
- * The control consumer: a new exclusive, auto-delete, server-named queue bound to the
- * control exchange (fanout: the routing key is ignored), its own prefetch, its own tag.
+ * The control consumer: the control exchange declared (or checked), a new exclusive,
+ * auto-delete, server-named queue bound to it (fanout: the routing key is ignored), its own
+ * prefetch, its own tag.
  */
 static int start_control(struct bw_amqp *c, char *err, size_t errsize)
 {
 	char what[300];
 	int rc;
+	if ((rc = exchange(c, c->control_exchange, "fanout", c->control_passive, err, errsize)) != 0)
+		return rc;
 	snprintf(what, sizeof(what), "own queue for %s", c->control_exchange);
 	amqp_queue_declare_ok_t *ok = amqp_queue_declare(c->conn, CHANNEL, amqp_empty_bytes, 0, 0,
 							 1, 1, amqp_empty_table);
@@ -514,13 +515,16 @@ static int start_control(struct bw_amqp *c, char *err, size_t errsize)
 	return rc;
 }
 
-int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, char *err,
-			    size_t errsize)
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, bool passive,
+			    char *err, size_t errsize)
 {
+	if (c->control_consuming && strcmp(c->control_exchange, exchange_name) == 0)
+		return 0; /* its tag is taken: consuming it again would be a connection error */
 	free(c->control_exchange);
 	c->control_exchange = strdup(exchange_name);
 	if (c->control_exchange == NULL)
 		return BW_ENOMEM;
+	c->control_passive = passive;
 	return start_control(c, err, errsize);
 }
 
@@ -947,7 +951,8 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
 	}
 	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->control_exchange)
-		rc = bw_amqp_consume_control(c, link->control_exchange, err, errsize);
+		rc = bw_amqp_consume_control(c, link->control_exchange,
+					     link->topology && link->topology->passive, err, errsize);
 	if (rc != 0) {
 		bw_amqp_close(c);
 		schedule_retry(link);

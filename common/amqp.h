@@ -38,7 +38,6 @@ struct bw_amqp_topology {
 	const char *dlq;             /* quorum, bound to dlx */
 	int delivery_limit;
 	bool passive; /* only check that everything exists */
-	const char *control_exchange; /* backup.control: fanout; NULL: none (CONTRACT §1) */
 };
 
 /*
@@ -103,15 +102,15 @@ int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *er
 		    size_t errsize) BW_MUST_CHECK;
 
 /*
- * Consumes the control exchange (fanout, CONTRACT §1 backup.control) next to the queue of
- * bw_amqp_consume on the same channel: declares an exclusive, auto-delete, server-named
- * queue, binds it to exchange and consumes it with manual acks under a consumer tag of its
- * own, so its deliveries come with source BW_AMQP_FROM_CONTROL. The queue dies with the
- * channel: after a channel reopen or a basic.cancel, bw_amqp_poll declares, binds and
- * consumes a new one (a reconnect does it through the link). BW_EAMQP/BW_ECONFIG as
- * bw_amqp_declare.
+ * Consumes the control exchange (fanout, durable: CONTRACT §1 backup.control) next to the
+ * queue of bw_amqp_consume on the same channel: declares the exchange (passive: only checks
+ * that it exists), then an exclusive, auto-delete, server-named queue, binds it and consumes
+ * it with manual acks under a consumer tag of its own, so its deliveries come with source
+ * BW_AMQP_FROM_CONTROL. The queue dies with the channel: after a channel reopen or a
+ * basic.cancel, bw_amqp_poll does it all again (a reconnect does it through the link).
+ * Consuming the same exchange again changes nothing. BW_EAMQP/BW_ECONFIG as bw_amqp_declare.
  */
-int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, char *err,
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, bool passive, char *err,
 			    size_t errsize) BW_MUST_CHECK;
 
 /*
@@ -198,7 +197,8 @@ struct bw_amqp_link {
 	enum bw_amqp_role role;
 	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
 	const char *queue;                       /* consumer: the queue */
-	const char *control_exchange;            /* consumer: bw_amqp_consume_control; NULL none */
+	const char *control_exchange;            /* consumer: bw_amqp_consume_control (passive as
+						    the topology); NULL none */
 	int prefetch;                            /* consumer */
 	size_t max_message_bytes;                /* consumer: bw_amqp_limit_messages; 0: none */
 	int backoff_base_ms;

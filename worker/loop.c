@@ -312,10 +312,7 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 	w->topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
 						cfg->amqp_events_exchange, cfg->amqp_dlx,
 						cfg->amqp_dlq, cfg->amqp_delivery_limit,
-						!cfg->amqp_declare,
-						NULL};
-	if (cfg->amqp_control_exchange && cfg->amqp_control_exchange[0])
-		w->topology.control_exchange = cfg->amqp_control_exchange;
+						!cfg->amqp_declare};
 	struct bw_amqp_opts ao = {cfg->amqp_url,
 				  cfg->amqp_heartbeat_s,
 				  AMQP_TIMEOUT_MS,
@@ -333,7 +330,8 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 					    .max_message_bytes = (size_t)cfg->job_max_message_bytes,
 					    .backoff_base_ms = AMQP_BACKOFF_BASE_MS,
 					    .backoff_cap_ms = AMQP_BACKOFF_CAP_MS};
-	w->consumer.control_exchange = w->topology.control_exchange; /* backup.cancel */
+	if (cfg->amqp_control_exchange && cfg->amqp_control_exchange[0])
+		w->consumer.control_exchange = cfg->amqp_control_exchange; /* backup.cancel */
 	w->publisher = w->consumer;
 	w->publisher.role = BW_AMQP_PUBLISHER;
 	w->publisher.queue = NULL;

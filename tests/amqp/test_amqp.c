@@ -57,8 +57,7 @@ static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
 	snprintf(names[2], 64, "%s.events", prefix);
 	snprintf(names[3], 64, "%s.dlx", prefix);
 	snprintf(names[4], 64, "%s.start.dlq", prefix);
-	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false,
-					 NULL};
+	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false};
 }
 
 /* Polls c until a delivery arrives or ms pass. */
@@ -250,15 +249,21 @@ static void test_control_consumer_tagged_and_back_after_channel_close(void **sta
 	char names[5][64], err[512], control[64];
 	struct bw_amqp_topology t = topo("t14", names);
 	snprintf(control, sizeof(control), "t14.control");
-	t.control_exchange = control;
 	struct bw_amqp *pub = connect_ok("test-control-pub");
 	struct bw_amqp *con = connect_ok("test-control-con");
 	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
-	t.passive = true; /* the fanout exchange is part of the topology checked */
-	assert_int_equal(bw_amqp_declare(pub, &t, err, sizeof(err)), 0);
 	assert_int_equal(bw_amqp_confirm_select(pub, err, sizeof(err)), 0);
+	/* amqp.declare = false: the exchange is only checked, and it is not there */
+	assert_int_equal(bw_amqp_consume_control(con, control, true, err, sizeof(err)), BW_ECONFIG);
+	print_message("passive: %s\n", err);
+	assert_non_null(strstr(err, "NOT_FOUND"));
+	/* declared (fanout, durable), then checked */
+	assert_int_equal(bw_amqp_consume_control(con, control, false, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_consume_control(con, control, false, err, sizeof(err)), 0);
+	struct bw_amqp *chk = connect_ok("test-control-check");
+	assert_int_equal(bw_amqp_consume_control(chk, control, true, err, sizeof(err)), 0);
+	bw_amqp_close(chk);
 	assert_int_equal(bw_amqp_consume(con, t.queue, 4, err, sizeof(err)), 0);
-	assert_int_equal(bw_amqp_consume_control(con, control, err, sizeof(err)), 0);
 	struct confirms s = {0, 0, ""};
 	publish(pub, t.jobs_exchange, "backup.start", "s1", "S1");
 	settle_all(pub, &s);
@@ -272,7 +277,7 @@ static void test_control_consumer_tagged_and_back_after_channel_close(void **sta
 	expect_delivery(con, "S2", BW_AMQP_FROM_START);
 
 	/* an ack of a tag never delivered: the broker closes the channel (406) */
-	struct bw_delivery bogus = {.tag = 999999, .channel_epoch = 0};
+	struct bw_delivery bogus = {.tag = 999999, .channel_epoch = bw_amqp_channel_epoch(con)};
 	assert_int_equal(bw_amqp_ack(con, &bogus), 0);
 	struct bw_delivery d;
 	assert_false(next_delivery(con, &d, 500)); /* channel reopened, consumers registered */
