@@ -25,6 +25,14 @@
 /* Frames one bw_amqp_poll handles at most (8 MiB of body at FRAME_MAX): the loop's other
    work gets its turn while a large body streams in. */
 #define POLL_FRAMES 64
+/* Consumer tags of our own, so that a delivery says which consumer it came from. */
+#define START_TAG "bw.start"
+#define CONTROL_TAG "bw.control"
+/* Cancels are small and rare: a few unacked at a time is plenty. */
+#define CONTROL_PREFETCH 16
+/* A control queue that cannot be made again (its exchange deleted: the broker closes the
+ * channel, and with it the start consumer's) is retried this often, not at every poll. */
+#define CONTROL_RETRY_MS 5000
 
 struct pending_publish {
 	uint64_t seq;
@@ -41,6 +49,7 @@ struct pending_publish {
  */
 struct inbound {
 	enum { IN_NONE, IN_HEADER, IN_BODY } stage;
+	enum bw_amqp_source source;
 	uint64_t tag;
 	bool redelivered;
 	bool too_large;  /* over max_message_bytes: frames are hashed and dropped */
@@ -63,6 +72,10 @@ struct bw_amqp {
 	bool consuming;
 	size_t max_message_bytes; /* 0: no limit */
 	struct inbound in;
+	char *control_exchange;   /* bw_amqp_consume_control: NULL none */
+	bool control_passive;     /* the exchange is only checked */
+	bool control_consuming;
+	int64_t control_retry_ms; /* monotonic: the next try after a failed one */
 
 	/* publisher */
 	bool confirms;
@@ -100,6 +113,7 @@ static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
 	inbound_reset(c);
 	c->channel_epoch++;
 	c->consuming = false;
+	c->control_consuming = false; /* its auto-delete queue went with the channel */
 	amqp_channel_open(c->conn, CHANNEL);
 	bool ok_open = amqp_get_rpc_reply(c->conn).reply_type == AMQP_RESPONSE_NORMAL;
 	if (ok_open && c->confirms) {
@@ -359,6 +373,7 @@ void bw_amqp_close(struct bw_amqp *c)
 		free(c->pending[i].id);
 	free(c->pending);
 	free(c->queue);
+	free(c->control_exchange);
 	free(c->in.body);
 	free(c);
 }
@@ -462,8 +477,8 @@ static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
 	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
 		return rc;
-	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue), amqp_empty_bytes, 0, 0, 0,
-			   amqp_empty_table);
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue),
+			   amqp_cstring_bytes(START_TAG), 0, 0, 0, amqp_empty_table);
 	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume", err, errsize);
 	c->consuming = rc == 0;
 	return rc;
@@ -477,6 +492,78 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 		return BW_ENOMEM;
 	c->prefetch = prefetch;
 	return start_consumer(c, err, errsize);
+}
+
+/*
+ * The control consumer: the control exchange declared (or checked), a new exclusive,
+ * auto-delete, server-named queue bound to it (fanout: the routing key is ignored), its own
+ * prefetch, its own tag.
+ */
+static int start_control(struct bw_amqp *c, char *err, size_t errsize)
+{
+	char what[300];
+	int rc;
+	if ((rc = exchange(c, c->control_exchange, "fanout", c->control_passive, err, errsize)) != 0)
+		return rc;
+	snprintf(what, sizeof(what), "own queue for %s", c->control_exchange);
+	amqp_queue_declare_ok_t *ok = amqp_queue_declare(c->conn, CHANNEL, amqp_empty_bytes, 0, 0,
+							 1, 1, amqp_empty_table);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize)) != 0)
+		return rc;
+	if (ok == NULL || ok->queue.len == 0 || ok->queue.len > 255) {
+		snprintf(err, errsize, "%s: no queue name in the reply", what);
+		return BW_EAMQP;
+	}
+	char name[256];
+	memcpy(name, ok->queue.bytes, ok->queue.len);
+	name[ok->queue.len] = '\0';
+	if ((rc = bind_queue(c, name, c->control_exchange, "", err, errsize)) != 0)
+		return rc;
+	amqp_basic_qos(c->conn, CHANNEL, 0, CONTROL_PREFETCH, 0);
+	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
+		return rc;
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(name),
+			   amqp_cstring_bytes(CONTROL_TAG), 0, 0, 1, amqp_empty_table);
+	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume (control)", err, errsize);
+	c->control_consuming = rc == 0;
+	return rc;
+}
+
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, bool passive,
+			    char *err, size_t errsize)
+{
+	if (c->control_consuming && strcmp(c->control_exchange, exchange_name) == 0)
+		return 0; /* its tag is taken: consuming it again would be a connection error */
+	free(c->control_exchange);
+	c->control_exchange = strdup(exchange_name);
+	if (c->control_exchange == NULL)
+		return BW_ENOMEM;
+	c->control_passive = passive;
+	return start_control(c, err, errsize);
+}
+
+int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize)
+{
+	bool was = c->consuming;
+	free(c->queue);
+	c->queue = NULL; /* never registered again, not even after a channel reopen */
+	c->consuming = false;
+	if (c->lost)
+		return BW_EAMQP;
+	if (!was)
+		return 0;
+	amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(START_TAG));
+	return reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+}
+
+/* The consumer a basic.deliver or basic.cancel names. */
+static enum bw_amqp_source source_of(amqp_bytes_t tag)
+{
+	if (tag.len == strlen(START_TAG) && memcmp(tag.bytes, START_TAG, tag.len) == 0)
+		return BW_AMQP_FROM_START;
+	if (tag.len == strlen(CONTROL_TAG) && memcmp(tag.bytes, CONTROL_TAG, tag.len) == 0)
+		return BW_AMQP_FROM_CONTROL;
+	return BW_AMQP_FROM_UNKNOWN;
 }
 
 void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes)
@@ -535,6 +622,7 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 		    f->payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
 			const amqp_basic_deliver_t *m = f->payload.method.decoded;
 			in->stage = IN_HEADER;
+			in->source = source_of(m->consumer_tag);
 			in->tag = m->delivery_tag;
 			in->redelivered = m->redelivered;
 			return 0;
@@ -565,6 +653,7 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 	if (in->body)
 		in->body[in->size] = '\0';
 	*d = (struct bw_delivery){
+		.source = in->source,
 		.tag = in->tag,
 		.channel_epoch = c->channel_epoch,
 		.redelivered = in->redelivered,
@@ -593,6 +682,17 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 			if (rc != 0)
 				return 0; /* the queue may come back: try again on the next poll */
 		}
+		if (c->control_exchange && !c->control_consuming &&
+		    bw_clock_mono_ms() >= c->control_retry_ms) {
+			/* its queue went with the channel, or was deleted: a new one */
+			int rc = start_control(c, err, errsize);
+			if (c->lost)
+				return BW_EAMQP;
+			if (rc != 0) {
+				c->control_retry_ms = bw_clock_mono_ms() + CONTROL_RETRY_MS;
+				return 0; /* the start consumer goes on; the control one later */
+			}
+		}
 	}
 	for (int n = 0; n < POLL_FRAMES; n++) {
 		amqp_frame_t f;
@@ -614,6 +714,11 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 			return rc;
 	}
 	return 0;
+}
+
+uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c)
+{
+	return c->channel_epoch;
 }
 
 enum settle_op { ACK, REJECT, REQUEUE };
@@ -769,9 +874,15 @@ static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confir
 		amqp_destroy_message(&msg);
 		return 0;
 	}
-	case AMQP_BASIC_CANCEL_METHOD:
-		c->consuming = false; /* re-registered on the next poll */
+	case AMQP_BASIC_CANCEL_METHOD: {
+		amqp_basic_cancel_t *m = f->payload.method.decoded;
+		/* re-registered on the next poll */
+		if (source_of(m->consumer_tag) == BW_AMQP_FROM_CONTROL)
+			c->control_consuming = false;
+		else
+			c->consuming = false;
 		return 0;
+	}
 	case AMQP_CONNECTION_BLOCKED_METHOD:
 		c->blocked = true;
 		return 0;
@@ -853,6 +964,9 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		bw_amqp_limit_messages(c, link->max_message_bytes);
 		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
 	}
+	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->control_exchange)
+		rc = bw_amqp_consume_control(c, link->control_exchange,
+					     link->topology && link->topology->passive, err, errsize);
 	if (rc != 0) {
 		bw_amqp_close(c);
 		schedule_retry(link);

@@ -67,7 +67,15 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 
 /* ---- consuming ------------------------------------------------------------------------- */
 
+/* Which consumer of the connection a delivery came from (its consumer tag says). */
+enum bw_amqp_source {
+	BW_AMQP_FROM_UNKNOWN = 0, /* a tag this connection never registered: give it back */
+	BW_AMQP_FROM_START,       /* the queue of bw_amqp_consume (backup.start) */
+	BW_AMQP_FROM_CONTROL,     /* the own queue of bw_amqp_consume_control (backup.cancel) */
+};
+
 struct bw_delivery {
+	enum bw_amqp_source source;
 	uint64_t tag;
 	uint64_t channel_epoch; /* tags of an older channel are never used */
 	bool redelivered;
@@ -94,6 +102,27 @@ int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *er
 		    size_t errsize) BW_MUST_CHECK;
 
 /*
+ * Consumes the control exchange (fanout, durable: CONTRACT §1 backup.control) next to the
+ * queue of bw_amqp_consume on the same channel: declares the exchange (passive: only checks
+ * that it exists), then an exclusive, auto-delete, server-named queue, binds it and consumes
+ * it with manual acks under a consumer tag of its own, so its deliveries come with source
+ * BW_AMQP_FROM_CONTROL. The queue dies with the channel: after a channel reopen or a
+ * basic.cancel, bw_amqp_poll does it all again (a reconnect does it through the link).
+ * Consuming the same exchange again changes nothing. BW_EAMQP/BW_ECONFIG as bw_amqp_declare.
+ */
+int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, bool passive, char *err,
+			    size_t errsize) BW_MUST_CHECK;
+
+/*
+ * Stops the consumer of bw_amqp_consume for good (basic.cancel; it is never registered
+ * again), keeping the connection and the control consumer: a draining worker still hears
+ * cancels. Deliveries of that queue already on their way still arrive: give them back
+ * (bw_amqp_requeue). Returns 0, or BW_EAMQP/BW_ECONFIG with the reason in err (close the
+ * connection then).
+ */
+int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
  * Handles what arrived, never waiting for more: returns 0 with *got set when a delivery is
  * in *d (free with bw_delivery_free), 0 with *got false when nothing complete is there
  * yet (a delivery whose frames are still arriving is kept and finished by a later poll;
@@ -108,6 +137,13 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 		 size_t errsize) BW_MUST_CHECK;
 
 void bw_delivery_free(struct bw_delivery *d);
+
+/*
+ * The channel's epoch, raised at every reopen: a delivery whose channel_epoch differs (or
+ * one taken on another connection) came on a channel that is gone, and the broker has given
+ * it back to its queue.
+ */
+uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c);
 
 /* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a stale channel's tag. */
 int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
@@ -161,6 +197,8 @@ struct bw_amqp_link {
 	enum bw_amqp_role role;
 	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
 	const char *queue;                       /* consumer: the queue */
+	const char *control_exchange;            /* consumer: bw_amqp_consume_control (passive as
+						    the topology); NULL none */
 	int prefetch;                            /* consumer */
 	size_t max_message_bytes;                /* consumer: bw_amqp_limit_messages; 0: none */
 	int backoff_base_ms;

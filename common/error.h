@@ -37,7 +37,8 @@
 	X(EFENCED, 20, false, "stale owner generation")                                    \
 	X(ESTATE, 21, false, "invalid state transition")                                   \
 	X(ESYS, 23, true, "unexpected system error")                                       \
-	X(ENOTSUP, 24, false, "not supported")
+	X(ENOTSUP, 24, false, "not supported")                                             \
+	X(ECANCELREC, 25, false, "a backup.cancel is recorded for this job")
 
 enum bw_errno {
 	BW_OK = 0,

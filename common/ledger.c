@@ -23,7 +23,7 @@
 #include <unistd.h>
 
 /*
- * Schema, version 2 (PRAGMA user_version).
+ * Schema, version 3 (PRAGMA user_version): version 1, retention's v2, the cancels of v3.
  *
  * Migration procedure: never edit a released version's DDL. To change the schema, add
  * schema_v<N+1>[] with the ALTER/CREATE statements that take a version N ledger to N+1,
@@ -32,8 +32,8 @@
  * be upgraded one by one: an older worker refuses a newer ledger (BW_ENOTSUP) instead of
  * misreading it. Invariants live in the schema (keys, UNIQUE, CHECK), not only in code.
  */
-#define LEDGER_SCHEMA_VERSION 2
-#define LEDGER_SCHEMA_VERSION_TEXT "2" /* the same, for the statement that sets it */
+#define LEDGER_SCHEMA_VERSION 3
+#define LEDGER_SCHEMA_VERSION_TEXT "3" /* the same, for the statement that sets it */
 
 static const char schema_v1[] =
 	"CREATE TABLE meta ("
@@ -133,7 +133,20 @@ static const char schema_v2[] =
 	"  pruned_at INTEGER NOT NULL) WITHOUT ROWID;"
 	"CREATE INDEX job_tombstones_finished ON job_tombstones(finished_at);";
 
-static const char *const migrations[] = {schema_v1, schema_v2};
+/*
+ * Version 3: backup.cancel (CONTRACT §2.1). A cancel no worker acted on in memory: for a
+ * job_id this host does not know yet (taken at claim until until_ms), or for a job known
+ * and unfinished (its owner or the worker that adopts it ends it; kept while unfinished).
+ * No foreign key to jobs: the row comes first for a job not claimed yet.
+ */
+static const char schema_v3[] =
+	"CREATE TABLE cancels ("
+	"  job_id TEXT PRIMARY KEY CHECK (length(job_id) BETWEEN 1 AND 128),"
+	"  reason TEXT NOT NULL CHECK (length(reason) <= 256),"
+	"  received_at_ms INTEGER NOT NULL,"
+	"  until_ms INTEGER NOT NULL CHECK (until_ms >= received_at_ms));";
+
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3};
 
 /* Where a job is done with: nothing left to do for anybody. */
 #define SQL_UNFINISHED "state NOT IN ('completed','compensated')"
@@ -319,6 +332,18 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 	[BW__ST_PRUNE_DUE] = "SELECT EXISTS (SELECT 1 FROM job_tombstones WHERE finished_at < ?1)"
 			 " OR EXISTS (SELECT 1 FROM outbox WHERE job_id IS NULL"
 			 "  AND published_at IS NOT NULL AND created_at < ?2)",
+	/* cancels (schema v3) */
+	[BW__ST_CANCEL_JOB] = "SELECT state, owner FROM jobs WHERE job_id = ?1",
+	[BW__ST_CANCEL_UPSERT] = "INSERT INTO cancels (job_id, reason, received_at_ms, until_ms)"
+			     " VALUES (?1, ?2, ?3, ?4) ON CONFLICT (job_id) DO UPDATE"
+			     " SET until_ms = max(until_ms, excluded.until_ms)",
+	[BW__ST_CANCEL_GET] = "SELECT reason FROM cancels WHERE job_id = ?1 AND (until_ms > ?2"
+			  " OR EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = ?1 AND j."
+			  SQL_UNFINISHED "))",
+	[BW__ST_CANCEL_DELETE] = "DELETE FROM cancels WHERE job_id = ?1",
+	[BW__ST_CANCEL_EXPIRE] = "DELETE FROM cancels WHERE until_ms <= ?1 AND NOT EXISTS"
+			     " (SELECT 1 FROM jobs j WHERE j.job_id = cancels.job_id AND j."
+			     SQL_UNFINISHED ")",
 };
 
 struct bw_ledger {
@@ -967,6 +992,7 @@ struct claim_ctx {
 	const struct bw_event *accepted;
 	struct bw_known existing;
 	bool exists;
+	bool cancelled; /* a cancel is remembered for job_id: nothing was written */
 };
 
 /* A job_id the ledger knows only by its tombstone (bw_ledger_prune) is known all the same. */
@@ -988,6 +1014,7 @@ static int claim_tombstone(struct bw_ledger *l, struct claim_ctx *c)
 	sqlite3_reset(s);
 	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : sql_err(l, rc);
 }
+static int cancel_find(struct bw_ledger *l, const char *job_id, char *reason, size_t size);
 
 static int claim_txn(struct bw_ledger *l, void *arg)
 {
@@ -1013,6 +1040,13 @@ static int claim_txn(struct bw_ledger *l, void *arg)
 		return 0; /* nothing changes */
 	if ((rc = claim_tombstone(l, c)) != 0 || c->exists)
 		return rc;
+	/* in the claim's transaction: a cancel recorded by any worker of the host before it is
+	   seen here, one recorded after it finds the job known (bw_ledger_cancel_record) */
+	c->cancelled = false;
+	if ((rc = cancel_find(l, c->job_id, NULL, 0)) != BW_ENOENT) {
+		c->cancelled = rc == 0;
+		return rc;
+	}
 
 	if ((rc = run(l, BW__ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
 		      l->boot_id, c->message, now)) != 0)
@@ -1031,12 +1065,14 @@ int bw_ledger_claim(struct bw_ledger *l, const char *job_id, const char *message
 		    const struct bw_event *accepted, int64_t *generation, struct bw_known *existing)
 {
 	struct claim_ctx c = {job_id, message, disks, n_disks, accepted, {BW_JOB_CLAIMED, false},
-			      false};
+			      false, false};
 	if (l->worker_id == NULL || accepted == NULL || accepted->seq != 1)
 		return BW_EINVAL;
 	int rc = with_txn(l, claim_txn, &c);
 	if (rc != 0)
 		return rc;
+	if (c.cancelled)
+		return BW_ECANCELREC;
 	if (c.exists) {
 		if (existing)
 			*existing = c.existing;
@@ -1741,12 +1777,153 @@ void bw_outbox_free(struct bw_outbox_row *rows, size_t n)
 	free(rows);
 }
 
+/* ---- cancels ----------------------------------------------------------------------------- */
+
+/* The reason of a cancel recorded for job_id (see bw_ledger_cancel_get); BW_ENOENT: none. */
+static int cancel_find(struct bw_ledger *l, const char *job_id, char *reason, size_t size)
+{
+	int err = 0;
+	sqlite3_stmt *s = query(l, BW__ST_CANCEL_GET, &err, "ti", job_id, bw_clock_wall_ms());
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW && reason && size)
+		snprintf(reason, size, "%s", (const char *)sqlite3_column_text(s, 0));
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? BW_ENOENT : sql_err(l, rc);
+}
+
+int bw_ledger_cancel_get(struct bw_ledger *l, const char *job_id, char *reason, size_t size)
+{
+	return cancel_find(l, job_id, reason, size);
+}
+
+struct cancel_ctx {
+	const char *job_id;
+	const char *reason;
+	int memory_s;
+	struct bw_cancel_record out;
+};
+
+/*
+ * One transaction against the claim's: a claim committed first makes the job known here
+ * (the row is kept for its owner), a claim committed after finds the row (claim_txn).
+ */
+static int cancel_record_txn(struct bw_ledger *l, void *arg)
+{
+	struct cancel_ctx *c = arg;
+	int err = 0;
+	int64_t now = bw_clock_wall_ms();
+	bool known = false;
+	memset(&c->out, 0, sizeof(c->out));
+	sqlite3_stmt *s = query(l, BW__ST_CANCEL_JOB, &err, "t", c->job_id);
+	if (s == NULL)
+		return err;
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		known = true;
+		if (bw_job_state_parse((const char *)sqlite3_column_text(s, 0), &c->out.state) != 0)
+			c->out.state = BW_JOB_FAILED;
+		snprintf(c->out.owner, sizeof(c->out.owner), "%s",
+			 (const char *)sqlite3_column_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return sql_err(l, rc);
+	if (known && bw_job_state_terminal(c->out.state)) {
+		c->out.outcome = BW_CANCEL_ENDED;
+		return 0;
+	}
+	if (!known && c->memory_s <= 0) {
+		c->out.outcome = BW_CANCEL_NOT_KEPT;
+		return 0;
+	}
+	c->out.outcome = known ? BW_CANCEL_KNOWN : BW_CANCEL_REMEMBERED;
+	int64_t memory_ms = c->memory_s > 0 ? (int64_t)c->memory_s * 1000 : 0;
+	return run(l, BW__ST_CANCEL_UPSERT, "ttii", c->job_id, c->reason, now, now + memory_ms);
+}
+
+int bw_ledger_cancel_record(struct bw_ledger *l, const char *job_id, const char *reason,
+			    int memory_s, struct bw_cancel_record *out)
+{
+	struct cancel_ctx c = {job_id, reason ? reason : "", memory_s, {0}};
+	if (l->readonly)
+		return BW_EINVAL;
+	int rc = with_txn(l, cancel_record_txn, &c);
+	if (rc == 0)
+		*out = c.out;
+	return rc;
+}
+
+struct claim_cancelled_ctx {
+	struct claim_ctx claim;
+	const struct bw_event *events; /* accepted, failed, cleanup */
+	bool gone;                     /* the cancel is no longer remembered */
+};
+
+static int claim_cancelled_txn(struct bw_ledger *l, void *arg)
+{
+	struct claim_cancelled_ctx *cc = arg;
+	struct claim_ctx *c = &cc->claim;
+	int rc;
+	int64_t now = bw_clock_wall_ms();
+	cc->gone = false;
+	/* claim_txn writes the job only when no cancel is remembered: here it must be one */
+	if ((rc = claim_txn(l, c)) != 0 || c->exists)
+		return rc;
+	if (!c->cancelled) {
+		cc->gone = true;
+		return BW_ENOENT; /* rolled back: the caller claims the usual way */
+	}
+	if ((rc = run(l, BW__ST_JOB_INSERT, "ttitti", c->job_id, l->worker_id, l->incarnation,
+		      l->boot_id, c->message, now)) != 0)
+		return rc;
+	for (size_t i = 0; i < c->n_disks; i++)
+		if ((rc = run(l, BW__ST_DISK_INSERT, "titt", c->job_id, c->disks[i].key,
+			      c->disks[i].export_name, c->disks[i].qcow2_path)) != 0)
+			return rc;
+	if ((rc = history(l, c->job_id, "claimed", 1)) != 0 ||
+	    (rc = append_events(l, c->job_id, 0, cc->events, 3)) != 0 ||
+	    (rc = run(l, BW__ST_JOB_UPDATE, "titiin", c->job_id, (int64_t)1, "failed", (int64_t)2,
+		      now, "cancelled")) != 0 ||
+	    (rc = history(l, c->job_id, "failed", 1)) != 0 ||
+	    (rc = run(l, BW__ST_JOB_UPDATE, "titiin", c->job_id, (int64_t)1, "compensated",
+		      (int64_t)3, now, NULL)) != 0 ||
+	    (rc = history(l, c->job_id, "compensated", 1)) != 0)
+		return rc;
+	return run(l, BW__ST_CANCEL_DELETE, "t", c->job_id);
+}
+
+int bw_ledger_claim_cancelled(struct bw_ledger *l, const char *job_id, const char *message,
+			      const struct bw_job_disk_new *disks, size_t n_disks,
+			      const struct bw_event *events, struct bw_known *existing)
+{
+	struct claim_cancelled_ctx cc = {
+		{job_id, message, disks, n_disks, events, {BW_JOB_CLAIMED, false}, false, false},
+		events, false};
+	if (l->worker_id == NULL || events == NULL || events[0].seq != 1)
+		return BW_EINVAL;
+	int rc = with_txn(l, claim_cancelled_txn, &cc);
+	if (cc.gone)
+		return BW_ENOENT;
+	if (rc != 0)
+		return rc;
+	if (cc.claim.exists) {
+		if (existing)
+			*existing = cc.claim.existing;
+		return BW_EEXIST;
+	}
+	return 0;
+}
+
 /* ---- maintenance ------------------------------------------------------------------------- */
 
 static int expire_txn(struct bw_ledger *l, void *arg)
 {
 	(void)arg;
-	return run(l, BW__ST_QUARANTINE_EXPIRE, "i", bw_clock_wall_ms());
+	int64_t now = bw_clock_wall_ms();
+	int rc = run(l, BW__ST_QUARANTINE_EXPIRE, "i", now);
+	return rc != 0 ? rc : run(l, BW__ST_CANCEL_EXPIRE, "i", now);
 }
 
 int bw_ledger_maintain(struct bw_ledger *l)

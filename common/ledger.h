@@ -173,6 +173,9 @@ struct bw_job_disk_new {
  * job_id, also by the tombstone of a pruned job (bw_ledger_prune) (nothing changed; what it
  * knows in *existing when not NULL); BW_EINVAL when the
  * worker is not registered; BW_EBUSY.
+ * job_id (nothing changed; what it knows in *existing when not NULL); BW_ECANCELREC when
+ * a backup.cancel is remembered for this job_id (nothing changed: claim it with
+ * bw_ledger_claim_cancelled); BW_EINVAL when the worker is not registered; BW_EBUSY.
  */
 struct bw_known {
 	enum bw_job_state state;
@@ -366,11 +369,60 @@ int bw_ledger_port_counts(struct bw_ledger *l, struct bw_port_counts *out) BW_MU
  * past its bound (*retries).
  */
 void bw_ledger_busy_stats(const struct bw_ledger *l, uint64_t *waits, uint64_t *retries);
+/* ---- cancels (CONTRACT §2.1) ------------------------------------------------------------- */
+
+/*
+ * What the host's ledger did with a backup.cancel that no worker of this process acted on
+ * (the table cancels: job_id, reason, received_at_ms, until_ms).
+ */
+enum bw_cancel_outcome {
+	BW_CANCEL_ENDED,       /* the job is terminal here: left as it is, nothing written */
+	BW_CANCEL_KNOWN,       /* the job is known and unfinished: recorded for its owner (or the
+				  worker that adopts it), kept while the job is unfinished */
+	BW_CANCEL_REMEMBERED,  /* unknown here: remembered until until_ms, taken at claim */
+	BW_CANCEL_NOT_KEPT,    /* unknown here and memory_s is 0: nothing written */
+};
+
+struct bw_cancel_record {
+	enum bw_cancel_outcome outcome;
+	enum bw_job_state state; /* ENDED, KNOWN: the job's state */
+	char owner[129];         /* ENDED, KNOWN: the job's owner (worker id, cut to fit) */
+};
+
+/*
+ * Records a backup.cancel for job_id with reason ("" for none) in one transaction, as
+ * *out says (see above); a job_id already remembered keeps its first reason and the later
+ * of the two expiries. memory_s: how long an unknown job_id is remembered (0: not at all).
+ * Returns 0, BW_EINVAL (a read-only ledger), BW_EBUSY.
+ */
+int bw_ledger_cancel_record(struct bw_ledger *l, const char *job_id, const char *reason,
+			    int memory_s, struct bw_cancel_record *out) BW_MUST_CHECK;
+
+/*
+ * Whether a cancel is recorded for job_id: an unexpired row, or any row of a job that is
+ * known and unfinished. Returns 0 with the reason in reason[0..size) (cut to fit),
+ * BW_ENOENT when there is none, or a ledger error.
+ */
+int bw_ledger_cancel_get(struct bw_ledger *l, const char *job_id, char *reason, size_t size)
+	BW_MUST_CHECK;
+
+/*
+ * Claims job_id and ends it at once because a cancel was remembered for it: the job row
+ * (generation 1) with its disks, then failed, then compensated, with events[0..3)
+ * (backup.accepted seq 1, backup.failed seq 2, backup.cleanup seq 3) and the cancel's row
+ * removed, in one transaction. Returns 0; BW_EEXIST as bw_ledger_claim; BW_ENOENT when the
+ * cancel is no longer remembered (expired: nothing changed; claim it the usual way);
+ * BW_EINVAL; BW_EBUSY.
+ */
+int bw_ledger_claim_cancelled(struct bw_ledger *l, const char *job_id, const char *message,
+			      const struct bw_job_disk_new *disks, size_t n_disks,
+			      const struct bw_event *events, struct bw_known *existing) BW_MUST_CHECK;
 
 /* ---- maintenance ------------------------------------------------------------------------ */
 
 /* Truncates the WAL when no reader needs it (wal_checkpoint(TRUNCATE)); drops expired
- * quarantines. Cheap enough to call every minute. */
+ * quarantines and expired cancels (bw_ledger_cancel_record). Cheap enough to call every
+ * minute. */
 int bw_ledger_maintain(struct bw_ledger *l) BW_MUST_CHECK;
 
 /* ---- retention -------------------------------------------------------------------------- */

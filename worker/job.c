@@ -1,6 +1,7 @@
 /* job.c: one VM backup: claim, all ports, all images, all servers, ONE SNA call, the transfer, results or compensation. */
 #include "worker.h"
 
+#include "cancel.h"
 #include "cgroup.h"
 #include "child.h"
 #include "clock.h"
@@ -8,6 +9,7 @@
 #include "log.h"
 #include "psk.h"
 #include "target.h"
+#include "text.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -199,6 +201,74 @@ static void fail_disk(struct job *j, struct job_disk *d, enum bw_fail_reason rea
 {
 	copy_text(d->error, sizeof(d->error), err);
 	job_fail(j, reason, "disk %" PRId64 ": %s%s", d->key, what, err);
+}
+
+/* ---- cancel (CONTRACT §2.1) --------------------------------------------------------------- */
+
+/* A cancel's reason fit for a message and a log line: bounded, never cut in a character. */
+static void cancel_message(char *dst, size_t size, const char *what, const char *reason)
+{
+	char r[BW_TEXT_OUTSIDE_MAX + 1];
+	bw_text_escape(r, sizeof(r), reason, strlen(reason));
+	snprintf(dst, size, "%s%s%s", what, r[0] ? ": " : "", r);
+}
+
+bool job_cancel(struct job *j, const char *reason)
+{
+	if (j->done || j->state == BW_JOB_FAILED || j->state == BW_JOB_COMPENSATED ||
+	    j->state == BW_JOB_COMPLETED)
+		return false;
+	size_t completed = 0;
+	for (size_t i = 0; i < j->n_disks; i++)
+		completed += j->disks[i].completed;
+	if (completed == j->n_disks)
+		return false; /* every disk is finished and reported: backup.completed comes next */
+	char msg[BW_TEXT_OUTSIDE_MAX + 64];
+	cancel_message(msg, sizeof(msg), "backup.cancel received", reason);
+	/* as any failure: before the SNA start, a roll-back; after it (sna_called), the
+	   cleanup call stops the copy; completed disks stay completed and kept */
+	job_fail(j, BW_FAIL_CANCELLED, "%s", msg);
+	return true;
+}
+
+/*
+ * A remembered cancel found at claim (bw_ledger_claim said BW_ECANCELREC): the job is
+ * claimed and ended in one transaction: backup.accepted, backup.failed (stage claimed,
+ * reason cancelled, every disk not_started) and an empty backup.cleanup; no port, no file,
+ * no SNA call. Returns 0; BW_EEXIST (known meanwhile, *existing set); BW_ENOENT when the
+ * cancel expired meanwhile (claim the usual way); a ledger or memory error.
+ */
+static int claim_cancelled(struct job *j, const struct bw_event *accepted,
+			   const struct bw_job_disk_new *nd, struct bw_known *existing)
+{
+	char reason[BW_CANCEL_REASON_MAX * 4 + 1];
+	struct bw_event_text ev[2] = {{0}, {0}};
+	int rc = bw_ledger_cancel_get(j->w->ledger, j->spec->job_id, reason, sizeof(reason));
+	if (rc != 0)
+		return rc;
+	cancel_message(j->fail_message, sizeof(j->fail_message), "cancelled before it started",
+		       reason);
+	struct bw_event_failed_disk disks[BW_MESSAGE_MAX_DISKS];
+	for (size_t i = 0; i < j->n_disks; i++)
+		disks[i] = (struct bw_event_failed_disk){j->disks[i].key, BW_DISK_NOT_STARTED, NULL};
+	if ((rc = bw_event_failed(&j->ctx, 2, BW_JOB_CLAIMED, BW_FAIL_CANCELLED, j->fail_message,
+				  disks, j->n_disks, &ev[0])) == 0 &&
+	    (rc = bw_event_cleanup(&j->ctx, 3, NULL, 0, &ev[1])) == 0) {
+		struct bw_event events[3] = {
+			*accepted,
+			{ev[0].event_id, ev[0].name, ev[0].seq, ev[0].body},
+			{ev[1].event_id, ev[1].name, ev[1].seq, ev[1].body},
+		};
+		rc = bw_ledger_claim_cancelled(j->w->ledger, j->spec->job_id, j->message, nd,
+					       j->n_disks, events, existing);
+	}
+	bw_event_text_free(&ev[0]);
+	bw_event_text_free(&ev[1]);
+	if (rc == 0)
+		bw_log_info("job=%s cancel: accepted and failed at once (stage claimed), as a cancel "
+			    "was remembered for it: %s; no port, file or SNA call",
+			    j->spec->job_id, j->fail_message);
+	return rc;
 }
 
 static void cleanup_done_cb(void *arg, const struct bw_sna_result *r)
@@ -1287,6 +1357,14 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 	struct bw_known existing;
 	rc = bw_ledger_claim(w->ledger, j->spec->job_id, j->message, nd, j->n_disks, &accepted,
 			     &j->generation, &existing);
+	bool cancelled = false;
+	if (rc == BW_ECANCELREC) {
+		rc = claim_cancelled(j, &accepted, nd, &existing);
+		cancelled = rc == 0;
+		if (rc == BW_ENOENT) /* the cancel expired meanwhile: an ordinary claim */
+			rc = bw_ledger_claim(w->ledger, j->spec->job_id, j->message, nd, j->n_disks,
+					     &accepted, &j->generation, &existing);
+	}
 	bw_event_text_free(&e);
 	if (rc == BW_EEXIST) {
 		const char *state = bw_job_state_name(existing.state);
@@ -1303,8 +1381,8 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 		rc = 0;
 		goto out;
 	}
-	if (rc != 0)
-		goto out;
+	if (rc != 0 || cancelled)
+		goto out; /* cancelled: nothing runs, the delivery is acked */
 	crash_point("claimed", 0);
 	j->seq = 1;
 	j->state = BW_JOB_CLAIMED;

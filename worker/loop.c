@@ -45,11 +45,35 @@
  * rest waits a turn). */
 #define MAX_POLLFDS 80
 
-/* A delivery held while every job slot is busy; the others wait unacked in the prefetch. */
+/*
+ * backup.start deliveries held while every job slot is busy, oldest first. The consumer
+ * keeps reading past them so that a backup.cancel is never stuck behind a start; the
+ * broker's prefetch bounds how many starts come, HELD_MAX bounds the memory all the same.
+ */
+#define HELD_MAX 64
 struct held {
-	bool have;
-	struct bw_delivery d;
+	size_t n;
+	uint64_t connects; /* the consumer link's connection they came on */
+	struct bw_delivery d[HELD_MAX];
 };
+
+/*
+ * Forgets held deliveries whose connection or channel is gone: the broker gave them back
+ * to the queue, maybe to a worker of another host, so claiming one here could run the job
+ * twice.
+ */
+static void drop_stale_held(struct worker *w, struct held *held)
+{
+	size_t keep = 0;
+	for (size_t i = 0; i < held->n; i++) {
+		if (w->consumer.c && held->connects == w->consumer.connects &&
+		    held->d[i].channel_epoch == bw_amqp_channel_epoch(w->consumer.c))
+			held->d[keep++] = held->d[i];
+		else
+			bw_delivery_free(&held->d[i]);
+	}
+	held->n = keep;
+}
 
 static int make_dirs(const struct bw_config *cfg)
 {
@@ -67,9 +91,25 @@ static int make_dirs(const struct bw_config *cfg)
 	return 0;
 }
 
+/* A delivery of the worker's own backup.control queue: acked after the ledger write. */
+static void handle_control(struct worker *w, struct bw_delivery *d)
+{
+	int rc = control_receive(w, d);
+	int arc = rc == 0 ? bw_amqp_ack(w->consumer.c, d) : bw_amqp_requeue(w->consumer.c, d);
+	if (arc == BW_EAMQP)
+		bw_amqp_link_down(&w->consumer);
+}
+
 static void handle_delivery(struct worker *w, struct bw_delivery *d)
 {
 	struct bw_amqp *c = w->consumer.c;
+	if (d->source != BW_AMQP_FROM_START) {
+		/* never taken for a backup.start: consumer tags are ours */
+		bw_log_warnx("a delivery of an unknown consumer: given back");
+		if (bw_amqp_requeue(c, d) == BW_EAMQP)
+			bw_amqp_link_down(&w->consumer);
+		return;
+	}
 	int rc = job_receive(w, d);
 	int arc;
 	if (rc == 0)
@@ -85,21 +125,53 @@ static void handle_delivery(struct worker *w, struct bw_delivery *d)
 		bw_amqp_link_down(&w->consumer);
 }
 
+/*
+ * Draining: the consumer connection serves backup.control alone; a backup.start that was on
+ * its way when the start consumer stopped goes back to the queue.
+ */
+static void consume_control_only(struct worker *w)
+{
+	char err[512];
+	for (int k = 0; k < CONSUME_BATCH && w->consumer.c; k++) {
+		bool got = false;
+		struct bw_delivery d;
+		if (bw_amqp_poll(w->consumer.c, &d, &got, err, sizeof(err)) != 0) {
+			bw_log_warnx("consumer: %s; draining: not reconnected", err);
+			bw_amqp_link_down(&w->consumer);
+			return;
+		}
+		if (!got)
+			return;
+		if (d.source == BW_AMQP_FROM_CONTROL)
+			handle_control(w, &d);
+		else if (bw_amqp_requeue(w->consumer.c, &d) == BW_EAMQP)
+			bw_amqp_link_down(&w->consumer);
+		bw_delivery_free(&d);
+	}
+}
+
 static void consume(struct worker *w, struct held *held)
 {
 	char err[512];
+	if (w->draining && !w->stopping && w->consumer.c) {
+		consume_control_only(w);
+		return;
+	}
 	if (w->stopping || w->draining || w->consumer.c == NULL)
 		return;
 	for (int k = 0; k < CONSUME_BATCH; k++) {
-		if (held->have) {
-			if (w->n_jobs >= w->cfg->worker_max_jobs)
-				return;
-			handle_delivery(w, &held->d);
-			bw_delivery_free(&held->d);
-			held->have = false;
+		drop_stale_held(w, held);
+		while (held->n > 0 && w->n_jobs < w->cfg->worker_max_jobs) {
+			struct bw_delivery d = held->d[0];
+			memmove(&held->d[0], &held->d[1], (held->n - 1) * sizeof(held->d[0]));
+			held->n--;
+			handle_delivery(w, &d);
+			bw_delivery_free(&d);
 			if (w->consumer.c == NULL)
 				return;
 		}
+		if (held->n == HELD_MAX)
+			return;
 		bool got = false;
 		struct bw_delivery d;
 		if (bw_amqp_poll(w->consumer.c, &d, &got, err, sizeof(err)) != 0) {
@@ -109,8 +181,15 @@ static void consume(struct worker *w, struct held *held)
 		}
 		if (!got)
 			return;
-		held->d = d;
-		held->have = true;
+		if (d.source == BW_AMQP_FROM_CONTROL) {
+			handle_control(w, &d); /* at once: a cancel never waits behind a start */
+			bw_delivery_free(&d);
+			if (w->consumer.c == NULL)
+				return;
+			continue;
+		}
+		held->connects = w->consumer.connects;
+		held->d[held->n++] = d;
 	}
 }
 
@@ -165,13 +244,30 @@ static void service_notify(struct loop *lp, int64_t now, bool stopping)
 		bw_notify_update(lp->notify, now, &s);
 }
 
-/* Forgets the delivery held for a free slot: unacked, the broker gives it to another. */
+/* Forgets the deliveries held for a free slot: unacked, the broker gives them to another. */
 static void drop_held(struct loop *lp)
 {
-	if (lp->held.have) {
-		bw_delivery_free(&lp->held.d);
-		lp->held.have = false;
-	}
+	for (size_t i = 0; i < lp->held.n; i++)
+		bw_delivery_free(&lp->held.d[i]);
+	lp->held.n = 0;
+}
+
+/*
+ * Draining: the backup.start consumer stops and the starts held for a slot go back to the
+ * queue, but the connection stays for backup.control, so the running jobs can still be
+ * cancelled. When that fails, the connection goes (unacked deliveries go back at once).
+ */
+static void drain_consumer(struct loop *lp)
+{
+	struct worker *w = &lp->w;
+	char err[512];
+	bool kept = w->consumer.c &&
+		    bw_amqp_stop_start_consumer(w->consumer.c, err, sizeof(err)) == 0;
+	for (size_t i = 0; kept && i < lp->held.n; i++)
+		kept = bw_amqp_requeue(w->consumer.c, &lp->held.d[i]) != BW_EAMQP;
+	drop_held(lp);
+	if (!kept)
+		bw_amqp_link_down(&w->consumer);
 }
 
 /*
@@ -260,9 +356,12 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 					    .max_message_bytes = (size_t)cfg->job_max_message_bytes,
 					    .backoff_base_ms = AMQP_BACKOFF_BASE_MS,
 					    .backoff_cap_ms = AMQP_BACKOFF_CAP_MS};
+	if (cfg->amqp_control_exchange && cfg->amqp_control_exchange[0])
+		w->consumer.control_exchange = cfg->amqp_control_exchange; /* backup.cancel */
 	w->publisher = w->consumer;
 	w->publisher.role = BW_AMQP_PUBLISHER;
 	w->publisher.queue = NULL;
+	w->publisher.control_exchange = NULL;
 	bw_log_info("worker %s up: ledger %s, ports %d-%d, up to %d job(s)", cfg->worker_id,
 		    cfg->ledger_path, cfg->nbd_port_min, cfg->nbd_port_max, cfg->worker_max_jobs);
 	recover_pass(w); /* before the first delivery: what dead workers left comes first */
@@ -391,8 +490,7 @@ static enum turn read_signals(struct loop *lp)
 				    w->n_jobs);
 			w->draining = true;
 			service_notify(lp, 0, true);
-			bw_amqp_link_down(&w->consumer); /* unacked deliveries go back at once */
-			drop_held(lp);
+			drain_consumer(lp);
 			continue;
 		}
 		if (w->stopping) {
@@ -511,6 +609,7 @@ static enum turn dispatch(struct loop *lp)
 	publish(w);
 	bw_sna_perform(w->sna);
 	bw_log_set_job(NULL); /* the SNA's callbacks set the job they answer */
+	control_step(w, now); /* cancels another worker recorded for our jobs */
 	jobs_step(w);
 	publish(w);
 	run_timers(w, now);

@@ -1,6 +1,7 @@
 /* recover.c: the jobs of this host's dead workers: adopted when they still run, resumed when they were ending, compensated otherwise. */
 #include "worker.h"
 
+#include "cancel.h"
 #include "clock.h"
 #include "log.h"
 #include "psk.h"
@@ -60,6 +61,24 @@ static void take_server(struct job *j, struct job_disk *d, const struct bw_reape
 	}
 }
 
+/*
+ * A cancel recorded for the job while its worker was dead (or racing its death): the job
+ * is ended now rather than adopted (CONTRACT §2.1). True when it was.
+ */
+static bool honour_cancel(struct job *j)
+{
+	char reason[BW_CANCEL_REASON_MAX * 4 + 1];
+	if (bw_ledger_cancel_get(j->w->ledger, j->spec->job_id, reason, sizeof(reason)) != 0)
+		return false;
+	enum bw_job_state was = j->state;
+	if (!job_cancel(j, reason))
+		return false;
+	bw_log_info("job=%s cancel: recorded while its worker was dead: ended by the worker "
+		    "that took it over, in %s",
+		    j->spec->job_id, bw_job_state_name(was));
+	return true;
+}
+
 /* One job of a dead worker, now ours under a new generation. */
 static void take_over(struct worker *w, const struct bw_reaped_job *r)
 {
@@ -101,6 +120,8 @@ static void take_over(struct worker *w, const struct bw_reaped_job *r)
 		     r->previous_owner, bw_job_state_name(r->state),
 		     r->boot_changed ? " (the host rebooted since)" : "");
 
+	if (r->state != BW_JOB_FAILED && honour_cancel(j))
+		return;
 	switch (r->state) {
 	case BW_JOB_FAILED:
 		/* backup.failed was published: finish its compensation where it stopped */

@@ -49,6 +49,7 @@ struct worker {
 	struct bw_http *http;
 	int64_t health_checked_ms;
 	int health_ledger_rc;
+	int64_t last_cancel_check_ms; /* control_step */
 };
 
 /* A disk of a job in memory (the ledger holds the durable copy). */
@@ -172,6 +173,32 @@ void job_fail(struct job *j, enum bw_fail_reason reason, const char *fmt, ...)
  * job's patience and adopts it (every disk still to come has its server) or compensates it.
  */
 void job_adopt(struct job *j);
+
+/*
+ * A backup.cancel for a job of this worker (CONTRACT §2.1): backup.failed with reason
+ * cancelled and the reason (bounded, escaped) in its message, then the compensation of
+ * any failure (the SNA's cleanup call once the start may have been accepted). Returns
+ * false, changing nothing, when the job is already ending (failed, or every disk completed),
+ * ended or handed over.
+ */
+bool job_cancel(struct job *j, const char *reason);
+
+/* ---- control.c: backup.cancel ---- */
+
+/*
+ * Handles one delivery of the worker's own backup.control queue: an invalid cancel is
+ * logged and dropped; a valid one ends this worker's job (job_cancel), or is recorded in
+ * the host's ledger (bw_ledger_cancel_record). Returns 0 (ack: also after an invalid
+ * one) or a transient ledger error (give it back).
+ */
+int control_receive(struct worker *w, const struct bw_delivery *d);
+
+/*
+ * Ends the jobs of this worker for which the ledger holds a cancel (recorded by another
+ * worker of the host, or before a dead owner's job was adopted), at most once per
+ * CANCEL_CHECK_MS.
+ */
+void control_step(struct worker *w, int64_t now);
 
 /* Fault injection for the crash tests (BW_CRASH_AT, see job.c). */
 void crash_point(const char *point, size_t index);

@@ -228,6 +228,75 @@ static void test_rejected_goes_to_dlq_with_x_death(void **state)
 	assert_int_equal(system(cmd), 0);
 }
 
+/* The next delivery: its body must be want and its source src; acked. */
+static void expect_delivery(struct bw_amqp *c, const char *want, enum bw_amqp_source src)
+{
+	struct bw_delivery d;
+	assert_true(next_delivery(c, &d, 5000));
+	print_message("delivery %s from consumer %d\n", d.body, (int)d.source);
+	assert_string_equal(d.body, want);
+	assert_int_equal(d.source, src);
+	assert_int_equal(bw_amqp_ack(c, &d), 0);
+	bw_delivery_free(&d);
+}
+
+/* backup.control next to backup.start: each delivery says its consumer, in every order, and
+ * the control queue comes back after the broker closed the channel (its auto-delete queue
+ * went with it). */
+static void test_control_consumer_tagged_and_back_after_channel_close(void **state)
+{
+	(void)state;
+	char names[5][64], err[512], control[64];
+	struct bw_amqp_topology t = topo("t14", names);
+	snprintf(control, sizeof(control), "t14.control");
+	struct bw_amqp *pub = connect_ok("test-control-pub");
+	struct bw_amqp *con = connect_ok("test-control-con");
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(pub, err, sizeof(err)), 0);
+	/* amqp.declare = false: the exchange is only checked, and it is not there */
+	assert_int_equal(bw_amqp_consume_control(con, control, true, err, sizeof(err)), BW_ECONFIG);
+	print_message("passive: %s\n", err);
+	assert_non_null(strstr(err, "NOT_FOUND"));
+	/* declared (fanout, durable), then checked */
+	assert_int_equal(bw_amqp_consume_control(con, control, false, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_consume_control(con, control, false, err, sizeof(err)), 0);
+	struct bw_amqp *chk = connect_ok("test-control-check");
+	assert_int_equal(bw_amqp_consume_control(chk, control, true, err, sizeof(err)), 0);
+	bw_amqp_close(chk);
+	assert_int_equal(bw_amqp_consume(con, t.queue, 4, err, sizeof(err)), 0);
+	struct confirms s = {0, 0, ""};
+	publish(pub, t.jobs_exchange, "backup.start", "s1", "S1");
+	settle_all(pub, &s);
+	publish(pub, control, "", "c1", "C1");
+	settle_all(pub, &s);
+	publish(pub, t.jobs_exchange, "backup.start", "s2", "S2");
+	settle_all(pub, &s);
+	assert_int_equal(s.ok, 3);
+	expect_delivery(con, "S1", BW_AMQP_FROM_START);
+	expect_delivery(con, "C1", BW_AMQP_FROM_CONTROL);
+	expect_delivery(con, "S2", BW_AMQP_FROM_START);
+
+	/* an ack of a tag never delivered: the broker closes the channel (406) */
+	struct bw_delivery bogus = {.tag = 999999, .channel_epoch = bw_amqp_channel_epoch(con)};
+	assert_int_equal(bw_amqp_ack(con, &bogus), 0);
+	struct bw_delivery d;
+	assert_false(next_delivery(con, &d, 500)); /* channel reopened, consumers registered */
+	publish(pub, control, "", "c2", "C2");
+	settle_all(pub, &s);
+	publish(pub, t.jobs_exchange, "backup.start", "s3", "S3");
+	settle_all(pub, &s);
+	assert_int_equal(s.ok, 5);
+	assert_int_equal(s.failed, 0);
+	expect_delivery(con, "C2", BW_AMQP_FROM_CONTROL);
+	expect_delivery(con, "S3", BW_AMQP_FROM_START);
+	/* one control queue bound, the first one gone with its channel */
+	assert_int_equal(ctl("list_bindings source_name destination_name | grep -c '^t14.control[[:space:]]' | "
+			     "grep -qx 1"),
+			 0);
+	bw_amqp_close(con);
+	bw_amqp_close(pub);
+}
+
 static void test_unroutable_event_is_not_confirmed(void **state)
 {
 	(void)state;
@@ -761,6 +830,7 @@ int main(void)
 		cmocka_unit_test(test_publish_consume_ack_nothing_redelivered),
 		cmocka_unit_test(test_rejected_goes_to_dlq_with_x_death),
 		cmocka_unit_test(test_unroutable_event_is_not_confirmed),
+		cmocka_unit_test(test_control_consumer_tagged_and_back_after_channel_close),
 		cmocka_unit_test(test_connection_closed_by_operator_is_reported),
 		cmocka_unit_test(test_queue_deleted_consumer_comes_back),
 		cmocka_unit_test(test_bad_credentials_and_port),
