@@ -228,6 +228,8 @@ check "one epmd holds the $N node names" [ "$names" = "bw-${PORT[1]} bw-${PORT[2
 for ((i = 2; i <= N; i++)); do
     check "node $i has no epmd of its own (nothing on $((PORT[i] + 21000)))" bash -c '! ss -Hltn "sport = :$1" | grep -q .' _ $((PORT[i] + 21000))
 done
+tick=$("$BROKER" ctl "$DIR/node1" -q eval 'net_kernel:get_net_ticktime().' 2>&1 || true)
+check "cluster nodes run with net_ticktime 10 (got '$tick')" [ "$tick" = 10 ]
 cookies=$(cat "$DIR"/node*/home/.erlang.cookie | sort -u | wc -l)
 check "one cookie for every node" [ "$cookies" -eq 1 ]
 status=$("$BROKER" cluster status "$DIR" 2>&1) && rc=0 || rc=$?
@@ -298,13 +300,14 @@ check "node $L is a quorum member again (follower or leader)" \
 
 F=$N   # freeze the last node
 out=$("$BROKER" cluster node freeze "$DIR" "$F" 2>&1) && rc=0 || rc=$?
-echo "# $out"
+echo "# $out at $(date -u +%T.%N | cut -c1-12)"
 t0=$(now_ms)
 check "node freeze $F: exit 0" [ "$rc" -eq 0 ]
 check "status says node $F is frozen" bash -c '"$1" cluster status "$2" | grep -q "^node $3: running .* frozen"' _ "$BROKER" "$DIR" "$F"
 check "a frozen node opens no AMQP connection (3 s)" $AMQP unreachable "${URL[F]}" 3
 check "its peers drop it from cluster_status (net_ticktime)" wait_running 1 $((N - 1)) 60
-echo "# peers dropped the frozen node $(secs_since "$t0")s after SIGSTOP"
+echo "# node 1's cluster_status dropped the frozen node $(secs_since "$t0")s after SIGSTOP; node 1's log:"
+grep -h "${NAME[F]}.*\(down\|net_tick\)" "$DIR/node1/log/${NAME[1]}.log" | head -n 2 | cut -c1-160 | sed 's/^/#   /' || true
 check "the cluster keeps working without it (publish to node 1, get from node 2)" \
     bash -c 'c=$($1 publish "$2" "$4" 10 f) && [ "$c" = 10 ] && $1 drain "$3" "$4" 10 >"$5" && [ "$(grep -c . "$5")" = 10 ]' \
     _ "$AMQP" "${URL[1]}" "${URL[2]}" "$QUEUE" "$TMPROOT/frozen"
