@@ -60,6 +60,7 @@ class Result:
         for c in COLUMNS:
             setattr(self, c, 0)
         self.details = []  # one line per anomaly, "column: job: what"
+        self.images_compared = 0
 
     @property
     def ok(self):
@@ -163,6 +164,7 @@ def check(history, compare=qemu_img_compare):
                 r.note("images_bad", jid, f"disk {key}: {len(paths)} images reported completed {sorted(map(str, paths))}")
                 continue
             why = compare(d["path"], next(iter(paths)))
+            r.images_compared += 1
             if why:
                 r.images_bad += 1
                 r.note("images_bad", jid, f"disk {key}: {why}")
