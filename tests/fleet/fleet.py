@@ -93,6 +93,7 @@ class Proxy:
         self.pairs = set()       # _Pair
         self.holes = set()       # blackholed client writers
         self.connects = []
+        self.blackholed = 0      # connections accepted and blackholed while cut
         self.server = hub.call(asyncio.start_server(self._serve, listen_host, 0))
         self.host, self.port = self.server.sockets[0].getsockname()[:2]
 
@@ -102,6 +103,7 @@ class Proxy:
 
     async def _serve(self, reader, writer):
         if self.state == "cut":
+            self.blackholed += 1
             self.holes.add(writer)
             try:
                 while await reader.read(65536):

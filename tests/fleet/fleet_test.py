@@ -146,7 +146,9 @@ def partition(run, tag, cut_s):
     times = {}
 
     def fault():
-        victims = wait_for(lambda: transferring(run, a.name), 60)
+        # two of A's jobs transferring if that comes within 20 s, else one
+        victims = wait_for(lambda: len(transferring(run, a.name)) >= 2 and transferring(run, a.name), 20) \
+            or wait_for(lambda: transferring(run, a.name), 40)
         if not victims:
             raise RuntimeError("host-a never had a transferring job to cut")
         times["victims"] = victims
@@ -155,6 +157,7 @@ def partition(run, tag, cut_s):
         F.log(f"{a.name} cut from the broker ({len(victims)} of its jobs transferring) for {cut_s} s")
         time.sleep(cut_s)
         times["heal"] = time.time()
+        times["blackholed"] = sum(p.blackholed for p in a.proxies)
         a.heal()
         F.log(f"{a.name} healed")
 
@@ -195,7 +198,9 @@ def partition(run, tag, cut_s):
         f"ended during the {cut_s} s cut (by occurred_at); {late} events written before the heal arrived "
         f"after it; its first event arrived "
         f"{(min(after) - heal) if after else float('nan'):.1f} s after the heal, its last terminal "
-        f"{(max(term_a) - heal) if term_a else float('nan'):.1f} s after the heal")
+        f"{(max(term_a) - heal) if term_a else float('nan'):.1f} s after the heal; its workers opened "
+        f"{times['blackholed']} connections into the cut (each can hold a worker's loop for the "
+        f"AMQP handshake timeout)")
     return r
 
 
