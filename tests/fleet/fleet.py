@@ -244,7 +244,12 @@ class Host:
         return [f"{self.name}-{i + 1}" for i in range(self.n_workers)]
 
     def amqp_url(self):
-        return ",".join(f"amqp://guest:guest@{p.host}:{p.port}" for p in self.proxies)
+        """Every node's proxy; with BW_FLEET_AMQP_NODES=one only node (index mod N) + 1's (a dry
+        run of the cluster cases for a worker that does not read an amqp.url list yet)."""
+        proxies = self.proxies
+        if os.environ.get("BW_FLEET_AMQP_NODES") == "one":
+            proxies = [proxies[self.index % len(proxies)]]
+        return ",".join(f"amqp://guest:guest@{p.host}:{p.port}" for p in proxies)
 
     def config(self, wid):
         keys = {

@@ -19,6 +19,10 @@ Every case: lost 0, duplicated starts 0, contradicting 0, seq gaps 0, unexpected
 bad 0 (checker.py), and its own conditions; failover s where a fault happens: from the fault
 (or the heal) to the first event of an affected host that arrives after it.
 No CASE: all of them; --short: steady and partition, with fewer jobs (ctest's form).
+
+Environment: BW_FLEET_BROKER_SCRIPT another scripts/broker (one with "cluster"), BW_FLEET_AMQP_NODES=one
+each host's amqp.url names one node (a worker without amqp.url failover), BW_FLEET_KEEP=1 keeps
+the tmp dir of a failed case.
 """
 import os
 import sys
