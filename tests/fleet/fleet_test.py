@@ -11,8 +11,8 @@ Cases on one broker (the private one of tests/with-broker, BW_TEST_AMQP_URL):
   cut_long    host A cut for longer than its SNA patience (sna.max_attempts x (timeout_s +
               backoff_cap_s)): the same, over a longer silence
 Cases on a 3-node cluster (`scripts/broker cluster`; skipped while it does not exist):
-  node_kill     the node most workers are on, SIGKILLed
-  leader_kill   the node leading the backup.start quorum queue, SIGKILLed
+  node_kill     the node most workers are on, SIGKILLed (started again 30 s later)
+  leader_kill   the node leading the backup.start quorum queue, SIGKILLed (the same)
   node_freeze   the node most workers are on, SIGSTOPped past the heartbeat, then thawed
   node_restart  the node most workers are on, stopped and started again
 Every case: lost 0, duplicated starts 0, contradicting 0, seq gaps 0, unexpected 0, images
@@ -286,8 +286,12 @@ def cluster_case(run, tag, choose, fault, heal=None, hold=0):
     return r
 
 
+KILLED_FOR_S = 30          # a SIGKILLed node is started again after this (failover must come first)
+
+
 def case_node_kill(run):
-    return cluster_case(run, "nodekill", busiest, lambda c, i: c.node("kill", i))
+    return cluster_case(run, "nodekill", busiest, lambda c, i: c.node("kill", i),
+                        heal=lambda c, i: c.node("start", i), hold=KILLED_FOR_S)
 
 
 def case_leader_kill(run):
@@ -295,8 +299,13 @@ def case_leader_kill(run):
         node = r.broker.leader("backup.start")
         if node is None:
             raise RuntimeError("could not find the leader of backup.start")
-        return node, [h for h in r.fleet.hosts if h.links()[node] > 0], {}
-    return cluster_case(run, "leaderkill", leader, lambda c, i: c.node("kill", i))
+        links = {}
+        for h in r.fleet.hosts:
+            for i, k in h.links().items():
+                links[i] = links.get(i, 0) + k
+        return node, [h for h in r.fleet.hosts if h.links()[node] > 0], links
+    return cluster_case(run, "leaderkill", leader, lambda c, i: c.node("kill", i),
+                        heal=lambda c, i: c.node("start", i), hold=KILLED_FOR_S)
 
 
 def case_node_freeze(run):
