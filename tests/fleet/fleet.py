@@ -83,17 +83,18 @@ class Proxy:
     connection with a reset and then blackholes new ones (accepted, read, never answered, so
     a client waits as it would for a partitioned peer); cut(drop=True) instead keeps the
     existing connections open and silently drops their bytes both ways (a peer that went
-    quiet: only heartbeats find it). heal() ends the blackholed connections and relays again.
+    quiet: only heartbeats find it); cut(refuse=True) resets new connections at once. heal() ends the blackholed connections and relays again.
     connects: the times (time.time()) of every relayed connection established upstream."""
 
     def __init__(self, hub, listen_host, upstream_host, upstream_port, name=""):
         self.hub, self.upstream = hub, (upstream_host, upstream_port)
         self.name = name or f"{listen_host}->{upstream_port}"
         self.state = "open"
+        self.refuse = False      # while cut: new connections reset at once instead of blackholed
         self.pairs = set()       # _Pair
         self.holes = set()       # blackholed client writers
         self.connects = []
-        self.blackholed = 0      # connections accepted and blackholed while cut
+        self.blackholed = 0      # connections accepted while cut (blackholed or reset)
         self.server = hub.call(asyncio.start_server(self._serve, listen_host, 0))
         self.host, self.port = self.server.sockets[0].getsockname()[:2]
 
@@ -102,6 +103,10 @@ class Proxy:
         return len(self.pairs)
 
     async def _serve(self, reader, writer):
+        if self.state == "cut" and self.refuse:
+            self.blackholed += 1
+            writer.transport.abort()
+            return
         if self.state == "cut":
             self.blackholed += 1
             self.holes.add(writer)
@@ -143,8 +148,8 @@ class Proxy:
         finally:
             pair.abort()
 
-    async def _cut(self, drop):
-        self.state = "cut"
+    async def _cut(self, drop, refuse=False):
+        self.state, self.refuse = "cut", refuse
         for pair in list(self.pairs):
             if drop:
                 pair.drop = True
@@ -165,8 +170,8 @@ class Proxy:
         for w in list(self.holes):
             w.transport.abort()
 
-    def cut(self, drop=False):
-        self.hub.call(self._cut(drop))
+    def cut(self, drop=False, refuse=False):
+        self.hub.call(self._cut(drop, refuse))
 
     def heal(self):
         self.hub.call(self._heal())
@@ -306,10 +311,11 @@ class Host:
                 codes[wid] = "killed"
         return codes
 
-    def cut(self, drop=False):
-        """Partitions this host from every broker node."""
+    def cut(self, drop=False, refuse=False):
+        """Partitions this host from every broker node (Proxy.cut; refuse: new connections are
+        reset at once, as by a host whose broker is down, instead of blackholed)."""
         for p in self.proxies:
-            p.cut(drop)
+            p.cut(drop, refuse)
 
     def heal(self):
         for p in self.proxies:

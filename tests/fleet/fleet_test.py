@@ -8,6 +8,7 @@ Cases on one broker (the private one of tests/with-broker, BW_TEST_AMQP_URL):
   steady      two hosts, two workers each, a steady stream of small VMs: all complete
   partition   host A cut from the broker for 30 s while its jobs transfer: they finish (the
               SNA writes over NBD, which is not cut) and their events arrive after the heal
+  partition_refused  the same, but host A's new connections are reset at once (not blackholed)
   cut_long    host A cut for longer than its SNA patience (sna.max_attempts x (timeout_s +
               backoff_cap_s)): the same, over a longer silence
 Cases on a 3-node cluster (`scripts/broker cluster`; skipped while it does not exist):
@@ -139,7 +140,7 @@ def case_steady(run):
     return r
 
 
-def partition(run, tag, cut_s):
+def partition(run, tag, cut_s, refuse=False):
     """Host A cut from the broker for cut_s while a job of its transfers; its jobs finish meanwhile
     and their events arrive after the heal."""
     n, rate = (14, 1.0) if run.short else (24, 1.0)
@@ -157,8 +158,8 @@ def partition(run, tag, cut_s):
             raise RuntimeError("host-a never had a transferring job to cut")
         times["victims"] = victims
         times["cut"] = time.time()
-        a.cut()
-        F.log(f"{a.name} cut from the broker ({len(victims)} of its jobs transferring) for {cut_s} s")
+        a.cut(refuse=refuse)
+        F.log(f"{a.name} cut from the broker{' (connections refused)' if refuse else ''} ({len(victims)} of its jobs transferring) for {cut_s} s")
         time.sleep(cut_s)
         times["heal"] = time.time()
         times["blackholed"] = sum(p.blackholed for p in a.proxies)
@@ -219,6 +220,10 @@ def last_terminal_at(fl, job_ids):
 
 def case_partition(run):
     return partition(run, "partition", 30)
+
+
+def case_partition_refused(run):
+    return partition(run, "partrefused", 30, refuse=True)
 
 
 def case_cut_long(run):
@@ -322,6 +327,7 @@ def case_node_restart(run):
 CASES = {
     "steady": (case_steady, False, True),
     "partition": (case_partition, False, True),
+    "partition_refused": (case_partition_refused, False, False),
     "cut_long": (case_cut_long, False, False),
     "node_kill": (case_node_kill, True, False),
     "leader_kill": (case_leader_kill, True, False),
