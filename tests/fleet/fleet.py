@@ -493,13 +493,15 @@ class Publisher:
         raise RuntimeError(f"publisher: no broker node answers: {last}")
 
     def move_off(self, node):
+        """Stops using node (0-based): the next publish reconnects elsewhere (any thread may
+        call this; only the publishing thread touches the connection)."""
         self.avoid.add(node)
-        if self.node == node:
-            self.close()
 
     def publish(self, msg, routing_key="backup.start", timeout=30):
         body = json.dumps(msg).encode()
         end = time.time() + timeout
+        if self.conn is not None and self.node in self.avoid:
+            self.close()
         while True:
             if self.conn is None or not self.conn.is_open:
                 self._open()
@@ -522,13 +524,6 @@ class Publisher:
             except Exception:  # noqa: BLE001 - the connection went: no answer
                 self.close()
                 return "info"
-
-    def keepalive(self):
-        try:
-            if self.conn is not None and self.conn.is_open:
-                self.conn.process_data_events(0)
-        except Exception:  # noqa: BLE001
-            self.close()
 
     def close(self):
         try:

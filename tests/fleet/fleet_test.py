@@ -288,6 +288,13 @@ def cluster_case(run, tag, choose, fault, heal=None, hold=0):
                          f"{round(min(reconnect) - t0, 1) if reconnect else None} s after it")
         if not after:
             run.failures.append(f"no event of {times['hosts']} after the fault")
+        elif "heal" in times and min(after) >= times["heal"]:
+            why = (f"{times['hosts']} resumed only once node {times['node']} was back "
+                   f"({min(after) - times['heal']:.1f} s after): no failover")
+            if os.environ.get("BW_FLEET_AMQP_NODES") == "one":
+                run.notes.append(why + " (expected: BW_FLEET_AMQP_NODES=one)")
+            else:
+                run.failures.append(why)
     return r
 
 
