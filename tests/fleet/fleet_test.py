@@ -350,7 +350,11 @@ def run_case(name, worker, ctl, short, single):
         ok, why = F.cluster_available()
         if not ok:
             raise Skip(why)
-        broker = F.Cluster(3)
+        try:
+            broker = F.Cluster(3)
+        except Exception as e:  # noqa: BLE001 - the case fails, the others still run
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            return False, (name, checker.Result(), None)
     run = Run(worker, ctl, short, broker)
     r = None
     t0 = time.time()
