@@ -559,7 +559,8 @@ def cluster_available():
     finally:
         shutil.rmtree(probe, ignore_errors=True)
     if "unknown command" in (r.stdout + r.stderr) or r.returncode == 2:
-        return False, f"{broker_script()} has no 'cluster' command yet: {(r.stderr or r.stdout).strip()[:120]}"
+        first = ((r.stderr or r.stdout).strip().splitlines() or [""])[0]
+        return False, f"{broker_script()} has no 'cluster' command yet ({first[:100]})"
     return True, ""
 
 
