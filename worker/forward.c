@@ -169,6 +169,7 @@ static void send(struct worker *w, struct forward *f, int64_t now)
 	f->seq = seq;
 	f->publisher_connects = w->publisher.connects;
 	f->sent_ms = now;
+	crash_point("forwarded", 0); /* published, not confirmed: the original is unacked */
 }
 
 /*
