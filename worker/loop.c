@@ -228,21 +228,22 @@ static void publish(struct worker *w)
 {
 	char err[512];
 	bool fresh;
+	int rc = 0;
 	if (w->publisher.c == NULL) {
-		int rc = bw_amqp_link_up(&w->publisher, &fresh, err, sizeof(err));
-		if (rc != 0) {
-			if (rc == BW_ECONFIG)
-				bw_log_warnx("publisher: %s", err);
-			return;
+		rc = bw_amqp_link_up(&w->publisher, &fresh, err, sizeof(err));
+		if (rc == BW_ECONFIG)
+			bw_log_warnx("publisher: %s", err);
+		if (rc == 0) {
+			bw_relay_reset(w->relay);
+			bw_log_info("publisher connected");
 		}
-		bw_relay_reset(w->relay);
-		bw_log_info("publisher connected");
 	}
-	if (bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
+	if (rc == 0 && bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
 		bw_log_warnx("publisher: %s; reconnecting", err);
 		bw_amqp_link_lost(&w->publisher, err);
 		forward_lost(w);
 	}
+	/* also while the publisher is down: forwards whose original went back are dropped */
 	if (forward_step(w) == BW_EAMQP && w->publisher.c) {
 		bw_log_warnx("publisher: no confirm of a forward in time; reconnecting");
 		bw_amqp_link_lost(&w->publisher, "no confirm of a forward in time");
