@@ -15,6 +15,9 @@ Cases:
 - cut_before_confirm: host-a's only worker is SIGKILLed (BW_CRASH_AT=forwarded) between the
   forward's publish and its confirm: the original comes back from backup.start, is forwarded
   again by the next worker and ends on host-b once (one SNA start, nothing in the DLQ).
+- alarm_cut_before_confirm: a resource alarm (disk free limit) blocks host-a's publisher under
+  a forward; the worker drops that connection when no confirm came in 30 s: nothing acked,
+  published again after the alarm, ends on host-b once.
 - passive_check: amqp.declare = false on a host with repo-c: a start-up error naming
   backup.start.repo.repo-c until the queue exists, then the worker consumes.
 """
@@ -321,6 +324,49 @@ def case_cut_before_confirm(env, failures):
     leftovers(env, failures)
 
 
+def broker_ctl(*args):
+    return subprocess.run([e2e.BROKER, "ctl", e2e.BROKER_DIR, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def case_alarm_cut_before_confirm(env, failures):
+    """A resource alarm blocks the publisher connection under a forward (published, never
+    confirmed) until the worker gives up on the confirm (30 s) and drops that connection: the
+    original is still unacked, published again on a new connection once the alarm is over,
+    acked then, and ends on host-b once."""
+    setup_vm(env)
+    declare_b(env)
+    env.publish(job("pl-alarm-b", "repo-b"))  # waits in backup.start: no worker consumes it yet
+    if broker_ctl("-q", "set_disk_free_limit", "100000GB").returncode != 0:
+        failures.append("alarm: set_disk_free_limit failed")
+        return
+    try:
+        env.start_host_worker("a", "wa-alarm")
+        env.wait_for("the forward cut before its confirm",
+                     lambda: "no confirm of a forward in time" in env.log("wa-alarm"), timeout=60)
+        time.sleep(1)
+        if "forwarded a backup.start" in env.log("wa-alarm"):
+            failures.append("alarm: acked before a confirm")
+        if (env.queue_depth("backup.start.repo.repo-b") or 0) != 0:
+            failures.append("alarm: the forward was routed although its connection was blocked")
+    finally:
+        broker_ctl("-q", "set_disk_free_limit", "1MB")
+    env.wait_for("the forward after the alarm", lambda: "forwarded a backup.start" in env.log("wa-alarm"),
+                 timeout=60)
+    env.start_host_worker("b", "wb1")
+    ends_on(env, "pl-alarm-b", "b", failures)
+    fw = env.forwarded("wa-alarm")
+    print(f"     wa-alarm forwards: {fw}")
+    if fw.get("routed") != 1 or fw.get("failed", 0) < 1:
+        failures.append(f"alarm: wa-alarm bw_forwarded_messages_total {fw} (want routed 1, failed >= 1)")
+    m, _, b = dlq_get(env)
+    if m is not None:
+        failures.append(f"alarm: something in the DLQ: {b[:100]}")
+    if env.stop_worker("wa-alarm") != 0 or env.stop_worker("wb1") != 0:
+        failures.append("a worker did not exit 0")
+    leftovers(env, failures)
+
+
 def case_passive_check(env, failures):
     env.start_host_worker("a", "wa1")  # the rest of the topology exists
     env.wait_consuming("wa1")
@@ -352,7 +398,8 @@ def case_passive_check(env, failures):
 
 
 CASES = {"forwarded_and_rejected": case_forwarded_and_rejected, "mixed_stream": case_mixed_stream,
-         "cut_before_confirm": case_cut_before_confirm, "passive_check": case_passive_check}
+         "cut_before_confirm": case_cut_before_confirm,
+         "alarm_cut_before_confirm": case_alarm_cut_before_confirm, "passive_check": case_passive_check}
 
 
 if __name__ == "__main__":
