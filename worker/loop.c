@@ -123,7 +123,8 @@ static void handle_delivery(struct worker *w, struct bw_delivery *d)
 	if (d->source != BW_AMQP_FROM_START && d->source != BW_AMQP_FROM_REPO) {
 		/* never taken for a backup.start: consumer tags are ours */
 		bw_log_warnx("a delivery of an unknown consumer: given back");
-		delivery_settle(w, d, BW_EBUSY);
+		if (bw_amqp_requeue(w->consumer.c, d) == BW_EAMQP)
+			bw_amqp_link_down(&w->consumer);
 		return;
 	}
 	char *to = NULL;
