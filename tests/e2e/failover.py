@@ -34,13 +34,13 @@ WORKER = "f1"
 MOVE_S = 45
 
 
-def free_broker_port():
-    """An AMQP port in 13000-13600 whose distribution (+20000) and epmd (+21000) ports are free
-    too (tests/with-broker's approach)."""
+def free_broker_port(n=1):
+    """An AMQP port in 13000-13600 such that it and the n - 1 after it, with their distribution
+    (+20000) and epmd (+21000) ports, are free (tests/with-broker's approach)."""
     for _ in range(100):
         p = 13000 + int.from_bytes(os.urandom(2), "big") % 600
         ok = True
-        for q in (p, p + 20000, p + 21000):
+        for q in [q + d for q in range(p, p + n) for d in (0, 20000, 21000)]:
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", q))
@@ -308,15 +308,120 @@ def case_healthz_names_the_node(env, failures):
 CASES = {"move_and_back": case_move_and_back, "healthz_names_the_node": case_healthz_names_the_node}
 
 
+# ---- a real cluster (BW_E2E_CLUSTER=N: scripts/broker cluster) ------------------------------
+
+class ClusterEnv(Env):
+    """N nodes of one cluster (scripts/broker cluster start), amqp.url listing them all;
+    tests/with-broker's own broker is not used. e2e.events is a quorum queue here, so that
+    it outlives any one node."""
+
+    def __init__(self, worker, ctl, n):
+        self.c_dir = tempfile.mkdtemp(prefix="bw-cluster.")
+        port = free_broker_port(n)
+        t0 = time.time()
+        r = subprocess.run([e2e.BROKER, "cluster", "start", self.c_dir, str(n), str(port)],
+                           capture_output=True, text=True, timeout=400)
+        if r.returncode != 0:
+            subprocess.run([e2e.BROKER, "cluster", "stop", self.c_dir], capture_output=True, timeout=300)
+            raise AssertionError(f"cluster start: {r.stdout[-500:]} {r.stderr[-1000:]}")
+        print(f"     cluster of {n} nodes on ports {port}-{port + n - 1} up in {time.time() - t0:.0f} s")
+        self.nodes = {str(i + 1): {"url": f"amqp://guest:guest@127.0.0.1:{port + i}", "port": port + i}
+                      for i in range(n)}
+        self.conns, self.seen_on = {}, {}
+        metrics.Env.__init__(self, worker, ctl)
+
+    def connect(self):
+        for name in self.nodes:
+            try:
+                self.connect_node(name)
+            except Exception:
+                pass
+        self.conn, self.ch = next(iter(self.conns.values()))
+
+    def connect_node(self, name):
+        conn = pika.BlockingConnection(pika.URLParameters(self.nodes[name]["url"]))
+        ch = conn.channel()
+        ch.exchange_declare("backup.events", "topic", durable=True)
+        ch.queue_declare("e2e.events", durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind("e2e.events", "backup.events", "#")
+        self.conns[name] = (conn, ch)
+
+    def node(self, op, name):
+        subprocess.run([e2e.BROKER, "cluster", "node", op, self.c_dir, name], check=True,
+                       capture_output=True, timeout=300)
+        if op in ("kill", "stop"):
+            self.conns.pop(name, None)
+
+    def close(self, keep_tmp=False):
+        metrics.Env.close(self, keep_tmp)
+        for _, (conn, _) in list(self.conns.items()):
+            try:
+                conn.close()
+            except Exception:
+                pass
+        subprocess.run([e2e.BROKER, "cluster", "stop", self.c_dir], capture_output=True, timeout=300)
+        if not keep_tmp:
+            subprocess.run(["rm", "-rf", self.c_dir])
+
+
+def case_cluster_node_killed(env, failures):
+    """A job transferring while the node the worker publishes on is SIGKILLed: both links
+    end on surviving nodes, the job completes and every event arrives (lost 0, no seq gap),
+    a new job runs; the failover time is printed."""
+    on, _ = where(env, failures, "start")
+    x = node_of(env, on["publisher"])
+    other = next(n for n in env.nodes if n != x)
+    print(f"     publisher on node {x} ({on['publisher']}), consumer on node "
+          f"{node_of(env, on['consumer'])}; node {x} gets SIGKILL")
+    run_job(env, failures, other, "cl-1", slow=1 * MiB)
+    end = time.time() + 60
+    while time.time() < end and not any(e["event"] == "backup.progress" for e in env.job_events("cl-1")):
+        env.drain_events(0.2)
+    t0 = time.time()
+    env.node("kill", x)
+    killed = f"127.0.0.1:{env.nodes[x]['port']}"
+    moved = None
+    while time.time() - t0 < MOVE_S:
+        st = metrics.http(env, "/healthz")[0]
+        now, _ = where(env, failures, "after the kill")
+        if st == 200 and len(now) == 2 and killed not in now.values():
+            moved = time.time() - t0
+            break
+        time.sleep(0.1)
+    if moved is None:
+        failures.append(f"links not on surviving nodes within {MOVE_S} s: {where(env, failures, 'end')[0]}")
+        return
+    print(f"     failover after SIGKILL of node {x}: {moved:.1f} s; now {now}")
+    run_job(env, failures, other, "cl-2")
+    lost = 0
+    for jid in ("cl-1", "cl-2"):
+        try:
+            got = env.wait_terminal(jid, 180)
+        except AssertionError as e:
+            got = str(e)
+        if got != "completed":
+            lost += 1
+            failures.append(f"{jid}: {got}")
+        evs = check_events(env, jid, failures)
+        print(f"     {jid}: {len(evs)} events, seq {[e['seq'] for e in evs]}")
+    print(f"     jobs 2, lost {lost}, failover {moved:.1f} s")
+    failures += [f"leftovers: {x}" for x in leftovers(env)]
+
+
+CLUSTER_CASES = {"cluster_node_killed": case_cluster_node_killed}
+
+
 def main():
     worker, ctl = sys.argv[1], sys.argv[2]
-    names = sys.argv[3:] or list(CASES)
+    n = int(os.environ.get("BW_E2E_CLUSTER", "0"))
+    cases = CLUSTER_CASES if n else CASES
+    names = sys.argv[3:] or list(cases)
     results, t0 = {}, time.time()
-    env = Env(worker, ctl)
+    env = ClusterEnv(worker, ctl, n) if n else Env(worker, ctl)
     try:
         env.start_metrics_worker(WORKER)
         env.wait_queue()
-        e2e.run_suite(env, CASES, names, results, workers=())
+        e2e.run_suite(env, cases, names, results, workers=())
         codes = env.stop_workers()
         results["shutdown"] = all(c == 0 for c in codes.values())
         print(f"{'ok  ' if results['shutdown'] else 'FAIL'} shutdown: exit codes {codes}")
