@@ -967,7 +967,8 @@ static int find_nodes(struct bw_amqp_link *link, char *err, size_t errsize)
 	for (size_t off = 0;;) {
 		size_t len = strcspn(list + off, ",");
 		if (n == BW_AMQP_MAX_NODES) {
-			snprintf(err, errsize, "amqp.url lists more than %d nodes", BW_AMQP_MAX_NODES);
+			snprintf(err, errsize, "amqp.url lists more than %d nodes",
+				 BW_AMQP_MAX_NODES);
 			return BW_ECONFIG;
 		}
 		char *url = strndup(list + off, len);
@@ -1143,7 +1144,7 @@ void bw_amqp_link_down(struct bw_amqp_link *link)
 	bw_amqp_close(link->c);
 	link->c = NULL;
 	if (bw_clock_mono_ms() - link->up_since_ms >= LINK_STABLE_MS) {
-		/* it served: the other nodes at once, this one last (a round of one: the backoff) */
+		/* it served: the others at once, this one last (a round of one: the backoff) */
 		new_round(link, on);
 		go_on(link);
 	} else {
