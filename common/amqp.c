@@ -1063,16 +1063,19 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	*fresh = false;
 	if (link->c)
 		return 0;
+	if (link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
+		return BW_EBUSY;
 	if (link->n_nodes == 0) {
 		int rc = find_nodes(link, err, errsize);
 		if (rc != 0) {
+			if (rc == BW_ENOMEM)
+				snprintf(err, errsize, "out of memory");
 			snprintf(link->why, sizeof(link->why), "%s", err);
+			schedule_retry(link); /* read again later, not at every turn of the loop */
 			return rc == BW_ECONFIG ? BW_ECONFIG : BW_EBUSY;
 		}
 		new_round(link, SIZE_MAX);
 	}
-	if (link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
-		return BW_EBUSY;
 
 	size_t i = link->order[link->pos];
 	const struct bw_amqp_node *node = &link->nodes[i];
@@ -1081,6 +1084,7 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	char *url = strndup(link->opts.url + node->off, node->len);
 	if (url == NULL) {
 		snprintf(err, errsize, "out of memory");
+		schedule_retry(link);
 		return BW_EBUSY;
 	}
 	o.url = url;
