@@ -38,7 +38,7 @@ def free_broker_port(n=1):
     """An AMQP port in 13000-13600 such that it and the n - 1 after it, with their distribution
     (+20000) and epmd (+21000) ports, are free (tests/with-broker's approach)."""
     for _ in range(100):
-        p = 13000 + int.from_bytes(os.urandom(2), "big") % 600
+        p = 13000 + int.from_bytes(os.urandom(2), "big") % (601 - n)
         ok = True
         for q in [q + d for q in range(p, p + n) for d in (0, 20000, 21000)]:
             with socket.socket() as s:
