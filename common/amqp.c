@@ -33,11 +33,25 @@
 /* A control queue that cannot be made again (its exchange deleted: the broker closes the
  * channel, and with it the start consumer's) is retried this often, not at every poll. */
 #define CONTROL_RETRY_MS 5000
+/* Per-repository consumers: "bw.repo.<repository_id>"; one that cannot register (its queue
+ * deleted) is retried this often, as the control consumer. */
+#define REPO_TAG_PREFIX "bw.repo."
+/* The header that carries a bw_amqp_publish_message's sequence number, for its return. */
+#define SEQ_HEADER "x-bw-publish-seq"
+
+const char bw_amqp_why_returned[] = "returned unroutable (no binding)";
 
 struct pending_publish {
 	uint64_t seq;
-	char *id;
+	char *id;     /* message id matched by a return; NULL for a publish matched by seq */
 	bool returned;
+};
+
+/* One consumer of bw_amqp_consume_repos. */
+struct repo_consumer {
+	char *queue;
+	char *tag;
+	bool consuming;
 };
 
 /*
@@ -54,6 +68,8 @@ struct inbound {
 	bool redelivered;
 	bool too_large;  /* over max_message_bytes: frames are hashed and dropped */
 	uint64_t size;   /* declared by the content header */
+	char *content_type; /* malloc'd; NULL: absent */
+	char *message_id;
 	uint64_t got;
 	char *body;      /* malloc'd size + 1; NULL when too_large */
 	uint64_t digest; /* FNV-1a 64 of what was dropped so far */
@@ -76,6 +92,9 @@ struct bw_amqp {
 	bool control_passive;     /* the exchange is only checked */
 	bool control_consuming;
 	int64_t control_retry_ms; /* monotonic: the next try after a failed one */
+	struct repo_consumer *repos; /* bw_amqp_consume_repos */
+	size_t n_repos;
+	int64_t repo_retry_ms;
 
 	/* publisher */
 	bool confirms;
@@ -97,6 +116,8 @@ static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *ar
 static void inbound_reset(struct bw_amqp *c)
 {
 	free(c->in.body);
+	free(c->in.content_type);
+	free(c->in.message_id);
 	memset(&c->in, 0, sizeof(c->in));
 }
 
@@ -114,6 +135,8 @@ static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
 	c->channel_epoch++;
 	c->consuming = false;
 	c->control_consuming = false; /* its auto-delete queue went with the channel */
+	for (size_t i = 0; i < c->n_repos; i++)
+		c->repos[i].consuming = false;
 	amqp_channel_open(c->conn, CHANNEL);
 	bool ok_open = amqp_get_rpc_reply(c->conn).reply_type == AMQP_RESPONSE_NORMAL;
 	if (ok_open && c->confirms) {
@@ -380,7 +403,12 @@ void bw_amqp_close(struct bw_amqp *c)
 	free(c->pending);
 	free(c->queue);
 	free(c->control_exchange);
-	free(c->in.body);
+	inbound_reset(c);
+	for (size_t i = 0; i < c->n_repos; i++) {
+		free(c->repos[i].queue);
+		free(c->repos[i].tag);
+	}
+	free(c->repos);
 	free(c);
 }
 
@@ -443,6 +471,40 @@ static int bind_queue(struct bw_amqp *c, const char *q, const char *x, const cha
 	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
 }
 
+int bw_amqp_repo_queue(char *buf, size_t size, const char *q, const char *repository_id)
+{
+	int n = snprintf(buf, size, "%s.repo.%s", q, repository_id);
+	if (n < 0 || (size_t)n >= size || n > BW_AMQP_NAME_MAX)
+		return BW_ERANGE;
+	return 0;
+}
+
+/*
+ * Placement (CONTRACT §2): one quorum queue per repository of this host, with the
+ * arguments of backup.start (qargs: delivery limit, dead-lettering), bound to the jobs
+ * exchange under its own name; passive: only checked, a missing one named in err.
+ */
+static int declare_repo_queues(struct bw_amqp *c, const struct bw_amqp_topology *t,
+			       amqp_table_t qargs, char *err, size_t errsize)
+{
+	char name[BW_AMQP_NAME_MAX + 1];
+	int rc;
+	for (size_t i = 0; i < t->n_repositories; i++) {
+		if (bw_amqp_repo_queue(name, sizeof(name), t->queue, t->repositories[i]) != 0) {
+			snprintf(err, errsize, "queue %s.repo.%s: name longer than %d bytes",
+				 t->queue, t->repositories[i], BW_AMQP_NAME_MAX);
+			return BW_ECONFIG;
+		}
+		if ((rc = queue(c, name, t->passive ? amqp_empty_table : qargs, t->passive, err,
+				errsize)) != 0)
+			return rc;
+		if (!t->passive &&
+		    (rc = bind_queue(c, name, t->jobs_exchange, name, err, errsize)) != 0)
+			return rc;
+	}
+	return 0;
+}
+
 int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *err,
 		    size_t errsize)
 {
@@ -465,7 +527,8 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 	    (rc = queue(c, t->dlq, t->passive ? amqp_empty_table : dtable, t->passive, err,
 			errsize)) != 0 ||
 	    (rc = queue(c, t->queue, t->passive ? amqp_empty_table : qtable, t->passive, err,
-			errsize)) != 0)
+			errsize)) != 0 ||
+	    (rc = declare_repo_queues(c, t, qtable, err, errsize)) != 0)
 		return rc;
 	if (t->passive)
 		return 0;
@@ -488,6 +551,62 @@ static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume", err, errsize);
 	c->consuming = rc == 0;
 	return rc;
+}
+
+/* Registers the per-repository consumers that are not consuming (each with its own qos). */
+static int start_repo_consumers(struct bw_amqp *c, char *err, size_t errsize)
+{
+	int rc;
+	for (size_t i = 0; i < c->n_repos; i++) {
+		struct repo_consumer *r = &c->repos[i];
+		if (r->consuming)
+			continue;
+		amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
+		if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
+			return rc;
+		char what[300];
+		snprintf(what, sizeof(what), "basic.consume (%s)", r->queue);
+		amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(r->queue),
+				   amqp_cstring_bytes(r->tag), 0, 0, 0, amqp_empty_table);
+		if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize)) != 0)
+			return rc;
+		r->consuming = true;
+	}
+	return 0;
+}
+
+int bw_amqp_consume_repos(struct bw_amqp *c, const struct bw_amqp_topology *t, int prefetch,
+			  char *err, size_t errsize)
+{
+	if (c->n_repos > 0) /* registered already: the tags are taken */
+		return start_repo_consumers(c, err, errsize);
+	if (t->n_repositories == 0)
+		return 0;
+	c->repos = calloc(t->n_repositories, sizeof(*c->repos));
+	if (c->repos == NULL)
+		return BW_ENOMEM;
+	for (size_t i = 0; i < t->n_repositories; i++) {
+		struct repo_consumer *r = &c->repos[c->n_repos];
+		char name[BW_AMQP_NAME_MAX + 1];
+		if (bw_amqp_repo_queue(name, sizeof(name), t->queue, t->repositories[i]) != 0) {
+			snprintf(err, errsize, "queue %s.repo.%s: name longer than %d bytes",
+				 t->queue, t->repositories[i], BW_AMQP_NAME_MAX);
+			return BW_ERANGE;
+		}
+		size_t tlen = strlen(REPO_TAG_PREFIX) + strlen(t->repositories[i]) + 1;
+		r->queue = strdup(name);
+		r->tag = malloc(tlen);
+		if (r->queue == NULL || r->tag == NULL) {
+			free(r->queue);
+			free(r->tag);
+			return BW_ENOMEM;
+		}
+		snprintf(r->tag, tlen, "%s%s", REPO_TAG_PREFIX, t->repositories[i]);
+		c->n_repos++;
+	}
+	if (c->prefetch == 0)
+		c->prefetch = prefetch;
+	return start_repo_consumers(c, err, errsize);
 }
 
 int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, size_t errsize)
@@ -548,6 +667,25 @@ int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, bool p
 	return start_control(c, err, errsize);
 }
 
+/* The per-repository consumers go with the start consumer: cancelled, forgotten. */
+static int stop_repo_consumers(struct bw_amqp *c, char *err, size_t errsize)
+{
+	int rc = 0;
+	for (size_t i = 0; i < c->n_repos; i++) {
+		struct repo_consumer *r = &c->repos[i];
+		if (r->consuming && rc == 0 && !c->lost) {
+			amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(r->tag));
+			rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+		}
+		free(r->queue);
+		free(r->tag);
+	}
+	free(c->repos);
+	c->repos = NULL;
+	c->n_repos = 0;
+	return rc;
+}
+
 int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 {
 	bool was = c->consuming;
@@ -556,10 +694,12 @@ int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 	c->consuming = false;
 	if (c->lost)
 		return BW_EAMQP;
-	if (!was)
-		return 0;
-	amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(START_TAG));
-	return reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+	int rc = 0;
+	if (was) {
+		amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(START_TAG));
+		rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+	}
+	return rc == 0 ? stop_repo_consumers(c, err, errsize) : rc;
 }
 
 /* The consumer a basic.deliver or basic.cancel names. */
@@ -569,6 +709,9 @@ static enum bw_amqp_source source_of(amqp_bytes_t tag)
 		return BW_AMQP_FROM_START;
 	if (tag.len == strlen(CONTROL_TAG) && memcmp(tag.bytes, CONTROL_TAG, tag.len) == 0)
 		return BW_AMQP_FROM_CONTROL;
+	if (tag.len > strlen(REPO_TAG_PREFIX) &&
+	    memcmp(tag.bytes, REPO_TAG_PREFIX, strlen(REPO_TAG_PREFIX)) == 0)
+		return BW_AMQP_FROM_REPO;
 	return BW_AMQP_FROM_UNKNOWN;
 }
 
@@ -580,7 +723,11 @@ void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes)
 void bw_delivery_free(struct bw_delivery *d)
 {
 	free(d->body);
+	free(d->content_type);
+	free(d->message_id);
 	d->body = NULL;
+	d->content_type = NULL;
+	d->message_id = NULL;
 }
 
 /* A frame other than a delivery: answer it as the protocol wants. */
@@ -612,6 +759,30 @@ static int inbound_header(struct bw_amqp *c, uint64_t size, char *err, size_t er
 	return 0;
 }
 
+/* A short string property as a C string: 0 and *out (malloc'd; NULL when absent or holding
+ * a NUL), or -1 without memory. */
+static int prop_string(amqp_flags_t flags, amqp_flags_t flag, amqp_bytes_t b, char **out)
+{
+	*out = NULL;
+	if (!(flags & flag) || memchr(b.bytes, '\0', b.len) != NULL)
+		return 0;
+	*out = strndup(b.bytes ? b.bytes : "", b.len);
+	return *out ? 0 : -1;
+}
+
+/* The properties a forward keeps (content type, message id). */
+static int inbound_properties(struct bw_amqp *c, const amqp_basic_properties_t *p, char *err,
+			      size_t errsize)
+{
+	if (p == NULL)
+		return 0;
+	if (prop_string(p->_flags, AMQP_BASIC_CONTENT_TYPE_FLAG, p->content_type,
+			&c->in.content_type) != 0 ||
+	    prop_string(p->_flags, AMQP_BASIC_MESSAGE_ID_FLAG, p->message_id, &c->in.message_id) != 0)
+		return inbound_fail(c, err, errsize, "no memory for a message's properties");
+	return 0;
+}
+
 /*
  * One frame: a basic.deliver opens a delivery, its content header and body frames fill it
  * (or are hashed and dropped when too large), anything else goes to handle_frame. Sets
@@ -637,6 +808,9 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 	}
 	if (in->stage == IN_HEADER && f->frame_type == AMQP_FRAME_HEADER) {
 		int rc = inbound_header(c, f->payload.properties.body_size, err, errsize);
+		if (rc != 0)
+			return rc;
+		rc = inbound_properties(c, f->payload.properties.decoded, err, errsize);
 		if (rc != 0)
 			return rc;
 	} else if (in->stage == IN_BODY && f->frame_type == AMQP_FRAME_BODY) {
@@ -667,6 +841,8 @@ static int inbound_frame(struct bw_amqp *c, const amqp_frame_t *f, struct bw_del
 		.len = in->size < SIZE_MAX ? (size_t)in->size : SIZE_MAX,
 		.too_large = in->too_large,
 		.digest = in->too_large ? in->digest : 0,
+		.content_type = in->content_type,
+		.message_id = in->message_id,
 	};
 	memset(in, 0, sizeof(*in)); /* the body is the caller's now */
 	*got = true;
@@ -687,6 +863,16 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 				return BW_EAMQP;
 			if (rc != 0)
 				return 0; /* the queue may come back: try again on the next poll */
+		}
+		if (c->n_repos > 0 && bw_clock_mono_ms() >= c->repo_retry_ms) {
+			/* cancelled by the broker (queue deleted) or the channel reopened */
+			int rc = start_repo_consumers(c, err, errsize);
+			if (c->lost)
+				return BW_EAMQP;
+			if (rc != 0) {
+				c->repo_retry_ms = bw_clock_mono_ms() + CONTROL_RETRY_MS;
+				return 0; /* the others go on; this one later */
+			}
 		}
 		if (c->control_exchange && !c->control_consuming &&
 		    bw_clock_mono_ms() >= c->control_retry_ms) {
@@ -808,6 +994,47 @@ int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *ro
 	return 0;
 }
 
+int bw_amqp_publish_message(struct bw_amqp *c, const char *exchange_name,
+			    const char *routing_key, const struct bw_amqp_outgoing *m, uint64_t *seq)
+{
+	if (c->lost)
+		return BW_EAMQP;
+	if (c->blocked)
+		return BW_EBUSY;
+	if (c->n_pending == c->cap_pending) {
+		size_t cap = c->cap_pending ? c->cap_pending * 2 : 64;
+		struct pending_publish *p = realloc(c->pending, cap * sizeof(*p));
+		if (p == NULL)
+			return BW_ENOMEM;
+		c->pending = p;
+		c->cap_pending = cap;
+	}
+	amqp_table_entry_t h[] = {entry(SEQ_HEADER, i64_value((int64_t)c->next_seq))};
+	amqp_basic_properties_t props;
+	memset(&props, 0, sizeof(props));
+	props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_HEADERS_FLAG;
+	props.delivery_mode = 2; /* persistent */
+	props.headers = (amqp_table_t){1, h};
+	if (m->content_type) {
+		props._flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
+		props.content_type = amqp_cstring_bytes(m->content_type);
+	}
+	if (m->message_id) {
+		props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+		props.message_id = amqp_cstring_bytes(m->message_id);
+	}
+	amqp_bytes_t b = {m->len, (void *)m->body};
+	int st = amqp_basic_publish(c->conn, CHANNEL, amqp_cstring_bytes(exchange_name),
+				    amqp_cstring_bytes(routing_key), 1, 0, &props, b);
+	if (st != AMQP_STATUS_OK) {
+		c->lost = true;
+		return BW_EAMQP;
+	}
+	c->pending[c->n_pending++] = (struct pending_publish){c->next_seq, NULL, false};
+	*seq = c->next_seq++;
+	return 0;
+}
+
 size_t bw_amqp_unconfirmed(const struct bw_amqp *c)
 {
 	return c->n_pending;
@@ -823,8 +1050,7 @@ static void settle(struct bw_amqp *c, uint64_t tag, bool multiple, bool ok, bw_a
 		if (p->seq == tag || (multiple && p->seq < tag)) {
 			if (cb)
 				cb(arg, p->seq, ok && !p->returned,
-				   !ok ? "nacked by the broker"
-				       : p->returned ? "returned unroutable (no binding)" : NULL);
+				   !ok ? "nacked by the broker" : p->returned ? bw_amqp_why_returned : NULL);
 			free(p->id);
 		} else {
 			c->pending[keep++] = *p;
@@ -842,6 +1068,48 @@ static void settle_all_failed(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *ar
 		free(c->pending[i].id);
 	}
 	c->n_pending = 0;
+}
+
+/* The broker cancelled a per-repository consumer (its queue deleted). */
+static void repo_cancelled(struct bw_amqp *c, amqp_bytes_t tag)
+{
+	for (size_t i = 0; i < c->n_repos; i++)
+		if (strlen(c->repos[i].tag) == tag.len &&
+		    memcmp(c->repos[i].tag, tag.bytes, tag.len) == 0)
+			c->repos[i].consuming = false;
+}
+
+/*
+ * Marks the pending publish a basic.return is about: by the sequence number header of a
+ * bw_amqp_publish_message, else by message id (the first one not returned yet: returns
+ * come in publish order).
+ */
+static void mark_returned(struct bw_amqp *c, const amqp_basic_properties_t *p)
+{
+	if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+		for (int i = 0; i < p->headers.num_entries; i++) {
+			const amqp_table_entry_t *e = &p->headers.entries[i];
+			if (e->key.len != strlen(SEQ_HEADER) ||
+			    memcmp(e->key.bytes, SEQ_HEADER, e->key.len) != 0 ||
+			    e->value.kind != AMQP_FIELD_KIND_I64)
+				continue;
+			for (size_t k = 0; k < c->n_pending; k++)
+				if (c->pending[k].id == NULL &&
+				    c->pending[k].seq == (uint64_t)e->value.value.i64)
+					c->pending[k].returned = true;
+			return;
+		}
+	}
+	if (!(p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG))
+		return;
+	for (size_t i = 0; i < c->n_pending; i++) {
+		const char *id = c->pending[i].id;
+		if (id && strlen(id) == p->message_id.len &&
+		    memcmp(id, p->message_id.bytes, strlen(id)) == 0 && !c->pending[i].returned) {
+			c->pending[i].returned = true;
+			break;
+		}
+	}
 }
 
 static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confirm_cb cb, void *arg,
@@ -866,25 +1134,18 @@ static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confir
 		amqp_rpc_reply_t r = amqp_read_message(c->conn, f->channel, &msg, 0);
 		if (r.reply_type != AMQP_RESPONSE_NORMAL)
 			return reply_err(c, r, "basic.return", err, errsize);
-		if (msg.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) {
-			for (size_t i = 0; i < c->n_pending; i++) {
-				const char *id = c->pending[i].id;
-				if (strlen(id) == msg.properties.message_id.len &&
-				    memcmp(id, msg.properties.message_id.bytes, strlen(id)) == 0 &&
-				    !c->pending[i].returned) {
-					c->pending[i].returned = true;
-					break;
-				}
-			}
-		}
+		mark_returned(c, &msg.properties);
 		amqp_destroy_message(&msg);
 		return 0;
 	}
 	case AMQP_BASIC_CANCEL_METHOD: {
 		amqp_basic_cancel_t *m = f->payload.method.decoded;
 		/* re-registered on the next poll */
-		if (source_of(m->consumer_tag) == BW_AMQP_FROM_CONTROL)
+		enum bw_amqp_source from = source_of(m->consumer_tag);
+		if (from == BW_AMQP_FROM_CONTROL)
 			c->control_consuming = false;
+		else if (from == BW_AMQP_FROM_REPO)
+			repo_cancelled(c, m->consumer_tag);
 		else
 			c->consuming = false;
 		return 0;
@@ -1098,6 +1359,8 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->queue) {
 		bw_amqp_limit_messages(c, link->max_message_bytes);
 		rc = bw_amqp_consume(c, link->queue, link->prefetch, err, errsize);
+		if (rc == 0 && link->topology) /* placement: this host's repositories */
+			rc = bw_amqp_consume_repos(c, link->topology, link->prefetch, err, errsize);
 	}
 	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->control_exchange)
 		rc = bw_amqp_consume_control(c, link->control_exchange,

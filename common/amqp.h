@@ -38,7 +38,25 @@ struct bw_amqp_topology {
 	const char *dlq;             /* quorum, bound to dlx */
 	int delivery_limit;
 	bool passive; /* only check that everything exists */
+	/*
+	 * Placement (CONTRACT §2): this host's repositories. Each gets a quorum queue
+	 * bw_amqp_repo_queue(queue, id), with the arguments of queue, bound to jobs_exchange
+	 * under its own name as routing key.
+	 */
+	const char *const *repositories;
+	size_t n_repositories;
 };
+
+/* The longest queue name AMQP 0-9-1 allows (a short string). */
+#define BW_AMQP_NAME_MAX 255
+
+/*
+ * The per-repository queue of repository_id, also its routing key on the jobs exchange:
+ * "<queue>.repo.<repository_id>" (backup.start.repo.<id> with the default names) in buf.
+ * Returns 0, or BW_ERANGE when it would be longer than BW_AMQP_NAME_MAX or size - 1.
+ */
+int bw_amqp_repo_queue(char *buf, size_t size, const char *queue, const char *repository_id)
+	BW_MUST_CHECK;
 
 /*
  * Connects, logs in announcing consumer_cancel_notify, connection.blocked,
@@ -72,6 +90,7 @@ enum bw_amqp_source {
 	BW_AMQP_FROM_UNKNOWN = 0, /* a tag this connection never registered: give it back */
 	BW_AMQP_FROM_START,       /* the queue of bw_amqp_consume (backup.start) */
 	BW_AMQP_FROM_CONTROL,     /* the own queue of bw_amqp_consume_control (backup.cancel) */
+	BW_AMQP_FROM_REPO,        /* a per-repository queue of bw_amqp_consume_repos */
 };
 
 struct bw_delivery {
@@ -88,6 +107,10 @@ struct bw_delivery {
 	 */
 	bool too_large;
 	uint64_t digest; /* too_large only; 0 otherwise */
+	/* properties the publisher set (malloc'd, NUL-terminated; NULL when absent or holding
+	   a NUL), kept so that a forwarded message keeps them */
+	char *content_type;
+	char *message_id;
 };
 
 /*
@@ -114,7 +137,18 @@ int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, bool passiv
 			    size_t errsize) BW_MUST_CHECK;
 
 /*
- * Stops the consumer of bw_amqp_consume for good (basic.cancel; it is never registered
+ * Consumes the per-repository queues of t (bw_amqp_repo_queue of each of t->repositories)
+ * on the channel of bw_amqp_consume, each with manual acks, prefetch (basic.qos per
+ * consumer) and the consumer tag "bw.repo.<id>", so that their deliveries come with source
+ * BW_AMQP_FROM_REPO. Re-registered by bw_amqp_poll after a basic.cancel or a channel reopen
+ * (a reconnect does it through the link). Returns 0, BW_ERANGE (a name too long),
+ * BW_ENOMEM, or BW_EAMQP/BW_ECONFIG as bw_amqp_declare.
+ */
+int bw_amqp_consume_repos(struct bw_amqp *c, const struct bw_amqp_topology *t, int prefetch,
+			  char *err, size_t errsize) BW_MUST_CHECK;
+
+/*
+ * Stops the consumer of bw_amqp_consume (and those of bw_amqp_consume_repos) for good (basic.cancel; it is never registered
  * again), keeping the connection and the control consumer: a draining worker still hears
  * cancels. Deliveries of that queue already on their way still arrive: give them back
  * (bw_amqp_requeue). Returns 0, or BW_EAMQP/BW_ECONFIG with the reason in err (close the
@@ -165,8 +199,30 @@ int bw_amqp_confirm_select(struct bw_amqp *c, char *err, size_t errsize) BW_MUST
 int bw_amqp_publish(struct bw_amqp *c, const char *exchange, const char *routing_key,
 		    const char *id, const char *body, size_t len, uint64_t *seq) BW_MUST_CHECK;
 
-/* Called once per settled publish: ok only on an ack with no basic.return before it. */
+/* A message to publish with bw_amqp_publish_message. */
+struct bw_amqp_outgoing {
+	const char *body;
+	size_t len;
+	const char *content_type; /* NULL: none */
+	const char *message_id;   /* NULL: none */
+};
+
+/*
+ * Publishes m persistent and mandatory, with its content type and message id (both may be
+ * absent), and the header x-bw-publish-seq holding the confirm sequence number, by which
+ * a basic.return of it is matched exactly (message ids need not be unique). *seq as
+ * bw_amqp_publish; BW_EBUSY while blocked, BW_EAMQP, BW_ENOMEM.
+ */
+int bw_amqp_publish_message(struct bw_amqp *c, const char *exchange, const char *routing_key,
+			    const struct bw_amqp_outgoing *m, uint64_t *seq) BW_MUST_CHECK;
+
+/*
+ * Called once per settled publish: ok only on an ack with no basic.return before it. why
+ * says what failed (NULL when ok); a publish the broker returned unroutable gets exactly
+ * the pointer bw_amqp_why_returned, so a caller can tell "no queue" from "not confirmed".
+ */
 typedef void (*bw_amqp_confirm_cb)(void *arg, uint64_t seq, bool ok, const char *why);
+extern const char bw_amqp_why_returned[];
 
 /*
  * Handles confirms, returns, flow control and heartbeats without waiting; calls cb per

@@ -85,6 +85,10 @@
 	  "node")                                                                                  \
 	X(REJECTED, "bw_rejected_messages_total", COUNTER,                                         \
 	  "backup.start messages rejected (to the DLQ), by reason.", NONE, "reason")               \
+	X(FORWARDED, "bw_forwarded_messages_total", COUNTER,                                       \
+	  "backup.start messages forwarded to a per-repository queue (placement), by outcome "     \
+	  "(routed, unroutable, failed).",                                                         \
+	  NONE, "outcome")                                                                         \
 	X(LEDGER_BUSY_WAITS, "bw_ledger_busy_waits_total", COUNTER,                                \
 	  "Sleeps of the ledger's busy handler while another process held the write lock.", NONE)  \
 	X(LEDGER_BUSY_RETRIES, "bw_ledger_busy_retries_total", COUNTER,                            \

@@ -36,6 +36,8 @@ struct bw_relay {
 	unsigned failures;      /* consecutive failed attempts, for the backoff */
 	uint64_t confirmed, failed;
 	struct bw_metrics *metrics; /* borrowed; NULL: none */
+	bw_amqp_confirm_cb foreign_cb; /* confirms of publishes not the relay's */
+	void *foreign_arg;
 };
 
 int bw_relay_new(struct bw_relay **out, struct bw_ledger *l, const char *exchange, size_t window)
@@ -81,6 +83,12 @@ void bw_relay_stats(const struct bw_relay *r, uint64_t *confirmed, uint64_t *fai
 	*failed = r->failed;
 }
 
+void bw_relay_set_foreign_cb(struct bw_relay *r, bw_amqp_confirm_cb cb, void *arg)
+{
+	r->foreign_cb = cb;
+	r->foreign_arg = arg;
+}
+
 void bw_relay_set_metrics(struct bw_relay *r, struct bw_metrics *m)
 {
 	r->metrics = m;
@@ -108,6 +116,8 @@ static void confirm_cb(void *arg, uint64_t seq, bool ok, const char *why)
 			return;
 		}
 	}
+	if (r->foreign_cb)
+		r->foreign_cb(r->foreign_arg, seq, ok, why);
 }
 
 /* Records the settled flights: published ones in one transaction, failures one by one. */

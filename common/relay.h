@@ -46,6 +46,13 @@ int bw_relay_timeout_ms(const struct bw_relay *r);
 /* Counters since bw_relay_new: confirmed, failed attempts. */
 void bw_relay_stats(const struct bw_relay *r, uint64_t *confirmed, uint64_t *failed);
 
+/*
+ * The publisher connection is shared: confirms of publishes the relay did not make (the
+ * worker's forwards, CONTRACT §2 placement) go to cb(arg, ...) as bw_relay_step settles
+ * them, and so do their failures when the connection is lost. NULL: dropped.
+ */
+void bw_relay_set_foreign_cb(struct bw_relay *r, bw_amqp_confirm_cb cb, void *arg);
+
 /* Records each confirm's latency (publish to ack) into m (borrowed; NULL: none). */
 void bw_relay_set_metrics(struct bw_relay *r, struct bw_metrics *m);
 

@@ -1316,7 +1316,23 @@ void job_enqueue(struct worker *w, struct job *j)
 	monitor_job(j);
 }
 
-int job_receive(struct worker *w, const struct bw_delivery *d)
+int job_placement(struct worker *w, const struct bw_delivery *d, char **forward_to)
+{
+	struct bw_job_spec *spec = NULL;
+	struct bw_verdict *vd = NULL;
+	*forward_to = NULL;
+	/* invalid: not forwarded; job_receive rejects it when its turn comes */
+	int rc = bw_message_parse(d->body, d->len, (size_t)w->cfg->job_max_message_bytes, &spec,
+				  &vd);
+	if (rc == 0 && bw_config_repository(w->cfg, spec->repository_id) == NULL &&
+	    (*forward_to = strdup(spec->repository_id)) == NULL)
+		rc = BW_ENOMEM;
+	bw_job_spec_free(spec);
+	bw_verdict_free(vd);
+	return rc == BW_ENOMEM ? rc : 0;
+}
+
+int job_receive(struct worker *w, const struct bw_delivery *d, char **forward_to)
 {
 	const char *body = d->body;
 	size_t len = d->len;
@@ -1324,11 +1340,26 @@ int job_receive(struct worker *w, const struct bw_delivery *d)
 	struct bw_job_spec *spec = NULL;
 	struct bw_verdict *vd = NULL;
 	struct job *j = NULL;
+	if (forward_to)
+		*forward_to = NULL;
 	/* a too_large delivery has no body: its declared len is over the limit the consumer
 	   link was given (the same key), so the parse rejects it unread */
 	int rc = bw_message_parse(body, len, (size_t)cfg->job_max_message_bytes, &spec, &vd);
 	if (rc == 0)
 		bw_log_set_job(spec->job_id); /* cleared at out */
+	if (rc == 0 && forward_to && bw_config_repository(cfg, spec->repository_id) == NULL) {
+		/*
+		 * Placement before the host rules: a host without the repository cannot judge a
+		 * parent in it, and its credentials need not be the owner's. Validation came
+		 * first: an invalid message is rejected here, never forwarded.
+		 */
+		if ((*forward_to = strdup(spec->repository_id)) == NULL)
+			rc = BW_ENOMEM;
+		else
+			bw_log_info("job=%s repository %s is not on this host: forwarding",
+				    spec->job_id, spec->repository_id);
+		goto out;
+	}
 	if (rc == 0)
 		rc = bw_message_check_host(spec, cfg, &vd);
 	if (rc == BW_EMESSAGE) {

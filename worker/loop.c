@@ -100,29 +100,55 @@ static void handle_control(struct worker *w, struct bw_delivery *d)
 		bw_amqp_link_down(&w->consumer);
 }
 
+/*
+ * Forwards d (from backup.start) to the queue of repository (placement, CONTRACT §2): d is
+ * the forward's then, settled once the publish is confirmed. A queue name that cannot
+ * exist is unroutable at once: rejected unknown_repository.
+ */
+static void forward(struct worker *w, struct bw_delivery *d, const char *repository)
+{
+	int rc = forward_start(w, d, repository);
+	if (rc == BW_ERANGE)
+		delivery_settle(w, d, job_receive(w, d, NULL));
+	else if (rc != 0)
+		delivery_settle(w, d, rc);
+}
+
+/*
+ * A backup.start from backup.start (which may be forwarded) or from a per-repository queue
+ * (never forwarded again: a repository this host lacks is unknown_repository).
+ */
 static void handle_delivery(struct worker *w, struct bw_delivery *d)
 {
-	struct bw_amqp *c = w->consumer.c;
-	if (d->source != BW_AMQP_FROM_START) {
+	if (d->source != BW_AMQP_FROM_START && d->source != BW_AMQP_FROM_REPO) {
 		/* never taken for a backup.start: consumer tags are ours */
 		bw_log_warnx("a delivery of an unknown consumer: given back");
-		if (bw_amqp_requeue(c, d) == BW_EAMQP)
+		if (bw_amqp_requeue(w->consumer.c, d) == BW_EAMQP)
 			bw_amqp_link_down(&w->consumer);
 		return;
 	}
-	int rc = job_receive(w, d);
-	int arc;
-	if (rc == 0)
-		arc = bw_amqp_ack(c, d); /* after the claim's commit (DESIGN decision 2) */
-	else if (rc == BW_EMESSAGE)
-		arc = bw_amqp_reject(c, d); /* to the DLQ with x-death */
-	else {
-		bw_log_warnx("a backup.start could not be taken (%s): given back to the queue",
-			     bw_strerror(rc));
-		arc = bw_amqp_requeue(c, d);
-	}
-	if (arc == BW_EAMQP)
-		bw_amqp_link_down(&w->consumer);
+	char *to = NULL;
+	int rc = job_receive(w, d, d->source == BW_AMQP_FROM_START ? &to : NULL);
+	if (rc == 0 && to)
+		forward(w, d, to); /* acked after the confirm */
+	else
+		delivery_settle(w, d, rc); /* acked after the claim's commit (DESIGN decision 2) */
+	free(to);
+}
+
+/*
+ * Every job slot is busy: a start from backup.start whose repository this host lacks needs
+ * no slot and is forwarded at once rather than held. Returns true when d was taken so.
+ */
+static bool forward_unheld(struct worker *w, struct bw_delivery *d)
+{
+	char *to = NULL;
+	if (d->source != BW_AMQP_FROM_START || w->n_jobs < w->cfg->worker_max_jobs ||
+	    job_placement(w, d, &to) != 0 || to == NULL)
+		return false;
+	forward(w, d, to);
+	free(to);
+	return true;
 }
 
 /*
@@ -188,6 +214,12 @@ static void consume(struct worker *w, struct held *held)
 				return;
 			continue;
 		}
+		if (forward_unheld(w, &d)) {
+			bw_delivery_free(&d);
+			if (w->consumer.c == NULL)
+				return;
+			continue;
+		}
 		held->connects = w->consumer.connects;
 		held->d[held->n++] = d;
 	}
@@ -206,19 +238,26 @@ static void publish(struct worker *w)
 {
 	char err[512];
 	bool fresh;
+	int rc = 0;
 	if (w->publisher.c == NULL) {
-		int rc = bw_amqp_link_up(&w->publisher, &fresh, err, sizeof(err));
-		if (rc != 0) {
-			if (rc == BW_ECONFIG)
-				bw_log_warnx("publisher: %s", w->publisher.why);
-			return;
+		rc = bw_amqp_link_up(&w->publisher, &fresh, err, sizeof(err));
+		if (rc == BW_ECONFIG)
+			bw_log_warnx("publisher: %s", w->publisher.why);
+		if (rc == 0) {
+			bw_relay_reset(w->relay); /* what the last connection left unconfirmed goes again */
+			log_connected("publisher", &w->publisher, "");
 		}
-		bw_relay_reset(w->relay); /* what the last connection left unconfirmed goes again */
-		log_connected("publisher", &w->publisher, "");
 	}
-	if (bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
+	if (rc == 0 && bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
 		bw_log_warnx("publisher: %s; reconnecting", err);
 		bw_amqp_link_lost(&w->publisher, err);
+		forward_lost(w);
+	}
+	/* also while the publisher is down: forwards whose original went back are dropped */
+	if (forward_step(w) == BW_EAMQP && w->publisher.c) {
+		bw_log_warnx("publisher: no confirm of a forward in time; reconnecting");
+		bw_amqp_link_lost(&w->publisher, "no confirm of a forward in time");
+		forward_lost(w);
 	}
 }
 
@@ -277,6 +316,32 @@ static void drain_consumer(struct loop *lp)
 	drop_held(lp);
 	if (!kept)
 		bw_amqp_link_down(&w->consumer);
+}
+
+/*
+ * The topology with this host's repositories (a per-repository queue each, declared and
+ * consumed: placement, CONTRACT §2) and the forwards. Returns 0, or -1 logged.
+ */
+static int placement_setup(struct worker *w)
+{
+	const struct bw_config *cfg = w->cfg;
+	w->repository_ids = calloc(cfg->n_repositories + 1, sizeof(*w->repository_ids));
+	if (w->repository_ids == NULL || forward_open(w) != 0) {
+		bw_log_warnx("out of memory");
+		return -1;
+	}
+	for (size_t i = 0; i < cfg->n_repositories; i++)
+		w->repository_ids[i] = cfg->repositories[i].id;
+	w->topology = (struct bw_amqp_topology){cfg->amqp_queue,
+						cfg->amqp_jobs_exchange,
+						cfg->amqp_events_exchange,
+						cfg->amqp_dlx,
+						cfg->amqp_dlq,
+						cfg->amqp_delivery_limit,
+						!cfg->amqp_declare,
+						w->repository_ids,
+						cfg->n_repositories};
+	return 0;
 }
 
 /*
@@ -344,10 +409,8 @@ static int loop_setup(struct loop *lp, const struct bw_config *cfg)
 		return -1;
 	}
 	bw_relay_set_metrics(w->relay, w->metrics);
-	w->topology = (struct bw_amqp_topology){cfg->amqp_queue, cfg->amqp_jobs_exchange,
-						cfg->amqp_events_exchange, cfg->amqp_dlx,
-						cfg->amqp_dlq, cfg->amqp_delivery_limit,
-						!cfg->amqp_declare};
+	if (placement_setup(w) != 0)
+		return -1;
 	struct bw_amqp_opts ao = {cfg->amqp_url,
 				  cfg->amqp_heartbeat_s,
 				  AMQP_TIMEOUT_MS,
@@ -385,6 +448,8 @@ static void loop_teardown(struct loop *lp)
 	drop_held(lp);
 	bw_amqp_link_down(&w->consumer);
 	bw_amqp_link_down(&w->publisher);
+	forward_close(w);
+	free(w->repository_ids);
 	bw_relay_free(w->relay);
 	bw_sna_free(w->sna);
 	monitor_close(w);
@@ -529,7 +594,8 @@ static bool wound_down(struct loop *lp, int64_t now)
 		return false;
 	if (bw_ledger_outbox_backlog(w->ledger, &backlog, &age) != 0)
 		backlog = 1; /* unknown: assume something is left */
-	if (!((w->jobs == NULL && backlog == 0) || (w->stopping && now > lp->stop_by)))
+	if (!((w->jobs == NULL && backlog == 0 && forward_pending(w) == 0) ||
+	      (w->stopping && now > lp->stop_by)))
 		return false;
 	if (w->jobs || backlog)
 		bw_log_warnx("stopping with %d job(s) and %zu event(s) left "

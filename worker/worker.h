@@ -18,6 +18,7 @@
 #include "sna.h"
 
 struct job;
+struct forwards;
 
 /*
  * Runs the worker of cfg until it is stopped (SIGTERM/SIGINT) or drained (SIGUSR1): sets
@@ -50,6 +51,10 @@ struct worker {
 	int64_t health_checked_ms;
 	int health_ledger_rc;
 	int64_t last_cancel_check_ms; /* control_step */
+	/* placement (forward.c): this host's repository ids for the topology, and the forwards
+	   of backup.start messages whose repository it lacks, until their confirms */
+	const char **repository_ids;
+	struct forwards *forwards;
 };
 
 /* A disk of a job in memory (the ledger holds the durable copy). */
@@ -137,8 +142,58 @@ struct job {
 /* Handles one backup.start delivery: reject (a too_large one unread), ignore a known
  * job_id, or claim and start it. Returns 0 (ack), BW_EMESSAGE (rejected: nack without
  * requeue), or a transient error (the delivery is left unacked; the broker redelivers it
- * later). */
-int job_receive(struct worker *w, const struct bw_delivery *d);
+ * later).
+ * Placement (CONTRACT §2): when forward_to is not NULL and the message is valid but names
+ * a repository this host lacks, nothing is claimed or rejected and the host rules are left
+ * to the host that has it: returns 0 with *forward_to set to the repository id (malloc'd;
+ * the caller forwards the delivery and frees it). With forward_to NULL (a delivery of a
+ * per-repository queue, or a forward that came back unroutable) such a message is
+ * rejected unknown_repository. */
+int job_receive(struct worker *w, const struct bw_delivery *d, char **forward_to);
+
+/*
+ * The repository a valid backup.start names when this host lacks it (malloc'd in *forward_to,
+ * caller frees), else NULL: whether it is to be forwarded. Returns 0 or BW_ENOMEM.
+ */
+int job_placement(struct worker *w, const struct bw_delivery *d, char **forward_to);
+
+/* ---- forward.c: placement (CONTRACT §2) ---- */
+
+/*
+ * Settles a backup.start delivery of the live consumer link by job_receive's answer rc: 0
+ * ack, BW_EMESSAGE reject (to the DLQ), anything else given back to the queue. A lost
+ * connection takes the link down.
+ */
+void delivery_settle(struct worker *w, const struct bw_delivery *d, int rc);
+
+/* Makes w->forwards and registers its confirm callback with the relay. Returns 0 or -1. */
+int forward_open(struct worker *w);
+/* Frees what is left (unacked originals go back to the queue with the connection). */
+void forward_close(struct worker *w);
+
+/*
+ * Takes d (its contents are the forward's now; *d is cleared) from backup.start, to be
+ * published to the jobs exchange with routing key bw_amqp_repo_queue(repository_id),
+ * persistent, mandatory, confirmed. The original is acked only on a confirm with no
+ * return; an unroutable one is rejected unknown_repository (job_receive without
+ * forwarding); a nack or a lost publisher connection gives it back to the queue.
+ * Returns 0 or BW_ENOMEM (d untouched then).
+ */
+int forward_start(struct worker *w, struct bw_delivery *d, const char *repository_id)
+	BW_MUST_CHECK;
+
+/*
+ * Publishes the forwards waiting for the publisher (not while it is blocked) and settles the
+ * confirmed ones on the consumer link. Call it after bw_relay_step. BW_EAMQP when a confirm
+ * is overdue (drop the publisher link, then forward_lost), else 0.
+ */
+int forward_step(struct worker *w) BW_MUST_CHECK;
+
+/* The publisher link was lost: every forward sent and not confirmed is given back. */
+void forward_lost(struct worker *w);
+
+/* Forwards not settled yet. */
+size_t forward_pending(const struct worker *w);
 
 /* Advances every job as far as it can without waiting. */
 void jobs_step(struct worker *w);

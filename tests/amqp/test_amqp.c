@@ -57,7 +57,8 @@ static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
 	snprintf(names[2], 64, "%s.events", prefix);
 	snprintf(names[3], 64, "%s.dlx", prefix);
 	snprintf(names[4], 64, "%s.start.dlq", prefix);
-	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false};
+	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3], names[4], 2, false,
+					 NULL, 0};
 }
 
 /* Polls c until a delivery arrives or ms pass. */
@@ -293,6 +294,139 @@ static void test_control_consumer_tagged_and_back_after_channel_close(void **sta
 	assert_int_equal(ctl("list_bindings source_name destination_name | grep -c '^t14.control[[:space:]]' | "
 			     "grep -qx 1"),
 			 0);
+	bw_amqp_close(con);
+	bw_amqp_close(pub);
+}
+
+/* Outcomes by sequence number (bw_amqp_publish_message: returns matched by seq). */
+struct outcomes {
+	int n;
+	uint64_t seq[16];
+	bool ok[16];
+	bool returned[16];
+};
+
+static void outcome_cb(void *arg, uint64_t seq, bool ok, const char *why)
+{
+	struct outcomes *o = arg;
+	assert_true(o->n < 16);
+	o->seq[o->n] = seq;
+	o->ok[o->n] = ok;
+	o->returned[o->n] = why == bw_amqp_why_returned;
+	o->n++;
+}
+
+static int outcome_of(const struct outcomes *o, uint64_t seq)
+{
+	for (int i = 0; i < o->n; i++)
+		if (o->seq[i] == seq)
+			return o->ok[i] ? 1 : o->returned[i] ? -1 : -2;
+	return 0;
+}
+
+static void test_repo_queues_placement(void **state)
+{
+	(void)state;
+	char names[5][64], err[512], rq[BW_AMQP_NAME_MAX + 1];
+	const char *repos[] = {"ra", "rb"};
+	struct bw_amqp_topology t = topo("t15", names);
+	struct bw_amqp *pub = connect_ok("test-repo-pub");
+	struct bw_amqp *con = connect_ok("test-repo-con");
+	assert_int_equal(bw_amqp_repo_queue(rq, sizeof(rq), t.queue, "rb"), 0);
+	assert_string_equal(rq, "t15.start.repo.rb");
+	char longname[300];
+	memset(longname, 'x', 250);
+	longname[250] = '\0';
+	assert_int_equal(bw_amqp_repo_queue(rq, sizeof(rq), longname, "rb"), BW_ERANGE);
+
+	/* the base topology only: a passive check with repositories names the missing queue */
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
+	t.repositories = repos;
+	t.n_repositories = 2;
+	t.passive = true;
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), BW_ECONFIG);
+	print_message("passive: %s\n", err);
+	assert_non_null(strstr(err, "queue t15.start.repo.ra"));
+	assert_non_null(strstr(err, "NOT_FOUND"));
+	t.passive = false;
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
+	t.passive = true;
+	assert_int_equal(bw_amqp_declare(con, &t, err, sizeof(err)), 0);
+	t.passive = false;
+	assert_int_equal(ctl("list_queues name type arguments | grep '^t15.start.repo.rb\\s' | "
+			     "grep quorum | grep -q 'reject-publish'"),
+			 0);
+
+	assert_int_equal(bw_amqp_consume(con, t.queue, 4, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_consume_repos(con, &t, 4, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_confirm_select(pub, err, sizeof(err)), 0);
+	/* one message id twice: the unroutable one, not the routed one, is the returned one */
+	struct bw_amqp_outgoing routed = {"RB", 2, "application/json", "same-id"};
+	struct bw_amqp_outgoing lost = {"RZ", 2, NULL, "same-id"};
+	uint64_t s1, s2, s3;
+	assert_int_equal(bw_amqp_publish_message(pub, t.jobs_exchange, "t15.start.repo.rb", &routed,
+						 &s1),
+			 0);
+	assert_int_equal(bw_amqp_publish_message(pub, t.jobs_exchange, "t15.start.repo.rz", &lost,
+						 &s2),
+			 0);
+	struct bw_amqp_outgoing plain = {"S1", 2, NULL, NULL};
+	assert_int_equal(bw_amqp_publish_message(pub, t.jobs_exchange, "backup.start", &plain, &s3),
+			 0);
+	struct outcomes o = {0};
+	for (int i = 0; i < 500 && bw_amqp_unconfirmed(pub) > 0; i++) {
+		assert_int_equal(bw_amqp_poll_confirms(pub, outcome_cb, &o, err, sizeof(err)), 0);
+		struct pollfd p = {bw_amqp_fd(pub), POLLIN, 0};
+		poll(&p, 1, 10);
+	}
+	assert_int_equal(outcome_of(&o, s1), 1);
+	assert_int_equal(outcome_of(&o, s2), -1);
+	assert_int_equal(outcome_of(&o, s3), 1);
+
+	/* each delivery says its consumer; the properties a forward keeps come along */
+	for (int k = 0; k < 2; k++) {
+		struct bw_delivery d;
+		assert_true(next_delivery(con, &d, 5000));
+		if (strcmp(d.body, "RB") == 0) {
+			assert_int_equal(d.source, BW_AMQP_FROM_REPO);
+			assert_string_equal(d.content_type, "application/json");
+			assert_string_equal(d.message_id, "same-id");
+		} else {
+			assert_string_equal(d.body, "S1");
+			assert_int_equal(d.source, BW_AMQP_FROM_START);
+			assert_null(d.content_type);
+			assert_null(d.message_id);
+		}
+		assert_int_equal(bw_amqp_ack(con, &d), 0);
+		bw_delivery_free(&d);
+	}
+
+	/* a channel error: the repository consumers come back with the start consumer */
+	struct bw_delivery bogus = {.tag = 999999, .channel_epoch = bw_amqp_channel_epoch(con)};
+	assert_int_equal(bw_amqp_ack(con, &bogus), 0);
+	struct bw_delivery d;
+	assert_false(next_delivery(con, &d, 500));
+	assert_int_equal(bw_amqp_publish_message(pub, t.jobs_exchange, "t15.start.repo.ra", &routed,
+						 &s1),
+			 0);
+	o.n = 0;
+	for (int i = 0; i < 500 && bw_amqp_unconfirmed(pub) > 0; i++) {
+		assert_int_equal(bw_amqp_poll_confirms(pub, outcome_cb, &o, err, sizeof(err)), 0);
+		struct pollfd p = {bw_amqp_fd(pub), POLLIN, 0};
+		poll(&p, 1, 10);
+	}
+	assert_int_equal(outcome_of(&o, s1), 1);
+	assert_true(next_delivery(con, &d, 5000));
+	assert_int_equal(d.source, BW_AMQP_FROM_REPO);
+	assert_int_equal(bw_amqp_ack(con, &d), 0);
+	bw_delivery_free(&d);
+
+	/* drained: no more from any start queue */
+	assert_int_equal(bw_amqp_stop_start_consumer(con, err, sizeof(err)), 0);
+	assert_int_equal(bw_amqp_publish_message(pub, t.jobs_exchange, "t15.start.repo.rb", &routed,
+						 &s1),
+			 0);
+	assert_false(next_delivery(con, &d, 500));
 	bw_amqp_close(con);
 	bw_amqp_close(pub);
 }
@@ -962,6 +1096,7 @@ int main(void)
 		cmocka_unit_test(test_publish_consume_ack_nothing_redelivered),
 		cmocka_unit_test(test_rejected_goes_to_dlq_with_x_death),
 		cmocka_unit_test(test_unroutable_event_is_not_confirmed),
+		cmocka_unit_test(test_repo_queues_placement),
 		cmocka_unit_test(test_control_consumer_tagged_and_back_after_channel_close),
 		cmocka_unit_test(test_connection_closed_by_operator_is_reported),
 		cmocka_unit_test(test_queue_deleted_consumer_comes_back),

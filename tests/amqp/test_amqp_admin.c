@@ -37,7 +37,7 @@ static struct bw_amqp_topology topo(const char *prefix, char names[5][64])
 	snprintf(names[3], 64, "%s.dlx", prefix);
 	snprintf(names[4], 64, "%s.start.dlq", prefix);
 	return (struct bw_amqp_topology){names[0], names[1], names[2], names[3],
-					 names[4], 5,	     false};
+					 names[4], 5,	     false, NULL, 0};
 }
 
 static int publish(struct bw_amqp *c, const char *x, const char *key, const char *id,

@@ -495,7 +495,7 @@ static int declare(const char *url, const char *q)
 	snprintf(names[1], sizeof(names[1]), "%s.events", q);
 	snprintf(names[2], sizeof(names[2]), "%s.dlx", q);
 	snprintf(names[3], sizeof(names[3]), "%s.dlq", q);
-	struct bw_amqp_topology t = {q, names[0], names[1], names[2], names[3], 5, false};
+	struct bw_amqp_topology t = {q, names[0], names[1], names[2], names[3], 5, false, NULL, 0};
 	struct bw_amqp *c = NULL;
 	char err[512] = "";
 	if (bw_connect(&c, url, "bench_amqp setup") != 0)

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
+e2e.PORT_MIN, e2e.PORT_MAX = 22500, 22511  # NBD ports of this suite alone: suites run side by side
 
 VM = "/DC/vm/metrics"
 SIZES = {2000: 8 * MiB, 2001: 4 * MiB, 16000: 4 * MiB}

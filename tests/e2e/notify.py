@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 from e2e import MiB, vm_message  # noqa: E402
+e2e.PORT_MIN, e2e.PORT_MAX = 22520, 22531  # NBD ports of this suite alone: suites run side by side
 
 VM = "/DC/vm/notify"
 JOB = "notify-1"

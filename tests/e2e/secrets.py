@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
+e2e.PORT_MIN, e2e.PORT_MAX = 22560, 22571  # NBD ports of this suite alone: suites run side by side
 
 VM = "/DC/vm/secrets"
 SIZES = {2000: 16 * MiB, 2001: 8 * MiB}

@@ -28,6 +28,7 @@ import e2e  # noqa: E402
 sys.path.insert(0, os.path.join(e2e.ROOT, "tests", "sna"))
 import pki  # noqa: E402
 from e2e import MiB, check_events, leftovers, vm_message  # noqa: E402
+e2e.PORT_MIN, e2e.PORT_MAX = 22540, 22551  # NBD ports of this suite alone: suites run side by side
 
 VM = "/DC/vm/tls"
 SIZES = {2000: 8 * MiB, 2001: 4 * MiB}
