@@ -367,6 +367,12 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "channel.open", err, errsize)) != 0)
 		goto out;
 	c->next_seq = 1;
+	/*
+	 * Each connection's epochs start at random, so that a delivery of another connection
+	 * (the one before a reconnect or a move to another node, or any other) never matches
+	 * this one's: its tag would name another message here, or close the channel.
+	 */
+	c->channel_epoch = bw_rand_below_incl(UINT64_MAX);
 	*out = c;
 	c = NULL;
 	rc = 0;
@@ -1198,13 +1204,119 @@ int bw_amqp_poll_confirms(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg, c
 
 /* ---- links ------------------------------------------------------------------------------ */
 
+/*
+ * A connection that stayed up this long proved its node: losing it starts a new round with
+ * that node last, the others at once. One lost sooner counts as a failed try of the round,
+ * so nodes that accept and then drop every connection still end in the backoff.
+ */
+#define LINK_STABLE_MS 10000
+
+/* "127.0.0.1:5673 (node 2 of 3)" into buf. */
+static void node_text(const struct bw_amqp_link *link, size_t i, char *buf, size_t size)
+{
+	snprintf(buf, size, "%s (node %zu of %zu)", link->nodes[i].name, i + 1, link->n_nodes);
+}
+
+/*
+ * Reads the nodes of opts.url: where each URL lies in it and its host:port. Returns 0, or
+ * BW_ECONFIG (err says which node) / BW_ENOMEM.
+ */
+static int find_nodes(struct bw_amqp_link *link, char *err, size_t errsize)
+{
+	const char *list = link->opts.url;
+	size_t n = 0;
+	for (size_t off = 0;;) {
+		size_t len = strcspn(list + off, ",");
+		if (n == BW_AMQP_MAX_NODES) {
+			snprintf(err, errsize, "amqp.url lists more than %d nodes",
+				 BW_AMQP_MAX_NODES);
+			return BW_ECONFIG;
+		}
+		char *url = strndup(list + off, len);
+		if (url == NULL)
+			return BW_ENOMEM;
+		struct amqp_connection_info info;
+		int st = amqp_parse_url(url, &info); /* cuts and decodes in place */
+		if (st == AMQP_STATUS_OK) {
+			bool v6 = strchr(info.host, ':') != NULL;
+			snprintf(link->nodes[n].name, sizeof(link->nodes[n].name), "%s%s%s:%d",
+				 v6 ? "[" : "", info.host, v6 ? "]" : "", info.port);
+		}
+		explicit_bzero(url, len); /* it holds the broker's password */
+		free(url);
+		if (st != AMQP_STATUS_OK) {
+			snprintf(err, errsize, "amqp.url: node %zu is not an AMQP URL", n + 1);
+			return BW_ECONFIG;
+		}
+		link->nodes[n].off = off;
+		link->nodes[n].len = len;
+		link->nodes[n].connects = 0;
+		n++;
+		off += len;
+		if (list[off] != ',')
+			break;
+		off++;
+	}
+	link->n_nodes = n;
+	return 0;
+}
+
+/*
+ * A new round: every node once, in a fresh random order (Fisher-Yates over the one random
+ * source). lost < n_nodes: that node was just lost; it goes last and counts as tried.
+ */
+static void new_round(struct bw_amqp_link *link, size_t lost)
+{
+	size_t n = link->n_nodes;
+	for (size_t i = 0; i < n; i++)
+		link->order[i] = i;
+	for (size_t i = n; i > 1; i--) {
+		size_t j = (size_t)bw_rand_below_incl(i - 1);
+		size_t t = link->order[i - 1];
+		link->order[i - 1] = link->order[j];
+		link->order[j] = t;
+	}
+	link->pos = 0;
+	link->tried = 0;
+	if (lost < n) {
+		for (size_t i = 0; i + 1 < n; i++) {
+			if (link->order[i] == lost) {
+				link->order[i] = link->order[n - 1];
+				link->order[n - 1] = lost;
+				break;
+			}
+		}
+		link->tried = 1;
+	}
+}
+
 static void schedule_retry(struct bw_amqp_link *link)
 {
-	/* attempts counts the failures before this one: the first retry waits up to base */
+	/* attempts counts the failed rounds before this one: the first retry waits up to base */
 	int attempt = link->attempts < INT_MAX ? (int)link->attempts + 1 : INT_MAX;
 	link->next_try_ms = bw_clock_mono_ms() +
 			    bw_backoff_ms(link->backoff_base_ms, link->backoff_cap_ms, attempt);
 	link->attempts++;
+}
+
+/* Goes on with the round: its next node at once, or, when every node of it failed, the
+ * backoff and then a new round. */
+static void go_on(struct bw_amqp_link *link)
+{
+	if (link->tried < link->n_nodes && link->pos < link->n_nodes) {
+		link->next_try_ms = 0;
+		return;
+	}
+	schedule_retry(link);
+	new_round(link, SIZE_MAX);
+}
+
+/* The node at order[pos] failed, or was lost soon after its connect. */
+static void next_node(struct bw_amqp_link *link)
+{
+	link->tried++;
+	link->pos++;
+	go_on(link);
 }
 
 int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t errsize)
@@ -1214,9 +1326,32 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		return 0;
 	if (link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
 		return BW_EBUSY;
+	if (link->n_nodes == 0) {
+		int rc = find_nodes(link, err, errsize);
+		if (rc != 0) {
+			if (rc == BW_ENOMEM)
+				snprintf(err, errsize, "out of memory");
+			snprintf(link->why, sizeof(link->why), "%s", err);
+			schedule_retry(link); /* read again later, not at every turn of the loop */
+			return rc == BW_ECONFIG ? BW_ECONFIG : BW_EBUSY;
+		}
+		new_round(link, SIZE_MAX);
+	}
 
+	size_t i = link->order[link->pos];
+	const struct bw_amqp_node *node = &link->nodes[i];
 	struct bw_amqp *c = NULL;
-	int rc = bw_amqp_connect(&c, &link->opts, err, errsize);
+	struct bw_amqp_opts o = link->opts;
+	char *url = strndup(link->opts.url + node->off, node->len);
+	if (url == NULL) {
+		snprintf(err, errsize, "out of memory");
+		schedule_retry(link);
+		return BW_EBUSY;
+	}
+	o.url = url;
+	int rc = bw_amqp_connect(&c, &o, err, errsize);
+	explicit_bzero(url, node->len); /* it holds the broker's password */
+	free(url);
 	if (rc == 0 && link->role == BW_AMQP_PUBLISHER)
 		rc = bw_amqp_confirm_select(c, err, errsize);
 	if (rc == 0 && link->topology)
@@ -1231,9 +1366,11 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		rc = bw_amqp_consume_control(c, link->control_exchange,
 					     link->topology && link->topology->passive, err, errsize);
 	if (rc != 0) {
+		char where[BW_AMQP_NODE_NAME_MAX + 48];
 		bw_amqp_close(c);
-		schedule_retry(link);
-		snprintf(link->why, sizeof(link->why), "%s", err);
+		node_text(link, i, where, sizeof(where));
+		snprintf(link->why, sizeof(link->why), "%s: %s", where, err);
+		next_node(link);
 		return rc == BW_ECONFIG ? BW_ECONFIG : BW_EBUSY;
 	}
 	link->c = c;
@@ -1241,25 +1378,45 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	link->attempts = 0;
 	link->next_try_ms = 0;
 	link->connects++;
+	link->nodes[i].connects++;
+	link->up_since_ms = bw_clock_mono_ms();
 	*fresh = true;
 	return 0;
 }
 
 void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why)
 {
-	if (link->c)
-		snprintf(link->why, sizeof(link->why), "%s", why);
+	if (link->c) {
+		char where[BW_AMQP_NODE_NAME_MAX + 48];
+		node_text(link, link->order[link->pos], where, sizeof(where));
+		snprintf(link->why, sizeof(link->why), "%s: %s", where, why);
+	}
 	bw_amqp_link_down(link);
 }
 
 void bw_amqp_link_down(struct bw_amqp_link *link)
 {
-	if (link->c && link->why[0] == '\0')
-		snprintf(link->why, sizeof(link->why), "connection closed");
+	if (link->c == NULL) {
+		/* never up, or waiting already: a first attempt waits a backoff, a wait stays */
+		if (link->next_try_ms == 0 || link->attempts == 0)
+			schedule_retry(link);
+		return;
+	}
+	size_t on = link->order[link->pos];
+	if (link->why[0] == '\0') {
+		char where[BW_AMQP_NODE_NAME_MAX + 48];
+		node_text(link, on, where, sizeof(where));
+		snprintf(link->why, sizeof(link->why), "%s: connection closed", where);
+	}
 	bw_amqp_close(link->c);
 	link->c = NULL;
-	if (link->next_try_ms == 0 || link->attempts == 0)
-		schedule_retry(link);
+	if (bw_clock_mono_ms() - link->up_since_ms >= LINK_STABLE_MS) {
+		/* it served: the others at once, this one last (a round of one: the backoff) */
+		new_round(link, on);
+		go_on(link);
+	} else {
+		next_node(link);
+	}
 }
 
 int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link)
@@ -1268,4 +1425,14 @@ int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link)
 		return 0;
 	int64_t left = link->next_try_ms - bw_clock_mono_ms();
 	return left > 0 ? (int)left : 0;
+}
+
+const char *bw_amqp_link_node(const struct bw_amqp_link *link, size_t *index)
+{
+	if (link->c == NULL)
+		return NULL;
+	size_t i = link->order[link->pos];
+	if (index)
+		*index = i;
+	return link->nodes[i].name;
 }

@@ -96,7 +96,7 @@ enum bw_amqp_source {
 struct bw_delivery {
 	enum bw_amqp_source source;
 	uint64_t tag;
-	uint64_t channel_epoch; /* tags of an older channel are never used */
+	uint64_t channel_epoch; /* tags of an older channel or connection are never used */
 	bool redelivered;
 	char *body; /* malloc'd, NUL-terminated; len excludes the NUL. NULL when too_large */
 	size_t len; /* too_large: the size the broker declared (SIZE_MAX when larger) */
@@ -173,13 +173,14 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 void bw_delivery_free(struct bw_delivery *d);
 
 /*
- * The channel's epoch, raised at every reopen: a delivery whose channel_epoch differs (or
- * one taken on another connection) came on a channel that is gone, and the broker has given
- * it back to its queue.
+ * The channel's epoch, raised at every reopen and drawn at random for every new
+ * connection: a delivery whose channel_epoch differs came on a channel or connection that
+ * is gone (the broker has given it back to its queue), and its tag is never used.
  */
 uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c);
 
-/* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a stale channel's tag. */
+/* Acks / rejects (no requeue: to the DLX) a delivery; BW_ESTATE for a tag of a channel or
+ * connection that is gone (bw_amqp_channel_epoch). */
 int bw_amqp_ack(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
 int bw_amqp_reject(struct bw_amqp *c, const struct bw_delivery *d) BW_MUST_CHECK;
 /* Gives a delivery back to the queue (a transient failure; counts toward the delivery limit). */
@@ -241,15 +242,32 @@ bool bw_amqp_blocked(const struct bw_amqp *c);
 
 enum bw_amqp_role { BW_AMQP_CONSUMER, BW_AMQP_PUBLISHER };
 
+/* Nodes of one amqp.url a link knows at most (the nodes of one cluster, CONTRACT §6). */
+#define BW_AMQP_MAX_NODES 16
+/* "host:port" of a node as logs and metrics show it: never its user or password. */
+#define BW_AMQP_NODE_NAME_MAX 280
+
+/* One node of the link's amqp.url. */
+struct bw_amqp_node {
+	size_t off, len;                  /* its URL: opts.url[off, off + len) */
+	char name[BW_AMQP_NODE_NAME_MAX]; /* host:port */
+	uint64_t connects;                /* successful connects to it */
+};
+
 /*
- * A link keeps one connection of a role up: when it is lost it is connected again after a
- * capped exponential backoff with full jitter (bw_backoff_ms: after n failed connects in a
- * row, a uniform wait in [0, min(cap, base * 2^n)]), restoring in order: connection,
- * channel, qos, confirm mode, topology, consumer. Deliveries of an older connection are
- * never acked on the new one (bw_amqp_ack refuses their tags).
+ * A link keeps one connection of a role up, restoring in order: connection, channel, qos,
+ * confirm mode, topology, consumer. opts.url may list the nodes of one cluster,
+ * comma-separated: the link tries them in a random order, a fresh shuffle per round, and
+ * moves to the next one of the round on a failed connect and on a lost connection (the lost
+ * node goes last in a new round when its connection had been up for a while, so the others
+ * are tried first). Only after every node of a round failed does it wait a capped
+ * exponential backoff with full jitter (bw_backoff_ms: after n failed rounds in a row, a
+ * uniform wait in [0, min(cap, base * 2^n)]); one URL is a round of one node. Deliveries of
+ * an older connection or channel are never acked on the new one (bw_amqp_ack refuses their
+ * tags). Zero the struct, then set the configuration fields.
  */
 struct bw_amqp_link {
-	struct bw_amqp_opts opts;
+	struct bw_amqp_opts opts;                /* url: one URL or a comma-separated list */
 	enum bw_amqp_role role;
 	const struct bw_amqp_topology *topology; /* declared on every (re)connect when set */
 	const char *queue;                       /* consumer: the queue */
@@ -261,16 +279,28 @@ struct bw_amqp_link {
 	int backoff_cap_ms;
 
 	struct bw_amqp *c;  /* NULL while down */
-	unsigned attempts;  /* failed connects in a row */
+	unsigned attempts;  /* failed rounds in a row */
 	int64_t next_try_ms; /* monotonic; 0: now */
 	uint64_t connects;  /* successful (re)connects */
-	char why[256];      /* while down: why (the last failed connect, or what lost it) */
+	char why[512];      /* while down: why (the last failed connect, or what lost it), naming
+			       the node */
+
+	/* the nodes, read from opts.url at the first bw_amqp_link_up */
+	size_t n_nodes;
+	struct bw_amqp_node nodes[BW_AMQP_MAX_NODES];
+	size_t order[BW_AMQP_MAX_NODES]; /* this round's order: indexes into nodes */
+	size_t pos;                      /* order[pos]: the node tried next, or the one it is on */
+	size_t tried;                    /* nodes of this round that failed or were lost */
+	int64_t up_since_ms;             /* monotonic: when the connection came up */
 };
 
 /*
- * Connects the link when it is down and its backoff has run out. Returns 0 when it is up
- * (link->c usable; *fresh set when it was just (re)connected), BW_EBUSY while waiting for the next attempt (bw_amqp_link_timeout_ms says how long), BW_ECONFIG
- * for an error no retry can fix (bad credentials, topology mismatch), with err set.
+ * Connects the link when it is down and its backoff has run out: one connect attempt, to
+ * the next node of the round. Returns 0 when it is up (link->c usable; *fresh set when it
+ * was just (re)connected), BW_EBUSY while waiting for the next attempt
+ * (bw_amqp_link_timeout_ms says how long: 0 when the next node of the round is due at
+ * once), BW_ECONFIG for an error no retry can fix on that node (bad credentials, topology
+ * mismatch, an amqp.url the client cannot read), with err set.
  */
 int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t errsize)
 	BW_MUST_CHECK;
@@ -283,5 +313,11 @@ void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why);
 
 /* Milliseconds until the next connection attempt (0 when up or due). */
 int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link);
+
+/*
+ * The node the link is on (its host:port, static while up; never a password), NULL while
+ * down; *index (may be NULL) gets its 0-based place in amqp.url.
+ */
+const char *bw_amqp_link_node(const struct bw_amqp_link *link, size_t *index);
 
 #endif

@@ -1,5 +1,6 @@
 /* config.c: one table of every key: its type, default, bounds and check; INI, env and --set feed it. */
 #include "config.h"
+#include "amqp.h"
 #include "buf.h"
 #include "child.h"
 #include "credentials.h"
@@ -274,14 +275,20 @@ static const char *check_amqp_node(const char *v)
 	return NULL;
 }
 
-/* One URL, or the comma-separated URLs of a cluster's nodes: each must be valid. */
+#define BW__CONFIG_STR2(x) #x
+#define BW__CONFIG_STR(x) BW__CONFIG_STR2(x)
+
+/* One URL, or the comma-separated URLs of a cluster's nodes (at most BW_AMQP_MAX_NODES, what
+ * a link holds): each must be valid. */
 static const char *check_amqp_url(const char *v)
 {
 	bool oom = false;
 	char *node;
 	for (size_t i = 0; (node = url_node(v, i, &oom)) != NULL; i++) {
-		const char *why = check_amqp_node(node);
+		const char *why = i < BW_AMQP_MAX_NODES ? check_amqp_node(node) : NULL;
 		free_secret(node);
+		if (i >= BW_AMQP_MAX_NODES)
+			return "lists more than " BW__CONFIG_STR(BW_AMQP_MAX_NODES) " nodes";
 		if (why)
 			return why;
 	}

@@ -106,6 +106,15 @@ void bw_metrics_free(struct bw_metrics *m)
 	free(m);
 }
 
+void bw_metrics_clear(struct bw_metrics *m, enum bw_metric id)
+{
+	if (m == NULL || (unsigned)id >= BW_METRIC_COUNT)
+		return;
+	for (size_t k = 0; k < m->f[id].n; k++)
+		series_clear(&m->f[id].s[k]);
+	m->f[id].n = 0;
+}
+
 const char *bw_metric_name(enum bw_metric id)
 {
 	return (unsigned)id < BW_METRIC_COUNT ? defs[id].name : "";

@@ -77,6 +77,12 @@
 	X(BROKER_UP, "bw_broker_link_up", GAUGE,                                                   \
 	  "1 while the link's broker connection is up, by link (consumer, publisher).", NONE,      \
 	  "link")                                                                                  \
+	X(BROKER_NODE, "bw_broker_link_node_info", GAUGE,                                          \
+	  "1 for the amqp.url node (host:port) each link is on; no series while it is down.",     \
+	  NONE, "link", "node")                                                                    \
+	X(BROKER_NODE_CONNECTS, "bw_broker_connects_total", COUNTER,                               \
+	  "Successful broker connections, by link and amqp.url node (host:port).", NONE, "link",  \
+	  "node")                                                                                  \
 	X(REJECTED, "bw_rejected_messages_total", COUNTER,                                         \
 	  "backup.start messages rejected (to the DLQ), by reason.", NONE, "reason")               \
 	X(FORWARDED, "bw_forwarded_messages_total", COUNTER,                                       \
@@ -136,6 +142,9 @@ void bw_metrics_set(struct bw_metrics *m, enum bw_metric id, const char *const *
 void bw_metrics_observe(struct bw_metrics *m, enum bw_metric id, const char *const *labels,
 			double v);
 void bw_metrics_touch(struct bw_metrics *m, enum bw_metric id, const char *const *labels);
+
+/* Drops every series of metric id (a gauge whose label values change: the link's node). */
+void bw_metrics_clear(struct bw_metrics *m, enum bw_metric id);
 
 /*
  * The value of a series (a counter's or gauge's value, a histogram's count); 0 when it does

@@ -225,6 +225,15 @@ static void consume(struct worker *w, struct held *held)
 	}
 }
 
+/* "consumer link connected to 127.0.0.1:5673 (node 2 of 3)" at every (re)connect. */
+static void log_connected(const char *role, const struct bw_amqp_link *l, const char *more)
+{
+	size_t i = 0;
+	const char *node = bw_amqp_link_node(l, &i);
+	bw_log_info("%s link connected to %s (node %zu of %zu)%s", role, node ? node : "?", i + 1,
+		    l->n_nodes, more);
+}
+
 static void publish(struct worker *w)
 {
 	char err[512];
@@ -233,10 +242,10 @@ static void publish(struct worker *w)
 	if (w->publisher.c == NULL) {
 		rc = bw_amqp_link_up(&w->publisher, &fresh, err, sizeof(err));
 		if (rc == BW_ECONFIG)
-			bw_log_warnx("publisher: %s", err);
+			bw_log_warnx("publisher: %s", w->publisher.why);
 		if (rc == 0) {
-			bw_relay_reset(w->relay);
-			bw_log_info("publisher connected");
+			bw_relay_reset(w->relay); /* what the last connection left unconfirmed goes again */
+			log_connected("publisher", &w->publisher, "");
 		}
 	}
 	if (rc == 0 && bw_relay_step(w->relay, w->publisher.c, err, sizeof(err)) == BW_EAMQP) {
@@ -667,9 +676,12 @@ static enum turn dispatch(struct loop *lp)
 	if (taking_jobs(w) && w->consumer.c == NULL) {
 		int rc = bw_amqp_link_up(&w->consumer, &fresh, err, sizeof(err));
 		if (rc == BW_ECONFIG)
-			bw_log_warnx("consumer: %s", err);
-		else if (rc == 0)
-			bw_log_info("consuming %s", w->cfg->amqp_queue);
+			bw_log_warnx("consumer: %s", w->consumer.why);
+		else if (rc == 0) {
+			char more[300];
+			snprintf(more, sizeof(more), "; consuming %s", w->cfg->amqp_queue);
+			log_connected("consumer", &w->consumer, more);
+		}
 	}
 	consume(w, &lp->held);
 	publish(w);

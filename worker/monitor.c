@@ -106,6 +106,18 @@ static void collect(struct worker *w)
 		bw_metrics_set(m, BW_METRIC_BROKER_RECONNECTS, LABELS(link_names[i]),
 			       l->connects > 1 ? (double)(l->connects - 1) : 0);
 	}
+	/* only the node each link is on now: the series of the one it left go */
+	bw_metrics_clear(m, BW_METRIC_BROKER_NODE);
+	for (size_t i = 0; i < BW_NAMES(link_names); i++) {
+		const struct bw_amqp_link *l = link_of(w, i);
+		const char *node = bw_amqp_link_node(l, NULL);
+		if (node)
+			bw_metrics_set(m, BW_METRIC_BROKER_NODE, LABELS(link_names[i], node), 1);
+		for (size_t k = 0; k < l->n_nodes; k++)
+			bw_metrics_set(m, BW_METRIC_BROKER_NODE_CONNECTS,
+				       LABELS(link_names[i], l->nodes[k].name),
+				       (double)l->nodes[k].connects);
+	}
 	uint64_t confirmed = 0, failed = 0, waits = 0, retries = 0;
 	bw_relay_stats(w->relay, &confirmed, &failed);
 	bw_metrics_set(m, BW_METRIC_RELAY_CONFIRMED, NULL, (double)confirmed);

@@ -643,6 +643,138 @@ static void test_links_recover_from_closed_connections(void **state)
 	bw_amqp_link_down(&pub);
 }
 
+/*
+ * A delivery taken on one connection is never settled on the next one (a reconnect to the
+ * same node here; a move to another node is the same thing): the ack is refused with
+ * BW_ESTATE, and the broker gives the message again on the new connection. Both
+ * connections' channels are at their first epoch, so only a per-connection epoch tells
+ * them apart; acking the old tag would have acked the redelivery (tag 1 again).
+ */
+static void test_delivery_of_an_older_connection_is_never_acked(void **state)
+{
+	(void)state;
+	char names[5][64];
+	struct bw_amqp_topology t = topo("t14", names);
+	struct bw_amqp_link con = link_of(BW_AMQP_CONSUMER, &t, 10);
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&con, 10000);
+	publish_n(&pub, t.jobs_exchange, 1, 16);
+	struct bw_delivery old;
+	assert_true(next_delivery(con.c, &old, 5000));
+	assert_false(old.redelivered);
+	bw_amqp_link_down(&con);
+	link_up(&con, 10000);
+	assert_int_equal(con.connects, 2);
+	assert_int_equal(bw_amqp_ack(con.c, &old), BW_ESTATE);
+	assert_int_equal(bw_amqp_reject(con.c, &old), BW_ESTATE);
+	assert_int_equal(bw_amqp_requeue(con.c, &old), BW_ESTATE);
+	struct bw_delivery again;
+	assert_true(next_delivery(con.c, &again, 5000));
+	assert_true(again.redelivered);
+	assert_int_equal(again.len, old.len);
+	assert_memory_equal(again.body, old.body, old.len);
+	print_message("old delivery: tag %llu epoch %llu; redelivered: tag %llu epoch %llu\n",
+		      (unsigned long long)old.tag, (unsigned long long)old.channel_epoch,
+		      (unsigned long long)again.tag, (unsigned long long)again.channel_epoch);
+	assert_int_equal(bw_amqp_ack(con.c, &again), 0);
+	bw_delivery_free(&again);
+	bw_delivery_free(&old);
+	/* the ack of the redelivery landed, the refused ones did nothing: the queue is empty */
+	bw_amqp_link_down(&con);
+	link_up(&con, 10000);
+	struct bw_delivery none;
+	assert_false(next_delivery(con.c, &none, 500));
+	bw_amqp_link_down(&con);
+	bw_amqp_link_down(&pub);
+}
+
+/*
+ * amqp.url with a node that refuses (port 1) and the real broker: whichever comes first
+ * in the round's random order, the link is up after at most two attempts with no wait
+ * between them (the backoff, 5 s here, only follows a whole failed round), logs which
+ * node it is on, and the failed node's reason names that node. Twenty fresh links see
+ * the refusing node first at least once (a fresh shuffle each; all twenty missing it has
+ * a chance of 2^-20).
+ */
+static void test_first_node_down_connects_to_the_next_at_once(void **state)
+{
+	(void)state;
+	char names[5][64], list[700], err[512], want[64];
+	struct bw_amqp_topology t = topo("t15", names);
+	snprintf(list, sizeof(list), "amqp://guest:guest@127.0.0.1:1,%s", url);
+	snprintf(want, sizeof(want), "127.0.0.1:%s", getenv("BW_TEST_AMQP_PORT"));
+	int refused_first = 0;
+	for (int run = 0; run < 20; run++) {
+		struct bw_amqp_link l = link_of(BW_AMQP_CONSUMER, &t, 10);
+		l.opts.url = list;
+		l.backoff_base_ms = l.backoff_cap_ms = 5000;
+		bool fresh = false;
+		int64_t start = now_ms();
+		int rc = bw_amqp_link_up(&l, &fresh, err, sizeof(err));
+		if (rc != 0) {
+			refused_first++;
+			assert_int_equal(rc, BW_EBUSY);
+			assert_int_equal(bw_amqp_link_timeout_ms(&l), 0); /* the next node: now */
+			assert_non_null(strstr(l.why, "127.0.0.1:1 (node 1 of 2): connect "));
+			assert_null(strstr(l.why, "guest"));
+			rc = bw_amqp_link_up(&l, &fresh, err, sizeof(err));
+		}
+		if (rc != 0)
+			print_message("link_up: %s\n", err);
+		assert_int_equal(rc, 0);
+		assert_true(fresh);
+		assert_true(now_ms() - start < 2000);
+		size_t index = 9;
+		assert_string_equal(bw_amqp_link_node(&l, &index), want);
+		assert_int_equal(index, 1);
+		assert_int_equal(l.nodes[1].connects, 1);
+		assert_int_equal(l.nodes[0].connects, 0);
+		bw_amqp_link_down(&l);
+		assert_null(bw_amqp_link_node(&l, NULL));
+	}
+	print_message("the refusing node came first in %d of 20 rounds\n", refused_first);
+	assert_true(refused_first > 0 && refused_first < 20);
+}
+
+/*
+ * Every node down: a round is every node once, with no wait inside it; then the backoff
+ * (and only then). A stable connection lost moves to the other node at once.
+ */
+static void test_backoff_only_after_a_whole_round(void **state)
+{
+	(void)state;
+	char names[5][64], list[700], err[512];
+	struct bw_amqp_topology t = topo("t16", names);
+	struct bw_amqp_link l = link_of(BW_AMQP_CONSUMER, &t, 10);
+	l.opts.url = "amqp://guest:guest@127.0.0.1:1,amqp://guest:guest@127.0.0.1:2";
+	l.backoff_base_ms = l.backoff_cap_ms = 60000;
+	bool fresh;
+	assert_int_equal(bw_amqp_link_up(&l, &fresh, err, sizeof(err)), BW_EBUSY);
+	assert_int_equal(l.attempts, 0);
+	assert_int_equal(l.next_try_ms, 0);
+	assert_int_equal(bw_amqp_link_up(&l, &fresh, err, sizeof(err)), BW_EBUSY);
+	assert_int_equal(l.attempts, 1); /* the round failed: now the backoff */
+	assert_true(l.next_try_ms > 0);
+	assert_int_equal(bw_amqp_link_up(&l, &fresh, err, sizeof(err)), BW_EBUSY);
+	assert_int_equal(l.attempts, 1); /* waiting: no attempt */
+
+	/* the real broker next to a refusing node: a connection that served, lost, moves on */
+	snprintf(list, sizeof(list), "%s,amqp://guest:guest@127.0.0.1:1", url);
+	struct bw_amqp_link m = link_of(BW_AMQP_CONSUMER, &t, 10);
+	m.opts.url = list;
+	m.backoff_base_ms = m.backoff_cap_ms = 60000;
+	while (bw_amqp_link_up(&m, &fresh, err, sizeof(err)) != 0)
+		assert_int_equal(m.next_try_ms, 0);
+	m.up_since_ms -= 60000; /* as if up for a minute */
+	bw_amqp_link_lost(&m, "as if lost");
+	assert_non_null(strstr(m.why, "(node 1 of 2): as if lost"));
+	assert_int_equal(m.next_try_ms, 0); /* the other node at once */
+	assert_int_equal(m.order[m.pos], 1);
+	assert_int_equal(bw_amqp_link_up(&m, &fresh, err, sizeof(err)), BW_EBUSY);
+	assert_true(m.next_try_ms > 0); /* it refused: the round is over, the backoff runs */
+	assert_int_equal(m.attempts, 1);
+}
+
 static void test_memory_flat_over_100k_messages(void **state)
 {
 	(void)state;
@@ -971,6 +1103,9 @@ int main(void)
 		cmocka_unit_test(test_bad_credentials_and_port),
 		cmocka_unit_test(test_body_over_the_limit_is_dropped_unheld),
 		cmocka_unit_test(test_links_recover_from_closed_connections),
+		cmocka_unit_test(test_delivery_of_an_older_connection_is_never_acked),
+		cmocka_unit_test(test_first_node_down_connects_to_the_next_at_once),
+		cmocka_unit_test(test_backoff_only_after_a_whole_round),
 		cmocka_unit_test(test_memory_flat_over_100k_messages),
 		cmocka_unit_test(test_never_acked_message_ends_in_dlq),
 		cmocka_unit_test(test_busy_loop_recovers_cleanly),

@@ -14,6 +14,7 @@
 #include <amqp.h>
 
 #include "child.h"
+#include "amqp.h"
 #include "config.h"
 #include "../testutil.h"
 
@@ -443,6 +444,24 @@ static void test_errors_never_echo_a_secret(void **state)
 	free(errors);
 }
 
+static void test_amqp_url_node_count_is_bounded(void **state)
+{
+	(void)state;
+	char set[64 + 40 * (BW_AMQP_MAX_NODES + 1)] = "amqp.url=";
+	for (int i = 0; i <= BW_AMQP_MAX_NODES; i++)
+		snprintf(set + strlen(set), sizeof(set) - strlen(set), "%samqp://127.0.0.1:%d",
+			 i ? "," : "", 5672 + i);
+	char *sets[] = {set};
+	char *errors = load_errors(NULL, sets, 1);
+	assert_string_equal(errors, "--set: amqp.url: lists more than 16 nodes\n");
+	free(errors);
+	/* as many as a link holds is fine */
+	*strrchr(set, ',') = '\0';
+	struct bw_config *cfg = NULL;
+	assert_int_equal(bw_config_load(&cfg, NULL, sets, 1, NULL), 0);
+	bw_config_free(cfg);
+}
+
 /* Writes text to path with mode; returns path. */
 static const char *put_file(const char *path, const char *text, mode_t mode)
 {
@@ -587,6 +606,7 @@ int main(void)
 		cmocka_unit_test(test_exposure_refused_and_warned),
 		cmocka_unit_test(test_format_masks_every_url_password),
 		cmocka_unit_test(test_errors_never_echo_a_secret),
+		cmocka_unit_test(test_amqp_url_node_count_is_bounded),
 		cmocka_unit_test(test_secrets_from_files),
 		cmocka_unit_test(test_sample_config_is_valid),
 	};

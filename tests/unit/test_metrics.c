@@ -103,6 +103,27 @@ static void test_counters_and_gauges(void **state)
 	bw_metrics_free(m);
 }
 
+/* The node a link is on: the series of the node it left go, the others stay. */
+static void test_clear_drops_every_series_of_one_metric(void **state)
+{
+	(void)state;
+	struct bw_metrics *m = NULL;
+	assert_int_equal(bw_metrics_new(&m), 0);
+	bw_metrics_set(m, BW_METRIC_BROKER_NODE, L("consumer", "127.0.0.1:5672"), 1);
+	bw_metrics_set(m, BW_METRIC_BROKER_UP, L("consumer"), 1);
+	bw_metrics_clear(m, BW_METRIC_BROKER_NODE);
+	bw_metrics_set(m, BW_METRIC_BROKER_NODE, L("consumer", "127.0.0.1:5673"), 1);
+	char *page = render(m);
+	assert_null(strstr(page, "5672"));
+	assert_non_null(strstr(page, "bw_broker_link_node_info{link=\"consumer\",node=\"127.0.0.1:5673\"} 1\n"));
+	assert_non_null(strstr(page, "bw_broker_link_up{link=\"consumer\"} 1\n"));
+	free(page);
+	bw_metrics_clear(m, BW_METRIC_BROKER_NODE);
+	assert_true(bw_metrics_value(m, BW_METRIC_BROKER_NODE, L("consumer", "127.0.0.1:5673")) == 0);
+	bw_metrics_clear(NULL, BW_METRIC_BROKER_NODE); /* no registry: nothing */
+	bw_metrics_free(m);
+}
+
 static void test_label_values_escaped(void **state)
 {
 	(void)state;
@@ -245,6 +266,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_empty_registry_declares_every_metric),
 		cmocka_unit_test(test_counters_and_gauges),
+		cmocka_unit_test(test_clear_drops_every_series_of_one_metric),
 		cmocka_unit_test(test_label_values_escaped),
 		cmocka_unit_test(test_histogram_buckets),
 		cmocka_unit_test(test_series_bounded),
