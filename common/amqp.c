@@ -955,8 +955,8 @@ int bw_amqp_confirm_select(struct bw_amqp *c, char *err, size_t errsize)
 	return rc;
 }
 
-int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *routing_key,
-		    const char *id, const char *body, size_t len, uint64_t *seq)
+/* A publish may go out: the connection is usable, not blocked, and its confirm has a slot. */
+static int pending_room(struct bw_amqp *c)
 {
 	if (c->lost)
 		return BW_EAMQP;
@@ -970,6 +970,15 @@ int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *ro
 		c->pending = p;
 		c->cap_pending = cap;
 	}
+	return 0;
+}
+
+int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *routing_key,
+		    const char *id, const char *body, size_t len, uint64_t *seq)
+{
+	int rc = pending_room(c);
+	if (rc != 0)
+		return rc;
 	char *idc = strdup(id);
 	if (idc == NULL)
 		return BW_ENOMEM;
@@ -997,18 +1006,9 @@ int bw_amqp_publish(struct bw_amqp *c, const char *exchange_name, const char *ro
 int bw_amqp_publish_message(struct bw_amqp *c, const char *exchange_name,
 			    const char *routing_key, const struct bw_amqp_outgoing *m, uint64_t *seq)
 {
-	if (c->lost)
-		return BW_EAMQP;
-	if (c->blocked)
-		return BW_EBUSY;
-	if (c->n_pending == c->cap_pending) {
-		size_t cap = c->cap_pending ? c->cap_pending * 2 : 64;
-		struct pending_publish *p = realloc(c->pending, cap * sizeof(*p));
-		if (p == NULL)
-			return BW_ENOMEM;
-		c->pending = p;
-		c->cap_pending = cap;
-	}
+	int rc = pending_room(c);
+	if (rc != 0)
+		return rc;
 	amqp_table_entry_t h[] = {entry(SEQ_HEADER, i64_value((int64_t)c->next_seq))};
 	amqp_basic_properties_t props;
 	memset(&props, 0, sizeof(props));

@@ -17,6 +17,7 @@ struct settled {
 	uint64_t seq;
 	bool done;
 	bool ok;
+	bool returned; /* settled as returned unroutable (bw_amqp_why_returned) */
 	char why[128];
 };
 
@@ -27,6 +28,7 @@ static void settled_cb(void *arg, uint64_t seq, bool ok, const char *why)
 		return;
 	s->done = true;
 	s->ok = ok;
+	s->returned = why == bw_amqp_why_returned; /* the pointer says it, not the words */
 	snprintf(s->why, sizeof(s->why), "%s", why ? why : "");
 }
 
@@ -34,7 +36,7 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 			      const char *id, const char *body, size_t len, int timeout_ms,
 			      char *err, size_t errsize)
 {
-	struct settled s = {0, false, false, ""};
+	struct settled s = {0, false, false, false, ""};
 	int rc;
 	err[0] = '\0';
 	/* a missing exchange closes the channel: say so plainly rather than "channel closed" */
@@ -73,7 +75,7 @@ int bw_amqp_publish_confirmed(struct bw_amqp *c, const char *exchange, const cha
 	}
 	if (s.ok)
 		return 0;
-	if (strstr(s.why, "unroutable") != NULL) {
+	if (s.returned) {
 		snprintf(err, errsize,
 			 "returned unroutable: no queue is bound to %s with routing key %s",
 			 exchange[0] ? exchange : "(default exchange)", routing_key);

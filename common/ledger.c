@@ -166,6 +166,13 @@ static const char *const migrations[] = {schema_v1, schema_v2, schema_v3};
  * prepared once per handle (stmt) and run through run/query. Only the migration scripts
  * above are run otherwise (exec_script): they are several DDL statements each.
  */
+/* The retention rule for a job j finished before cutoff (a parameter): see bw_ledger_prune. */
+#define SQL_PRUNABLE(cutoff)                                                                    \
+	"j.state IN ('completed','compensated') AND j.updated_at < " cutoff                     \
+	" AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id"                      \
+	"  AND o.published_at IS NULL)"                                                          \
+	" AND NOT EXISTS (SELECT 1 FROM ports p WHERE p.job_id = j.job_id)"
+
 static const char *const stmt_sql[BW__ST_COUNT] = {
 	[BW__ST_FENCE] = "SELECT generation, seq, state FROM jobs WHERE job_id = ?1",
 	[BW__ST_JOB_STATE] = "SELECT state, message = ?2 FROM jobs WHERE job_id = ?1",
@@ -300,22 +307,16 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 
 	/*
 	 * Retention (bw_ledger_prune). A job may go when it is finished, finished before ?
-	 * (the cutoff), has no unpublished event and holds no port: the candidates are read
-	 * with this rule outside the write lock and each one is checked again inside it.
+	 * (the cutoff), has no unpublished event and holds no port (SQL_PRUNABLE): the
+	 * candidates are read with this rule outside the write lock and each one is checked
+	 * again inside it.
 	 */
 	[BW__ST_TOMBSTONE_GET] = "SELECT state, message_hash FROM job_tombstones WHERE job_id = ?1",
-	[BW__ST_PRUNE_CANDIDATES] = "SELECT job_id FROM jobs j"
-				" WHERE state IN ('completed','compensated') AND updated_at < ?1"
-				" AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id"
-				"  AND o.published_at IS NULL)"
-				" AND NOT EXISTS (SELECT 1 FROM ports p WHERE p.job_id = j.job_id)"
+	[BW__ST_PRUNE_CANDIDATES] = "SELECT job_id FROM jobs j WHERE " SQL_PRUNABLE("?1")
 				" ORDER BY updated_at LIMIT ?2",
 	[BW__ST_PRUNE_DISK_KEYS] = "SELECT disk_key FROM job_disks WHERE job_id = ?1",
 	[BW__ST_PRUNE_CHECK] = "SELECT state, updated_at, message FROM jobs j WHERE job_id = ?1"
-			   " AND state IN ('completed','compensated') AND updated_at < ?2"
-			   " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id"
-			   "  AND o.published_at IS NULL)"
-			   " AND NOT EXISTS (SELECT 1 FROM ports p WHERE p.job_id = j.job_id)",
+			   " AND " SQL_PRUNABLE("?2"),
 	[BW__ST_TOMBSTONE_PUT] = "INSERT OR REPLACE INTO job_tombstones (job_id, state, finished_at,"
 			     " message_hash, pruned_at) VALUES (?1, ?2, ?3, ?4, ?5)",
 	[BW__ST_PRUNE_HISTORY] = "DELETE FROM job_history WHERE job_id = ?1",
