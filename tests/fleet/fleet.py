@@ -510,11 +510,18 @@ class Publisher:
                                       pika.BasicProperties(delivery_mode=2, content_type="application/json"),
                                       mandatory=True)
                 return "ok"
-            except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
-                # definite: not enqueued (no queue bound yet, or the broker refused it)
+            except pika.exceptions.UnroutableError:
+                # definite: not enqueued (no queue bound yet)
                 if time.time() > end:
                     raise
                 time.sleep(0.2)
+            except pika.exceptions.NackError:
+                # a quorum queue that lost its leader nacks, yet the message may still be
+                # committed: no answer, like a lost connection (publishing the same job_id
+                # again could reach two hosts, whose ledgers do not know each other); pika's
+                # channel keeps failing after a nack, so the next publish opens another
+                self.close()
+                return "info"
             except pika.exceptions.ChannelClosedByBroker:
                 if time.time() > end:
                     raise
