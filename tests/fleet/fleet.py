@@ -37,7 +37,9 @@ sys.path.insert(0, HERE)
 import checker  # noqa: E402
 
 MiB = 1 << 20
-NBD_PORT_BASE = 24000      # host i serves NBD on 24000 + 100 i ... (others use 22300-23999)
+# host i serves NBD on base + 100 i ... (others use 22300-23999); BW_FLEET_NBD_BASE moves it,
+# so that two fleet runs can share the machine
+NBD_PORT_BASE = int(os.environ.get("BW_FLEET_NBD_BASE", "24000"))
 NBD_PORTS_PER_HOST = 48    # 2 workers x 4 jobs x 3 disks = 24 at most at once, twice that
 EVENTS_QUEUE_PREFIX = "fleet.events."
 JOB_PREFIX = "fleet-"      # every job_id of a fleet run starts with it (then the run's tag)
