@@ -1241,6 +1241,8 @@ static int find_nodes(struct bw_amqp_link *link, char *err, size_t errsize)
 			bool v6 = strchr(info.host, ':') != NULL;
 			snprintf(link->nodes[n].name, sizeof(link->nodes[n].name), "%s%s%s:%d",
 				 v6 ? "[" : "", info.host, v6 ? "]" : "", info.port);
+			snprintf(link->nodes[n].host, sizeof(link->nodes[n].host), "%s", info.host);
+			link->nodes[n].port = info.port;
 		}
 		explicit_bzero(url, len); /* it holds the broker's password */
 		free(url);
@@ -1324,7 +1326,7 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	*fresh = false;
 	if (link->c)
 		return 0;
-	if (link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
+	if (!link->probing && link->next_try_ms && bw_clock_mono_ms() < link->next_try_ms)
 		return BW_EBUSY;
 	if (link->n_nodes == 0) {
 		int rc = find_nodes(link, err, errsize);
@@ -1340,6 +1342,28 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 
 	size_t i = link->order[link->pos];
 	const struct bw_amqp_node *node = &link->nodes[i];
+	int rc = link->probing ? 0
+			       : bw_probe_start(&link->probe, node->host, node->port,
+						link->opts.timeout_ms, err, errsize);
+	link->probing = rc == 0;
+	if (rc == 0)
+		rc = bw_probe_step(&link->probe, err, errsize);
+	if (rc == BW_EBUSY)
+		return BW_EBUSY; /* no answer yet: the caller polls bw_amqp_link_pollfd */
+	if (link->probing)
+		bw_probe_stop(&link->probe);
+	link->probing = false;
+	if (rc != 0) {
+		char where[BW_AMQP_NODE_NAME_MAX + 48];
+		if (rc == BW_ENOMEM)
+			snprintf(err, errsize, "out of memory");
+		node_text(link, i, where, sizeof(where));
+		snprintf(link->why, sizeof(link->why), "%s: %s", where, err);
+		next_node(link);
+		return BW_EBUSY;
+	}
+
+	/* the node answered: the blocking connect and login meet a live peer */
 	struct bw_amqp *c = NULL;
 	struct bw_amqp_opts o = link->opts;
 	char *url = strndup(link->opts.url + node->off, node->len);
@@ -1349,7 +1373,7 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 		return BW_EBUSY;
 	}
 	o.url = url;
-	int rc = bw_amqp_connect(&c, &o, err, errsize);
+	rc = bw_amqp_connect(&c, &o, err, errsize);
 	explicit_bzero(url, node->len); /* it holds the broker's password */
 	free(url);
 	if (rc == 0 && link->role == BW_AMQP_PUBLISHER)
@@ -1396,6 +1420,10 @@ void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why)
 
 void bw_amqp_link_down(struct bw_amqp_link *link)
 {
+	if (link->probing) {
+		bw_probe_stop(&link->probe);
+		link->probing = false;
+	}
 	if (link->c == NULL) {
 		/* never up, or waiting already: a first attempt waits a backoff, a wait stays */
 		if (link->next_try_ms == 0 || link->attempts == 0)
@@ -1421,6 +1449,8 @@ void bw_amqp_link_down(struct bw_amqp_link *link)
 
 int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link)
 {
+	if (link->probing)
+		return bw_probe_timeout_ms(&link->probe);
 	if (link->c || link->next_try_ms == 0)
 		return 0;
 	int64_t left = link->next_try_ms - bw_clock_mono_ms();
@@ -1435,4 +1465,12 @@ const char *bw_amqp_link_node(const struct bw_amqp_link *link, size_t *index)
 	if (index)
 		*index = i;
 	return link->nodes[i].name;
+}
+
+int bw_amqp_link_pollfd(const struct bw_amqp_link *link, short *events)
+{
+	if (!link->probing)
+		return -1;
+	*events = bw_probe_events(&link->probe);
+	return bw_probe_fd(&link->probe);
 }

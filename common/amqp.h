@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "probe.h"
 
 /*
  * A worker holds two: one consumes backup.start, one publishes events with confirms
@@ -251,6 +252,8 @@ enum bw_amqp_role { BW_AMQP_CONSUMER, BW_AMQP_PUBLISHER };
 struct bw_amqp_node {
 	size_t off, len;                  /* its URL: opts.url[off, off + len) */
 	char name[BW_AMQP_NODE_NAME_MAX]; /* host:port */
+	char host[BW_AMQP_NODE_NAME_MAX]; /* the host alone (as the URL gives it, decoded) */
+	int port;
 	uint64_t connects;                /* successful connects to it */
 };
 
@@ -262,7 +265,10 @@ struct bw_amqp_node {
  * node goes last in a new round when its connection had been up for a while, so the others
  * are tried first). Only after every node of a round failed does it wait a capped
  * exponential backoff with full jitter (bw_backoff_ms: after n failed rounds in a row, a
- * uniform wait in [0, min(cap, base * 2^n)]); one URL is a round of one node. Deliveries of
+ * uniform wait in [0, min(cap, base * 2^n)]); one URL is a round of one node. Before the
+ * blocking connect and login, a node must answer a probe (probe.h) that runs on the
+ * caller's poll: a node that takes connections and says nothing fails within
+ * opts.timeout_ms without ever holding the caller. Deliveries of
  * an older connection or channel are never acked on the new one (bw_amqp_ack refuses their
  * tags). Zero the struct, then set the configuration fields.
  */
@@ -292,15 +298,20 @@ struct bw_amqp_link {
 	size_t pos;                      /* order[pos]: the node tried next, or the one it is on */
 	size_t tried;                    /* nodes of this round that failed or were lost */
 	int64_t up_since_ms;             /* monotonic: when the connection came up */
+	bool probing;                    /* probe: asking order[pos] whether it answers */
+	struct bw_probe probe;
 };
 
 /*
- * Connects the link when it is down and its backoff has run out: one connect attempt, to
- * the next node of the round. Returns 0 when it is up (link->c usable; *fresh set when it
- * was just (re)connected), BW_EBUSY while waiting for the next attempt
- * (bw_amqp_link_timeout_ms says how long: 0 when the next node of the round is due at
- * once), BW_ECONFIG for an error no retry can fix on that node (bad credentials, topology
- * mismatch, an amqp.url the client cannot read), with err set.
+ * Connects the link when it is down and its backoff has run out, one step at a time and
+ * never waiting on the network: it probes the next node of the round (or moves the probe
+ * on), and once the node answered, connects and restores the link (librabbitmq's blocking
+ * calls, on a node that just answered). Returns 0 when it is up (link->c usable; *fresh set
+ * when it was just (re)connected), BW_EBUSY while waiting: for the next attempt, or for the
+ * probe's answer (poll bw_amqp_link_pollfd; bw_amqp_link_timeout_ms says how long: 0 when
+ * the next node of the round is due at once), BW_ECONFIG for an error no retry can fix on
+ * that node (bad credentials, topology mismatch, an amqp.url the client cannot read), with
+ * err set.
  */
 int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t errsize)
 	BW_MUST_CHECK;
@@ -311,8 +322,17 @@ void bw_amqp_link_down(struct bw_amqp_link *link);
 /* The same, keeping why (for monitoring: link->why until it is up again). */
 void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why);
 
-/* Milliseconds until the next connection attempt (0 when up or due). */
+/*
+ * Milliseconds until the next connection attempt, or until the probe of a node gives up
+ * (0 when up or due).
+ */
 int bw_amqp_link_timeout_ms(const struct bw_amqp_link *link);
+
+/*
+ * While the link probes a node: the socket to poll (and *events), so that its answer wakes
+ * the caller, who then calls bw_amqp_link_up again. -1 otherwise.
+ */
+int bw_amqp_link_pollfd(const struct bw_amqp_link *link, short *events);
 
 /*
  * The node the link is on (its host:port, static while up; never a password), NULL while

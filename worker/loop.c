@@ -510,7 +510,10 @@ static int next_deadline_ms(struct loop *lp, int64_t now)
 	return t;
 }
 
-/* Waits up to timeout_ms for input on the signalfd, the broker sockets or the SNA's. */
+/*
+ * Waits up to timeout_ms for input on the signalfd, the broker sockets (a link's probe of a
+ * node among them), the metrics endpoint or the SNA's.
+ */
 static void wait_ready(struct loop *lp, int timeout_ms)
 {
 	struct worker *w = &lp->w;
@@ -521,6 +524,13 @@ static void wait_ready(struct loop *lp, int timeout_ms)
 		fds[n++] = (struct pollfd){bw_amqp_fd(w->consumer.c), POLLIN, 0};
 	if (w->publisher.c)
 		fds[n++] = (struct pollfd){bw_amqp_fd(w->publisher.c), POLLIN, 0};
+	struct bw_amqp_link *links[] = {&w->consumer, &w->publisher};
+	for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
+		short events = 0;
+		int fd = bw_amqp_link_pollfd(links[i], &events); /* a node's answer to a probe */
+		if (fd >= 0)
+			fds[n++] = (struct pollfd){fd, events, 0};
+	}
 	if (w->http)
 		fds[n++] = (struct pollfd){bw_http_fd(w->http), POLLIN, 0};
 	n += bw_sna_pollfds(w->sna, fds + n, MAX_POLLFDS - n);

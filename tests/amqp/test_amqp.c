@@ -4,10 +4,14 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
+#include <inttypes.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -689,6 +693,25 @@ static void test_delivery_of_an_older_connection_is_never_acked(void **state)
 }
 
 /*
+ * One whole connection attempt of the link: bw_amqp_link_up, and while its probe waits for
+ * the node, a poll of the probe's socket and bw_amqp_link_up again, as the worker's loop
+ * does. Returns the attempt's result.
+ */
+static int attempt(struct bw_amqp_link *l, bool *fresh, char *err, size_t errsize)
+{
+	for (;;) {
+		int rc = bw_amqp_link_up(l, fresh, err, errsize);
+		short events = 0;
+		int fd = bw_amqp_link_pollfd(l, &events);
+		if (fd < 0)
+			return rc;
+		assert_int_equal(rc, BW_EBUSY);
+		struct pollfd pfd = {fd, events, 0};
+		poll(&pfd, 1, bw_amqp_link_timeout_ms(l));
+	}
+}
+
+/*
  * amqp.url with a node that refuses (port 1) and the real broker: whichever comes first
  * in the round's random order, the link is up after at most two attempts with no wait
  * between them (the backoff, 5 s here, only follows a whole failed round), logs which
@@ -710,14 +733,14 @@ static void test_first_node_down_connects_to_the_next_at_once(void **state)
 		l.backoff_base_ms = l.backoff_cap_ms = 5000;
 		bool fresh = false;
 		int64_t start = now_ms();
-		int rc = bw_amqp_link_up(&l, &fresh, err, sizeof(err));
+		int rc = attempt(&l, &fresh, err, sizeof(err));
 		if (rc != 0) {
 			refused_first++;
 			assert_int_equal(rc, BW_EBUSY);
 			assert_int_equal(bw_amqp_link_timeout_ms(&l), 0); /* the next node: now */
-			assert_non_null(strstr(l.why, "127.0.0.1:1 (node 1 of 2): connect "));
+			assert_non_null(strstr(l.why, "127.0.0.1:1 (node 1 of 2): connect: "));
 			assert_null(strstr(l.why, "guest"));
-			rc = bw_amqp_link_up(&l, &fresh, err, sizeof(err));
+			rc = attempt(&l, &fresh, err, sizeof(err));
 		}
 		if (rc != 0)
 			print_message("link_up: %s\n", err);
@@ -773,6 +796,75 @@ static void test_backoff_only_after_a_whole_round(void **state)
 	assert_int_equal(bw_amqp_link_up(&m, &fresh, err, sizeof(err)), BW_EBUSY);
 	assert_true(m.next_try_ms > 0); /* it refused: the round is over, the backoff runs */
 	assert_int_equal(m.attempts, 1);
+}
+
+/*
+ * A node that takes connections and never answers (a listening socket nobody accepts from:
+ * the kernel completes the handshake, as for a frozen broker or a cut that swallows the
+ * bytes) next to the real broker. No call of bw_amqp_link_up ever waits for it: each
+ * returns at once while the probe waits on the caller's poll; the silent node fails after
+ * opts.timeout_ms with a reason that says so, and the link moves on to the real broker.
+ * Before the probe, one call waited the whole timeout inside librabbitmq's login.
+ */
+static void test_silent_node_never_holds_the_caller(void **state)
+{
+	(void)state;
+	char names[5][64], list[700], err[512];
+	struct bw_amqp_topology t = topo("t17", names);
+	int silent = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t len = sizeof(sa);
+	assert_int_equal(bind(silent, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(silent, 16), 0);
+	assert_int_equal(getsockname(silent, (struct sockaddr *)&sa, &len), 0);
+	snprintf(list, sizeof(list), "amqp://guest:guest@127.0.0.1:%d,%s", ntohs(sa.sin_port), url);
+
+	int silent_seen = 0;
+	for (int run = 0; run < 6; run++) {
+		struct bw_amqp_link l = link_of(BW_AMQP_CONSUMER, &t, 10);
+		l.opts.url = list;
+		l.opts.timeout_ms = 400;
+		l.backoff_base_ms = l.backoff_cap_ms = 5000;
+		bool fresh = false, was_silent = false;
+		int64_t start = now_ms(), longest = 0;
+		int rc, calls = 0;
+		for (;;) {
+			int64_t t0 = now_ms();
+			rc = bw_amqp_link_up(&l, &fresh, err, sizeof(err));
+			if (rc == 0)
+				break;
+			longest = now_ms() - t0 > longest ? now_ms() - t0 : longest;
+			calls++;
+			assert_int_equal(rc, BW_EBUSY);
+			short events = 0;
+			int fd = bw_amqp_link_pollfd(&l, &events);
+			if (fd >= 0 && l.order[l.pos] == 0) {
+				was_silent = true;
+				assert_true(bw_amqp_link_timeout_ms(&l) <= 400);
+			}
+			if (fd < 0) { /* the silent node failed: the broker is next, at once */
+				assert_non_null(strstr(l.why, "(node 1 of 2): no answer to the AMQP header "
+							      "in 400 ms"));
+				assert_int_equal(bw_amqp_link_timeout_ms(&l), 0);
+			}
+			struct pollfd pfd = {fd, events, 0};
+			poll(&pfd, fd >= 0 ? 1 : 0, 20);
+			assert_true(now_ms() - start < 5000);
+		}
+		assert_true(fresh);
+		assert_int_equal(l.nodes[1].connects, 1);
+		if (was_silent) {
+			silent_seen++;
+			assert_true(now_ms() - start >= 400); /* it waited for the silent node ... */
+			print_message("silent node first: up after %" PRId64 " ms, %d call(s), the "
+				      "longest %" PRId64 " ms\n",
+				      now_ms() - start, calls, longest);
+		}
+		assert_true(longest < 200); /* ... but never inside a call */
+		bw_amqp_link_down(&l);
+	}
+	close(silent);
+	print_message("the silent node came first in %d of 6 rounds\n", silent_seen);
 }
 
 static void test_memory_flat_over_100k_messages(void **state)
@@ -1106,6 +1198,7 @@ int main(void)
 		cmocka_unit_test(test_delivery_of_an_older_connection_is_never_acked),
 		cmocka_unit_test(test_first_node_down_connects_to_the_next_at_once),
 		cmocka_unit_test(test_backoff_only_after_a_whole_round),
+		cmocka_unit_test(test_silent_node_never_holds_the_caller),
 		cmocka_unit_test(test_memory_flat_over_100k_messages),
 		cmocka_unit_test(test_never_acked_message_ends_in_dlq),
 		cmocka_unit_test(test_busy_loop_recovers_cleanly),
