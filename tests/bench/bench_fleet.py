@@ -47,6 +47,7 @@ import calendar
 import json
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -155,6 +156,21 @@ def pct(values, p):
     return v[k]
 
 
+def ledger_history(state_dirs, jobs):
+    """job_id -> {state: wall-clock seconds of its first entry} from every host's ledger
+    (job_history, read-only), for the jobs in jobs."""
+    out = {}
+    for d in state_dirs:
+        db = sqlite3.connect(f"file:{d}/ledger.db?mode=ro", uri=True, timeout=10)
+        try:
+            for job_id, state, at in db.execute("SELECT job_id, state, at FROM job_history ORDER BY id"):
+                if job_id in jobs:
+                    out.setdefault(job_id, {}).setdefault(state, at / 1000)
+        finally:
+            db.close()
+    return out
+
+
 def consumers_on(url, queue="backup.start"):
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -184,7 +200,8 @@ def run_bw(cfg, args, url):
         base = F.NBD_PORT_BASE
         for i in range(cfg.hosts):
             h = fl.add_host(workers=cfg.workers, max_jobs=cfg.jobs,
-                            conf={"sna.poll_interval_s": POLL_S})
+                            conf={"sna.poll_interval_s": POLL_S,
+                                  "log.level": os.environ.get("BW_BENCH_FLEET_LOG", "info")})
             h.port_min = base + 1000 * i
             h.port_max = h.port_min + PORTS_PER_HOST - 1
         need = cfg.jobs * cfg.disks
@@ -263,15 +280,34 @@ def run_bw(cfg, args, url):
         if len(accepted) != len(want):
             fails.append(f"{len(want) - len(accepted)} job(s) without an accepted SNA start")
         r["progress_polls"] = polls
-        if accepted:
-            last = max(accepted.values())
-            span = last - t0
-            lat = [accepted[j] - pub[j] for j in accepted]
-            r["all_started_s"] = span
-            r["jobs_s"] = len(accepted) / span if span > 0 else float("inf")
-            r["p50_ms"] = pct(lat, 50) * 1000
-            r["p99_ms"] = pct(lat, 99) * 1000
-            r["events_seen_s"] = max(a for a, _ in started_at.values()) - t0 if started_at else None
+        # bw's view: the ledger's job_history (wall-clock ms) of every host
+        hist = ledger_history([h.state for h in fl.hosts], want)
+        ready = {j: st["sna_requested"] for j, st in hist.items() if "sna_requested" in st}
+        if len(ready) != len(want):
+            fails.append(f"{len(want) - len(ready)} job(s) without sna_requested in a ledger")
+        for key, when in (("bw", ready), ("sna", accepted)):
+            if not when:
+                continue
+            span = max(when.values()) - t0
+            lat = [when[j] - pub[j] for j in when]
+            r[f"{key}_all_s"] = span
+            r[f"{key}_jobs_s"] = len(when) / span if span > 0 else float("inf")
+            r[f"{key}_p50_ms"] = pct(lat, 50) * 1000
+            r[f"{key}_p99_ms"] = pct(lat, 99) * 1000
+        # where bw's time goes, medians over the jobs: publish -> claimed (delivery, parse,
+        # claim), -> serving (ports, images, every qemu-nbd spawned), -> sna_requested (every
+        # server greeted), -> the SNA's receipt (HTTP and the simulator's receive delay)
+        phases = {"claim": [], "serve": [], "greet": [], "http": []}
+        for j, st in hist.items():
+            if {"claimed", "serving", "sna_requested"} <= set(st):
+                phases["claim"].append(st["claimed"] - pub[j])
+                phases["serve"].append(st["serving"] - st["claimed"])
+                phases["greet"].append(st["sna_requested"] - st["serving"])
+                if j in accepted:
+                    phases["http"].append(accepted[j] - st["sna_requested"])
+        r["phases_ms"] = {k: round(statistics.median(v) * 1000) for k, v in phases.items() if v}
+        if started_at:
+            r["events_seen_s"] = max(a for a, _ in started_at.values()) - t0
             # from the SNA's receipt of the start to the backup.started event here: the
             # simulator's reply (it checks the body against the schemas before answering),
             # the worker's commit and the outbox relay's confirmed publish
@@ -416,7 +452,8 @@ def main():
         if not cfg.failures:
             run_acker(cfg, args, url)
         r = cfg.result
-        log(f"{cfg.tag}: {fmt(r.get('jobs_s'))} jobs/s, all started in {fmt(r.get('all_started_s'), '{:.2f}')} s, "
+        log(f"{cfg.tag}: {fmt(r.get('bw_jobs_s'))} jobs/s (at the SNA {fmt(r.get('sna_jobs_s'))}), "
+            f"all started in {fmt(r.get('bw_all_s'), '{:.2f}')} s, "
             f"per worker {r.get('per_worker')}, load {r.get('load_before')} -> {r.get('load_after')}"
             + (f"; FAILED: {cfg.failures}" if cfg.failures else ""))
     print_table(args.kind, cfgs, args.short)
@@ -424,66 +461,76 @@ def main():
 
 
 def print_table(kind, cfgs, short):
+    def two(r, key, f):
+        return f"{fmt(r.get('bw_' + key), f)}/{fmt(r.get('sna_' + key), f)}"
+
     if kind == "fleet":
-        head = ("hosts", "workers", "jobs", "started/s", "bare acks/s", "ratio", "worker CPU s/job",
-                "broker CPU s/job", "sim CPU s/job", "qemu-nbd CPU s/job", "cores ours/machine",
-                "load 1m before/after")
+        head = ("hosts", "workers", "jobs", "started/s bw/SNA", "bare acks/s", "ratio",
+                "worker CPU s/job", "broker CPU s/job", "sim CPU s/job", "qemu-nbd CPU s/job",
+                "cores ours/machine", "load 1m before/after")
     else:
-        head = ("workers", "jobs", "disks", "all started s", "started/s", "p50 ms", "p99 ms",
-                "bare acks/s", "ratio", "worker CPU s/job", "broker CPU s/job", "sim CPU s/job",
-                "peak RSS/worker MiB", "cores ours/machine", "load 1m before/after")
+        head = ("workers", "jobs", "disks", "all started s bw/SNA", "started/s bw/SNA",
+                "p50 ms bw/SNA", "p99 ms bw/SNA", "bare acks/s", "ratio", "worker CPU s/job",
+                "broker CPU s/job", "sim CPU s/job", "qemu-nbd CPU s/job", "peak RSS/worker MiB",
+                "cores ours/machine", "load 1m before/after")
     rows = []
     for c in cfgs:
         r = c.result
-        ratio = (r["jobs_s"] / r["acks_s"]) if r.get("jobs_s") and r.get("acks_s") else None
+        ratio = (r["bw_jobs_s"] / r["acks_s"]) if r.get("bw_jobs_s") and r.get("acks_s") else None
         r["ratio"] = ratio
         cores = f"{fmt(r.get('cores_ours'), '{:.2f}')}/{fmt(r.get('cores_machine'), '{:.2f}')}"
         load = f"{(r.get('load_before') or '-').split()[0]}/{(r.get('load_after') or '-').split()[0]}"
         hwm = [v for v in (r.get("hwm_kib") or {}).values() if v]
+        cpu = (fmt(r.get("worker_cpu_job"), "{:.4f}"), fmt(r.get("broker_cpu_job"), "{:.4f}"),
+               fmt(r.get("sim_cpu_job"), "{:.4f}"), fmt(r.get("qemu_nbd_cpu_job"), "{:.4f}"))
         if kind == "fleet":
-            rows.append((c.hosts, c.workers, c.jobs, fmt(r.get("jobs_s")), fmt(r.get("acks_s"), "{:.0f}"),
-                         fmt(ratio, "{:.4f}"), fmt(r.get("worker_cpu_job"), "{:.4f}"),
-                         fmt(r.get("broker_cpu_job"), "{:.4f}"), fmt(r.get("sim_cpu_job"), "{:.4f}"),
-                         fmt(r.get("qemu_nbd_cpu_job"), "{:.4f}"), cores, load))
+            rows.append((c.hosts, c.workers, c.jobs, two(r, "jobs_s", "{:.1f}"),
+                         fmt(r.get("acks_s"), "{:.0f}"), fmt(ratio, "{:.4f}"), *cpu, cores, load))
         else:
-            rows.append((c.workers, c.jobs, c.jobs * c.disks, fmt(r.get("all_started_s"), "{:.2f}"),
-                         fmt(r.get("jobs_s")), fmt(r.get("p50_ms"), "{:.0f}"), fmt(r.get("p99_ms"), "{:.0f}"),
-                         fmt(r.get("acks_s"), "{:.0f}"), fmt(ratio, "{:.4f}"),
-                         fmt(r.get("worker_cpu_job"), "{:.4f}"), fmt(r.get("broker_cpu_job"), "{:.4f}"),
-                         fmt(r.get("sim_cpu_job"), "{:.4f}"),
+            rows.append((c.workers, c.jobs, c.jobs * c.disks, two(r, "all_s", "{:.2f}"),
+                         two(r, "jobs_s", "{:.1f}"), two(r, "p50_ms", "{:.0f}"),
+                         two(r, "p99_ms", "{:.0f}"), fmt(r.get("acks_s"), "{:.0f}"),
+                         fmt(ratio, "{:.4f}"), *cpu,
                          fmt(max(hwm) / 1024 if hwm else None, "{:.1f}"), cores, load))
     widths = [max(len(str(h)), *(len(str(row[i])) for row in rows)) for i, h in enumerate(head)]
     print("  ".join(str(h).rjust(w) for h, w in zip(head, widths)))
     for row in rows:
         print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
-    print(f"(started = the SNA simulator received the job's start request and answered 200: its arrival time; "
-          f"every job also has its backup.started event; CPU over first publish -> last "
-          f"backup.started seen; bare acks/s: the same number of bench_fleet_ack consumers on a "
-          f"pre-filled quorum queue; {'short form' if short else 'full form'}; {os.cpu_count()} CPUs)")
+    print("started: bw = the job's sna_requested row in its host's ledger (claimed, ports, images, "
+          "every qemu-nbd greeted: the start request leaves); SNA = the simulator received that "
+          "request and answered 200 (its arrival time). Every job also has its backup.started "
+          "event. Rates: jobs / (last start - first publish); latency: start - the job's publish. "
+          "ratio: bw started/s / bare acks/s (the same number of bench_fleet_ack consumers on a "
+          "pre-filled quorum queue, median of 3). CPU: /proc, first publish -> last backup.started "
+          f"seen; cores = CPU seconds / that span. {'short form' if short else 'full form'}; "
+          f"{os.cpu_count()} CPUs.")
     for c in cfgs:
         r = c.result
-        extra = (f"publish {fmt(r.get('publish_s'), '{:.2f}')} s, last backup.started seen "
-                 f"{fmt(r.get('events_seen_s'), '{:.2f}')} s (SNA receipt -> event p50 "
-                 f"{fmt(r.get('to_event_p50_ms'), '{:.0f}')} ms), per worker {r.get('per_worker')}, "
-                 f"progress polls {r.get('progress_polls')}, qemu-nbd {r.get('qemu_nbd')}, cancel+cleanup of all {fmt(r.get('cancel_s'), '{:.1f}')} s, "
-                 f"bare acks/s of {ACK_ROUNDS} runs {r.get('acks_range')}, their broker CPU s/ack (fill "
-                 f"included) {fmt(r.get('ack_broker_cpu'), '{:.5f}')}")
+        extra = (f"phases p50 ms {r.get('phases_ms')}, publish {fmt(r.get('publish_s'), '{:.2f}')} s, "
+                 f"last backup.started seen {fmt(r.get('events_seen_s'), '{:.2f}')} s (SNA receipt -> "
+                 f"event p50 {fmt(r.get('to_event_p50_ms'), '{:.0f}')} ms), per worker "
+                 f"{r.get('per_worker')}, progress polls {r.get('progress_polls')}, qemu-nbd "
+                 f"{r.get('qemu_nbd')}, cancel+cleanup of all {fmt(r.get('cancel_s'), '{:.1f}')} s, "
+                 f"bare acks/s of {ACK_ROUNDS} runs {r.get('acks_range')}, their broker CPU s/ack "
+                 f"(fill included) {fmt(r.get('ack_broker_cpu'), '{:.5f}')}")
         print(f"  {c.tag}: {extra}" + (f"; FAILED: {'; '.join(c.failures)}" if c.failures else ""))
     for c in cfgs:
         r = c.result
         acks = f"bare acks/s {fmt(r.get('acks_s'), '{:.0f}')}"
         ratio = fmt(r.get("ratio"), "{:.4f}")
         if kind == "fleet":
-            summary(f"fleet jobs/s {c.hosts} host{'s' if c.hosts > 1 else ''} x {c.workers} workers",
-                    fmt(r.get("jobs_s")), acks, ratio)
-            summary(f"fleet CPU s/job {c.hosts}x{c.workers} (workers)", fmt(r.get("worker_cpu_job"), "{:.4f}"))
+            hw = f"{c.hosts} host{'s' if c.hosts > 1 else ''} x {c.workers} workers"
+            summary(f"fleet jobs/s {hw}", fmt(r.get("bw_jobs_s")), acks, ratio)
+            summary(f"fleet jobs/s at the SNA {hw}", fmt(r.get("sna_jobs_s")))
+            summary(f"fleet worker CPU s/job {hw}", fmt(r.get("worker_cpu_job"), "{:.4f}"))
         else:
             w = f"burst {c.jobs}x{c.disks} {c.workers} worker{'s' if c.workers > 1 else ''}"
             hwm = [v for v in (r.get("hwm_kib") or {}).values() if v]
-            summary(f"{w}: jobs started/s", fmt(r.get("jobs_s")), acks, ratio)
-            summary(f"{w}: time until all started s", fmt(r.get("all_started_s"), "{:.2f}"))
-            summary(f"{w}: p50 start latency ms", fmt(r.get("p50_ms"), "{:.0f}"))
-            summary(f"{w}: p99 start latency ms", fmt(r.get("p99_ms"), "{:.0f}"))
+            summary(f"{w}: jobs started/s", fmt(r.get("bw_jobs_s")), acks, ratio)
+            summary(f"{w}: time until all started s", fmt(r.get("bw_all_s"), "{:.2f}"))
+            summary(f"{w}: p50 start latency ms", fmt(r.get("bw_p50_ms"), "{:.0f}"))
+            summary(f"{w}: p99 start latency ms", fmt(r.get("bw_p99_ms"), "{:.0f}"))
+            summary(f"{w}: jobs started/s at the SNA", fmt(r.get("sna_jobs_s")))
             summary(f"{w}: worker CPU s/job", fmt(r.get("worker_cpu_job"), "{:.4f}"))
             summary(f"{w}: peak RSS per worker MiB", fmt(max(hwm) / 1024 if hwm else None))
 
