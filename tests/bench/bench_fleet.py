@@ -38,7 +38,8 @@ hour, so every transfer stays open and no job ends while measured. J VMs of D di
      `cancelled` with its backup.cleanup; workers SIGTERMed (exit 0), no qemu-nbd left, no
      port reserved; the Fleet's files removed.
 
-fleet: hosts 1, 2 x workers 1, 2, 4; J = 200 (--short: 40), D = 1. burst: one host, workers 1, 2, 4, J = 200 VMs x D = 2 disks (--short: 60).
+fleet: hosts 1, 2 x workers 1, 2, 4; J = 400 (--short: 100), D = 1. burst: one host, workers
+1, 2, 4, J = 200 VMs x D = 2 disks (--short: 100).
 Prints a table, then tab-separated SUMMARY lines (figure, ours, limit or peer, ratio, goal, met)
 for scripts/bench. Exit 0 when every run completed cleanly, 1 otherwise, 2 usage.
 """
@@ -322,6 +323,12 @@ def run_bw(cfg, args, url):
         r["qemu_nbd_cpu_job"] = qn / cfg.jobs
         r["cores_ours"] = (wcpu + (b1 - b0) + (s1 - s0) + qn) / window if window > 0 else 0
         r["cores_machine"] = (m1 - m0) / window if window > 0 else 0
+        # what this machine's CPUs could start if they did nothing else: bw's own cost per
+        # job (workers, broker, qemu-nbd; a real SNA runs elsewhere), and with the simulator
+        own = r["worker_cpu_job"] + r["broker_cpu_job"] + r["qemu_nbd_cpu_job"]
+        ncpu = os.cpu_count() or 1
+        r["ceiling"] = ncpu / own if own > 0 else None
+        r["ceiling_sim"] = ncpu / (own + r["sim_cpu_job"]) if own + r["sim_cpu_job"] > 0 else None
         per = {}
         for _, w in started_at.values():
             per[w] = per.get(w, 0) + 1
@@ -409,9 +416,9 @@ def configs(kind, short):
         out = []
         for h in (1, 2):
             for w in (1, 2, 4):
-                out.append(Config(kind, h, w, 40 if short else 200, 1))
+                out.append(Config(kind, h, w, 100 if short else 400, 1))
         return out
-    j = 60 if short else 200
+    j = 100 if short else 200
     return [Config(kind, 1, w, j, 2) for w in (1, 2, 4)]
 
 
@@ -465,12 +472,12 @@ def print_table(kind, cfgs, short):
         return f"{fmt(r.get('bw_' + key), f)}/{fmt(r.get('sna_' + key), f)}"
 
     if kind == "fleet":
-        head = ("hosts", "workers", "jobs", "started/s bw/SNA", "bare acks/s", "ratio",
+        head = ("hosts", "workers", "jobs", "started/s bw/SNA", "bare acks/s", "ratio bw/bare",
                 "worker CPU s/job", "broker CPU s/job", "sim CPU s/job", "qemu-nbd CPU s/job",
-                "cores ours/machine", "load 1m before/after")
+                "CPU ceiling jobs/s", "cores ours/machine", "load 1m before/after")
     else:
         head = ("workers", "jobs", "disks", "all started s bw/SNA", "started/s bw/SNA",
-                "p50 ms bw/SNA", "p99 ms bw/SNA", "bare acks/s", "ratio", "worker CPU s/job",
+                "p50 ms bw/SNA", "p99 ms bw/SNA", "bare acks/s", "ratio bw/bare", "worker CPU s/job",
                 "broker CPU s/job", "sim CPU s/job", "qemu-nbd CPU s/job", "peak RSS/worker MiB",
                 "cores ours/machine", "load 1m before/after")
     rows = []
@@ -484,8 +491,9 @@ def print_table(kind, cfgs, short):
         cpu = (fmt(r.get("worker_cpu_job"), "{:.4f}"), fmt(r.get("broker_cpu_job"), "{:.4f}"),
                fmt(r.get("sim_cpu_job"), "{:.4f}"), fmt(r.get("qemu_nbd_cpu_job"), "{:.4f}"))
         if kind == "fleet":
+            ceil = f"{fmt(r.get('ceiling'), '{:.0f}')}/{fmt(r.get('ceiling_sim'), '{:.0f}')}"
             rows.append((c.hosts, c.workers, c.jobs, two(r, "jobs_s", "{:.1f}"),
-                         fmt(r.get("acks_s"), "{:.0f}"), fmt(ratio, "{:.4f}"), *cpu, cores, load))
+                         fmt(r.get("acks_s"), "{:.0f}"), fmt(ratio, "{:.4f}"), *cpu, ceil, cores, load))
         else:
             rows.append((c.workers, c.jobs, c.jobs * c.disks, two(r, "all_s", "{:.2f}"),
                          two(r, "jobs_s", "{:.1f}"), two(r, "p50_ms", "{:.0f}"),
@@ -502,7 +510,9 @@ def print_table(kind, cfgs, short):
           "event. Rates: jobs / (last start - first publish); latency: start - the job's publish. "
           "ratio: bw started/s / bare acks/s (the same number of bench_fleet_ack consumers on a "
           "pre-filled quorum queue, median of 3). CPU: /proc, first publish -> last backup.started "
-          f"seen; cores = CPU seconds / that span. {'short form' if short else 'full form'}; "
+          f"seen; cores = CPU seconds / that span. CPU ceiling: {os.cpu_count()} CPUs / (workers + "
+          f"broker + qemu-nbd CPU s/job), and / (the same + the simulator's): the rate if this "
+          f"machine did nothing else. {'short form' if short else 'full form'}; "
           f"{os.cpu_count()} CPUs.")
     for c in cfgs:
         r = c.result
