@@ -11,8 +11,9 @@ One run ("config") = a fresh tests/fleet/fleet.py Fleet: one SNA simulator, H si
 (own worker.host, state dir and ledger, loopback address 127.0.0.{2+i}, NBD ports
 BASE + 1000 i .. + 899, BASE = BW_FLEET_NBD_BASE, 30000 by default) with W bw-workers each,
 worker.max_jobs = the run's job count (so amqp.prefetch too: slots never limit), ports for
-every disk of every job, sna.poll_interval_s 3600 (no progress poll while measured), and the
-simulator's knob slow_bytes_per_s = 1: each disk gets one 4 KiB write and then waits about an
+every disk of every job, sna.poll_interval_s 3600 (no progress poll while measured), a patient
+SNA client (sna.timeout_s 60, sna.max_attempts 10: the simulator answers slowly on a loaded
+machine, and a job must not fail for it), and the simulator's knob slow_bytes_per_s = 1: each disk gets one 4 KiB write and then waits about an
 hour, so every transfer stays open and no job ends while measured. J VMs of D disks of 1 MiB.
 
   1. The workers start; the bench waits until H x W consumers are on backup.start.
@@ -34,6 +35,9 @@ hour, so every transfer stays open and no job ends while measured. J VMs of D di
   5. Side by side, right after: the same number of bare consumers (bench_fleet_ack, one
      process and connection each, prefetch = the workers') ack a pre-filled quorum queue of
      messages of the same size; acks/s, the median of ACK_ROUNDS runs.
+     A job started twice fails the run: two accepted (200/202) start requests, or start
+     requests with different NBD targets (two owners); a retry of the same request (a
+     timeout, then 409) is counted apart.
   6. Clean-up: a backup.cancel for every job (backup.control), every job must end failed
      `cancelled` with its backup.cleanup; workers SIGTERMed (exit 0), no qemu-nbd left, no
      port reserved; the Fleet's files removed.
@@ -64,6 +68,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 PORTS_PER_HOST = 900          # host i: BASE + 1000 i .. + 899 (BASE = BW_FLEET_NBD_BASE)
 HOLD_RATE = 1                 # slow_bytes_per_s: one 4 KiB write, then the copy waits ~4096 s
 POLL_S = 3600                 # sna.poll_interval_s: no progress poll while measured
+SNA_TIMEOUT_S = 60            # sna.timeout_s: the simulator answers slowly on a loaded machine
+SNA_ATTEMPTS = 10             # sna.max_attempts (fleet.py's 5 x 5 s failed jobs at load 20)
 START_TIMEOUT_S = 300         # every job started by then, or the run failed
 END_TIMEOUT_S = 180           # every cancelled job ended (failed + cleanup) by then
 ACK_QUEUE = "bench.fleet.ack"
@@ -201,7 +207,8 @@ def run_bw(cfg, args, url):
         base = F.NBD_PORT_BASE
         for i in range(cfg.hosts):
             h = fl.add_host(workers=cfg.workers, max_jobs=cfg.jobs,
-                            conf={"sna.poll_interval_s": POLL_S,
+                            conf={"sna.poll_interval_s": POLL_S, "sna.timeout_s": SNA_TIMEOUT_S,
+                                  "sna.max_attempts": SNA_ATTEMPTS,
                                   "log.level": os.environ.get("BW_BENCH_FLEET_LOG", "info")})
             h.port_min = base + 1000 * i
             h.port_max = h.port_min + PORTS_PER_HOST - 1
@@ -270,13 +277,21 @@ def run_bw(cfg, args, url):
             if q["path"] == "/api/v1/backup/start" and q["method"] == "POST":
                 jid = (q.get("body") or {}).get("job_id")
                 starts.setdefault(jid, []).append(q)
-        accepted = {}
+        accepted, retried = {}, 0
         for jid in want:
-            ok = [q for q in starts.get(jid, []) if q["status"] in (200, 202, 409)]
-            if len(ok) > 1:
-                fails.append(f"{jid}: {len(ok)} accepted start requests")
+            qs = starts.get(jid, [])
+            ok = [q for q in qs if q["status"] in (200, 202, 409)]
+            # one owner per job: every start request of a job names the same NBD targets
+            # (a retry after a timeout is the same request again, and the simulator answers
+            # it 409); two different target lists are two workers that started the job
+            owners = {(q.get("body") or {}).get("nbd_targets") for q in qs}
+            if len(owners) > 1 or sum(q["status"] in (200, 202) for q in qs) > 1:
+                fails.append(f"{jid}: started twice: " + ", ".join(
+                    f"{q['status']} at {q['at']} targets {(q.get('body') or {}).get('nbd_targets')}" for q in qs))
+            retried += len(qs) > 1
             if ok:
                 accepted[jid] = rfc3339(ok[0]["at"])
+        r["retried"] = retried
         polls = sum(1 for q in reqs if q["path"].startswith("/api/v1/progress/"))
         if len(accepted) != len(want):
             fails.append(f"{len(want) - len(accepted)} job(s) without an accepted SNA start")
@@ -519,7 +534,7 @@ def print_table(kind, cfgs, short):
         extra = (f"phases p50 ms {r.get('phases_ms')}, publish {fmt(r.get('publish_s'), '{:.2f}')} s, "
                  f"last backup.started seen {fmt(r.get('events_seen_s'), '{:.2f}')} s (SNA receipt -> "
                  f"event p50 {fmt(r.get('to_event_p50_ms'), '{:.0f}')} ms), per worker "
-                 f"{r.get('per_worker')}, progress polls {r.get('progress_polls')}, qemu-nbd "
+                 f"{r.get('per_worker')}, jobs with a retried start {r.get('retried')}, progress polls {r.get('progress_polls')}, qemu-nbd "
                  f"{r.get('qemu_nbd')}, cancel+cleanup of all {fmt(r.get('cancel_s'), '{:.1f}')} s, "
                  f"bare acks/s of {ACK_ROUNDS} runs {r.get('acks_range')}, their broker CPU s/ack "
                  f"(fill included) {fmt(r.get('ack_broker_cpu'), '{:.5f}')}")
