@@ -311,16 +311,21 @@ def run_bw(cfg, args, url):
             r[f"{key}_p50_ms"] = pct(lat, 50) * 1000
             r[f"{key}_p99_ms"] = pct(lat, 99) * 1000
         # where bw's time goes, medians over the jobs: publish -> claimed (delivery, parse,
-        # claim), -> serving (ports, images, every qemu-nbd spawned), -> sna_requested (every
-        # server greeted), -> the SNA's receipt (HTTP and the simulator's receive delay)
-        phases = {"claim": [], "serve": [], "greet": [], "http": []}
+        # claim), -> reserved (the ports, one ledger transaction), -> targets_created (the
+        # images), -> serving (every qemu-nbd spawned), -> sna_requested (every server
+        # greeted), -> the SNA's receipt (HTTP and the simulator's receive delay)
+        steps = (("claim", None, "claimed"), ("ports", "claimed", "reserved"),
+                 ("images", "reserved", "targets_created"), ("spawn", "targets_created", "serving"),
+                 ("greet", "serving", "sna_requested"))
+        phases = {k: [] for k, _, _ in steps}
+        phases["http"] = []
         for j, st in hist.items():
-            if {"claimed", "serving", "sna_requested"} <= set(st):
-                phases["claim"].append(st["claimed"] - pub[j])
-                phases["serve"].append(st["serving"] - st["claimed"])
-                phases["greet"].append(st["sna_requested"] - st["serving"])
-                if j in accepted:
-                    phases["http"].append(accepted[j] - st["sna_requested"])
+            if not {"claimed", "reserved", "targets_created", "serving", "sna_requested"} <= set(st):
+                continue
+            for k, a, b in steps:
+                phases[k].append(st[b] - (pub[j] if a is None else st[a]))
+            if j in accepted:
+                phases["http"].append(accepted[j] - st["sna_requested"])
         r["phases_ms"] = {k: round(statistics.median(v) * 1000) for k, v in phases.items() if v}
         if started_at:
             r["events_seen_s"] = max(a for a, _ in started_at.values()) - t0
