@@ -49,7 +49,8 @@ enum {
 	BATCH = 100,
 	HEARTBEAT_S = 60,
 	TIMEOUT_MS = 10000, /* connect and RPCs */
-	IDLE_LIMIT_MS = 60000, /* a consumer that sees no delivery and no progress this long fails */
+	IDLE_LIMIT_MS =
+	    60000,     /* a consumer that sees no delivery and no progress this long fails */
 	POLL_MS = 100, /* a consumer's longest wait for a delivery before it looks at the counter */
 	FRAME_MAX = 131072,
 	CHANNEL = 1,
@@ -350,9 +351,12 @@ out:
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	static const struct option longopts[] = {
-	    {"consumers", required_argument, NULL, 'n'}, {"count", required_argument, NULL, 'c'},
-	    {"prefetch", required_argument, NULL, 'p'},	 {"body-bytes", required_argument, NULL, 'b'},
-	    {"queue", required_argument, NULL, 'q'},	 {NULL, 0, NULL, 0},
+	    {"consumers", required_argument, NULL, 'n'},
+	    {"count", required_argument, NULL, 'c'},
+	    {"prefetch", required_argument, NULL, 'p'},
+	    {"body-bytes", required_argument, NULL, 'b'},
+	    {"queue", required_argument, NULL, 'q'},
+	    {NULL, 0, NULL, 0},
 	};
 	int ch;
 	*o = (struct opts){.prefetch = 4, .body_bytes = 512};
