@@ -94,7 +94,8 @@ class Run:
 
     def probed(self, prober, during, fail):
         """Stops prober; notes the worst probe per worker; fail: a probe over HEALTHZ_LIMIT_S
-        fails the case (the worker's one loop was held that long)."""
+        fails the case (the worker's one loop was held that long), and so does a probe that
+        could not connect."""
         stats = prober.stop()
         worst = max((v[0] for v in stats.values()), default=0.0)
         self.healthz_worst = max(self.healthz_worst or 0.0, worst)
@@ -106,6 +107,9 @@ class Run:
                                  f"{HEALTHZ_LIMIT_S} s): a worker's loop was held")
         if any(v[1] == 0 for v in stats.values()):
             self.failures.append(f"a worker answered no /healthz probe during {during}: {stats}")
+        elif fail and any(v[2] for v in stats.values()):
+            # a worker that died or closed its listener is not a fast loop
+            self.failures.append(f"/healthz probes could not connect during {during}: {stats}")
 
     def jobs_of(self, host):
         """The job_ids a host accepted."""
