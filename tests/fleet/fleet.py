@@ -8,7 +8,11 @@ loopback address (127.0.0.2, 127.0.0.3, ...: nbd.bind_address and nbd.advertise_
 N bw-worker processes, each its own worker.id, started, stopped and killed by PID. Its
 workers reach every broker node through a Proxy of its own (a TCP relay on its loopback
 address that the test can cut and heal), so amqp.url names the proxies, never the nodes.
-One SNA simulator serves every host (it writes to whatever nbd URL a start request names).
+One SNA simulator serves every host (it writes to whatever nbd URL a start request names);
+each host reaches it through a Proxy of its own too (sna.url), so that a cut can take the SNA
+away from a host (Host.cut(sna=True)) while the simulator's NBD writes go on. Every worker has
+a metrics.listen (Host.health_url), which a Prober polls during a fault: /healthz is answered
+by the worker's one loop, so a probe's latency is how long that loop was busy elsewhere.
 
 The test's own clients (the Publisher of backup.start and the Collector of every event)
 connect to the nodes directly: a cut partitions a host, not the observer. Nothing listens
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -41,6 +46,9 @@ MiB = 1 << 20
 # so that two fleet runs can share the machine
 NBD_PORT_BASE = int(os.environ.get("BW_FLEET_NBD_BASE", "24000"))
 NBD_PORTS_PER_HOST = 48    # 2 workers x 4 jobs x 3 disks = 24 at most at once, twice that
+# worker w (0-based) of host i listens for /metrics and /healthz on the host's address, port
+# base + 10 i + w; BW_FLEET_METRICS_BASE moves it (two fleet runs at once need two bases)
+METRICS_PORT_BASE = int(os.environ.get("BW_FLEET_METRICS_BASE", "24800"))
 EVENTS_QUEUE_PREFIX = "fleet.events."
 JOB_PREFIX = "fleet-"      # every job_id of a fleet run starts with it (then the run's tag)
 
@@ -182,6 +190,58 @@ class Proxy:
         self.hub.call(self._close())
 
 
+# ---- the workers' loops: /healthz latency -----------------------------------------------
+
+class Prober:
+    """Polls each url (a worker's /healthz) every `every` s, each request bounded by `timeout` s,
+    one thread per url (a stuck worker does not delay the probes of another), until stop().
+    Any answer counts, 503 included (a cut worker is unhealthy, and says so); the latency is
+    from the request to its answer, or `timeout` when none came (a probe that could not even
+    connect counts as an error, not a latency). worst(): {url: (seconds, probes, errors)}."""
+
+    def __init__(self, urls, every=0.2, timeout=3.0):
+        self.every, self.timeout = every, timeout
+        self.stats = {u: [0.0, 0, 0] for u in urls}
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(u,), name="prober", daemon=True)
+                        for u in urls]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, url):
+        st = self.stats[url]
+        while not self.stop_flag.is_set():
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout) as r:
+                    r.read()
+                took = time.monotonic() - t0
+            except urllib.error.HTTPError as e:   # 503: an answer
+                e.read()
+                took = time.monotonic() - t0
+            except (socket.timeout, TimeoutError):
+                took = max(self.timeout, time.monotonic() - t0)
+            except (urllib.error.URLError, OSError) as e:
+                if isinstance(getattr(e, "reason", None), (socket.timeout, TimeoutError)):
+                    took = max(self.timeout, time.monotonic() - t0)
+                else:
+                    st[2] += 1
+                    took = None
+            if took is not None:
+                st[0] = max(st[0], took)
+                st[1] += 1
+            self.stop_flag.wait(max(0.0, self.every - (time.monotonic() - t0)))
+
+    def stop(self):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(self.timeout + 2)
+        return self.worst()
+
+    def worst(self):
+        return {u: tuple(v) for u, v in self.stats.items()}
+
+
 # ---- the SNA simulator ------------------------------------------------------------------
 
 class Sim:
@@ -245,10 +305,17 @@ class Host:
         self.conf = conf or {}   # {"section.key": value} over the defaults below
         self.proxies = [Proxy(fleet.hub, self.addr, u.hostname, u.port, f"{self.name}->node{i + 1}")
                         for i, u in enumerate(fleet.broker_nodes())]
+        self.sna_proxy = Proxy(fleet.hub, self.addr, "127.0.0.1", fleet.sim.port, f"{self.name}->sna")
         self.workers = {}        # worker id -> Popen
 
     def worker_ids(self):
         return [f"{self.name}-{i + 1}" for i in range(self.n_workers)]
+
+    def metrics_port(self, wid):
+        return METRICS_PORT_BASE + 10 * self.index + int(wid.rsplit("-", 1)[1]) - 1
+
+    def health_url(self, wid):
+        return f"http://{self.addr}:{self.metrics_port(wid)}/healthz"
 
     def amqp_url(self):
         """Every node's proxy; with BW_FLEET_AMQP_NODES=one only node (index mod N) + 1's (a dry
@@ -265,11 +332,13 @@ class Host:
             "worker.state_dir": self.state, "worker.recovery_interval_s": 5,
             "nbd.port_min": self.port_min, "nbd.port_max": self.port_max,
             "nbd.bind_address": self.addr, "nbd.advertise_host": self.addr,
-            "sna.url": self.fleet.sim.url, "sna.poll_interval_s": 1, "sna.max_attempts": 5,
+            "sna.url": f"http://{self.sna_proxy.host}:{self.sna_proxy.port}", "sna.poll_interval_s": 1, "sna.max_attempts": 5,
             "sna.backoff_base_ms": 200, "sna.backoff_cap_s": 2, "sna.connect_timeout_s": 2,
             "sna.timeout_s": 5, "sna.lost_after": 3,
             "credentials.dir": self.creds, "log.level": "info",
         }
+        if wid in self.worker_ids():   # not bw-ctl's config (leftovers())
+            keys["metrics.listen"] = f"{self.addr}:{self.metrics_port(wid)}"
         keys.update(self.conf)
         sections = {}
         for k, v in keys.items():
@@ -313,14 +382,15 @@ class Host:
                 codes[wid] = "killed"
         return codes
 
-    def cut(self, drop=False, refuse=False):
+    def cut(self, drop=False, refuse=False, sna=False):
         """Partitions this host from every broker node (Proxy.cut; refuse: new connections are
-        reset at once, as by a host whose broker is down, instead of blackholed)."""
-        for p in self.proxies:
+        reset at once, as by a host whose broker is down, instead of blackholed); sna: from the
+        SNA as well (its requests go unanswered; the simulator's NBD writes are not cut)."""
+        for p in self.proxies + ([self.sna_proxy] if sna else []):
             p.cut(drop, refuse)
 
     def heal(self):
-        for p in self.proxies:
+        for p in self.proxies + [self.sna_proxy]:
             p.heal()
 
     def links(self):
@@ -637,6 +707,55 @@ class Cluster:
                     return self.nodes.index(q["leader"]) + 1
         return None
 
+    def _quorum_queues(self, i):
+        """[(name, members, online)] of node i's quorum queues, or None when it does not answer."""
+        r = subprocess.run([broker_script(), "ctl", os.path.join(self.dir, f"node{i}"), "-q",
+                            "list_queues", "name", "type", "members", "online", "--formatter", "json"],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            return None
+        try:
+            rows = json.loads(r.stdout)
+        except ValueError:
+            return None
+        return [(q["name"], q.get("members") or [], q.get("online") or []) for q in rows
+                if q.get("type") == "quorum"]
+
+    def health(self):
+        """"" when the cluster is whole: every node answers, and every quorum queue has all N
+        nodes as members and all of them online; else what is not."""
+        why = []
+        queues = None
+        for i in range(1, self.n + 1):
+            q = self._quorum_queues(i)
+            if q is None:
+                why.append(f"node {i} does not answer")
+            elif queues is None:
+                queues = q
+        for name, members, online in queues or []:
+            if len(members) != self.n or sorted(online) != sorted(members):
+                why.append(f"{name}: members {len(members)}, online {len(online)} of {self.n}")
+        return "; ".join(why)
+
+    def wait_healthy(self, timeout=120):
+        """Waits until health() is ""; starts a node that does not answer after 20 s (a case
+        that failed half-way). Returns (seconds it took, "" or what is still wrong)."""
+        t0 = time.time()
+        started = set()
+        why = self.health()
+        while why and time.time() - t0 < timeout:
+            if time.time() - t0 > 20:
+                for i in range(1, self.n + 1):
+                    if i not in started and f"node {i} does not answer" in why:
+                        started.add(i)
+                        try:
+                            self.node("start", i)
+                        except Exception as e:  # noqa: BLE001 - reported by health() below
+                            log(f"cluster: node {i} start: {e}")
+            time.sleep(1)
+            why = self.health()
+        return time.time() - t0, why
+
     def close(self):
         subprocess.run([broker_script(), "cluster", "stop", self.dir], capture_output=True, text=True,
                        timeout=600)
@@ -755,7 +874,7 @@ class Fleet:
             codes.update(h.stop())
         for h in self.hosts:
             left += h.leftovers()
-            for p in h.proxies:
+            for p in h.proxies + [h.sna_proxy]:
                 try:
                     p.close()
                 except Exception:  # noqa: BLE001
