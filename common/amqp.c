@@ -356,8 +356,11 @@ int bw_amqp_connect(struct bw_amqp **out, const struct bw_amqp_opts *o, char *er
 					   AMQP_SASL_METHOD_PLAIN, info.user, info.password);
 	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
 	    r.library_error == AMQP_STATUS_CONNECTION_CLOSED) {
-		snprintf(err, errsize, "login as %s refused (or vhost %s unknown)", info.user,
-			 info.vhost);
+		/* RabbitMQ closes the socket on bad credentials; so does a reset mid-login */
+		snprintf(err, errsize,
+			 "login as %s refused (or vhost %s unknown; or the connection was reset "
+			 "during the login)",
+			 info.user, info.vhost);
 		rc = BW_ECONFIG;
 		goto out;
 	}

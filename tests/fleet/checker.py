@@ -14,9 +14,12 @@ A history is what the test saw from outside the workers:
 check(history, compare=...) counts, per run (one Result):
   jobs             published job_ids
   lost             published, and no terminal event (backup.completed / backup.failed)
-  dup_starts       job_ids with more than one start request the SNA took in (answered 200,
-                   202 or 409: a 409 is the SNA saying it had it already); a 5xx or an
-                   unanswered request is the worker's retry of one start, not a second one
+  dup_starts       job_ids the SNA was asked to start twice: two requests it started
+                   (answered 200 or 202), or requests it took in (200, 202 or 409: a 409
+                   is the SNA saying it had the job already) from two owners (other
+                   nbd_host or nbd_targets: two workers each thought the job theirs). A 409
+                   to the same owner's retry (its earlier request timed out after the SNA
+                   took it), a 5xx or an unanswered request is one start retried
   contradicting    job_ids whose terminal events disagree: completed and failed, failed with
                    two reasons, or one terminal event_id seen with two different bodies
                    (two owners reported it); duplicates of an identical body are fine
@@ -135,7 +138,10 @@ def check(history, compare=qemu_img_compare):
         if q.get("status") in ACCEPTED_START:
             starts.setdefault(jid, []).append(q)
     for jid, qs in sorted(starts.items(), key=lambda kv: str(kv[0])):
-        if len(qs) > 1:
+        started = [q for q in qs if q.get("status") in (200, 202)]
+        owners = {((q.get("body") or {}).get("nbd_host"), (q.get("body") or {}).get("nbd_targets"))
+                  for q in qs}
+        if len(started) > 1 or len(owners) > 1:
             r.dup_starts += 1
             r.note("dup_starts", jid, f"{len(qs)} starts taken in: " + ", ".join(
                 f"{q.get('status')} at {q.get('at')} nbd_host {(q.get('body') or {}).get('nbd_host')}" for q in qs))

@@ -102,6 +102,16 @@ class Checker(unittest.TestCase):
         h.sna_requests.append(start("j1", 409, host="127.0.0.3"))
         self.only(self.judge(h), "dup_starts")
 
+    def test_two_starts_of_one_owner(self):
+        h = clean()
+        h.sna_requests.append(start("j1", 200))
+        self.only(self.judge(h), "dup_starts")
+
+    def test_timed_out_start_answered_409_on_retry_is_not_a_duplicate(self):
+        h = clean()
+        h.sna_requests.append(start("j1", 409))
+        self.assertTrue(self.judge(h).ok, self.judge(h).details)
+
     def test_retried_start_is_not_a_duplicate(self):
         h = clean()
         h.sna_requests[0:0] = [start("j1", 503), start("j1", None)]
