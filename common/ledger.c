@@ -1125,6 +1125,8 @@ static int transition_txn(struct bw_ledger *l, void *arg)
 	if ((rc = run(l, BW__ST_JOB_UPDATE, "titiin", t->f->job_id, t->f->generation, name,
 		      seq + (int64_t)t->n, bw_clock_wall_ms(), t->last_error)) != 0)
 		return rc;
+	if (from == t->state)
+		return 0; /* events within a state (progress, a disk done): one history row a state */
 	return history(l, t->f->job_id, name, t->f->generation);
 }
 

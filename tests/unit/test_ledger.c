@@ -190,17 +190,20 @@ static void test_transition_seq_and_fence(void **state)
 	struct bw_fence none = {"job-none", 1};
 	assert_int_equal(bw_ledger_transition(fx->l, &none, BW_JOB_FAILED, NULL, NULL, 0),
 			 BW_ENOENT);
+	/* an event that keeps the state (progress): no history row of its own */
+	struct bw_event more = {"job-t/backup.progress/4", "backup.progress", 4, "{}"};
+	assert_int_equal(bw_ledger_transition(fx->l, &f, BW_JOB_TRANSFERRING, NULL, &more, 1), 0);
 
 	struct json_object *job = NULL, *v;
 	assert_int_equal(bw_ledger_show_job(fx->l, "job-t", &job), 0);
 	assert_true(json_object_object_get_ex(job, "state", &v));
 	assert_string_equal(json_object_get_string(v), "transferring");
 	assert_true(json_object_object_get_ex(job, "seq", &v));
-	assert_int_equal(json_object_get_int(v), 3);
+	assert_int_equal(json_object_get_int(v), 4);
 	assert_true(json_object_object_get_ex(job, "history", &v));
 	assert_int_equal(json_object_array_length(v), 3); /* claimed, serving, transferring */
 	assert_true(json_object_object_get_ex(job, "events", &v));
-	assert_int_equal(json_object_array_length(v), 3);
+	assert_int_equal(json_object_array_length(v), 4);
 	json_object_put(job);
 	assert_int_equal(bw_ledger_show_job(fx->l, "job-none", &job), BW_ENOENT);
 
