@@ -405,7 +405,10 @@ def standalone(scenarios, argv):
             r["failures"].append("raised: " + traceback.format_exc()[-1500:])
         finally:
             kill_strays(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.environ.get("BW_CHAOS_KEEP"):
+                ctx.log(f"{name}: kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
         secs = time.time() - t0
         rows.append((name, r, secs))
         if r["failures"] or any(r[k] for k in LOSS_KEYS):
