@@ -26,7 +26,7 @@ LEDGER_FS = "4m"       # the ledger's tmpfs: room for the ledger, filled up by a
 GROWN_FS = "64m"       # what it grows to when space returns
 REPO_FS = "3m"         # the small repository: a 16 MiB disk of half data does not fit
 FULL_S = {True: 6, False: 15}   # how long the ledger stays full (quick, full run)
-WAIT_S = int(os.environ.get("BW_CHAOS_DISK_WAIT_S", 120))
+WAIT_S = int(os.environ.get("BW_CHAOS_DISK_WAIT_S", 60))   # after the space returned, jobs end in seconds
 
 
 class Tmpfs:

@@ -174,110 +174,66 @@ def per_job_knobs(rnd):
     ]
 
 
-def run_sna_knobs(ctx, trials):
-    """trials rounds; each round every knob once (each counted as a trial): the per-job knobs
-    as one batch, then the global ones (start_5xx, start_4xx, hang_start_s, forget_job,
-    die_mid_transfer) one job each."""
+GLOBAL_KNOBS = [
+    ("start_5xx", {"start_5xx": 2}, "completed", "two 503s, then accepted: retried"),
+    ("start_4xx", {"start_4xx": True}, {"sna_rejected"}, "a 4xx is permanent"),
+    ("hang_start_s", {"hang_start_s": 3}, {"sna_unavailable"},
+     "every start held past sna.timeout_s: attempts exhausted"),
+    ("forget_job", {"forget_job": True}, ({"sna_lost_job"}, NO_DISK),
+     "sna.lost_after 404s in a row: the SNA lost the job"),
+]
+
+
+def proxy_jobs(vm_small, vm_one, vm_slow):
+    """One job per proxy fault: (name, vm, job knobs, want, why)."""
+    return [
+        ("bh-start-once", vm_small, None, "completed", "one start black-holed, the retry accepted"),
+        ("bh-start", vm_small, None, UNAVAILABLE, "every start black-holed"),
+        ("bh-progress", vm_one, {"slow_bytes_per_s": MiB}, (UNAVAILABLE, NO_DISK),
+         "every progress poll black-holed while the copy runs"),
+        ("bh-cleanup", vm_slow, {"fail_disk": 2000}, {"sna_failed"},
+         "disk 2000 failed; the cleanup call is black-holed"),
+        ("reset-start-twice", vm_small, None, "completed", "two starts reset, the third accepted"),
+        ("reset-start", vm_small, None, UNAVAILABLE, "every start reset"),
+        ("reset-progress", vm_one, {"slow_bytes_per_s": MiB}, (UNAVAILABLE, NO_DISK),
+         "every progress poll reset while the copy runs"),
+    ]
+
+
+def sna_rounds(ctx, trials, tag, knobs, proxied):
+    """trials rounds. Each round, one batch of jobs at once: with knobs, one job per knob a job
+    can have alone (per_job_knobs); with proxied, one job per proxy fault (proxy_jobs). Then,
+    with knobs, the global knobs (GLOBAL_KNOBS, then die_mid_transfer) one job each. Every
+    job and every global knob counts as a trial."""
     result = io_env.new_result()
-    sr = SnaRig(ctx, "knobs")
-    rig = sr.rig
+    if trials == 0:
+        result["notes"].append(f"{tag}: not run (0 trials)")
+        return result
+    sr = SnaRig(ctx, tag)
+    rig, proxy = sr.rig, sr.proxy
     try:
         vm_small = rig.vm("small", DISKS, seed=3)
         vm_slow = rig.vm("slow", SLOW, seed=4)
         vm_one = rig.vm("one", ONE, seed=5)
         vms = {id(DISKS): vm_small, id(SLOW): vm_slow, id(ONE): vm_one}
         for rnd in range(trials):
-            batch = [(f"r{rnd}-{n}", vms[id(d)], k, w, why) for n, d, k, w, why in per_job_knobs(rnd)]
-            ctx.log(f"sna_knobs round {rnd + 1}: {len(batch)} per-job knobs at once")
-            run_batch(sr, batch, result)
-            result["trials"] += len(batch)
-            for name, knob, want, why in [
-                    ("start_5xx", {"start_5xx": 2}, "completed", "two 503s, then accepted: retried"),
-                    ("start_4xx", {"start_4xx": True}, {"sna_rejected"}, "a 4xx is permanent"),
-                    ("hang_start_s", {"hang_start_s": 3}, {"sna_unavailable"},
-                     "every start held past sna.timeout_s: attempts exhausted"),
-                    ("forget_job", {"forget_job": True}, ({"sna_lost_job"}, NO_DISK),
-                     "sna.lost_after 404s in a row: the SNA lost the job")]:
-                ctx.log(f"sna_knobs round {rnd + 1}: {name}")
-                rig.sim.post("/_sim/faults", knob)
-                vm = vm_slow if name == "forget_job" else vm_small
-                ids = run_batch(sr, [(f"r{rnd}-{name}", vm, None, want, why)], result)
-                rig.sim.post("/_sim/faults", {})
-                result["trials"] += 1
-                jid = ids[f"r{rnd}-{name}"]
-                starts = sim_starts(rig, jid)
-                if name == "start_5xx" and [r.get("status") for r in starts] != [503, 503, 200]:
-                    result["failures"].append(f"{jid}: start statuses {[r.get('status') for r in starts]}, "
-                                              "want [503, 503, 200] (the knob did not test)")
-                if name == "start_4xx" and sim_cleanups(rig, jid):
-                    result["failures"].append(f"{jid}: the SNA was asked to clean up after a definite 4xx")
-            # die_mid_transfer last in a round: the simulator is restarted on the same state
-            ctx.log(f"sna_knobs round {rnd + 1}: die_mid_transfer")
-            rig.sim.post("/_sim/faults", {"die_mid_transfer": True})
-            name = f"r{rnd}-die_mid_transfer"
-
-            def restart(ids):
-                end = time.time() + 30
-                while time.time() < end and not any(e.get("event") == "backup.started"
-                                                     for e in rig.events_of(ids[name])):
-                    time.sleep(0.2)
-                sr.save_sim_records()
-                code = sr.restart_sim()
-                if code != 3:
-                    result["failures"].append(f"die_mid_transfer: the simulator exited {code}, want 3 "
-                                              "(the knob did not test)")
-            saved_before = sr.saved
-            run_batch(sr, [(name, vm_slow, {"slow_bytes_per_s": 2 * MiB}, ({"sna_unavailable", "sna_lost_job"}, NO_DISK),
-                            "the SNA died mid-transfer (restarted without its jobs)")], result, restart)
-            sr.saved = (saved_before[0] + sr.saved[0], saved_before[1] + sr.saved[1])
-            result["trials"] += 1
-    except BaseException:
-        sr.close_early()
-        raise
-    sr.finish(result)
-    return result
-
-
-# ---- a proxy that black-holes or resets the SNA's connections -----------------------------
-
-def run_sna_proxy(ctx, trials):
-    """trials rounds of one job per fault, all at once: the start black-holed once (the retry
-    completes) and every time (sna_unavailable, the SNA never got it), the progress black-holed
-    while the copy runs (sna_unavailable, the SNA asked to clean up, partial images removed),
-    the cleanup black-holed (a failed action in pending[]), the start reset twice (completes)
-    and always (sna_unavailable), the progress reset (sna_unavailable)."""
-    result = io_env.new_result()
-    sr = SnaRig(ctx, "proxy")
-    rig, proxy = sr.rig, sr.proxy
-    try:
-        vm_small = rig.vm("small", DISKS, seed=5)
-        vm_slow = rig.vm("slow", SLOW, seed=6)
-        vm_one = rig.vm("one", ONE, seed=7)
-        for rnd in range(trials):
-            jobs = [
-                ("bh-start-once", vm_small, None, "completed", "one start black-holed, the retry accepted"),
-                ("bh-start", vm_small, None, UNAVAILABLE, "every start black-holed"),
-                ("bh-progress", vm_one, {"slow_bytes_per_s": MiB}, (UNAVAILABLE, NO_DISK),
-                 "every progress poll black-holed while the copy runs"),
-                ("bh-cleanup", vm_slow, {"fail_disk": 2000}, {"sna_failed"},
-                 "disk 2000 failed; the cleanup call is black-holed"),
-                ("reset-start-twice", vm_small, None, "completed", "two starts reset, the third accepted"),
-                ("reset-start", vm_small, None, UNAVAILABLE, "every start reset"),
-                ("reset-progress", vm_one, {"slow_bytes_per_s": MiB}, (UNAVAILABLE, NO_DISK),
-                 "every progress poll reset while the copy runs"),
-            ]
-            jobs = [(f"r{rnd}-{n}", *rest) for n, *rest in jobs]
-            jid = {n: rig.msg(n, vm)["job_id"] for n, vm, *_ in jobs}
             p = f"r{rnd}-"
-            proxy.rule("start", jid[p + "bh-start-once"], "blackhole", 1)
-            proxy.rule("start", jid[p + "bh-start"], "blackhole")
-            proxy.rule("cleanup", jid[p + "bh-cleanup"], "blackhole")
-            proxy.rule("start", jid[p + "reset-start-twice"], "reset", 2)
-            proxy.rule("start", jid[p + "reset-start"], "reset")
+            batch = []
+            if knobs:
+                batch += [(p + n, vms[id(d)], k, w, why) for n, d, k, w, why in per_job_knobs(rnd)]
+            if proxied:
+                batch += [(p + n, *rest) for n, *rest in proxy_jobs(vm_small, vm_one, vm_slow)]
+            jid = {n: rig.msg(n, vm)["job_id"] for n, vm, *_ in batch}
+            if proxied:
+                proxy.rule("start", jid[p + "bh-start-once"], "blackhole", 1)
+                proxy.rule("start", jid[p + "bh-start"], "blackhole")
+                proxy.rule("cleanup", jid[p + "bh-cleanup"], "blackhole")
+                proxy.rule("start", jid[p + "reset-start-twice"], "reset", 2)
+                proxy.rule("start", jid[p + "reset-start"], "reset")
 
             def on_started(ids):
-                # progress faults once the job started (its start went through)
-                pending = {p + "bh-progress": "blackhole", p + "reset-progress": "reset"}
+                # the progress faults once their job started (its start went through)
+                pending = {p + "bh-progress": "blackhole", p + "reset-progress": "reset"} if proxied else {}
                 end = time.time() + 30
                 while pending and time.time() < end:
                     for n in list(pending):
@@ -286,18 +242,78 @@ def run_sna_proxy(ctx, trials):
                     time.sleep(0.1)
                 for n in pending:
                     result["failures"].append(f"{ids[n]}: never started: the progress fault did not test")
-            ctx.log(f"sna_proxy round {rnd + 1}: {len(jobs)} jobs at once")
-            run_batch(sr, jobs, result, on_started)
-            result["trials"] += len(jobs)
-            check_proxy_round(rig, proxy, p, jid, result)
-            for kind in ("start", "progress", "cleanup"):
-                for j in jid.values():
-                    proxy.rule(kind, j, None)
+            ctx.log(f"{tag} round {rnd + 1}: {len(batch)} jobs at once")
+            run_batch(sr, batch, result, on_started)
+            result["trials"] += len(batch)
+            if proxied:
+                check_proxy_round(rig, proxy, p, jid, result)
+                for kind in ("start", "progress", "cleanup"):
+                    for j in jid.values():
+                        proxy.rule(kind, j, None)
+            if knobs:
+                global_knobs(ctx, sr, tag, rnd, result, vm_small, vm_slow)
     except BaseException:
         sr.close_early()
         raise
     sr.finish(result)
     return result
+
+
+def global_knobs(ctx, sr, tag, rnd, result, vm_small, vm_slow):
+    """The knobs that act on every job of the simulator, one job each, in turn."""
+    rig = sr.rig
+    for name, knob, want, why in GLOBAL_KNOBS:
+        ctx.log(f"{tag} round {rnd + 1}: {name}")
+        rig.sim.post("/_sim/faults", knob)
+        vm = vm_slow if name == "forget_job" else vm_small
+        ids = run_batch(sr, [(f"r{rnd}-{name}", vm, None, want, why)], result)
+        rig.sim.post("/_sim/faults", {})
+        result["trials"] += 1
+        jid = ids[f"r{rnd}-{name}"]
+        starts = sim_starts(rig, jid)
+        if name == "start_5xx" and [r.get("status") for r in starts] != [503, 503, 200]:
+            result["failures"].append(f"{jid}: start statuses {[r.get('status') for r in starts]}, "
+                                      "want [503, 503, 200] (the knob did not test)")
+        if name == "start_4xx" and sim_cleanups(rig, jid):
+            result["failures"].append(f"{jid}: the SNA was asked to clean up after a definite 4xx")
+    # die_mid_transfer last: the simulator is restarted on the same state
+    ctx.log(f"{tag} round {rnd + 1}: die_mid_transfer")
+    rig.sim.post("/_sim/faults", {"die_mid_transfer": True})
+    name = f"r{rnd}-die_mid_transfer"
+
+    def restart(ids):
+        end = time.time() + 30
+        while time.time() < end and not any(e.get("event") == "backup.started" for e in rig.events_of(ids[name])):
+            time.sleep(0.2)
+        sr.save_sim_records()
+        code = sr.restart_sim()
+        if code != 3:
+            result["failures"].append(f"die_mid_transfer: the simulator exited {code}, want 3 (the knob did not test)")
+    saved_before = sr.saved
+    run_batch(sr, [(name, vm_slow, {"slow_bytes_per_s": 2 * MiB}, ({"sna_unavailable", "sna_lost_job"}, NO_DISK),
+                    "the SNA died mid-transfer (restarted without its jobs)")], result, restart)
+    sr.saved = (saved_before[0] + sr.saved[0], saved_before[1] + sr.saved[1])
+    result["trials"] += 1
+
+
+def run_sna_knobs(ctx, trials):
+    """Every fault knob of the simulator (tests/sna/README.md), trials rounds."""
+    return sna_rounds(ctx, trials, "knobs", knobs=True, proxied=False)
+
+
+def run_sna_proxy(ctx, trials):
+    """A proxy between the workers and the SNA: the start black-holed once (the retry completes)
+    and every time (sna_unavailable; the SNA never got it), the progress black-holed while the
+    copy runs (sna_unavailable, the SNA asked to clean up, partial images removed), the cleanup
+    black-holed (a failed action in pending[]), the start reset twice (completes) and always
+    (sna_unavailable), the progress reset (sna_unavailable); trials rounds."""
+    return sna_rounds(ctx, trials, "proxy", knobs=False, proxied=True)
+
+
+def run_sna_mix(ctx, trials):
+    """--quick: the knobs and the proxy faults of the two scenarios above on one rig, the
+    per-job ones all in one batch (one broker start instead of two)."""
+    return sna_rounds(ctx, trials, "mix", knobs=True, proxied=True)
 
 
 def check_proxy_round(rig, proxy, p, jid, result):
@@ -330,8 +346,9 @@ def check_proxy_round(rig, proxy, p, jid, result):
 
 
 SCENARIOS = [
-    ("sna_knobs", run_sna_knobs, 1, 3),
-    ("sna_proxy", run_sna_proxy, 1, 3),
+    ("sna_mix", run_sna_mix, 1, 0),
+    ("sna_knobs", run_sna_knobs, 0, 3),
+    ("sna_proxy", run_sna_proxy, 0, 3),
 ]
 
 if __name__ == "__main__":
