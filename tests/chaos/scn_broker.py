@@ -227,7 +227,7 @@ SCENARIOS = [
     ("broker_close_conns", run_broker_close_conns, 0, 3),
     ("broker_freeze", run_broker_freeze, 0, 3),
     ("broker_alarms", run_broker_alarms, 0, 3),
-    ("broker_node_lost", run_broker_node_lost, 0, 2),
+    ("broker_node_lost", run_broker_node_lost, 0, 1),
 ]
 
 if __name__ == "__main__":
