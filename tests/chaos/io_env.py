@@ -30,6 +30,7 @@ BROKER = os.path.join(ROOT, "scripts", "broker")
 # AMQP ports of a private node: with-broker's range (11000-11699); the node's distribution
 # (+20000) and epmd (+21000) ports stay below the ephemeral range
 BROKER_PORT_LO, BROKER_PORT_HI = 11000, 11699
+PUBLISHER_IDLE_S = 3   # under the observer's 5 s heartbeat
 RESULT_KEYS = ("trials", "jobs", "lost", "dup_starts", "contradicting", "recovered", "leaked_ports",
                "leaked_children", "leaked_files")
 LOSS_KEYS = ("lost", "dup_starts", "contradicting", "leaked_ports", "leaked_children", "leaked_files")
@@ -164,7 +165,13 @@ class Rig(fleet.Fleet):
 
     def send(self, msg, job_faults=None):
         """Publishes msg (confirmed); a publish that could not even be sent is "unsent" (no
-        broker answered: nothing went out), not an error."""
+        broker answered: nothing went out), not an error. A publisher idle for a while gets a
+        new connection first: pika's blocking connection answers no heartbeat while the test
+        sleeps, so the broker may have closed it, and a publish on it would be unconfirmed."""
+        now = time.time()
+        if now - getattr(self, "last_send", now) > PUBLISHER_IDLE_S:
+            self.publisher.close()
+        self.last_send = now
         try:
             return self.publish(msg, job_faults)
         except RuntimeError:
