@@ -35,12 +35,14 @@ RESTART_DOWN_S = 2              # a stopped node stays down this long
 MIX_JOBS, MIX_RATE = 4, 4.0     # broker_mix: a short stream per fault
 MEMORY_WATERMARK = "0.4"        # RabbitMQ's default
 DISK_FREE_LIMIT = "50000000"    # RabbitMQ's default (50 MB)
+RECONNECT = ("restart", "closeconns", "freeze")   # faults every worker connection must survive by reconnecting
 NODE_DOWN_S = 10                # a killed cluster node is started again after this
 
 
-def stream(rig, ctx, tag, vm, fault, result, n=None, rate=RATE):
+def stream(rig, ctx, tag, vm, fault, result, n=None, rate=RATE, reconnect=False):
     """Publishes JOBS jobs at RATE per second; fault() runs in a thread from job FAULT_AT on.
-    Waits until every confirmed job ended; returns the ids published before the fault's end."""
+    Waits until every confirmed job ended; returns the ids published before the fault's end.
+    reconnect: the fault must make the workers connect again (else it did not reach them)."""
     box = {}
     ids = []
 
@@ -79,6 +81,10 @@ def stream(rig, ctx, tag, vm, fault, result, n=None, rate=RATE):
     rig.wait_cleanup(confirmed, 30)
     for jid in sorted(left):
         result["failures"].append(f"{jid}: confirmed, and no terminal event {WAIT_S} s after")
+    moved = sum(1 for h in rig.hosts for p in h.proxies for c in p.connects if c >= box.get("t0", 0))
+    result["notes"].append(f"{tag}: {moved} worker connection(s) to the broker opened after the fault began")
+    if reconnect and moved == 0:
+        result["failures"].append(f"{tag}: no worker connected again after the fault: it did not reach them")
     times = {j: rig.publish_times.get(j, 0) for j in confirmed}
     hit = [j for j in confirmed if times[j] <= box.get("t1", 0) and j not in ended_before]
     done = rig.terminal(hit)
@@ -110,9 +116,10 @@ def broker_scenario(ctx, trials, tag, fault_of, cluster=False, mix=None):
             if mix:
                 for name, f in mix:
                     ctx.log(f"{tag} trial {t + 1}: {name}")
-                    stream(rig, ctx, f"t{t}-{name}", vm, f(broker, rig, t), result, n=MIX_JOBS, rate=MIX_RATE)
+                    stream(rig, ctx, f"t{t}-{name}", vm, f(broker, rig, t), result, n=MIX_JOBS, rate=MIX_RATE,
+                           reconnect=name in RECONNECT)
             else:
-                stream(rig, ctx, f"t{t}", vm, fault_of(broker, rig, t), result)
+                stream(rig, ctx, f"t{t}", vm, fault_of(broker, rig, t), result, reconnect=tag in RECONNECT)
             for wid, p in host.workers.items():
                 if p.poll() is not None:
                     result["failures"].append(f"{wid} died during trial {t + 1} (exit {p.returncode})")
