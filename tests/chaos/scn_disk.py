@@ -178,7 +178,9 @@ def run_ledger_full(ctx, trials):
             left = wait_ended(rig, broker, ids, dlq_before, WAIT_S)
             rig.wait_cleanup(ids, 30)
             for jid in sorted(left):
-                result["failures"].append(f"{jid}: no terminal event {WAIT_S} s after the space returned")
+                result["failures"].append(f"{jid}: published while the ledger was full, confirmed, and no terminal "
+                                          f"event after the space returned (waited until it was in the DLQ, at "
+                                          f"most {WAIT_S} s)")
             if left:
                 result["failures"].append(f"trial {t + 1}: {dead_lettered(broker) - dlq_before} message(s) more in "
                                           "backup.start.dlq (dead-lettered without any event), "
