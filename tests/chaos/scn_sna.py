@@ -113,8 +113,8 @@ def run_batch(sr, jobs, result, before_wait=None):
     rig.wait_cleanup(list(ids.values()), 30)
     for jid in sorted(left):
         result["failures"].append(f"{jid}: no terminal event {WAIT_S} s after it was published")
-    for name, _, _, want, why in jobs:
-        check_job(rig, ids[name], want, result, why)
+    got = {name: check_job(rig, ids[name], want, result, why) for name, _, _, want, why in jobs}
+    result["notes"].append("ended: " + ", ".join(f"{n} {g}" for n, g in got.items()))
     return ids
 
 
@@ -125,7 +125,6 @@ def check_job(rig, jid, want, result, why):
     got = io_env.expect(rig, jid, want, result, why)
     if got is not None:
         result["recovered"] += 1
-    result["notes"].append(f"{jid}: {got}")
     if no_disk:
         done = [e.get("key") for e in rig.events_of(jid) if e.get("event") == "backup.disk.completed"]
         if done:
