@@ -99,8 +99,8 @@ fail:;
 	_exit(127);
 }
 
-int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *err,
-	     size_t errsize)
+int bw_spawn_start(const struct bw_spawn *s, struct bw_spawn_pending *p, char *err,
+		   size_t errsize)
 {
 	int pipefd[2] = {-1, -1}, log_fd = -1, null_fd = -1;
 	char **env = NULL;
@@ -149,36 +149,12 @@ int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *e
 	}
 	if (child == 0)
 		child_exec(s, program, env, log_fd, null_fd, pipefd[1]);
-
-	close(pipefd[1]);
-	pipefd[1] = -1;
-	int e = 0;
-	ssize_t n;
-	do
-		n = read(pipefd[0], &e, sizeof(e));
-	while (n < 0 && errno == EINTR);
-	/*
-	 * The start time does not change on exec; read it once the exec is done (the pipe's
-	 * end), while the child, unreaped, certainly exists. Not before: until its exec the
-	 * child is undumpable like this process, and a /proc mounted with hidepid (systemd's
-	 * ProtectProc=invisible) hides an undumpable process even from its own user.
-	 */
-	uint64_t st = 0;
-	rc = bw_proc_start_time(child, &st);
-	if (n == (ssize_t)sizeof(e)) {
-		waitpid(child, NULL, 0);
-		snprintf(err, errsize, "%s: %s", s->argv[0], strerror(e));
-		rc = e == ENOENT ? BW_ENOENT : e == EACCES ? BW_EPERM : BW_ESYS;
-		goto out;
-	}
-	if (rc != 0) {
-		/* it already exited (and is a zombie we have not reaped): keep the pid */
-		st = 0;
-		rc = 0;
-	}
-	*pid = child;
-	if (start_time)
-		*start_time = st;
+	/* the child has its own copy of argv and env: nothing of s is needed past here */
+	p->pid = child;
+	p->err_fd = pipefd[0];
+	pipefd[0] = -1;
+	snprintf(p->name, sizeof(p->name), "%s", s->argv[0]);
+	rc = 0;
 out:
 	if (pipefd[0] >= 0)
 		close(pipefd[0]);
@@ -190,6 +166,65 @@ out:
 		close(null_fd);
 	free(env);
 	return rc;
+}
+
+int bw_spawn_finish(struct bw_spawn_pending *p, pid_t *pid, uint64_t *start_time, char *err,
+		    size_t errsize)
+{
+	pid_t child = p->pid;
+	int e = 0, rc;
+	ssize_t n;
+
+	if (err != NULL && errsize > 0)
+		err[0] = '\0';
+	do
+		n = read(p->err_fd, &e, sizeof(e));
+	while (n < 0 && errno == EINTR);
+	close(p->err_fd);
+	p->err_fd = -1;
+	p->pid = -1;
+	/*
+	 * The start time does not change on exec; read it once the exec is done (the pipe's
+	 * end), while the child, unreaped, certainly exists. Not before: until its exec the
+	 * child is undumpable like this process, and a /proc mounted with hidepid (systemd's
+	 * ProtectProc=invisible) hides an undumpable process even from its own user.
+	 */
+	uint64_t st = 0;
+	rc = bw_proc_start_time(child, &st);
+	if (n == (ssize_t)sizeof(e)) {
+		waitpid(child, NULL, 0);
+		if (err != NULL)
+			snprintf(err, errsize, "%s: %s", p->name, strerror(e));
+		return e == ENOENT ? BW_ENOENT : e == EACCES ? BW_EPERM : BW_ESYS;
+	}
+	if (rc != 0)
+		st = 0; /* it already exited (and is a zombie we have not reaped): keep the pid */
+	*pid = child;
+	if (start_time)
+		*start_time = st;
+	return 0;
+}
+
+void bw_spawn_abandon(struct bw_spawn_pending *p)
+{
+	if (p->pid <= 0)
+		return;
+	kill(p->pid, SIGKILL);
+	pid_t r;
+	do
+		r = waitpid(p->pid, NULL, 0);
+	while (r < 0 && errno == EINTR);
+	close(p->err_fd);
+	p->err_fd = -1;
+	p->pid = -1;
+}
+
+int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *err,
+	     size_t errsize)
+{
+	struct bw_spawn_pending p;
+	int rc = bw_spawn_start(s, &p, err, errsize);
+	return rc != 0 ? rc : bw_spawn_finish(&p, pid, start_time, err, errsize);
 }
 
 int bw_run(const struct bw_spawn *s, int timeout_ms, int *status, char *err, size_t errsize)

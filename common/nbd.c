@@ -28,6 +28,7 @@
 #define NBD_OPT_ABORT 2
 #define TERM_RESEND_MS 200  /* qemu-nbd 7.2 may lose an early SIGTERM: send it again */
 #define DISCARD_GRACE_MS 2000
+#define SPAWN_MANY_STOP_MS 5000 /* the others of a failed bw_nbd_spawn_many: greet or grace */
 
 /* Faster NBD writes: qemu-nbd allocates a fresh 256 KiB buffer per request; below this
  * threshold glibc serves it from the heap instead of mmap/munmap with a page fault per
@@ -67,7 +68,13 @@ static bool tls_creds_object(char *out, size_t size, const char *dir)
 	return true;
 }
 
-int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
+/*
+ * Builds one server's argv and forks it (bw_spawn_start): the argv's storage is this
+ * frame's, which is enough, since the child has its own copy once forked. Fills the
+ * record's fields but pid and start time.
+ */
+static int nbd_start(const struct bw_nbd_opts *o, struct bw_nbd *n, struct bw_spawn_pending *p,
+		     char *err, size_t errsize)
 {
 	char export[300], shared[32], bind[96], port[32];
 	const char *address = o->bind_address ? o->bind_address : "127.0.0.1";
@@ -114,8 +121,79 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	n->port = o->port;
 	snprintf(n->bind_address, sizeof(n->bind_address), "%s", address);
 	snprintf(n->log_path, sizeof(n->log_path), "%s", o->log_path ? o->log_path : "/dev/null");
-	int rc = bw_spawn(&s, &n->pid, &n->start_time, err, errsize);
+	int rc = bw_spawn_start(&s, p, err, errsize);
 	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
+}
+
+static int nbd_finish(struct bw_spawn_pending *p, struct bw_nbd *n, char *err, size_t errsize)
+{
+	int rc = bw_spawn_finish(p, &n->pid, &n->start_time, err, errsize);
+	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
+}
+
+int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
+{
+	struct bw_spawn_pending p;
+	int rc = nbd_start(o, n, &p, err, errsize);
+	return rc != 0 ? rc : nbd_finish(&p, n, err, errsize);
+}
+
+int bw_nbd_spawn_many(const struct bw_nbd_opts *o, struct bw_nbd *const *n, size_t k,
+		      size_t *failed, char *err, size_t errsize)
+{
+	struct bw_spawn_pending *p = calloc(k ? k : 1, sizeof(*p));
+	bool *up = calloc(k ? k : 1, sizeof(*up));
+	size_t started = 0;
+	int rc = 0;
+	char scratch[512];
+
+	if (p == NULL || up == NULL) {
+		snprintf(err, errsize, "out of memory starting %zu servers", k);
+		rc = BW_ENOMEM;
+		*failed = 0;
+		goto out;
+	}
+	/* every fork first (none waits for an exec), then every exec's outcome */
+	for (; started < k; started++) {
+		rc = nbd_start(&o[started], n[started], &p[started], err, errsize);
+		if (rc != 0) {
+			*failed = started;
+			break;
+		}
+	}
+	for (size_t i = 0; i < started; i++) {
+		int r = nbd_finish(&p[i], n[i], rc == 0 ? err : scratch,
+				   rc == 0 ? errsize : sizeof(scratch));
+		up[i] = r == 0;
+		if (r != 0 && rc == 0) {
+			rc = r;
+			*failed = i;
+		}
+	}
+	if (rc == 0)
+		goto out;
+	/* one failed: stop the others, all at once (a DISCARD stop of a server that never
+	 * greeted waits for its greeting or its grace) */
+	for (bool busy = true; busy;) {
+		busy = false;
+		for (size_t i = 0; i < started; i++) {
+			if (!up[i])
+				continue;
+			if (bw_nbd_stop_step(n[i], BW_NBD_DISCARD, SPAWN_MANY_STOP_MS, scratch,
+					     sizeof(scratch)) == BW_EBUSY) {
+				busy = true;
+				continue;
+			}
+			bw_nbd_release(n[i]);
+			up[i] = false;
+		}
+		if (busy)
+			usleep(1000);
+	}
+out:
+	free(up);
+	free(p);
+	return rc;
 }
 
 bool bw_nbd_reap(struct bw_nbd *n)

@@ -37,12 +37,14 @@
  *	then bw_nbd_stop(BW_NBD_KEEP) and prints "stopped pid=… stop_ms=… rc=… status=…"
  *	(a server that never greeted is stopped with BW_NBD_DISCARD instead).
  *
- *   prepare K DIR BASEPORT SIZE_MIB serial|parallel [pss]
- *	Times "prepare K disks" to "all K servers ready". serial: bw_target_create for each
- *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn for each; parallel: the
- *	same directories, then every `qemu-img create` started at once with bw_spawn and reaped
- *	with a blocking waitpid (the primitive it replaced), then bw_nbd_spawn for
- *	each. Then bw_nbd_poll_ready round-robin with 1 ms sleeps until all are ready. With
+ *   prepare K DIR BASEPORT SIZE_MIB many|serial|parallel [pss]
+ *	Times "prepare K disks" to "all K servers ready". many: bw_target_create for each
+ *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn_many for all (every
+ *	fork, then every exec's outcome: what the worker does); serial: the same images, then
+ *	bw_nbd_spawn for each in turn (each fork+exec waited for: the worker before
+ *	bw_nbd_spawn_many); parallel: the same directories, then every `qemu-img create`
+ *	started at once with bw_spawn and reaped with a blocking waitpid (the primitive
+ *	bw_target_create replaced), then bw_nbd_spawn for each. Then bw_nbd_poll_ready round-robin with 1 ms sleeps until all are ready. With
  *	"pss", sums Pss/Rss of every server from /proc/<pid>/smaps_rollup. Then stops all
  *	(BW_NBD_DISCARD), counts those left alive and removes the images. Every server pid is
  *	appended to DIR/pids as it is spawned, for the script's cleanup should this die.
@@ -323,19 +325,21 @@ static int cmd_prepare(int argc, char **argv)
 	struct disk *d = NULL;
 	FILE *pids = NULL;
 	int rc = 1;
-	bool parallel, want_pss = false;
+	bool parallel, many, want_pss = false;
 
 	if (argc < 5 || argc > 6 || parse_int(argv[0], 1, MAX_DISKS, &k) != 0 ||
 	    parse_int(argv[2], 1, 65535 - MAX_DISKS, &base_port) != 0 ||
 	    parse_int(argv[3], 1, 1L << 20, &size_mib) != 0 ||
-	    (strcmp(argv[4], "serial") != 0 && strcmp(argv[4], "parallel") != 0) ||
+	    (strcmp(argv[4], "serial") != 0 && strcmp(argv[4], "parallel") != 0 &&
+	     strcmp(argv[4], "many") != 0) ||
 	    (argc == 6 && strcmp(argv[5], "pss") != 0) || argv[1][0] != '/') {
 		fprintf(stderr, "usage: bench_nbd_start prepare K /ABS/DIR BASEPORT SIZE_MIB "
-				"serial|parallel [pss]\n");
+				"many|serial|parallel [pss]\n");
 		return 2;
 	}
 	const char *repo = argv[1];
 	parallel = strcmp(argv[4], "parallel") == 0;
+	many = strcmp(argv[4], "many") == 0;
 	want_pss = argc == 6;
 	d = calloc((size_t)k, sizeof(*d));
 	snprintf(pidfile, sizeof(pidfile), "%s/pids", repo);
@@ -395,7 +399,33 @@ static int cmd_prepare(int argc, char **argv)
 	double create_ms = ms_since(t0);
 
 	int64_t t1 = now_ns();
-	for (long i = 0; i < k && !stop_requested; i++) {
+	if (many) {
+		struct bw_nbd_opts *o = calloc((size_t)k, sizeof(*o));
+		struct bw_nbd **n = calloc((size_t)k, sizeof(*n));
+		size_t bad = 0;
+		int r = o && n ? 0 : BW_ENOMEM;
+		for (long i = 0; i < k && r == 0; i++) {
+			o[i] = (struct bw_nbd_opts){"qemu-nbd", d[i].path, d[i].export_name,
+						    "127.0.0.1", (int)(base_port + i), SHARED,
+						    d[i].log, NULL};
+			n[i] = &d[i].n;
+		}
+		if (r == 0)
+			r = bw_nbd_spawn_many(o, n, (size_t)k, &bad, err, sizeof(err));
+		free(o);
+		free(n);
+		if (r != 0) {
+			fprintf(stderr, "prepare: bw_nbd_spawn_many (server %zu): %s: %s\n", bad,
+				bw_err_name(r), err);
+			goto stop;
+		}
+		for (long i = 0; i < k; i++) {
+			d[i].spawned = true;
+			fprintf(pids, "%ld\n", (long)d[i].n.pid);
+		}
+		fflush(pids);
+	}
+	for (long i = 0; i < k && !many && !stop_requested; i++) {
 		struct bw_nbd_opts o = {"qemu-nbd", d[i].path, d[i].export_name, "127.0.0.1",
 					(int)(base_port + i), SHARED, d[i].log, NULL};
 		int r = bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
@@ -559,7 +589,7 @@ static void usage(void)
 	fprintf(stderr, "usage: bench_nbd_start gen PATH SIZE_MIB [SEED]\n"
 			"       bench_nbd_start serve IMAGE PORT EXPORT LOG\n"
 			"       bench_nbd_start prepare K /ABS/DIR BASEPORT SIZE_MIB "
-			"serial|parallel [pss]\n"
+			"many|serial|parallel [pss]\n"
 			"       bench_nbd_start create-cost N /ABS/DIR\n");
 }
 
