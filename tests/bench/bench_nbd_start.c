@@ -27,9 +27,10 @@
  * stderr; exit 0 when everything it checked was right, 1 otherwise, 2 usage):
  *
  *   gen PATH SIZE_MIB [SEED]
- *	Writes the benchmark source: SIZE_MIB chunks of 1 MiB, each either pseudo-random bytes
- *	or zero bytes (a fair coin per chunk), from a seeded splitmix64; the same seed gives the
- *	same file. Zero chunks are written (the file has no holes), then fsync'd.
+ *	Writes the benchmark source: SIZE_MIB chunks of 1 MiB, each pseudo-random bytes, zero
+ *	bytes or compressible text (numbered log-like lines, no zero sector; a three-sided die
+ *	per chunk), from a seeded splitmix64; the same seed gives the same file. Zero chunks
+ *	are written (the file has no holes), then fsync'd.
  *
  *   serve IMAGE PORT EXPORT LOG
  *	bw_nbd_spawn (127.0.0.1, --shared=10, as the earlier hub), bw_nbd_wait_ready, prints
@@ -148,22 +149,36 @@ static int cmd_gen(int argc, char **argv)
 		return 2;
 	}
 	uint64_t *buf = malloc(CHUNK), *zero = calloc(1, CHUNK);
+	char *text = malloc(CHUNK + 128);
 	int fd = open(argv[0], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	int rc = 1;
-	long n_random = 0;
-	if (buf == NULL || zero == NULL || fd < 0) {
+	long n_random = 0, n_text = 0;
+	if (buf == NULL || zero == NULL || text == NULL || fd < 0) {
 		fprintf(stderr, "gen: %s: %s\n", argv[0], strerror(errno));
 		goto out;
 	}
 	uint64_t state = (uint64_t)seed;
 	for (long i = 0; i < size_mib; i++) {
-		bool random_chunk = splitmix64(&state) >> 63;
-		if (random_chunk) {
+		unsigned kind = (unsigned)(splitmix64(&state) % 3); /* 0 random, 1 zero, 2 text */
+		const void *chunk = zero;
+		if (kind == 0) {
 			for (size_t j = 0; j < CHUNK / sizeof(*buf); j++)
 				buf[j] = splitmix64(&state);
 			n_random++;
+			chunk = buf;
+		} else if (kind == 2) {
+			/* about 6:1 under zlib: lines that differ in a counter and one value */
+			size_t o = 0;
+			for (uint64_t line = 0; o < CHUNK; line++)
+				o += (size_t)snprintf(text + o, 128,
+						      "2026-12-02T03:%02u:%02u chunk=%06ld line=%06" PRIu64
+						      " status=ok value=%04u\n",
+						      (unsigned)(line / 60 % 60), (unsigned)(line % 60), i,
+						      line, (unsigned)(splitmix64(&state) % 10000));
+			n_text++;
+			chunk = text;
 		}
-		if (bw_write_all(fd, random_chunk ? buf : zero, CHUNK) != 0) {
+		if (bw_write_all(fd, chunk, CHUNK) != 0) {
 			fprintf(stderr, "gen: write %s: %s\n", argv[0], strerror(errno));
 			goto out;
 		}
@@ -172,14 +187,15 @@ static int cmd_gen(int argc, char **argv)
 		fprintf(stderr, "gen: fsync %s: %s\n", argv[0], strerror(errno));
 		goto out;
 	}
-	printf("gen size_mib=%ld random_chunks=%ld zero_chunks=%ld seed=%ld\n", size_mib, n_random,
-	       size_mib - n_random, seed);
+	printf("gen size_mib=%ld random_chunks=%ld zero_chunks=%ld text_chunks=%ld seed=%ld\n",
+	       size_mib, n_random, size_mib - n_random - n_text, n_text, seed);
 	rc = 0;
 out:
 	if (fd >= 0)
 		close(fd);
 	if (rc != 0)
 		unlink(argv[0]);
+	free(text);
 	free(zero);
 	free(buf);
 	return rc;
