@@ -1,4 +1,5 @@
 /* bench_nbd_start.c: the qemu-nbd supervisor and qcow2 targets under load, driven by scripts/bench-nbd and scripts/bench-start. */
+#define _GNU_SOURCE /* POSIX_SPAWN_SETSID */
 #include "child.h"
 #include "error.h"
 #include "nbd.h"
@@ -6,8 +7,13 @@
 #include "io.h"
 #include "../testutil.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/socket.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
@@ -53,6 +59,16 @@
  *	port inside the kernel's ephemeral range a client socket, even one in TIME_WAIT, can
  *	hold it) is started again on the next spare port from BASEPORT+K, as the worker will;
  *	port_retries counts them and the time includes them.
+ *
+ *   limit K DIR BASEPORT SIZE_MIB [pss]
+ *	The limit of start latency without bw: K images made first by `qemu-img create` (not
+ *	timed: bw writes its own, in its time), then, timed, every qemu-nbd started with
+ *	posix_spawn (glibc: vfork semantics, the cheapest way to start a process; the same argv
+ *	and GLIBC_TUNABLES as bw_nbd_spawn, a new session, output to DIR/nbd-I.log) and plain
+ *	blocking connects to 127.0.0.1 reading the 16-byte greeting of each port until all
+ *	answered (1 ms sleeps between sweeps). Prints a line like prepare's (mode=limit-c,
+ *	create_ms=0). A port found taken: that server is started again on a spare port from
+ *	BASEPORT+K, as prepare does. Then SIGTERM to all (again every 200 ms) and waitpid.
  *
  *   create-cost N DIR
  *	N times, alternately: bw_target_create (the qcow2 written in-process) and the same
@@ -600,12 +616,222 @@ out:
 	return rc;
 }
 
+/* ---- limit ------------------------------------------------------------------------- */
+
+/* Starts qemu-nbd for image on port with posix_spawnp; output appended to log. */
+static int limit_spawn(const char *image, const char *export_name, int port, const char *log,
+		       pid_t *pid)
+{
+	char exp[300], prt[32];
+	snprintf(exp, sizeof(exp), "--export-name=%s", export_name);
+	snprintf(prt, sizeof(prt), "--port=%d", port);
+	const char *argv[] = {"qemu-nbd", "--format=qcow2", exp, "--persistent", "--shared=10",
+			"--bind=127.0.0.1", prt, "--discard=unmap", "--detect-zeroes=unmap",
+			image, NULL};
+	const char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
+			"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432", NULL};
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t at;
+	sigset_t none, all;
+	sigemptyset(&none);
+	sigfillset(&all);
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log, O_WRONLY | O_CREAT | O_APPEND, 0640);
+	posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+	posix_spawnattr_init(&at);
+	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
+					      POSIX_SPAWN_SETSIGDEF);
+	posix_spawnattr_setsigmask(&at, &none);
+	posix_spawnattr_setsigdefault(&at, &all);
+	int e = posix_spawnp(pid, "qemu-nbd", &fa, &at, (char *const *)argv, (char *const *)envp);
+	posix_spawn_file_actions_destroy(&fa);
+	posix_spawnattr_destroy(&at);
+	if (e != 0)
+		fprintf(stderr, "limit: posix_spawnp qemu-nbd: %s\n", strerror(e));
+	return e == 0 ? 0 : -1;
+}
+
+/* 1: the port greeted; 0: not yet; the socket is closed either way. */
+static int limit_greets(int port)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	char g[16];
+	size_t got = 0;
+	if (fd < 0)
+		return 0;
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0) {
+		struct pollfd p = {fd, POLLIN, 0};
+		while (got < sizeof(g) && poll(&p, 1, 200) == 1) {
+			ssize_t r = read(fd, g + got, sizeof(g) - got);
+			if (r <= 0)
+				break;
+			got += (size_t)r;
+		}
+	}
+	close(fd);
+	return got == sizeof(g) && memcmp(g, "NBDMAGICIHAVEOPT", 16) == 0;
+}
+
+static int cmd_limit(int argc, char **argv)
+{
+	long k, base_port, size_mib;
+	int rc = 1;
+	if (argc < 4 || argc > 5 || parse_int(argv[0], 1, MAX_DISKS, &k) != 0 ||
+	    parse_int(argv[2], 1, 65535 - MAX_DISKS - MAX_RETRIES, &base_port) != 0 ||
+	    parse_int(argv[3], 1, 1L << 20, &size_mib) != 0 || argv[1][0] != '/' ||
+	    (argc == 5 && strcmp(argv[4], "pss") != 0)) {
+		fprintf(stderr, "usage: bench_nbd_start limit K /ABS/DIR BASEPORT SIZE_MIB [pss]\n");
+		return 2;
+	}
+	const char *dir = argv[1];
+	bool want_pss = argc == 5;
+	char (*img)[PATH_MAX] = calloc((size_t)k, PATH_MAX), (*log)[PATH_MAX] = calloc((size_t)k, PATH_MAX);
+	char (*name)[32] = calloc((size_t)k, 32);
+	pid_t *pid = calloc((size_t)k, sizeof(*pid));
+	int *port = calloc((size_t)k, sizeof(*port));
+	bool *ready = calloc((size_t)k, sizeof(*ready));
+	long started = 0, made = 0, retries = 0, next_spare = base_port + k, left = 0;
+	char pidfile[PATH_MAX];
+	snprintf(pidfile, sizeof(pidfile), "%s/pids", dir);
+	FILE *pids = fopen(pidfile, "ae"); /* for the script's cleanup should this die */
+	if (!img || !log || !name || !pid || !port || !ready || !pids)
+		goto out;
+	char size_s[32];
+	snprintf(size_s, sizeof(size_s), "%ldM", size_mib);
+	for (long i = 0; i < k; i++) {
+		snprintf(img[i], PATH_MAX, "%s/limit-%ld.qcow2", dir, i);
+		snprintf(log[i], PATH_MAX, "%s/nbd-%ld.log", dir, i);
+		snprintf(name[i], 32, "disk-%ld", 2000 + i);
+		port[i] = (int)(base_port + i);
+	}
+	/* the images: not timed */
+	for (long i = 0; i < k; i++, made++) {
+		pid_t p;
+		const char *qa[] = {"qemu-img", "create", "-q", "-f", "qcow2", img[i], size_s, NULL};
+		struct bw_spawn sp = {qa, NULL, NULL, false};
+		char err[512];
+		if (bw_spawn(&sp, &p, NULL, err, sizeof(err)) != 0 || wait_ok(p) != 0) {
+			fprintf(stderr, "limit: qemu-img create %s failed %s\n", img[i], err);
+			goto stop;
+		}
+	}
+	sync();
+
+	int64_t t0 = now_ns();
+	for (; started < k && !stop_requested; started++) {
+		if (limit_spawn(img[started], name[started], port[started], log[started],
+				&pid[started]) != 0)
+			goto stop;
+		fprintf(pids, "%ld\n", (long)pid[started]);
+	}
+	fflush(pids);
+	double spawn_ms = ms_since(t0);
+	long n_ready = 0;
+	int64_t t1 = now_ns();
+	while (n_ready < k && !stop_requested) {
+		for (long i = 0; i < k; i++) {
+			if (ready[i])
+				continue;
+			if (limit_greets(port[i])) {
+				ready[i] = true;
+				n_ready++;
+				continue;
+			}
+			int st;
+			if (waitpid(pid[i], &st, WNOHANG) == pid[i]) {
+				char tail[400] = "";
+				if (bw_log_tail(log[i], 300, tail, sizeof(tail)) == 0 &&
+				    strstr(tail, "Address already in use") && retries < MAX_RETRIES) {
+					retries++;
+					port[i] = (int)next_spare++;
+					if (truncate(log[i], 0) != 0 ||
+					    limit_spawn(img[i], name[i], port[i], log[i], &pid[i]) != 0)
+						goto stop;
+					fprintf(pids, "%ld\n", (long)pid[i]);
+					fflush(pids);
+					continue;
+				}
+				pid[i] = 0;
+				fprintf(stderr, "limit: qemu-nbd port %d died: %s\n", port[i], tail);
+				goto stop;
+			}
+		}
+		if (n_ready < k && ms_since(t1) > READY_TIMEOUT_MS) {
+			fprintf(stderr, "limit: %ld of %ld ready after %d ms\n", n_ready, k, READY_TIMEOUT_MS);
+			goto stop;
+		}
+		if (n_ready < k)
+			usleep(POLL_SLEEP_US);
+	}
+	if (stop_requested)
+		goto stop;
+	double ready_ms = ms_since(t1), total_ms = ms_since(t0);
+	long pss_sum = 0, rss_sum = 0;
+	for (long i = 0; want_pss && i < k; i++) {
+		long pss, rss;
+		pss_rss(pid[i], &pss, &rss);
+		pss_sum += pss;
+		rss_sum += rss;
+	}
+	printf("prepare k=%ld mode=limit-c total_ms=%.1f create_ms=0.0 spawn_ms=%.1f ready_ms=%.1f "
+	       "pss_kib=%ld rss_kib=%ld port_retries=%ld",
+	       k, total_ms, spawn_ms, ready_ms, pss_sum, rss_sum, retries);
+	rc = 0;
+stop:;
+	int64_t t3 = now_ns();
+	/* SIGTERM, again every 200 ms (qemu-nbd 7.2 can lose an early one), SIGKILL after 5 s */
+	for (int round = 0; round < 25; round++) {
+		long running = 0;
+		for (long i = 0; i < started; i++) {
+			if (pid[i] <= 0)
+				continue;
+			if (waitpid(pid[i], NULL, WNOHANG) == pid[i]) {
+				pid[i] = 0;
+				continue;
+			}
+			kill(pid[i], round == 24 ? SIGKILL : SIGTERM);
+			running++;
+		}
+		if (running == 0)
+			break;
+		usleep(200000);
+	}
+	for (long i = 0; i < started; i++) {
+		if (pid[i] > 0) {
+			waitpid(pid[i], NULL, 0);
+			if (alive(pid[i]))
+				left++;
+		}
+	}
+	double stop_ms = ms_since(t3);
+	if (rc == 0)
+		printf(" stop_ms=%.1f stop_errors=0 left=%ld\n", stop_ms, left);
+	for (long i = 0; i < made; i++)
+		unlink(img[i]);
+	if (left)
+		rc = 1;
+out:
+	if (pids)
+		fclose(pids);
+	free(img);
+	free(log);
+	free(name);
+	free(pid);
+	free(port);
+	free(ready);
+	return rc;
+}
+
 static void usage(void)
 {
 	fprintf(stderr, "usage: bench_nbd_start gen PATH SIZE_MIB [SEED]\n"
 			"       bench_nbd_start serve IMAGE PORT EXPORT LOG\n"
 			"       bench_nbd_start prepare K /ABS/DIR BASEPORT SIZE_MIB "
 			"many|serial|parallel [pss]\n"
+			"       bench_nbd_start limit K /ABS/DIR BASEPORT SIZE_MIB [pss]\n"
 			"       bench_nbd_start create-cost N /ABS/DIR\n");
 }
 
@@ -622,6 +848,8 @@ int main(int argc, char **argv)
 		return cmd_serve(argc - 2, argv + 2);
 	if (strcmp(argv[1], "prepare") == 0)
 		return cmd_prepare(argc - 2, argv + 2);
+	if (strcmp(argv[1], "limit") == 0)
+		return cmd_limit(argc - 2, argv + 2);
 	if (strcmp(argv[1], "create-cost") == 0)
 		return cmd_create_cost(argc - 2, argv + 2);
 	usage();
