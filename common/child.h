@@ -42,50 +42,18 @@ struct bw_spawn {
 int bw_child_find_program(const char *name, char *out, size_t size) BW_MUST_CHECK;
 
 /*
- * Starts a child: fork, then in the child reset every signal disposition and the mask,
- * optionally start a new session, stdin from /dev/null, stdout/stderr to the log, every
- * other descriptor closed on exec, and execve argv (never through a shell) with the short
- * environment of struct bw_spawn, never the worker's own. A bare argv[0] is resolved with
- * bw_child_find_program before the fork. An exec failure is reported here, synchronously,
- * through a close-on-exec pipe.
+ * Starts a child with posix_spawn (vfork semantics: this process waits only for the
+ * child's exec): every signal disposition back to its default and an empty mask,
+ * optionally a new session, stdin from /dev/null, stdout/stderr to the log, every other
+ * descriptor closed, and argv executed (never through a shell) with the short environment
+ * of struct bw_spawn, never the worker's own. A bare argv[0] is resolved with
+ * bw_child_find_program first. An exec failure is reported here, synchronously.
  * Returns 0 and stores the pid and its start time (see proc.h); BW_ENOENT when the program
  * does not exist, BW_EPERM when it cannot be executed, BW_EIO when the log cannot be
  * opened, BW_ESYS otherwise. Details in err[0..errsize) when err is not NULL.
  */
 int bw_spawn(const struct bw_spawn *s, pid_t *pid, uint64_t *start_time, char *err,
 	     size_t errsize) BW_MUST_CHECK;
-
-/*
- * A child forked by bw_spawn_start whose exec is not yet confirmed. Starting k children
- * one bw_spawn at a time waits k times for a fork and an exec in turn; bw_spawn_start for
- * all, then bw_spawn_finish for all, overlaps them (the children exec while the next is
- * forked). Every started one must be finished or abandoned.
- */
-struct bw_spawn_pending {
-	pid_t pid;
-	int err_fd;     /* the close-on-exec pipe's read end: EOF = exec done */
-	char name[64];  /* argv[0], for the error text */
-};
-
-/*
- * The first half of bw_spawn: everything up to and including the fork (argv and env are
- * the child's own copies from then on: the caller may reuse their storage at once).
- * Returns 0 and fills *p; the errors of bw_spawn before the fork (BW_ENOENT for a program
- * not found, BW_EIO, BW_ENOMEM, BW_ESYS), when nothing is left running.
- */
-int bw_spawn_start(const struct bw_spawn *s, struct bw_spawn_pending *p, char *err,
-		   size_t errsize) BW_MUST_CHECK;
-
-/*
- * The second half: waits for the exec (or its failure) of a started child. Returns 0 and
- * stores its pid and start time; BW_ENOENT, BW_EPERM or BW_ESYS when the exec failed (the
- * child is then reaped, and err says why when not NULL). *p is used up either way.
- */
-int bw_spawn_finish(struct bw_spawn_pending *p, pid_t *pid, uint64_t *start_time, char *err,
-		    size_t errsize) BW_MUST_CHECK;
-
-/* Kills (SIGKILL) and reaps a started child that will not be finished; *p is used up. */
-void bw_spawn_abandon(struct bw_spawn_pending *p);
 
 /*
  * Runs a tool to its end, waiting at most timeout_ms (then SIGKILL). Blocking: for short

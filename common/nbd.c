@@ -68,13 +68,7 @@ static bool tls_creds_object(char *out, size_t size, const char *dir)
 	return true;
 }
 
-/*
- * Builds one server's argv and forks it (bw_spawn_start): the argv's storage is this
- * frame's, which is enough, since the child has its own copy once forked. Fills the
- * record's fields but pid and start time.
- */
-static int nbd_start(const struct bw_nbd_opts *o, struct bw_nbd *n, struct bw_spawn_pending *p,
-		     char *err, size_t errsize)
+int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
 {
 	char export[300], shared[32], bind[96], port[32];
 	const char *address = o->bind_address ? o->bind_address : "127.0.0.1";
@@ -121,60 +115,41 @@ static int nbd_start(const struct bw_nbd_opts *o, struct bw_nbd *n, struct bw_sp
 	n->port = o->port;
 	snprintf(n->bind_address, sizeof(n->bind_address), "%s", address);
 	snprintf(n->log_path, sizeof(n->log_path), "%s", o->log_path ? o->log_path : "/dev/null");
-	int rc = bw_spawn_start(&s, p, err, errsize);
+	int rc = bw_spawn(&s, &n->pid, &n->start_time, err, errsize);
 	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
-}
-
-static int nbd_finish(struct bw_spawn_pending *p, struct bw_nbd *n, char *err, size_t errsize)
-{
-	int rc = bw_spawn_finish(p, &n->pid, &n->start_time, err, errsize);
-	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
-}
-
-int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
-{
-	struct bw_spawn_pending p;
-	int rc = nbd_start(o, n, &p, err, errsize);
-	return rc != 0 ? rc : nbd_finish(&p, n, err, errsize);
 }
 
 int bw_nbd_spawn_many(const struct bw_nbd_opts *o, struct bw_nbd *const *n, size_t k,
 		      size_t *failed, char *err, size_t errsize)
 {
-	struct bw_spawn_pending *p = calloc(k ? k : 1, sizeof(*p));
-	bool *up = calloc(k ? k : 1, sizeof(*up));
 	size_t started = 0;
 	int rc = 0;
 	char scratch[512];
 
-	if (p == NULL || up == NULL) {
-		snprintf(err, errsize, "out of memory starting %zu servers", k);
-		rc = BW_ENOMEM;
-		*failed = 0;
-		goto out;
-	}
-	/* every fork first (none waits for an exec), then every exec's outcome */
+	/* one after the other, but each costs only its exec (bw_spawn: vfork semantics), and
+	 * none waits for another's greeting: they start up side by side */
 	for (; started < k; started++) {
-		rc = nbd_start(&o[started], n[started], &p[started], err, errsize);
+		rc = bw_nbd_spawn(&o[started], n[started], err, errsize);
 		if (rc != 0) {
 			*failed = started;
 			break;
 		}
 	}
-	for (size_t i = 0; i < started; i++) {
-		int r = nbd_finish(&p[i], n[i], rc == 0 ? err : scratch,
-				   rc == 0 ? errsize : sizeof(scratch));
-		up[i] = r == 0;
-		if (r != 0 && rc == 0) {
-			rc = r;
-			*failed = i;
-		}
-	}
 	if (rc == 0)
-		goto out;
+		return 0;
 	/* one failed: stop the others, all at once (a DISCARD stop of a server that never
 	 * greeted waits for its greeting or its grace) */
-	for (bool busy = true; busy;) {
+	bool *up = calloc(started ? started : 1, sizeof(*up));
+	for (size_t i = 0; i < started; i++) {
+		if (up) {
+			up[i] = true;
+			continue;
+		}
+		/* no memory: one at a time (a DISCARD stop ends it whatever it returns) */
+		int r = bw_nbd_stop(n[i], BW_NBD_DISCARD, SPAWN_MANY_STOP_MS, scratch, sizeof(scratch));
+		(void)r;
+	}
+	for (bool busy = up != NULL; busy;) {
 		busy = false;
 		for (size_t i = 0; i < started; i++) {
 			if (!up[i])
@@ -184,15 +159,14 @@ int bw_nbd_spawn_many(const struct bw_nbd_opts *o, struct bw_nbd *const *n, size
 				busy = true;
 				continue;
 			}
-			bw_nbd_release(n[i]);
 			up[i] = false;
 		}
 		if (busy)
 			usleep(1000);
 	}
-out:
+	for (size_t i = 0; i < started; i++)
+		bw_nbd_release(n[i]);
 	free(up);
-	free(p);
 	return rc;
 }
 

@@ -3,6 +3,7 @@
 #include "child.h"
 #include "error.h"
 #include "nbd.h"
+#include "proc.h"
 #include "target.h"
 #include "io.h"
 #include "../testutil.h"
@@ -44,12 +45,14 @@
  *	then bw_nbd_stop(BW_NBD_KEEP) and prints "stopped pid=… stop_ms=… rc=… status=…"
  *	(a server that never greeted is stopped with BW_NBD_DISCARD instead).
  *
- *   prepare K DIR BASEPORT SIZE_MIB many|serial|parallel [pss]
+ *   prepare K DIR BASEPORT SIZE_MIB many|serial|fork|parallel [pss]
  *	Times "prepare K disks" to "all K servers ready". many: bw_target_create for each
- *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn_many for all (every
- *	fork, then every exec's outcome: what the worker does); serial: the same images, then
- *	bw_nbd_spawn for each in turn (each fork+exec waited for: the worker before
- *	bw_nbd_spawn_many); parallel: the same directories, then every `qemu-img create`
+ *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn_many for all (what the
+ *	worker does); serial: the same images, then bw_nbd_spawn for each; fork: the same
+ *	images, then each server started the way bw_spawn did before it used posix_spawn
+ *	(old_spawn below: fork, in the child reset every signal, setsid, dup2, close_range,
+ *	execve; the parent blocked on a close-on-exec pipe until the exec: the "before" of
+ *	that change, kept here to compare in one run); parallel: the same directories, then every `qemu-img create`
  *	started at once with bw_spawn and reaped with a blocking waitpid (the primitive
  *	bw_target_create replaced), then bw_nbd_spawn for each. Then bw_nbd_poll_ready round-robin with 1 ms sleeps until all are ready. With
  *	"pss", sums Pss/Rss of every server from /proc/<pid>/smaps_rollup. Then stops all
@@ -340,6 +343,84 @@ static int wait_ok(pid_t pid)
 	return r == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
 }
 
+/*
+ * The way bw_spawn started a child before it used posix_spawn (for mode fork: the change
+ * side by side): fork; in the child every signal to its default, an empty mask, setsid,
+ * stdin /dev/null, stdout and stderr the log, everything else close-on-exec, execve; the
+ * parent blocked until the exec closed the close-on-exec error pipe. qemu-nbd's argv and
+ * environment are bw_nbd_spawn's (plain NBD only). Fills n as bw_nbd_spawn does.
+ */
+static int old_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_t errsize)
+{
+	char export[300], shared[32], bind[96], port[32], program[PATH_MAX];
+	snprintf(export, sizeof(export), "--export-name=%s", o->export_name);
+	snprintf(shared, sizeof(shared), "--shared=%d", o->shared);
+	snprintf(bind, sizeof(bind), "--bind=%s", o->bind_address);
+	snprintf(port, sizeof(port), "--port=%d", o->port);
+	const char *argv[] = {o->qemu_nbd,	   "--format=qcow2",	    export, "--persistent",
+			      shared,		   bind,		    port,   "--discard=unmap",
+			      "--detect-zeroes=unmap", o->image,	    NULL};
+	const char *env[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
+			     "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432", NULL};
+	if (access(o->image, F_OK) != 0 ||
+	    bw_child_find_program(o->qemu_nbd, program, sizeof(program)) != 0) {
+		snprintf(err, errsize, "no image or no qemu-nbd");
+		return BW_ENOENT;
+	}
+	int log_fd = open(o->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0640);
+	int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC), pipefd[2];
+	if (log_fd < 0 || null_fd < 0 || pipe2(pipefd, O_CLOEXEC) != 0) {
+		snprintf(err, errsize, "open: %s", strerror(errno));
+		return BW_EIO;
+	}
+	pid_t child = fork();
+	if (child == 0) {
+		struct sigaction dfl;
+		sigset_t none;
+		memset(&dfl, 0, sizeof(dfl));
+		dfl.sa_handler = SIG_DFL;
+		for (int sig = 1; sig < NSIG; sig++)
+			sigaction(sig, &dfl, NULL);
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		setsid();
+		if (dup2(null_fd, STDIN_FILENO) >= 0 && dup2(log_fd, STDOUT_FILENO) >= 0 &&
+		    dup2(log_fd, STDERR_FILENO) >= 0) {
+			close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+			execve(program, (char *const *)argv, (char *const *)env);
+		}
+		int e = errno;
+		ssize_t w = write(pipefd[1], &e, sizeof(e));
+		(void)w;
+		_exit(127);
+	}
+	close(pipefd[1]);
+	close(log_fd);
+	close(null_fd);
+	int e = 0;
+	ssize_t r;
+	do
+		r = child > 0 ? read(pipefd[0], &e, sizeof(e)) : 0;
+	while (r < 0 && errno == EINTR);
+	close(pipefd[0]);
+	if (child < 0 || r == (ssize_t)sizeof(e)) {
+		if (child > 0)
+			waitpid(child, NULL, 0);
+		snprintf(err, errsize, "fork/exec: %s", strerror(child < 0 ? errno : e));
+		return BW_ECHILD;
+	}
+	memset(n, 0, sizeof(*n));
+	n->pid = child;
+	n->pidfd = -1;
+	n->probe_fd = -1;
+	n->port = o->port;
+	snprintf(n->bind_address, sizeof(n->bind_address), "%s", o->bind_address);
+	snprintf(n->log_path, sizeof(n->log_path), "%s", o->log_path);
+	if (bw_proc_start_time(child, &n->start_time) != 0)
+		n->start_time = 0;
+	return 0;
+}
+
 struct disk {
 	char job_id[32];
 	struct bw_target t;
@@ -357,21 +438,22 @@ static int cmd_prepare(int argc, char **argv)
 	struct disk *d = NULL;
 	FILE *pids = NULL;
 	int rc = 1;
-	bool parallel, many, want_pss = false;
+	bool parallel, many, old, want_pss = false;
 
 	if (argc < 5 || argc > 6 || parse_int(argv[0], 1, MAX_DISKS, &k) != 0 ||
 	    parse_int(argv[2], 1, 65535 - MAX_DISKS, &base_port) != 0 ||
 	    parse_int(argv[3], 1, 1L << 20, &size_mib) != 0 ||
 	    (strcmp(argv[4], "serial") != 0 && strcmp(argv[4], "parallel") != 0 &&
-	     strcmp(argv[4], "many") != 0) ||
+	     strcmp(argv[4], "many") != 0 && strcmp(argv[4], "fork") != 0) ||
 	    (argc == 6 && strcmp(argv[5], "pss") != 0) || argv[1][0] != '/') {
 		fprintf(stderr, "usage: bench_nbd_start prepare K /ABS/DIR BASEPORT SIZE_MIB "
-				"many|serial|parallel [pss]\n");
+				"many|serial|fork|parallel [pss]\n");
 		return 2;
 	}
 	const char *repo = argv[1];
 	parallel = strcmp(argv[4], "parallel") == 0;
 	many = strcmp(argv[4], "many") == 0;
+	old = strcmp(argv[4], "fork") == 0;
 	want_pss = argc == 6;
 	d = calloc((size_t)k, sizeof(*d));
 	snprintf(pidfile, sizeof(pidfile), "%s/pids", repo);
@@ -460,7 +542,8 @@ static int cmd_prepare(int argc, char **argv)
 	for (long i = 0; i < k && !many && !stop_requested; i++) {
 		struct bw_nbd_opts o = {"qemu-nbd", d[i].path, d[i].export_name, "127.0.0.1",
 					(int)(base_port + i), SHARED, d[i].log, NULL};
-		int r = bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
+		int r = old ? old_nbd_spawn(&o, &d[i].n, err, sizeof(err))
+			    : bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
 		if (r != 0) {
 			fprintf(stderr, "prepare: bw_nbd_spawn: %s: %s\n", bw_err_name(r), err);
 			goto stop;
@@ -489,7 +572,8 @@ static int cmd_prepare(int argc, char **argv)
 							"127.0.0.1", (int)next_spare++, SHARED,
 							d[i].log, NULL};
 				retries++;
-				r = bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
+				r = old ? old_nbd_spawn(&o, &d[i].n, err, sizeof(err))
+					: bw_nbd_spawn(&o, &d[i].n, err, sizeof(err));
 				if (r != 0) {
 					fprintf(stderr, "prepare: bw_nbd_spawn: %s: %s\n",
 						bw_err_name(r), err);
@@ -830,7 +914,7 @@ static void usage(void)
 	fprintf(stderr, "usage: bench_nbd_start gen PATH SIZE_MIB [SEED]\n"
 			"       bench_nbd_start serve IMAGE PORT EXPORT LOG\n"
 			"       bench_nbd_start prepare K /ABS/DIR BASEPORT SIZE_MIB "
-			"many|serial|parallel [pss]\n"
+			"many|serial|fork|parallel [pss]\n"
 			"       bench_nbd_start limit K /ABS/DIR BASEPORT SIZE_MIB [pss]\n"
 			"       bench_nbd_start create-cost N /ABS/DIR\n");
 }
