@@ -562,8 +562,8 @@ static void start_servers(struct job *j)
 			return;
 		}
 	}
-	/* all forked, then all execs waited for (bw_nbd_spawn_many): k servers start in about
-	 * the time of one; a failure stops the others before it returns */
+	/* every server started before any is waited for (bw_nbd_spawn_many: each start costs
+	 * its exec only); a failure stops the others before it returns */
 	const struct bw_config *cfg = j->w->cfg;
 	char tls_dir[PATH_MAX];
 	struct bw_nbd_opts o[BW_MESSAGE_MAX_DISKS];
