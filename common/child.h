@@ -42,12 +42,12 @@ struct bw_spawn {
 int bw_child_find_program(const char *name, char *out, size_t size) BW_MUST_CHECK;
 
 /*
- * Starts a child: fork, then in the child reset every signal disposition and the mask,
- * optionally start a new session, stdin from /dev/null, stdout/stderr to the log, every
- * other descriptor closed on exec, and execve argv (never through a shell) with the short
- * environment of struct bw_spawn, never the worker's own. A bare argv[0] is resolved with
- * bw_child_find_program before the fork. An exec failure is reported here, synchronously,
- * through a close-on-exec pipe.
+ * Starts a child with posix_spawn (vfork semantics: this process waits only for the
+ * child's exec): every signal disposition back to its default and an empty mask,
+ * optionally a new session, stdin from /dev/null, stdout/stderr to the log, every other
+ * descriptor closed, and argv executed (never through a shell) with the short environment
+ * of struct bw_spawn, never the worker's own. A bare argv[0] is resolved with
+ * bw_child_find_program first. An exec failure is reported here, synchronously.
  * Returns 0 and stores the pid and its start time (see proc.h); BW_ENOENT when the program
  * does not exist, BW_EPERM when it cannot be executed, BW_EIO when the log cannot be
  * opened, BW_ESYS otherwise. Details in err[0..errsize) when err is not NULL.

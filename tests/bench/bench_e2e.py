@@ -31,7 +31,9 @@ each worker's peak RSS (VmHWM in /proc/PID/status) before it is stopped.
 
 Ports: workers' NBD range 22500-22799, the limit's servers 22800-22991 (12 slabs of 16,
 rotating), the simulator one free port in 23500-23599, the broker a free port in 12100-12999
-(+20000, +21000 for its distribution and epmd). Every process started here is stopped by its
+(+20000, +21000 for its distribution and epmd). With BW_BENCH_PORT=P (scripts/bench sets it)
+all but the broker's move into P..P+299: workers P..P+99, the limit P+100..P+291 (12 slabs of
+16), the simulator P+292..P+299. Every process started here is stopped by its
 PID (the broker by scripts/broker stop); no qemu-nbd of this run is left (checked).
 Exit 0 when every job completed, no port stayed reserved (bw-ctl ports) and nothing was left
 running; 1 otherwise.
@@ -62,6 +64,11 @@ MiB = 1 << 20
 WORKER_PORT_MIN, WORKER_PORT_MAX = 22500, 22799
 LIMIT_PORT0, LIMIT_SLABS, LIMIT_SLAB = 22800, 12, 16
 SIM_PORTS = range(23500, 23600)
+if os.environ.get("BW_BENCH_PORT"):
+    _p = int(os.environ["BW_BENCH_PORT"])
+    WORKER_PORT_MIN, WORKER_PORT_MAX = _p, _p + 99
+    LIMIT_PORT0 = _p + 100
+    SIM_PORTS = range(_p + 292, _p + 300)
 BROKER_PORTS = range(12100, 13000)
 NBD_TUNABLES = "glibc.malloc.mmap_threshold=33554432"  # as common/nbd.c
 KS = (1, 4, 16)
@@ -576,6 +583,10 @@ repo-001 = {self.tmp}/repo
             print(f"goal (ours <= {GOAL}x the limit at k = 1, 4, 16): NOT met: {', '.join(goal_miss)}")
         else:
             print(f"goal (ours <= {GOAL}x the limit at k = 1, 4, 16): met")
+        summary = []
+        for k, om, op, lm, lp, ratio, per, lc, ls, lg in rows:
+            summary.append(f"SUMMARY\te2e k={k}: publish -> SNA start ms (limit: create + serve + greet)\t"
+                           f"{om:.1f}\t{lm:.1f}\t{ratio:.2f}\t<= {GOAL}x\t{'yes' if ratio <= GOAL else 'no'}")
         print()
         print("Where ours goes (medians, ms, from the ledger's job_history; each boundary cut to the ms):")
         print(f"{'k':>3}  " + "  ".join(f"{n:>13}" for n in phase_names))
@@ -600,7 +611,11 @@ repo-001 = {self.tmp}/repo
             print(f"  jobs per worker: {b['per_worker']}; jobs that waited for ports: {b['waited']}")
             for wid, (hwm, now) in sorted(b["rss"].items()):
                 print(f"  {wid}: peak RSS (VmHWM) {hwm / 1024:.1f} MiB, RSS at the end {now / 1024:.1f} MiB")
-        print(f"(total {time.monotonic() - t0:.0f} s)")
+            summary.append(f"SUMMARY\te2e burst {self.a.vms} VMs x 2 disks, 2 workers: all started s\t"
+                           f"{b['all_started_s']:.1f}\t-\t-\t-\t-")
+        print(f"(total {time.monotonic() - t0:.0f} s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+        for line in summary:
+            print(line)
 
 
 def main():
