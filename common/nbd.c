@@ -28,7 +28,6 @@
 #define NBD_OPT_ABORT 2
 #define TERM_RESEND_MS 200  /* qemu-nbd 7.2 may lose an early SIGTERM: send it again */
 #define DISCARD_GRACE_MS 2000
-#define SPAWN_MANY_STOP_MS 5000 /* the others of a failed bw_nbd_spawn_many: greet or grace */
 
 /* Faster NBD writes: qemu-nbd allocates a fresh 256 KiB buffer per request; below this
  * threshold glibc serves it from the heap instead of mmap/munmap with a page fault per
@@ -117,57 +116,6 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	snprintf(n->log_path, sizeof(n->log_path), "%s", o->log_path ? o->log_path : "/dev/null");
 	int rc = bw_spawn(&s, &n->pid, &n->start_time, err, errsize);
 	return rc == 0 ? 0 : rc == BW_ENOENT ? BW_ENOENT : BW_ECHILD;
-}
-
-int bw_nbd_spawn_many(const struct bw_nbd_opts *o, struct bw_nbd *const *n, size_t k,
-		      size_t *failed, char *err, size_t errsize)
-{
-	size_t started = 0;
-	int rc = 0;
-	char scratch[512];
-
-	/* one after the other, but each costs only its exec (bw_spawn: vfork semantics), and
-	 * none waits for another's greeting: they start up side by side */
-	for (; started < k; started++) {
-		rc = bw_nbd_spawn(&o[started], n[started], err, errsize);
-		if (rc != 0) {
-			*failed = started;
-			break;
-		}
-	}
-	if (rc == 0)
-		return 0;
-	/* one failed: stop the others, all at once (a DISCARD stop of a server that never
-	 * greeted waits for its greeting or its grace) */
-	bool *up = calloc(started ? started : 1, sizeof(*up));
-	for (size_t i = 0; i < started; i++) {
-		if (up) {
-			up[i] = true;
-			continue;
-		}
-		/* no memory: one at a time (a DISCARD stop ends it whatever it returns) */
-		int r = bw_nbd_stop(n[i], BW_NBD_DISCARD, SPAWN_MANY_STOP_MS, scratch, sizeof(scratch));
-		(void)r;
-	}
-	for (bool busy = up != NULL; busy;) {
-		busy = false;
-		for (size_t i = 0; i < started; i++) {
-			if (!up[i])
-				continue;
-			if (bw_nbd_stop_step(n[i], BW_NBD_DISCARD, SPAWN_MANY_STOP_MS, scratch,
-					     sizeof(scratch)) == BW_EBUSY) {
-				busy = true;
-				continue;
-			}
-			up[i] = false;
-		}
-		if (busy)
-			usleep(1000);
-	}
-	for (size_t i = 0; i < started; i++)
-		bw_nbd_release(n[i]);
-	free(up);
-	return rc;
 }
 
 bool bw_nbd_reap(struct bw_nbd *n)

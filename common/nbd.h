@@ -58,17 +58,6 @@ int bw_nbd_spawn(const struct bw_nbd_opts *o, struct bw_nbd *n, char *err, size_
 	BW_MUST_CHECK;
 
 /*
- * Starts k servers (o[i] into *n[i]) as bw_nbd_spawn does, one after the other without
- * waiting for any greeting (each start costs its exec only: bw_spawn has vfork semantics).
- * All or none: returns 0 with every n[i] filled; on an error, *failed is the first server
- * that could not be started, err says why (bw_nbd_spawn's codes), and every server this
- * call started before it has been stopped (BW_NBD_DISCARD, all at once) and reaped, so
- * nothing is left running. Blocking on that failure path: up to a few seconds.
- */
-int bw_nbd_spawn_many(const struct bw_nbd_opts *o, struct bw_nbd *const *n, size_t k,
-		      size_t *failed, char *err, size_t errsize) BW_MUST_CHECK;
-
-/*
  * One readiness check that never waits: advances a non-blocking connect to the port and
  * the read of the NBD newstyle greeting (NBDMAGIC IHAVEOPT) as far as it can, then ends
  * the handshake politely (NBD_OPT_ABORT) so the server logs no error. Returns 0 when

@@ -562,36 +562,15 @@ static void start_servers(struct job *j)
 			return;
 		}
 	}
-	/* every server started before any is waited for (bw_nbd_spawn_many: each start costs
-	 * its exec only); a failure stops the others before it returns */
-	const struct bw_config *cfg = j->w->cfg;
-	char tls_dir[PATH_MAX];
-	struct bw_nbd_opts o[BW_MESSAGE_MAX_DISKS];
-	struct bw_nbd *servers[BW_MESSAGE_MAX_DISKS];
-	if (j->tls && bw_psk_dir(cfg->worker_state_dir, j->spec->job_id, tls_dir, sizeof(tls_dir)) != 0) {
-		job_fail(j, BW_FAIL_QEMU_NBD_FAILED, "the key directory's path is too long");
-		return;
-	}
 	for (size_t i = 0; i < j->n_disks; i++) {
-		struct job_disk *d = &j->disks[i];
-		o[i] = (struct bw_nbd_opts){cfg->nbd_qemu_nbd,  d->qcow2_path, d->export_name,
-					    cfg->nbd_bind_address, d->port, cfg->nbd_shared,
-					    d->log_path, j->tls ? tls_dir : NULL};
-		servers[i] = &d->nbd;
+		if (spawn_disk(j, &j->disks[i], err, sizeof(err)) != 0) {
+			if (record_servers(j) != 0)
+				bw_log_warnx("job=%s ledger: cannot record its servers", j->spec->job_id);
+			fail_disk(j, &j->disks[i], BW_FAIL_QEMU_NBD_FAILED, "", err);
+			return;
+		}
+		crash_point("spawned", i + 1);
 	}
-	size_t bad = 0;
-	if (bw_nbd_spawn_many(o, servers, j->n_disks, &bad, err, sizeof(err)) != 0) {
-		fail_disk(j, &j->disks[bad], BW_FAIL_QEMU_NBD_FAILED, "", err);
-		return;
-	}
-	for (size_t i = 0; i < j->n_disks; i++) {
-		struct job_disk *d = &j->disks[i];
-		d->spawned = true;
-		bw_log_debug("job=%s disk=%" PRId64 " port=%d pid=%ld qemu-nbd started",
-			     j->spec->job_id, d->key, d->port, (long)d->nbd.pid);
-	}
-	for (size_t i = 0; i < j->n_disks; i++)
-		crash_point("spawned", i + 1); /* every server runs, none is recorded yet */
 	hold_servers(j);
 	/* a crash before this commit leaves servers the ledger does not name: the recovery
 	 * finds them by their export name (bw_nbd_find) */

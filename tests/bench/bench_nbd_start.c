@@ -46,9 +46,9 @@
  *	(a server that never greeted is stopped with BW_NBD_DISCARD instead).
  *
  *   prepare K DIR BASEPORT SIZE_MIB many|serial|fork|parallel [pss]
- *	Times "prepare K disks" to "all K servers ready". many: bw_target_create for each
- *	disk (the API: the qcow2 written in-process), then bw_nbd_spawn_many for all (what the
- *	worker does); serial: the same images, then bw_nbd_spawn for each; fork: the same
+ *	Times "prepare K disks" to "all K servers ready". many, serial: bw_target_create
+ *	for each disk (the API: the qcow2 written in-process), then bw_nbd_spawn for each, none
+ *	waiting for another's greeting (what the worker does; "many" is the older name); fork: the same
  *	images, then each server started the way bw_spawn did before it used posix_spawn
  *	(old_spawn below: fork, in the child reset every signal, setsid, dup2, close_range,
  *	execve; the parent blocked on a close-on-exec pipe until the exec: the "before" of
@@ -438,7 +438,7 @@ static int cmd_prepare(int argc, char **argv)
 	struct disk *d = NULL;
 	FILE *pids = NULL;
 	int rc = 1;
-	bool parallel, many, old, want_pss = false;
+	bool parallel, old, want_pss = false;
 
 	if (argc < 5 || argc > 6 || parse_int(argv[0], 1, MAX_DISKS, &k) != 0 ||
 	    parse_int(argv[2], 1, 65535 - MAX_DISKS, &base_port) != 0 ||
@@ -452,7 +452,6 @@ static int cmd_prepare(int argc, char **argv)
 	}
 	const char *repo = argv[1];
 	parallel = strcmp(argv[4], "parallel") == 0;
-	many = strcmp(argv[4], "many") == 0;
 	old = strcmp(argv[4], "fork") == 0;
 	want_pss = argc == 6;
 	d = calloc((size_t)k, sizeof(*d));
@@ -513,33 +512,7 @@ static int cmd_prepare(int argc, char **argv)
 	double create_ms = ms_since(t0);
 
 	int64_t t1 = now_ns();
-	if (many) {
-		struct bw_nbd_opts *o = calloc((size_t)k, sizeof(*o));
-		struct bw_nbd **n = calloc((size_t)k, sizeof(*n));
-		size_t bad = 0;
-		int r = o && n ? 0 : BW_ENOMEM;
-		for (long i = 0; i < k && r == 0; i++) {
-			o[i] = (struct bw_nbd_opts){"qemu-nbd", d[i].path, d[i].export_name,
-						    "127.0.0.1", (int)(base_port + i), SHARED,
-						    d[i].log, NULL};
-			n[i] = &d[i].n;
-		}
-		if (r == 0)
-			r = bw_nbd_spawn_many(o, n, (size_t)k, &bad, err, sizeof(err));
-		free(o);
-		free(n);
-		if (r != 0) {
-			fprintf(stderr, "prepare: bw_nbd_spawn_many (server %zu): %s: %s\n", bad,
-				bw_err_name(r), err);
-			goto stop;
-		}
-		for (long i = 0; i < k; i++) {
-			d[i].spawned = true;
-			fprintf(pids, "%ld\n", (long)d[i].n.pid);
-		}
-		fflush(pids);
-	}
-	for (long i = 0; i < k && !many && !stop_requested; i++) {
+	for (long i = 0; i < k && !stop_requested; i++) {
 		struct bw_nbd_opts o = {"qemu-nbd", d[i].path, d[i].export_name, "127.0.0.1",
 					(int)(base_port + i), SHARED, d[i].log, NULL};
 		int r = old ? old_nbd_spawn(&o, &d[i].n, err, sizeof(err))

@@ -132,80 +132,6 @@ static void test_bad_images_reported_nothing_left(void **state)
 	assert_int_equal(kill(n.pid, 0), -1); /* reaped: nothing left running */
 }
 
-/* True when something accepts connections on 127.0.0.1:port. */
-static bool listening(int port)
-{
-	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	bool up = connect(s, (struct sockaddr *)&a, sizeof(a)) == 0;
-	close(s);
-	return up;
-}
-
-/*
- * bw_nbd_spawn_many: all started and serving, or none left running: a missing image (found
- * before its fork, after the others') and a program that cannot be executed (found after
- * every fork, when its exec fails) each stop every server already started.
- */
-static void test_spawn_many_all_or_none(void **state)
-{
-	(void)state;
-	enum { K = 4, PORT = PORT_BASE + 40 };
-	char img[K][PATH_MAX], log[K][PATH_MAX], name[K][16], err[1024];
-	struct bw_nbd n[K], *np[K];
-	struct bw_nbd_opts o[K];
-	size_t bad = 99;
-	for (int i = 0; i < K; i++) {
-		snprintf(img[i], sizeof(img[i]), "%s/many-%d.qcow2", bw_test_dir, i);
-		snprintf(log[i], sizeof(log[i]), "%s/many-%d.log", bw_test_dir, i);
-		snprintf(name[i], sizeof(name[i]), "many-%d", i);
-		if (i != 2)
-			create_image(img[i], "16M");
-		o[i] = (struct bw_nbd_opts){"qemu-nbd", img[i], name[i], "127.0.0.1", PORT + i, 8,
-					    log[i], NULL};
-		memset(&n[i], 0, sizeof(n[i]));
-		np[i] = &n[i];
-	}
-
-	/* image 2 missing: 0 and 1 were forked, are stopped and reaped */
-	assert_int_equal(bw_nbd_spawn_many(o, np, K, &bad, err, sizeof(err)), BW_ENOENT);
-	assert_int_equal(bad, 2);
-	assert_non_null(strstr(err, "never started before its image"));
-	for (int i = 0; i < 2; i++) {
-		assert_true(n[i].pid > 0);
-		assert_true(n[i].exited);
-		assert_int_equal(kill(n[i].pid, 0), -1);
-		assert_false(listening(PORT + i));
-	}
-
-	/* the program of server 3 cannot be executed: 0, 1 and 2 ran and are gone again */
-	create_image(img[2], "16M");
-	char missing[PATH_MAX];
-	snprintf(missing, sizeof(missing), "%s/no-such-qemu-nbd", bw_test_dir);
-	o[3].qemu_nbd = missing;
-	memset(n, 0, sizeof(n));
-	assert_int_equal(bw_nbd_spawn_many(o, np, K, &bad, err, sizeof(err)), BW_ENOENT);
-	assert_int_equal(bad, 3);
-	for (int i = 0; i < 3; i++) {
-		assert_true(n[i].pid > 0);
-		assert_true(n[i].exited);
-		assert_int_equal(kill(n[i].pid, 0), -1);
-		assert_false(listening(PORT + i));
-	}
-
-	/* all four: every one greets, then stops cleanly */
-	o[3].qemu_nbd = "qemu-nbd";
-	assert_int_equal(bw_nbd_spawn_many(o, np, K, &bad, err, sizeof(err)), 0);
-	for (int i = 0; i < K; i++)
-		assert_int_equal(bw_nbd_wait_ready(&n[i], 10000, err, sizeof(err)), 0);
-	for (int i = 0; i < K; i++) {
-		assert_int_equal(bw_nbd_stop(&n[i], BW_NBD_KEEP, 10000, err, sizeof(err)), 0);
-		bw_nbd_release(&n[i]);
-		assert_int_equal(kill(n[i].pid, 0), -1);
-	}
-}
-
 static void test_taken_port_is_reported_and_next_works(void **state)
 {
 	(void)state;
@@ -435,7 +361,6 @@ int main(void)
 		cmocka_unit_test(test_bytes_land_after_stop),
 		cmocka_unit_test(test_second_server_on_same_image_fails_with_qemu_message),
 		cmocka_unit_test(test_bad_images_reported_nothing_left),
-		cmocka_unit_test(test_spawn_many_all_or_none),
 		cmocka_unit_test(test_taken_port_is_reported_and_next_works),
 		cmocka_unit_test(test_stop_of_just_ready_server_always_ends_it),
 		cmocka_unit_test(test_child_inherits_no_descriptor),
