@@ -558,6 +558,7 @@ typedef int (*txn_fn)(struct bw_ledger *l, void *ctx);
 static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 {
 	int rc = BW_EBUSY;
+	l->errmsg[0] = '\0'; /* not an older transaction's reason */
 	for (int attempt = 0; attempt < TXN_ATTEMPTS; attempt++) {
 		if (attempt > 0) {
 			l->busy_retries++;
@@ -575,8 +576,10 @@ static int with_txn(struct bw_ledger *l, txn_fn fn, void *ctx)
 			rc = fn(l, ctx);
 			if (rc != 0)
 				snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
-			if (rc == 0)
-				rc = run(l, BW__ST_COMMIT, "");
+			if (rc == 0 && (rc = run(l, BW__ST_COMMIT, "")) != 0) /* disk full: here */
+				snprintf(l->errmsg, sizeof(l->errmsg), "%s", sqlite3_errmsg(l->db));
+			/* (a failed COMMIT may have rolled back already: the ROLLBACK's own error
+			   must not replace the reason) */
 			if (rc != 0 && run(l, BW__ST_ROLLBACK, "") != 0) {
 				/* rc already says why the transaction failed */
 			}
