@@ -226,6 +226,7 @@ class Rig:
     def __init__(self, ctx, tag, hosts, conf=None):
         self.ctx = ctx
         self.deaths = []          # (time.time(), host name, worker id, how)
+        self.known_hit = set()    # job_ids the test knows a death hit (the victim held them)
         self.exit_codes = {}
         self.broker = self.fleet = None
         self.broker = Broker(os.path.join(ctx.tmp, "broker"))
@@ -317,6 +318,8 @@ class Rig:
                 ended = [e for e in evs if e.get("event") in checker.TERMINALS and occurred(e) <= t]
                 if mine and not ended:
                     hit.setdefault(jid, (t, hname, wid, how))
+        for jid in self.known_hit:
+            hit.setdefault(jid, "known")
         return hit
 
     def leaks(self):
@@ -410,7 +413,11 @@ class Rig:
                     except OSError:
                         pass
             if os.environ.get("BW_CHAOS_KEEP"):
-                self.ctx.log(f"kept {self.fleet.tmp}")
+                with open(os.path.join(self.fleet.tmp, "events.json"), "w") as f:
+                    json.dump(self.fleet.collector.events(), f, indent=1)
+                with open(os.path.join(self.fleet.tmp, "deaths.json"), "w") as f:
+                    json.dump(self.deaths, f)
+                self.ctx.log(f"kept {self.fleet.tmp} (events.json, deaths.json, worker logs)")
             self.fleet.close(keep=bool(os.environ.get("BW_CHAOS_KEEP")))
         if self.broker is not None:
             self.broker.close()

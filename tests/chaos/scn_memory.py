@@ -81,15 +81,22 @@ class MemCgroup:
         return int(self.read(self.usage_file))
 
     def set_limit(self, n):
-        """Sets the limit (and v1's memory+swap limit to the same, so no swap stands in)."""
-        with open(os.path.join(self.dir, self.limit_file), "w") as f:
-            f.write(str(n))
+        """Sets the limit (n None: no limit), and v1's memory+swap limit to the same, so that no
+        swap stands in (memory <= memory+swap at every step: lowered memory first, raised
+        memory+swap first)."""
+        files = [self.limit_file]
         if self.v == 1 and os.path.exists(os.path.join(self.dir, "memory.memsw.limit_in_bytes")):
+            files.append("memory.memsw.limit_in_bytes")
+        value = str(n) if n is not None else ("-1" if self.v == 1 else "max")
+        if n is None or n > int(self.read(self.limit_file).strip().replace("max", str(1 << 62))):
+            files.reverse()
+        for i, name in enumerate(files):
             try:
-                with open(os.path.join(self.dir, "memory.memsw.limit_in_bytes"), "w") as f:
-                    f.write(str(n))
+                with open(os.path.join(self.dir, name), "w") as f:
+                    f.write(value)
             except OSError:
-                pass
+                if i == 0 or name == self.limit_file:
+                    raise
 
     def oom_kills(self):
         name = "memory.oom_control" if self.v == 1 else "memory.events"
@@ -155,7 +162,7 @@ def run_memory_oom(ctx, trials):
     cg = None
     why_no_cgroup = ""
     try:
-        cg = chaos_cgroup = MemCgroup()  # noqa: F841
+        cg = MemCgroup()
         ctx.log(f"memory cgroup v{cg.v}: {cg.dir}")
     except OSError as e:
         why_no_cgroup = str(e)
@@ -176,6 +183,8 @@ def run_memory_oom(ctx, trials):
             sweep.start()
         n = 0
         for t in range(trials):
+            if cg is not None:
+                cg.set_limit(None)  # the last trial's limit goes
             p = rig.start(h, VICTIM, preexec=cg.enter_hook() if cg else None)
             victim_pid[0] = p.pid
             chaos.wait_consumers(rig.broker.url, "backup.start", 2)
@@ -197,8 +206,7 @@ def run_memory_oom(ctx, trials):
             else:
                 rig.saw_death(h, VICTIM, how)
             res["notes"].append(f"trial {t + 1}: victim {how} (exit {p.returncode}) with "
-                                f"{in_flight} job(s) of its own transferring, RSS before the "
-                                "fault shown in the log line above")
+                                f"{in_flight} job(s) of its own transferring")
             if cg is None:
                 res["notes"].append(f"no cgroup: {why_no_cgroup}")
             victim_pid[0] = 0
