@@ -28,7 +28,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from datetime import datetime

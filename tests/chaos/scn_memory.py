@@ -229,7 +229,6 @@ def run_memory_oom(ctx, trials):
 def oom_kill(ctx, rig, cg, p, count, res, slow):
     """Sets the limit just above the peak, publishes MORE jobs, then steps the limit down
     until the OOM killer ends p; returns how p died (or 'SIGKILL ...' when it did not)."""
-    fl, h = rig.fleet, rig.host()
     n = count()
     before = cg.oom_kills()
     usage = cg.usage()
