@@ -183,6 +183,8 @@ def run_memory_oom(ctx, trials):
             sweep.start()
         n = 0
         for t in range(trials):
+            if t:
+                rig.stop_worker(h, VICTIM)  # the last trial's restart, stopped to go in again
             if cg is not None:
                 cg.set_limit(None)  # the last trial's limit goes
             p = rig.start(h, VICTIM, preexec=cg.enter_hook() if cg else None)
