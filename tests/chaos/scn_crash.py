@@ -184,7 +184,10 @@ def run_crash_points(ctx, trials):
                         f"{sum(per_point[point]):.0f} s, {len(fl.published)} jobs so far")
         rig.finish(res, trials=len(run))
         terms = fl.terminal()
-        wrong = [f"{jid} ({p}) ended {terms.get(jid)}, want {want}"
+        why = {e["job_id"]: f"{e.get('reason')} in {e.get('stage')} by {e.get('worker_id')}: "
+               f"{str(e.get('message'))[:200]}"
+               for e in fl.collector.events() if e.get("event") == "backup.failed"}
+        wrong = [f"{jid} ({p}) ended {terms.get(jid)}, want {want} ({why.get(jid, '')})"
                  for jid, (p, want) in sorted(outcomes.items()) if want and terms.get(jid) != want]
         res["failures"] += [f"outcome: {w}" for w in wrong[:10]]
         res["notes"].append(f"points: {', '.join(sorted({p for p, _ in run}))}")
