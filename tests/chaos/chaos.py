@@ -570,7 +570,7 @@ def soak(worker, ctl, minutes, seed=None):
         print("| minute | jobs published | jobs done | " + " | ".join(
             f"{w} RSS MiB | {w} fds" for w in h.worker_ids())
               + " | ledger db KiB | wal KiB | db B/job | outbox backlog | faults |", flush=True)
-        print("|" + "---|" * (6 + 2 * len(h.worker_ids())), flush=True)
+        print("|" + "---|" * (8 + 2 * len(h.worker_ids())), flush=True)
         while time.time() < end:
             now = time.time()
             if now >= next_job:
