@@ -146,8 +146,10 @@ class MemCgroup:
 def sweeper(cg, keep_pid, stop):
     """Moves every task but keep_pid out of cg until stop is set."""
     while not stop.is_set():
-        for pid in cg.pids():
-            if pid != keep_pid():
+        keep = keep_pid()
+        # 0: a victim is starting (it joined before its exec, Popen has not returned its pid)
+        for pid in cg.pids() if keep else []:
+            if pid != keep:
                 cg.move_out(pid)
         stop.wait(SWEEP_S)
 
@@ -187,8 +189,11 @@ def run_memory_oom(ctx, trials):
                 rig.stop_worker(h, VICTIM)  # the last trial's restart, stopped to go in again
             if cg is not None:
                 cg.set_limit(None)  # the last trial's limit goes
+            victim_pid[0] = 0
             p = rig.start(h, VICTIM, preexec=cg.enter_hook() if cg else None)
             victim_pid[0] = p.pid
+            if cg is not None and p.pid not in cg.pids():
+                res["failures"].append(f"trial {t + 1}: the victim is not in {cg.dir}")
             chaos.wait_consumers(rig.broker.url, "backup.start", 2)
             slow = {"slow_bytes_per_s": MiB}
             for _ in range(BURST):
@@ -211,7 +216,6 @@ def run_memory_oom(ctx, trials):
                                 f"{in_flight} job(s) of its own transferring")
             if cg is None:
                 res["notes"].append(f"no cgroup: {why_no_cgroup}")
-            victim_pid[0] = 0
             rig.start(h, VICTIM)  # restarted, outside the cgroup
         rig.finish(res, trials=trials, timeout=150)
     finally:
