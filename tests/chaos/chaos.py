@@ -650,6 +650,7 @@ def soak(worker, ctl, minutes, seed=None):
               f"{'bounded' if bounded else 'NOT BOUNDED'}")
         print(f"faults ({len(faults)}): {'; '.join(faults)}")
         ctx.log("stream over; waiting for the last jobs")
+        res["trials"] = len(faults)
         rig.finish(res, timeout=180)
         print(table([("soak", res, time.time() - t0)]))
         for n in res["notes"]:
