@@ -123,6 +123,7 @@ def run_crash_points(ctx, trials):
         outcomes = {}                     # job_id -> expected outcome when the crash hit it
         per_point = {}
         b_started = False
+        on_takeover = {}                  # spec -> trials whose death came on a taken-over job
         for idx, (point, spec) in enumerate(run):
             if point == "forwarded" and not b_started:
                 rig.start(b, "host-b-1")
@@ -143,8 +144,7 @@ def run_crash_points(ctx, trials):
                 # restarted with the point, it died there at once: on a job of an earlier
                 # trial it had taken over (a crash all the same)
                 rig.saw_death(a, VICTIM, f"BW_CRASH_AT={spec} while recovering")
-                res["notes"].append(f"{spec}: the restarted victim died at its point while "
-                                    "taking over an earlier job")
+                on_takeover[spec] = on_takeover.get(spec, 0) + 1
                 died = True
             elif time.time() >= end:
                 res["failures"].append(f"{spec}: the victim never consumed in 30 s")
@@ -203,6 +203,11 @@ def run_crash_points(ctx, trials):
                  if want and terms.get(jid) != want and not excused(jid, want)]
         res["failures"] += [f"outcome: {w}" for w in wrong[:10]]
         res["notes"].append(f"points: {', '.join(sorted({p for p, _ in run}))}")
+        if on_takeover:
+            res["notes"].append(
+                f"{sum(on_takeover.values())} trial(s) died at their point on a job taken over "
+                "from the last incarnation, before consuming a new one: " +
+                ", ".join(f"{k} x{v}" for k, v in sorted(on_takeover.items())))
     finally:
         rig.close()
     return res
