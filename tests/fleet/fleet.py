@@ -575,6 +575,14 @@ class Publisher:
         if self.conn is not None and self.node in self.avoid:
             self.close()
         while True:
+            if self.conn is not None:
+                # a connection idle past its heartbeats may be gone already (nobody serviced
+                # it while the test waited): find out before sending, not by a publish that
+                # would then count as "info" and leave the job unjudged for loss
+                try:
+                    self.conn.process_data_events(time_limit=0)
+                except Exception:  # noqa: BLE001 - nothing was sent on it
+                    self.close()
             if self.conn is None or not self.conn.is_open:
                 self._open()
             try:
