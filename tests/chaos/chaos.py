@@ -731,7 +731,8 @@ def main():
     if unknown:
         print(f"chaos: unknown scenario(s) {unknown}; --list shows them", file=sys.stderr)
         return 2
-    chosen = [e for e in every if not only or e[1] in only]
+    # a scenario with no trials in this mode (a quick-only mix, or a full-only one) is left out
+    chosen = [e for e in every if (not only or e[1] in only) and (e[3] > 0 or e[1] in only)]
     return run_scenarios(a.worker, a.ctl, a.quick, chosen)
 
 
