@@ -40,6 +40,7 @@
 #define SEQ_HEADER "x-bw-publish-seq"
 
 const char bw_amqp_why_returned[] = "returned unroutable (no binding)";
+const char bw_amqp_why_nacked[] = "nacked by the broker";
 
 struct pending_publish {
 	uint64_t seq;
@@ -1053,7 +1054,7 @@ static void settle(struct bw_amqp *c, uint64_t tag, bool multiple, bool ok, bw_a
 		if (p->seq == tag || (multiple && p->seq < tag)) {
 			if (cb)
 				cb(arg, p->seq, ok && !p->returned,
-				   !ok ? "nacked by the broker" : p->returned ? bw_amqp_why_returned : NULL);
+				   !ok ? bw_amqp_why_nacked : p->returned ? bw_amqp_why_returned : NULL);
 			free(p->id);
 		} else {
 			c->pending[keep++] = *p;

@@ -224,6 +224,8 @@ int bw_amqp_publish_message(struct bw_amqp *c, const char *exchange, const char 
  */
 typedef void (*bw_amqp_confirm_cb)(void *arg, uint64_t seq, bool ok, const char *why);
 extern const char bw_amqp_why_returned[];
+/* ... and one the broker nacked, exactly the pointer bw_amqp_why_nacked. */
+extern const char bw_amqp_why_nacked[];
 
 /*
  * Handles confirms, returns, flow control and heartbeats without waiting; calls cb per

@@ -22,6 +22,7 @@ struct flight {
 	int64_t sent_us; /* for the confirm latency */
 	bool settled;
 	bool ok;
+	bool nacked;
 	char why[96];
 };
 
@@ -34,6 +35,7 @@ struct bw_relay {
 	int64_t cursor;         /* highest outbox id sent on this connection */
 	int64_t retry_at_ms;    /* backoff after a failure: nothing is sent before */
 	unsigned failures;      /* consecutive failed attempts, for the backoff */
+	size_t nacked;          /* nacks settled since the last step */
 	uint64_t confirmed, failed;
 	struct bw_metrics *metrics; /* borrowed; NULL: none */
 	bw_amqp_confirm_cb foreign_cb; /* confirms of publishes not the relay's */
@@ -70,6 +72,7 @@ void bw_relay_reset(struct bw_relay *r)
 {
 	r->n = 0;
 	r->cursor = 0;
+	r->nacked = 0;
 }
 
 size_t bw_relay_inflight(const struct bw_relay *r)
@@ -109,6 +112,7 @@ static void confirm_cb(void *arg, uint64_t seq, bool ok, const char *why)
 		if (r->f[i].seq == seq) {
 			r->f[i].settled = true;
 			r->f[i].ok = ok;
+			r->f[i].nacked = why == bw_amqp_why_nacked;
 			if (ok)
 				bw_metrics_observe(r->metrics, BW_METRIC_CONFIRM_LATENCY, NULL,
 						   (double)(bw_clock_mono_us() - r->f[i].sent_us) / 1e6);
@@ -142,6 +146,8 @@ static int settle(struct bw_relay *r)
 			continue;
 		}
 		r->failed++;
+		if (f->nacked)
+			r->nacked++;
 		if (first_failed == 0 || f->id < first_failed)
 			first_failed = f->id;
 		int frc = bw_ledger_outbox_failed(r->ledger, f->id, f->why);
@@ -183,6 +189,18 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 		snprintf(err, errsize, "ledger: %s", bw_strerror(src));
 		return src;
 	}
+	if (r->nacked) {
+		/*
+		 * The broker could not take them. A new connection, not the same channel again: a
+		 * quorum queue whose leader was lost can leave a channel that nacks every publish
+		 * to it (a test client saw it; the worker's events then never went out, without a
+		 * word). The nacked events go out again on the next connection.
+		 */
+		snprintf(err, errsize, "the broker nacked %zu event(s)", r->nacked);
+		r->nacked = 0;
+		bw_relay_reset(r);
+		return BW_EAMQP;
+	}
 	if (r->n > 0 && bw_clock_mono_ms() - r->f[0].sent_ms > CONFIRM_TIMEOUT_MS) {
 		/* f[0] is the oldest in flight: a broker that takes this long is not answering */
 		snprintf(err, errsize, "no publisher confirm within %d ms", CONFIRM_TIMEOUT_MS);
@@ -219,7 +237,7 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 			break;
 		}
 		r->f[r->n++] = (struct flight){seq, rows[i].id, bw_clock_mono_ms(), bw_clock_mono_us(),
-					       false, false, ""};
+					       false, false, false, ""};
 		r->cursor = rows[i].id;
 	}
 	bw_outbox_free(rows, n);

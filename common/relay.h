@@ -28,9 +28,10 @@ void bw_relay_free(struct bw_relay *r);
 /*
  * One step, never waiting: settles the confirms that arrived on c, marks the confirmed
  * events published, then publishes the next unpublished ones up to the window (unless the
- * broker blocks c or a backoff runs). Returns 0; BW_EAMQP when c is lost or a confirm is
- * 30 s late (every event in flight is unsent again: reconnect and call bw_relay_reset);
- * ledger errors (transient).
+ * broker blocks c or a backoff runs). Returns 0; BW_EAMQP when c is lost, a confirm is
+ * 30 s late or the broker nacked an event (every event in flight is unsent again:
+ * reconnect and call bw_relay_reset); ledger errors (transient). An event returned
+ * unroutable is sent again on the same connection after a backoff.
  */
 int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsize) BW_MUST_CHECK;
 

@@ -183,6 +183,59 @@ static void test_no_binding_kept_until_one_exists(void **state)
 	bw_amqp_close(c);
 }
 
+/*
+ * Every publish nacked (a queue that rejects what it cannot hold: x-max-length 0 with
+ * reject-publish): the step says so with BW_EAMQP, so the caller takes a new connection
+ * rather than sending into the same channel again; once the queue takes them, all go out.
+ */
+static void test_nacked_means_a_new_connection(void **state)
+{
+	(void)state;
+	assert_int_equal(bw_test_sh("/usr/bin/python3 -c '\n"
+			    "import pika\n"
+			    "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
+			    "ch = c.channel()\n"
+			    "ch.exchange_declare(\"r4.events\", \"topic\", durable=True)\n"
+			    "ch.queue_declare(\"r4.full\", durable=True, arguments={\"x-max-length\": 0,"
+			    " \"x-overflow\": \"reject-publish\"})\n"
+			    "ch.queue_bind(\"r4.full\", \"r4.events\", \"backup.#\")\n"
+			    "c.close()'",
+			    url),
+			 0);
+	claim_jobs("r4", 0, 3);
+	struct bw_relay *r = NULL;
+	assert_int_equal(bw_relay_new(&r, ledger, "r4.events", 64), 0);
+	struct bw_amqp *c = publisher();
+	assert_non_null(c);
+	char err[512] = "";
+	int rc = 0;
+	for (int i = 0; i < 400 && rc == 0; i++) {
+		rc = bw_relay_step(r, c, err, sizeof(err));
+		struct pollfd p = {bw_amqp_fd(c), POLLIN, 0};
+		poll(&p, 1, 5);
+	}
+	assert_int_equal(rc, BW_EAMQP);
+	assert_non_null(strstr(err, "nacked"));
+	print_message("relay: %s\n", err);
+	assert_int_equal(unpublished(), 3);
+	bw_amqp_close(c);
+	c = NULL;
+
+	assert_int_equal(bw_test_sh("/usr/bin/python3 -c '\n"
+			    "import pika\n"
+			    "c = pika.BlockingConnection(pika.URLParameters(\"%s\"))\n"
+			    "c.channel().queue_delete(\"r4.full\")\n"
+			    "c.close()'",
+			    url),
+			 0);
+	declare_sink("r4.events", "r4.sink");
+	drain(r, &c, 60000);
+	assert_int_equal(unpublished(), 0);
+	assert_int_equal(queue_count("r4.sink"), 3);
+	bw_relay_free(r);
+	bw_amqp_close(c);
+}
+
 static void test_broker_restart_loses_nothing(void **state)
 {
 	(void)state;
@@ -235,6 +288,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_published_on_confirm_in_order),
 		cmocka_unit_test(test_no_binding_kept_until_one_exists),
+		cmocka_unit_test(test_nacked_means_a_new_connection),
 		cmocka_unit_test(test_broker_restart_loses_nothing),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
