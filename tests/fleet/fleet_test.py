@@ -27,7 +27,9 @@ bad 0 (checker.py), and its own conditions; failover s where a fault happens: pa
 the heal to the first event of host A arriving after it; cluster cases, from the fault to the
 first connection a worker of an affected host opens to another node (its first event after the
 fault is in the notes). During every cut, /healthz of each of host A's workers is polled every
-0.2 s (3 s bound): a probe slower than 1.5 s fails the case (the worker's one loop was held);
+0.2 s (7 s bound): a probe slower than 4 s fails the case (the worker's one loop was held for
+a silent node's AMQP handshake timeout, 5 s; a loaded CI machine's disk stalls a ledger commit
+for up to 3 s, seen in one run);
 during a cluster fault the same figure is printed for the affected hosts, not judged. The run
 ends with one table of every case (the checker's columns, failover s, healthz worst s).
 No CASE: all of them; --short: steady and partition, with fewer jobs (ctest's `fleet`); --short
@@ -51,8 +53,8 @@ import fleet as F  # noqa: E402
 KiB = 1 << 10
 HEARTBEAT_S = 5            # amqp.heartbeat_s of every fleet worker (fleet.Host.config)
 PROBE_EVERY_S = 0.2        # /healthz of each worker of a cut host, this often during the cut
-PROBE_TIMEOUT_S = 3.0      # each probe bounded by this (an unanswered one counts this much)
-HEALTHZ_LIMIT_S = 1.5      # a probe slower than this during a cut fails the case
+PROBE_TIMEOUT_S = 7.0      # each probe bounded by this (an unanswered one counts this much)
+HEALTHZ_LIMIT_S = 4.0      # a probe slower than this during a cut fails the case
 # the fleet's SNA patience (fleet.Host.config): sna.max_attempts x (timeout_s + backoff_cap_s)
 PATIENCE_S = 5 * (5 + 2)
 # the short form's (fewer, shorter attempts: a cut past it takes less time)
