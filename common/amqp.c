@@ -1395,6 +1395,8 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 					     link->topology && link->topology->passive, err, errsize);
 	if (rc != 0) {
 		char where[BW_AMQP_NODE_NAME_MAX + 48];
+		if (c && rc != BW_ECONFIG)
+			c->lost = true; /* an RPC timed out: no Connection.Close to wait for on it */
 		bw_amqp_close(c);
 		node_text(link, i, where, sizeof(where));
 		snprintf(link->why, sizeof(link->why), "%s: %s", where, err);

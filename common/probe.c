@@ -85,8 +85,23 @@ int bw_probe_step(struct bw_probe *p, char *err, size_t errsize)
 			continue;
 		if (n <= 0)
 			break; /* nothing yet (a failed poll: the deadline decides) */
-		if (p->sent)
-			return 0; /* bytes, a close or a reset: someone is there */
+		if (p->sent) {
+			/*
+			 * Only bytes answer: a close or a reset before them is no broker (a
+			 * proxy or a firewall that resets now may swallow the next connection,
+			 * and the blocking login would wait on it).
+			 */
+			char b;
+			ssize_t got = recv(p->fd, &b, 1, MSG_DONTWAIT);
+			if (got == 1)
+				return 0;
+			if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+				continue;
+			snprintf(err, errsize, "the node closed the connection without answering%s%s",
+				 got < 0 ? ": " : "", got < 0 ? strerror(errno) : "");
+			close_fd(p);
+			return BW_EAMQP;
+		}
 		int errnum = 0;
 		socklen_t len = sizeof(errnum);
 		if (getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &errnum, &len) != 0)

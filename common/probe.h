@@ -7,11 +7,12 @@
  * that swallows the bytes) would hold the worker's one loop in that read at every reconnect
  * attempt, and with it every transfer the loop follows. So a link first probes the node:
  * a non-blocking connect, the 8-byte AMQP protocol header, and a wait, on the loop's own
- * poll, for any answer: bytes (Connection.Start; a TLS listener's alert), an orderly close
- * or a reset all prove a live peer, and then the real connect runs (and fails fast, with
- * librabbitmq's own reason, when the answer was a refusal). Silence until the deadline, or
- * a refused or unreachable connect, fails the node without the login. Every address the
- * host name resolves to is tried in turn, within the one deadline.
+ * poll, for an answer: bytes (Connection.Start; a TLS listener's alert) prove a broker,
+ * and then the real connect runs. Silence until the deadline, a close or a reset before
+ * any byte (a proxy or firewall that resets one connection may swallow the next: seen in
+ * the fleet's cuts, where the login then waited 5 s), or a refused or unreachable connect
+ * fails the node without the login. Every address the host name resolves to is tried in
+ * turn, within the one deadline.
  *
  * Host names are resolved with getaddrinfo, which blocks: a numeric address or an
  * /etc/hosts name costs nothing; a DNS name can hold the loop for the resolver's timeout

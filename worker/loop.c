@@ -147,8 +147,9 @@ static void forward(struct worker *w, struct bw_delivery *d, const char *reposit
 /*
  * A backup.start from backup.start (which may be forwarded) or from a per-repository queue
  * (never forwarded again: a repository this host lacks is unknown_repository). Returns 0
- * when d was settled (or is the forward's), else the passing error that kept it unsettled
- * (only when may_keep: see RETRY_FIRST_MS).
+ * when d was settled (or is the forward's), else the passing error (bw_err_transient) that
+ * kept it unsettled (only when may_keep: see RETRY_FIRST_MS); any other error gives it back
+ * at once, as a message no retry here can help.
  */
 static int handle_delivery(struct worker *w, struct bw_delivery *d, bool may_keep)
 {
@@ -163,8 +164,10 @@ static int handle_delivery(struct worker *w, struct bw_delivery *d, bool may_kee
 	int rc = job_receive(w, d, d->source == BW_AMQP_FROM_START ? &to : NULL);
 	if (rc == 0 && to)
 		forward(w, d, to); /* acked after the confirm */
-	else if (rc != 0 && rc != BW_EMESSAGE && may_keep)
+	else if (rc != 0 && rc != BW_EMESSAGE && bw_err_transient(rc) && may_keep) {
+		free(to);
 		return rc; /* kept: tried again (job_receive changed nothing) */
+	}
 	else
 		delivery_settle(w, d, rc); /* acked after the claim's commit (DESIGN decision 2) */
 	free(to);
