@@ -23,6 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fleet"))
 import checker  # noqa: E402
+# the fleet's workers listen for /metrics at 24800+ (ctest fleet) and 24900+ (fleet_cluster),
+# on the same loopback addresses: chaos's own base, so that ctest -j2 can run them side by side
+os.environ.setdefault("BW_FLEET_METRICS_BASE", "26600")
 import fleet  # noqa: E402
 
 MiB = 1 << 20

@@ -110,6 +110,9 @@ def broker_scenario(ctx, trials, tag, fault_of, cluster=False, mix=None):
         rig = io_env.Rig(ctx, broker, tag)
         host = rig.add_host(workers=2, max_jobs=4, ports=40, conf=dict(CONF))
         host.start()
+        late = host.wait_healthy(60)  # a fault must hit connections that are up
+        if late:
+            result["failures"].append(f"workers {late} not healthy 60 s after their start")
         vm = rig.vm("a", {2000: 4 * MiB, 2001: MiB}, seed=31)
         for t in range(trials):
             ctx.log(f"{tag} trial {t + 1}")

@@ -359,6 +359,22 @@ class Host:
             self.workers[w] = subprocess.Popen([self.fleet.worker, "--config", self.config(w)],
                                                stdout=logf, stderr=logf)
 
+    def wait_healthy(self, timeout=60):
+        """Waits until every worker's /healthz answers 200 (both broker links up, the ledger
+        writable); returns the workers that did not within timeout."""
+        end, left = time.time() + timeout, set(self.worker_ids())
+        while left and time.time() < end:
+            for w in sorted(left):
+                try:
+                    with urllib.request.urlopen(self.health_url(w), timeout=2) as r:
+                        if r.status == 200:
+                            left.discard(w)
+                except OSError:  # 503 (HTTPError), not listening yet, a timeout
+                    pass
+            if left:
+                time.sleep(0.2)
+        return sorted(left)
+
     def signal(self, wid, sig):
         p = self.workers.get(wid)
         if p is not None and p.poll() is None:
