@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """e2e.py: the job pipeline end to end: real broker (tests/with-broker), real qemu-nbd, the SNA
 simulator, two bw-worker processes. Usage: e2e.py BW_WORKER BW_CTL [CASE...]"""
+import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -30,15 +32,52 @@ PORT_MIN, PORT_MAX = 22300, 22311  # 12 ports: two 3-disk jobs fit, three do not
 MiB = 1 << 20
 
 
+# Ports handed out by free_port, one file each naming the suite's pid, so that two suites
+# that ctest runs side by side never pick the same one between the check and the bind (seen:
+# a worker's metrics.listen 'Address already in use' in e2e_placement).
+PORT_CLAIMS = "/tmp/bw-e2e-port-claims"
+_claimed = []
+
+
+def _release_ports():
+    for p in _claimed:
+        try:
+            os.unlink(os.path.join(PORT_CLAIMS, str(p)))
+        except OSError:
+            pass
+
+
+atexit.register(_release_ports)
+
+
+def _claimed_by_other(p):
+    try:
+        with open(os.path.join(PORT_CLAIMS, str(p))) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)
+        return pid != os.getpid() or p in _claimed
+    except (OSError, ValueError):
+        return False  # no claim, or its suite is gone
+
+
 def free_port():
-    for _ in range(100):
-        p = 23000 + int.from_bytes(os.urandom(2), "big") % 900
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-                return p
-            except OSError:
+    """A port in 23000-23899 that is free now and that no other running suite was given."""
+    os.makedirs(PORT_CLAIMS, exist_ok=True)
+    with open(PORT_CLAIMS + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for _ in range(200):
+            p = 23000 + int.from_bytes(os.urandom(2), "big") % 900
+            if _claimed_by_other(p):
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    continue
+            with open(os.path.join(PORT_CLAIMS, str(p)), "w") as f:
+                f.write(str(os.getpid()))
+            _claimed.append(p)
+            return p
     raise RuntimeError("no free port")
 
 
