@@ -13,6 +13,7 @@ with images equal to the simulator's snapshot (the checker's "images bad" is a f
 false success); attempts exhausted are sna_unavailable; a 4xx is sna_rejected without an SNA
 cleanup; a lie or a failure is sna_failed, never a backup.disk.completed of a disk the SNA did
 not copy; a blackholed cleanup is a failed action listed in pending[]. Nothing leaks."""
+import http.client
 import os
 import sys
 import time
@@ -288,8 +289,8 @@ def global_knobs(ctx, sr, tag, rnd, result, vm_small, vm_slow):
         while time.time() < end:
             try:
                 sr.save_sim_records()
-            except OSError:
-                break  # gone already: the last records read stay
+            except (OSError, http.client.HTTPException, ValueError):
+                break  # gone already, or died mid-answer (IncompleteRead): the last records read stay
             if any(e.get("event") == "backup.started" for e in rig.events_of(ids[name])):
                 break
             time.sleep(0.2)
