@@ -4,6 +4,7 @@
 #include "clock.h"
 #include "error.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
@@ -78,6 +79,7 @@ int bw_probe_start(struct bw_probe *p, const char *host, int port, int timeout_m
 
 int bw_probe_step(struct bw_probe *p, char *err, size_t errsize)
 {
+	assert(p->fd >= 0); /* a probe that ended is not stepped again */
 	while (p->fd >= 0) {
 		struct pollfd pfd = {p->fd, bw_probe_events(p), 0};
 		int n = poll(&pfd, 1, 0);
@@ -120,10 +122,6 @@ int bw_probe_step(struct bw_probe *p, char *err, size_t errsize)
 			return BW_EAMQP;
 		}
 		p->sent = true;
-	}
-	if (p->fd < 0) {
-		snprintf(err, errsize, "probe over");
-		return BW_EAMQP;
 	}
 	if (bw_probe_timeout_ms(p) > 0)
 		return BW_EBUSY;

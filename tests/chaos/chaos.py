@@ -12,7 +12,7 @@ Exit: 0 every loss and leak column is 0 and no scenario failed or raised (soak: 
 The scenario interface (tests/chaos/README.md): each scn_*.py has SCENARIOS = [(name,
 function, trials in --quick, trials in the full run)], function(ctx, trials) -> dict of the
 columns below plus "notes" and "failures". This module also holds the pieces scenarios share
-(Broker, Rig: a broker, a fleet of simulated hosts, workers started and killed by PID, the
+(Rig: a private_broker.Broker, a fleet of simulated hosts, workers started and killed by PID, the
 checker's verdict and the leak count); importing it has no side effect.
 """
 import argparse
@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fleet"))
 import checker  # noqa: E402
+from private_broker import Broker  # noqa: E402
 # the fleet's workers listen for /metrics at 24800+ (ctest fleet) and 24900+ (fleet_cluster),
 # on the same loopback addresses: chaos's own base, so that ctest -j2 can run them side by side
 os.environ.setdefault("BW_FLEET_METRICS_BASE", "26600")
@@ -53,8 +53,6 @@ BAD = ("lost", "dup_starts", "contradicting", "leaked_ports", "leaked_children",
 OWN_MODULES = ("scn_crash", "scn_memory")
 OWN_RANGE = (26200, 26399)
 OTHER_RANGE = (26400, 26599)
-# private brokers: with-broker's AMQP range (its +19000/+20000/+21000 ports stay below 32768)
-BROKER_PORTS = (11000, 11699)
 TERMINAL_WAIT_S = 120      # how long a scenario waits for its jobs' terminal events by default
 
 
@@ -93,65 +91,6 @@ def occurred(e):
                                  "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
     except (KeyError, ValueError, AttributeError):
         return 0.0
-
-
-# ---- a private broker ---------------------------------------------------------------------
-
-def _busy(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return False
-        except OSError:
-            return True
-
-
-class Broker:
-    """One private RabbitMQ node through scripts/broker start|stop DIR PORT (a free AMQP port
-    whose distribution and epmd ports are free too), stopped by close()."""
-
-    def __init__(self, directory):
-        self.dir = directory
-        self.script = os.path.join(ROOT, "scripts", "broker")
-        last = ""
-        for _ in range(5):
-            port = self._port()
-            r = subprocess.run([self.script, "start", self.dir, str(port)], capture_output=True,
-                               text=True, timeout=180)
-            if r.returncode == 0:
-                self.port = port
-                self.url = f"amqp://guest:guest@127.0.0.1:{port}"
-                return
-            last = (r.stdout + r.stderr).strip()[-600:]
-            subprocess.run([self.script, "stop", self.dir], capture_output=True, timeout=120)
-            shutil.rmtree(self.dir, ignore_errors=True)
-        raise RuntimeError(f"no private broker: {last}")
-
-    @staticmethod
-    def _port():
-        for _ in range(50):
-            p = random.randint(*BROKER_PORTS)
-            if not any(_busy(q) for q in (p, p + 19000, p + 20000, p + 21000)):
-                return p
-        raise RuntimeError("no free broker port")
-
-    def ctl(self, *args, timeout=60):
-        """rabbitmqctl against this node; returns the CompletedProcess."""
-        return subprocess.run([self.script, "ctl", self.dir, *args], capture_output=True,
-                              text=True, timeout=timeout)
-
-    def stop(self):
-        return subprocess.run([self.script, "stop", self.dir], capture_output=True, text=True,
-                              timeout=180)
-
-    def start(self):
-        """Starts it again after stop() (the same port, from DIR/ports)."""
-        return subprocess.run([self.script, "start", self.dir], capture_output=True, text=True,
-                              timeout=180)
-
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def consumers(url, queue):
@@ -696,14 +635,14 @@ def soak_fault(rig, rnd):
         rig.start(h, wid)
         return f"{at} kill -9 {wid}"
     if kind == "close_connections":
-        r = rig.broker.ctl("close_all_connections", "chaos soak")
-        return f"{at} close_all_connections (exit {r.returncode})"
+        rc, _ = rig.broker.ctl("close_all_connections", "chaos soak")
+        return f"{at} close_all_connections (exit {rc})"
     r1 = rig.broker.stop()
     time.sleep(rnd.uniform(1, 5))
     r2 = rig.broker.start()
     # the observer's connections reconnect by themselves (collector) or on the next publish
     rig.fleet.publisher.close()
-    return f"{at} broker stop/start (exit {r1.returncode}/{r2.returncode})"
+    return f"{at} broker stop/start (exit {r1}/{r2})"
 
 
 def main():

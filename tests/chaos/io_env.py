@@ -9,10 +9,8 @@ Not a script: imported. Every process it starts (broker, simulator, workers, pro
 stopped by PID by the object that started it; nothing outside 127.0.0.0/8."""
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fleet"))
 import checker  # noqa: E402
+from private_broker import Broker  # noqa: E402,F401  (scenarios use io_env.Broker)
 # the fleet's workers listen for /metrics at 24800+ (ctest fleet) and 24900+ (fleet_cluster),
 # on the same loopback addresses: chaos's own base, so that ctest -j2 can run them side by side
 os.environ.setdefault("BW_FLEET_METRICS_BASE", "26600")
 import fleet  # noqa: E402
 
 MiB = 1 << 20
-BROKER = os.path.join(ROOT, "scripts", "broker")
-# AMQP ports of a private node: with-broker's range (11000-11699); the node's distribution
-# (+20000) and epmd (+21000) ports stay below the ephemeral range
-BROKER_PORT_LO, BROKER_PORT_HI = 11000, 11699
 PUBLISHER_IDLE_S = 3   # under the observer's 5 s heartbeat
 RESULT_KEYS = ("trials", "jobs", "lost", "dup_starts", "contradicting", "recovered", "leaked_ports",
                "leaked_children", "leaked_files")
@@ -53,67 +48,6 @@ def add(total, part):
     total["notes"] += part.get("notes", [])
     total["failures"] += part.get("failures", [])
     return total
-
-
-# ---- a private broker -------------------------------------------------------------------
-
-def _busy(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return False
-        except OSError:
-            return True
-
-
-class Broker:
-    """One private RabbitMQ node (scripts/broker) with its state in dir; stop() stops exactly it."""
-
-    def __init__(self, dir_):
-        self.dir = dir_
-        last = ""
-        for _ in range(5):
-            port = None
-            for _ in range(50):
-                p = random.randint(BROKER_PORT_LO, BROKER_PORT_HI)
-                if not any(_busy(q) for q in (p, p + 19000, p + 20000, p + 21000)):
-                    port = p
-                    break
-            if port is None:
-                raise RuntimeError("no free broker port")
-            r = subprocess.run([BROKER, "start", dir_, str(port)], capture_output=True, text=True, timeout=180)
-            if r.returncode == 0:
-                self.port = port
-                self.url = f"amqp://guest:guest@127.0.0.1:{port}"
-                self.urls = [self.url]
-                return
-            last = (r.stdout + r.stderr).strip()[-400:]
-            subprocess.run([BROKER, "stop", dir_], capture_output=True, timeout=120)
-            shutil.rmtree(dir_, ignore_errors=True)
-        raise RuntimeError(f"broker did not start: {last}")
-
-    def ctl(self, *args, timeout=60):
-        """rabbitmqctl ARGS against this node; returns (exit code, output)."""
-        r = subprocess.run([BROKER, "ctl", self.dir, *args], capture_output=True, text=True, timeout=timeout)
-        return r.returncode, (r.stdout + r.stderr).strip()
-
-    def restart(self, down_s):
-        """stop, down_s seconds down, start again on the same port; returns the seconds it took."""
-        t0 = time.time()
-        subprocess.run([BROKER, "stop", self.dir], capture_output=True, text=True, timeout=120, check=True)
-        time.sleep(down_s)
-        r = subprocess.run([BROKER, "start", self.dir, str(self.port)], capture_output=True, text=True,
-                           timeout=180)
-        if r.returncode != 0:
-            raise RuntimeError(f"broker restart failed: {(r.stdout + r.stderr).strip()[-400:]}")
-        return time.time() - t0
-
-    def beam_pid(self):
-        with open(os.path.join(self.dir, "run", "beam.pid")) as f:
-            return int(f.read().split()[0])
-
-    def close(self):
-        subprocess.run([BROKER, "stop", self.dir], capture_output=True, text=True, timeout=180)
 
 
 # ---- a rig: simulated hosts, one simulator, the observer -------------------------------

@@ -159,6 +159,10 @@ repo-001 = {self.repo}
         return path
 
     def start_worker(self, wid, extra="", env=None, **config):
+        old = self.workers.get(wid)
+        if old is not None and old.poll() is None:
+            # replacing it in the dict would hide it from stop_workers: it would outlive the test
+            raise RuntimeError(f"worker {wid} (pid {old.pid}) is still running; stop it first")
         cfg = self.config(wid, extra, **config)
         log = open(os.path.join(self.tmp, f"{wid}.log"), "a")
         self.workers[wid] = subprocess.Popen([self.worker, "--config", cfg], stdout=log, stderr=log, env=env)
