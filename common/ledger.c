@@ -238,6 +238,9 @@ static const char *const stmt_sql[BW__ST_COUNT] = {
 	[BW__ST_POOL_FILL] = "WITH RECURSIVE r(p) AS (SELECT ?1 UNION ALL SELECT p + 1 FROM r"
 			 " WHERE p < ?2) INSERT INTO port_pool SELECT p FROM r",
 	[BW__ST_JOURNAL_WAL] = "PRAGMA journal_mode = WAL",
+	/* the WAL file is cut back to this after a checkpoint reset it: a WAL a long reader made
+	 * grow does not keep its size on disk (SQLite's default keeps it forever) */
+	[BW__ST_JOURNAL_LIMIT] = "PRAGMA journal_size_limit = 4194304",
 	[BW__ST_SYNCHRONOUS] = "PRAGMA synchronous = FULL",
 	[BW__ST_FOREIGN_KEYS] = "PRAGMA foreign_keys = ON",
 
@@ -797,6 +800,8 @@ int bw_ledger_open(struct bw_ledger **out, const char *path, int port_min, int p
 			break;
 		sleep_us(10000 + bw_rand_below_incl(9999));
 	}
+	if (rc == 0)
+		rc = run(l, BW__ST_JOURNAL_LIMIT, "");
 	if (rc == 0)
 		rc = run(l, BW__ST_SYNCHRONOUS, "");
 	if (rc == 0)

@@ -459,7 +459,8 @@ FLAT_RATIO = 1.2
 SLACK = {"rss_mib": 4.0, "fds": 8, "wal_kib": 512, "db_b_per_job": 2048, "outbox": 20}
 # The WAL file is not truncated by SQLite's own (passive) auto-checkpoint, only by bw's
 # TRUNCATE checkpoint, which gives up while a reader needs the WAL: under a steady load it
-# grows to about wal_autocheckpoint (1000 pages) and is then rewritten from its start. So
+# grows to about wal_autocheckpoint (1000 pages) and is then rewritten from its start (and
+# cut back to the ledger's journal_size_limit, 4 MiB, should a reader have made it grow). So
 # its series is judged against that ceiling as well as by the rule: bounded when its max <=
 # 1000 pages x the page size + the slack.
 WAL_PAGES = 1000

@@ -463,6 +463,56 @@ static void test_outbox(void **state)
 	assert_int_equal(backlog, 1);
 }
 
+static long long file_size(const char *path)
+{
+	struct stat st;
+	return stat(path, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+/* Appends n outbox events of about 64 KiB each, numbered from first. */
+static void append_big(struct bw_ledger *l, int first, int n)
+{
+	static char payload[64 * 1024];
+	memset(payload, 'x', sizeof(payload) - 1);
+	for (int i = first; i < first + n; i++) {
+		char id[32];
+		snprintf(id, sizeof(id), "wal/%d", i);
+		struct bw_event e = {id, "backup.rejected", 0, payload};
+		assert_int_equal(bw_ledger_outbox_append(l, &e), 0);
+	}
+}
+
+/*
+ * A reader that keeps an old snapshot makes the WAL grow past the auto-checkpoint; once it
+ * left, the WAL file is cut back to journal_size_limit (4 MiB) when it is next reset, not
+ * kept at its peak size for the life of the host (SQLite's default).
+ */
+static void test_wal_is_cut_back_after_a_long_reader(void **state)
+{
+	struct fixture *fx = *state;
+	char wal[PATH_MAX + 8];
+	snprintf(wal, sizeof(wal), "%s-wal", fx->path);
+	sqlite3 *reader = NULL;
+	sqlite3_stmt *q = NULL;
+	assert_int_equal(sqlite3_open_v2(fx->path, &reader, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(reader, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_prepare_v2(reader, "SELECT count(*) FROM outbox", -1, &q, NULL),
+			 SQLITE_OK);
+	assert_int_equal(sqlite3_step(q), SQLITE_ROW); /* the snapshot is held from here */
+	append_big(fx->l, 0, 160);
+	long long peak = file_size(wal);
+	assert_true(peak > 8LL << 20);
+	sqlite3_finalize(q);
+	assert_int_equal(sqlite3_exec(reader, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(reader);
+	/* the first commit's auto-checkpoint copies every frame back, the next one resets */
+	append_big(fx->l, 1000, 3);
+	long long after = file_size(wal);
+	print_message("WAL %lld KiB with the reader, %lld KiB after it left\n", peak >> 10,
+		      after >> 10);
+	assert_true(after >= 0 && after <= (4LL << 20) + (512LL << 10));
+}
+
 static void test_readonly_views(void **state)
 {
 	struct fixture *fx = *state;
@@ -538,6 +588,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_port_counts, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_busy_stats, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_wal_is_cut_back_after_a_long_reader, setup,
+						teardown),
 		cmocka_unit_test_setup_teardown(test_readonly_views, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_worker_row_and_owned_jobs, setup, teardown),
 	};
