@@ -367,6 +367,51 @@ static void test_quarantine(void **state)
 	assert_int_equal(bw_ledger_reserve(fx->l, &b, &k, 1, pb), 0);
 }
 
+/* The port the show view gives disk key of job (0: none). */
+static int disk_port(struct bw_ledger *l, const char *job, int64_t key)
+{
+	struct json_object *o = NULL, *disks, *v;
+	int port = -1;
+	assert_int_equal(bw_ledger_show_job(l, job, &o), 0);
+	assert_true(json_object_object_get_ex(o, "disks", &disks));
+	for (size_t i = 0; i < json_object_array_length(disks); i++) {
+		struct json_object *d = json_object_array_get_idx(disks, i);
+		assert_true(json_object_object_get_ex(d, "key", &v));
+		if (json_object_get_int64(v) != key)
+			continue;
+		assert_true(json_object_object_get_ex(d, "port", &v));
+		port = v ? json_object_get_int(v) : 0;
+	}
+	json_object_put(o);
+	assert_int_not_equal(port, -1); /* the job has that disk */
+	return port;
+}
+
+/* A disk's port is its reservation's: set by a reserve, gone with a release or a quarantine. */
+static void test_disk_port_follows_its_reservation(void **state)
+{
+	struct fixture *fx = *state;
+	struct bw_fence a = {"job-dp", claim(fx->l, "job-dp", 2)};
+	int64_t keys[2] = {2000, 2001};
+	int p[2], repl = 0;
+	assert_int_equal(disk_port(fx->l, "job-dp", 2000), 0);
+	assert_int_equal(bw_ledger_reserve(fx->l, &a, keys, 2, p), 0);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2000), p[0]);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2001), p[1]);
+	assert_int_equal(bw_ledger_quarantine(fx->l, &a, p[0], 60, &repl), 0);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2000), repl);
+	assert_int_equal(bw_ledger_release(fx->l, &a, p[1]), 0);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2001), 0);
+	int first = repl;
+	assert_int_equal(bw_ledger_quarantine(fx->l, &a, first, 60, &repl), 0);
+	assert_int_not_equal(repl, first);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2000), repl);
+	size_t released = 0;
+	assert_int_equal(bw_ledger_release_all(fx->l, &a, &released), 0);
+	assert_int_equal(released, 1);
+	assert_int_equal(disk_port(fx->l, "job-dp", 2000), 0);
+}
+
 /* What /metrics shows of the host's ports: free, reserved, and live quarantines only. */
 static void test_port_counts(void **state)
 {
@@ -585,6 +630,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_reserve_and_move_is_one_transaction, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_quarantine, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_disk_port_follows_its_reservation, setup,
+						teardown),
 		cmocka_unit_test_setup_teardown(test_port_counts, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_busy_stats, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_outbox, setup, teardown),
