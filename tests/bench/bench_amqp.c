@@ -2,8 +2,9 @@
 #include "amqp.h"
 #include "error.h"
 
+#include "bench_rabbit.h"
+
 #include <amqp.h>
-#include <amqp_tcp_socket.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -63,11 +64,10 @@ enum {
 	BODY_LEN = 1024,
 	BATCH = 100,
 	PREFETCH = 50,
-	HEARTBEAT_S = 60,
-	TIMEOUT_MS = 10000, /* connect, RPCs, and the longest wait for one confirm or delivery */
-	FRAME_MAX = 131072,
-	CHANNEL = 1,
-	SETTLE_MS = 250, /* after the last ack, before the close: see above */
+	HEARTBEAT_S = BENCH_RABBIT_HEARTBEAT_S, /* the direct connection's: the same for both */
+	TIMEOUT_MS =
+	    BENCH_RABBIT_TIMEOUT_MS, /* connect, RPCs, the longest wait for a confirm or delivery */
+	SETTLE_MS = 250,	     /* after the last ack, before the close: see above */
 };
 
 enum impl { IMPL_BW, IMPL_DIRECT };
@@ -86,9 +86,7 @@ static const char *const test_names[] = {"batch", "each", "consume"};
 
 static char body[BODY_LEN + 1];
 
-static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void fail(const char *fmt, ...)
+void bench_fail(const char *fmt, ...)
 {
 	va_list ap;
 	fputs("bench_amqp: ", stderr);
@@ -138,83 +136,6 @@ static void message_id(char *buf, size_t size, uint64_t i)
 
 /* ---- direct: plain librabbitmq-c 0.11 ---------------------------------------------------- */
 
-/* Returns 0 for a normal reply, else -1 with the reason on stderr. */
-static int reply_ok(amqp_rpc_reply_t r, const char *what)
-{
-	switch (r.reply_type) {
-	case AMQP_RESPONSE_NORMAL:
-		return 0;
-	case AMQP_RESPONSE_NONE:
-		fail("%s: no reply", what);
-		return -1;
-	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-		fail("%s: %s", what, amqp_error_string2(r.library_error));
-		return -1;
-	case AMQP_RESPONSE_SERVER_EXCEPTION:
-		break;
-	}
-	if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-		amqp_connection_close_t *m = r.reply.decoded;
-		fail("%s: connection closed: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
-		     (const char *)m->reply_text.bytes);
-	} else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-		amqp_channel_close_t *m = r.reply.decoded;
-		fail("%s: channel closed: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
-		     (const char *)m->reply_text.bytes);
-	} else {
-		fail("%s: unexpected server method 0x%08x", what, r.reply.id);
-	}
-	return -1;
-}
-
-/* Returns a connection logged in with channel 1 open, or NULL. */
-static amqp_connection_state_t direct_connect(const char *url)
-{
-	struct amqp_connection_info info;
-	amqp_connection_state_t conn = NULL;
-	char *u = strdup(url);
-
-	if (u == NULL || amqp_parse_url(u, &info) != AMQP_STATUS_OK) {
-		fail("not an AMQP URL: %s", url);
-		goto err;
-	}
-	conn = amqp_new_connection();
-	amqp_socket_t *sock = conn ? amqp_tcp_socket_new(conn) : NULL;
-	if (sock == NULL) {
-		fail("out of memory");
-		goto err;
-	}
-	struct timeval tv = {TIMEOUT_MS / 1000, 0};
-	int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
-	if (st != AMQP_STATUS_OK) {
-		fail("connect %s:%d: %s", info.host, info.port, amqp_error_string2(st));
-		goto err;
-	}
-	amqp_set_rpc_timeout(conn, &tv);
-	if (reply_ok(amqp_login(conn, info.vhost, 0, FRAME_MAX, HEARTBEAT_S, AMQP_SASL_METHOD_PLAIN,
-				info.user, info.password),
-		     "login") != 0)
-		goto err;
-	amqp_channel_open(conn, CHANNEL);
-	if (reply_ok(amqp_get_rpc_reply(conn), "channel.open") != 0)
-		goto err;
-	free(u);
-	return conn;
-err:
-	if (conn)
-		amqp_destroy_connection(conn);
-	free(u);
-	return NULL;
-}
-
-static void direct_close(amqp_connection_state_t conn)
-{
-	if (conn == NULL)
-		return;
-	amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
-	amqp_destroy_connection(conn);
-}
-
 static int direct_publish(amqp_connection_state_t conn, const char *queue, uint64_t i)
 {
 	char id[32];
@@ -226,10 +147,10 @@ static int direct_publish(amqp_connection_state_t conn, const char *queue, uint6
 	props.delivery_mode = 2;
 	props.message_id = amqp_cstring_bytes(id);
 	amqp_bytes_t b = {BODY_LEN, body};
-	int st = amqp_basic_publish(conn, CHANNEL, amqp_cstring_bytes(""),
+	int st = amqp_basic_publish(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(""),
 				    amqp_cstring_bytes(queue), 1, 0, &props, b);
 	if (st != AMQP_STATUS_OK) {
-		fail("basic.publish: %s", amqp_error_string2(st));
+		bench_fail("basic.publish: %s", amqp_error_string2(st));
 		return -1;
 	}
 	return 0;
@@ -250,15 +171,15 @@ static int direct_wait_confirms(amqp_connection_state_t conn, uint64_t first, ui
 		struct timeval tv = {TIMEOUT_MS / 1000, 0};
 		int st = amqp_simple_wait_frame_noblock(conn, &f, &tv);
 		if (st != AMQP_STATUS_OK) {
-			fail("waiting for confirms %" PRIu64 "-%" PRIu64 ": %s", first, last,
-			     amqp_error_string2(st));
+			bench_fail("waiting for confirms %" PRIu64 "-%" PRIu64 ": %s", first, last,
+				   amqp_error_string2(st));
 			return -1;
 		}
 		if (f.frame_type != AMQP_FRAME_METHOD ||
 		    f.payload.method.id != AMQP_BASIC_ACK_METHOD) {
-			fail("waiting for confirms: unexpected frame type %u method 0x%08x",
-			     f.frame_type,
-			     f.frame_type == AMQP_FRAME_METHOD ? f.payload.method.id : 0);
+			bench_fail("waiting for confirms: unexpected frame type %u method 0x%08x",
+				   f.frame_type,
+				   f.frame_type == AMQP_FRAME_METHOD ? f.payload.method.id : 0);
 			return -1;
 		}
 		amqp_basic_ack_t *m = f.payload.method.decoded;
@@ -276,8 +197,8 @@ static int direct_wait_confirms(amqp_connection_state_t conn, uint64_t first, ui
 /* Publishes n messages in batches of `batch`, each batch confirmed before the next. */
 static int direct_publish_run(amqp_connection_state_t conn, const char *queue, long n, int batch)
 {
-	amqp_confirm_select(conn, CHANNEL);
-	if (reply_ok(amqp_get_rpc_reply(conn), "confirm.select") != 0)
+	amqp_confirm_select(conn, BENCH_RABBIT_CHANNEL);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "confirm.select") != 0)
 		return -1;
 	uint64_t seq = 1;
 	for (long done = 0; done < n;) {
@@ -297,12 +218,12 @@ static int direct_publish_run(amqp_connection_state_t conn, const char *queue, l
 
 static int direct_consume_run(amqp_connection_state_t conn, const char *queue, long n)
 {
-	amqp_basic_qos(conn, CHANNEL, 0, PREFETCH, 0);
-	if (reply_ok(amqp_get_rpc_reply(conn), "basic.qos") != 0)
+	amqp_basic_qos(conn, BENCH_RABBIT_CHANNEL, 0, PREFETCH, 0);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "basic.qos") != 0)
 		return -1;
-	amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0,
-			   amqp_empty_table);
-	if (reply_ok(amqp_get_rpc_reply(conn), "basic.consume") != 0)
+	amqp_basic_consume(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes,
+			   0, 0, 0, amqp_empty_table);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "basic.consume") != 0)
 		return -1;
 	for (long got = 0; got < n;) {
 		amqp_envelope_t env;
@@ -312,18 +233,18 @@ static int direct_consume_run(amqp_connection_state_t conn, const char *queue, l
 		if (r.reply_type != AMQP_RESPONSE_NORMAL) {
 			char what[64];
 			snprintf(what, sizeof(what), "consume (after %ld)", got);
-			reply_ok(r, what); /* nothing but deliveries is expected here */
+			bench_rabbit_ok(r, what); /* nothing but deliveries is expected here */
 			return -1;
 		}
-		int st = amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
+		int st = amqp_basic_ack(conn, BENCH_RABBIT_CHANNEL, env.delivery_tag, 0);
 		size_t len = env.message.body.len;
 		amqp_destroy_envelope(&env);
 		if (st != AMQP_STATUS_OK) {
-			fail("basic.ack: %s", amqp_error_string2(st));
+			bench_fail("basic.ack: %s", amqp_error_string2(st));
 			return -1;
 		}
 		if (len != BODY_LEN) {
-			fail("delivery of %zu bytes, expected %d", len, BODY_LEN);
+			bench_fail("delivery of %zu bytes, expected %d", len, BODY_LEN);
 			return -1;
 		}
 		got++;
@@ -362,7 +283,7 @@ static int bw_wait(struct bw_amqp *c, int ms)
 		r = poll(&p, 1, ms);
 	while (r < 0 && errno == EINTR);
 	if (r < 0) {
-		fail("poll: %s", strerror(errno));
+		bench_fail("poll: %s", strerror(errno));
 		return -1;
 	}
 	return 0;
@@ -374,7 +295,7 @@ static int bw_connect(struct bw_amqp **out, const char *url, const char *name)
 	char err[512] = "";
 	int rc = bw_amqp_connect(out, &o, err, sizeof(err));
 	if (rc != 0)
-		fail("bw_amqp_connect: %s: %s", bw_err_name(rc), err);
+		bench_fail("bw_amqp_connect: %s: %s", bw_err_name(rc), err);
 	return rc;
 }
 
@@ -390,18 +311,18 @@ static int bw_wait_confirms(struct bw_amqp *c, struct confirms *k)
 	while (bw_amqp_unconfirmed(c) > 0) {
 		double left = deadline - now_s();
 		if (left <= 0) {
-			fail("no confirm within %d ms", TIMEOUT_MS);
+			bench_fail("no confirm within %d ms", TIMEOUT_MS);
 			return -1;
 		}
 		if (bw_wait(c, (int)(left * 1000) + 1) != 0)
 			return -1;
 		int rc = bw_amqp_poll_confirms(c, on_confirm_cb, k, err, sizeof(err));
 		if (rc != 0) {
-			fail("bw_amqp_poll_confirms: %s: %s", bw_err_name(rc), err);
+			bench_fail("bw_amqp_poll_confirms: %s: %s", bw_err_name(rc), err);
 			return -1;
 		}
 		if (k->failed) {
-			fail("a publish was not confirmed: %s", k->why);
+			bench_fail("a publish was not confirmed: %s", k->why);
 			return -1;
 		}
 	}
@@ -414,7 +335,7 @@ static int bw_publish_run(struct bw_amqp *c, const char *queue, long n, int batc
 	char err[512] = "";
 	int rc = bw_amqp_confirm_select(c, err, sizeof(err));
 	if (rc != 0) {
-		fail("bw_amqp_confirm_select: %s: %s", bw_err_name(rc), err);
+		bench_fail("bw_amqp_confirm_select: %s: %s", bw_err_name(rc), err);
 		return -1;
 	}
 	uint64_t i = 1;
@@ -426,7 +347,7 @@ static int bw_publish_run(struct bw_amqp *c, const char *queue, long n, int batc
 			message_id(id, sizeof(id), i);
 			rc = bw_amqp_publish(c, "", queue, id, body, BODY_LEN, &seq);
 			if (rc != 0) {
-				fail("bw_amqp_publish: %s", bw_err_name(rc));
+				bench_fail("bw_amqp_publish: %s", bw_err_name(rc));
 				return -1;
 			}
 		}
@@ -435,7 +356,7 @@ static int bw_publish_run(struct bw_amqp *c, const char *queue, long n, int batc
 		done += k_n;
 	}
 	if (k.ok != (uint64_t)n) {
-		fail("%" PRIu64 " acks for %ld publishes", k.ok, n);
+		bench_fail("%" PRIu64 " acks for %ld publishes", k.ok, n);
 		return -1;
 	}
 	return 0;
@@ -446,7 +367,7 @@ static int bw_consume_run(struct bw_amqp *c, const char *queue, long n)
 	char err[512] = "";
 	int rc = bw_amqp_consume(c, queue, PREFETCH, err, sizeof(err));
 	if (rc != 0) {
-		fail("bw_amqp_consume: %s: %s", bw_err_name(rc), err);
+		bench_fail("bw_amqp_consume: %s: %s", bw_err_name(rc), err);
 		return -1;
 	}
 	double deadline = now_s() + TIMEOUT_MS / 1000.0;
@@ -455,13 +376,13 @@ static int bw_consume_run(struct bw_amqp *c, const char *queue, long n)
 		bool have = false;
 		rc = bw_amqp_poll(c, &d, &have, err, sizeof(err));
 		if (rc != 0) {
-			fail("bw_amqp_poll (after %ld): %s: %s", got, bw_err_name(rc), err);
+			bench_fail("bw_amqp_poll (after %ld): %s: %s", got, bw_err_name(rc), err);
 			return -1;
 		}
 		if (!have) {
 			double left = deadline - now_s();
 			if (left <= 0) {
-				fail("no delivery within %d ms (after %ld)", TIMEOUT_MS, got);
+				bench_fail("no delivery within %d ms (after %ld)", TIMEOUT_MS, got);
 				return -1;
 			}
 			if (bw_wait(c, (int)(left * 1000) + 1) != 0)
@@ -472,11 +393,11 @@ static int bw_consume_run(struct bw_amqp *c, const char *queue, long n)
 		size_t len = d.len;
 		bw_delivery_free(&d);
 		if (rc != 0) {
-			fail("bw_amqp_ack: %s", bw_err_name(rc));
+			bench_fail("bw_amqp_ack: %s", bw_err_name(rc));
 			return -1;
 		}
 		if (len != BODY_LEN) {
-			fail("delivery of %zu bytes, expected %d", len, BODY_LEN);
+			bench_fail("delivery of %zu bytes, expected %d", len, BODY_LEN);
 			return -1;
 		}
 		got++;
@@ -502,7 +423,7 @@ static int declare(const char *url, const char *q)
 		return -1;
 	int rc = bw_amqp_declare(c, &t, err, sizeof(err));
 	if (rc != 0)
-		fail("bw_amqp_declare: %s: %s", bw_err_name(rc), err);
+		bench_fail("bw_amqp_declare: %s: %s", bw_err_name(rc), err);
 	bw_amqp_close(c);
 	return rc == 0 ? 0 : -1;
 }
@@ -510,34 +431,34 @@ static int declare(const char *url, const char *q)
 /* Purges q (when purge) and stores its ready message count in *count. */
 static int queue_count(const char *url, const char *q, bool purge, uint32_t *count)
 {
-	amqp_connection_state_t conn = direct_connect(url);
+	amqp_connection_state_t conn = bench_rabbit_connect(url);
 	int rc = -1;
 	if (conn == NULL)
 		return -1;
 	if (purge) {
-		amqp_queue_purge(conn, CHANNEL, amqp_cstring_bytes(q));
-		if (reply_ok(amqp_get_rpc_reply(conn), "queue.purge") != 0)
+		amqp_queue_purge(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(q));
+		if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "queue.purge") != 0)
 			goto out;
 	}
-	amqp_queue_declare_ok_t *ok =
-	    amqp_queue_declare(conn, CHANNEL, amqp_cstring_bytes(q), 1, 0, 0, 0, amqp_empty_table);
-	if (reply_ok(amqp_get_rpc_reply(conn), "queue.declare (passive)") != 0)
+	amqp_queue_declare_ok_t *ok = amqp_queue_declare(
+	    conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(q), 1, 0, 0, 0, amqp_empty_table);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "queue.declare (passive)") != 0)
 		goto out;
 	*count = ok->message_count;
 	rc = 0;
 out:
-	direct_close(conn);
+	bench_rabbit_close(conn);
 	return rc;
 }
 
 /* Publishes n messages to q with the direct batch loop, untimed. */
 static int prefill(const char *url, const char *q, long n)
 {
-	amqp_connection_state_t conn = direct_connect(url);
+	amqp_connection_state_t conn = bench_rabbit_connect(url);
 	if (conn == NULL)
 		return -1;
 	int rc = direct_publish_run(conn, q, n, BATCH);
-	direct_close(conn);
+	bench_rabbit_close(conn);
 	return rc;
 }
 
@@ -550,7 +471,7 @@ static int run(const struct opts *o, double *seconds, double *cpu)
 	double t0, t1, c0, c1;
 
 	if (o->impl == IMPL_DIRECT) {
-		amqp_connection_state_t conn = direct_connect(o->url);
+		amqp_connection_state_t conn = bench_rabbit_connect(o->url);
 		if (conn == NULL)
 			return -1;
 		c0 = cpu_s();
@@ -561,7 +482,7 @@ static int run(const struct opts *o, double *seconds, double *cpu)
 		c1 = cpu_s();
 		if (o->test == TEST_CONSUME)
 			pause_ms(SETTLE_MS);
-		direct_close(conn);
+		bench_rabbit_close(conn);
 	} else {
 		struct bw_amqp *c = NULL;
 		if (bw_connect(&c, o->url, "bench_amqp") != 0)
@@ -647,7 +568,7 @@ int main(int argc, char **argv)
 	if (declare(o.url, o.queue) != 0 || queue_count(o.url, o.queue, true, &n) != 0)
 		return 1;
 	if (o.test == TEST_CONSUME && prefill(o.url, o.queue, o.count) != 0) {
-		fail("publishing %ld messages before consuming failed", o.count);
+		bench_fail("publishing %ld messages before consuming failed", o.count);
 		return 1;
 	}
 
@@ -658,8 +579,8 @@ int main(int argc, char **argv)
 	if (queue_count(o.url, o.queue, false, &n) != 0)
 		rc = -1;
 	else if (rc == 0 && n != want) {
-		fail("%s %s: %" PRIu32 " messages in %s after the run, expected %" PRIu32,
-		     impl_names[o.impl], test_names[o.test], n, o.queue, want);
+		bench_fail("%s %s: %" PRIu32 " messages in %s after the run, expected %" PRIu32,
+			   impl_names[o.impl], test_names[o.test], n, o.queue, want);
 		rc = -1;
 	}
 	uint32_t left;

@@ -1,6 +1,7 @@
 /* bench_fleet_ack.c: N bare librabbitmq-c consumers that only ack, the broker's own limit. */
+#include "bench_rabbit.h"
+
 #include <amqp.h>
-#include <amqp_tcp_socket.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -47,13 +48,10 @@
 
 enum {
 	BATCH = 100,
-	HEARTBEAT_S = 60,
 	TIMEOUT_MS = 10000, /* connect and RPCs */
 	IDLE_LIMIT_MS =
 	    60000,     /* a consumer that sees no delivery and no progress this long fails */
 	POLL_MS = 100, /* a consumer's longest wait for a delivery before it looks at the counter */
-	FRAME_MAX = 131072,
-	CHANNEL = 1,
 	SETTLE_MS = 250,
 	MAX_CONSUMERS = 256,
 	MAX_BODY = 65536,
@@ -76,9 +74,7 @@ struct shared {
 
 static char body[MAX_BODY + 1];
 
-static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static void fail(const char *fmt, ...)
+void bench_fail(const char *fmt, ...)
 {
 	va_list ap;
 	fprintf(stderr, "bench_fleet_ack[%d]: ", (int)getpid());
@@ -121,85 +117,6 @@ static void make_body(int len)
 	memcpy(body + sizeof(head) - 1 + pad, tail, sizeof(tail));
 }
 
-/* Returns 0 for a normal reply, else -1 with the reason on stderr. */
-static int reply_ok(amqp_rpc_reply_t r, const char *what)
-{
-	switch (r.reply_type) {
-	case AMQP_RESPONSE_NORMAL:
-		return 0;
-	case AMQP_RESPONSE_NONE:
-		fail("%s: no reply", what);
-		return -1;
-	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-		fail("%s: %s", what, amqp_error_string2(r.library_error));
-		return -1;
-	case AMQP_RESPONSE_SERVER_EXCEPTION:
-		break;
-	}
-	if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-		amqp_connection_close_t *m = r.reply.decoded;
-		fail("%s: connection closed: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
-		     (const char *)m->reply_text.bytes);
-	} else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-		amqp_channel_close_t *m = r.reply.decoded;
-		fail("%s: channel closed: %u %.*s", what, m->reply_code, (int)m->reply_text.len,
-		     (const char *)m->reply_text.bytes);
-	} else {
-		fail("%s: unexpected server method 0x%08x", what, r.reply.id);
-	}
-	return -1;
-}
-
-/* Returns a connection logged in with channel 1 open, or NULL. */
-static amqp_connection_state_t connect_url(const char *url)
-{
-	struct amqp_connection_info info;
-	amqp_connection_state_t conn = NULL;
-	amqp_socket_t *sock = NULL;
-	char *u = strdup(url);
-
-	if (u == NULL || amqp_parse_url(u, &info) != AMQP_STATUS_OK) {
-		fail("not an AMQP URL: %s", url);
-		goto err;
-	}
-	conn = amqp_new_connection();
-	sock = conn ? amqp_tcp_socket_new(conn) : NULL;
-	if (sock == NULL) {
-		fail("out of memory");
-		goto err;
-	}
-	struct timeval tv = {TIMEOUT_MS / 1000, 0};
-	int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
-	if (st != AMQP_STATUS_OK) {
-		fail("connect %s:%d: %s", info.host, info.port, amqp_error_string2(st));
-		goto err;
-	}
-	amqp_set_rpc_timeout(conn, &tv);
-	if (reply_ok(amqp_login(conn, info.vhost, 0, FRAME_MAX, HEARTBEAT_S, AMQP_SASL_METHOD_PLAIN,
-				info.user, info.password),
-		     "login") != 0)
-		goto err;
-	amqp_channel_open(conn, CHANNEL);
-	if (reply_ok(amqp_get_rpc_reply(conn), "channel.open") != 0)
-		goto err;
-	free(u);
-	return conn;
-err:
-	if (conn)
-		amqp_destroy_connection(conn);
-	free(u);
-	return NULL;
-}
-
-static void close_conn(amqp_connection_state_t conn)
-{
-	if (conn == NULL)
-		return;
-	amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS);
-	amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
-	amqp_destroy_connection(conn);
-}
-
 /* Declares the queue (quorum, durable; passive: only asks) and returns its message count in
  * *messages; 0 or -1. */
 static int declare(amqp_connection_state_t conn, const char *queue, bool passive,
@@ -209,9 +126,9 @@ static int declare(amqp_connection_state_t conn, const char *queue, bool passive
 				{AMQP_FIELD_KIND_UTF8, {.bytes = amqp_cstring_bytes("quorum")}}};
 	amqp_table_t args = {1, &e};
 	amqp_queue_declare_ok_t *ok =
-	    amqp_queue_declare(conn, CHANNEL, amqp_cstring_bytes(queue), passive, 1, 0, 0,
-			       passive ? amqp_empty_table : args);
-	if (reply_ok(amqp_get_rpc_reply(conn), "queue.declare") != 0 || ok == NULL)
+	    amqp_queue_declare(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(queue), passive, 1, 0,
+			       0, passive ? amqp_empty_table : args);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "queue.declare") != 0 || ok == NULL)
 		return -1;
 	*messages = ok->message_count;
 	return 0;
@@ -226,14 +143,14 @@ static int wait_confirms(amqp_connection_state_t conn, uint64_t first, uint64_t 
 		struct timeval tv = {TIMEOUT_MS / 1000, 0};
 		int st = amqp_simple_wait_frame_noblock(conn, &f, &tv);
 		if (st != AMQP_STATUS_OK) {
-			fail("waiting for confirms: %s", amqp_error_string2(st));
+			bench_fail("waiting for confirms: %s", amqp_error_string2(st));
 			return -1;
 		}
 		if (f.frame_type != AMQP_FRAME_METHOD ||
 		    f.payload.method.id != AMQP_BASIC_ACK_METHOD) {
-			fail("waiting for confirms: unexpected frame type %u method 0x%08x",
-			     f.frame_type,
-			     f.frame_type == AMQP_FRAME_METHOD ? f.payload.method.id : 0);
+			bench_fail("waiting for confirms: unexpected frame type %u method 0x%08x",
+				   f.frame_type,
+				   f.frame_type == AMQP_FRAME_METHOD ? f.payload.method.id : 0);
 			return -1;
 		}
 		amqp_basic_ack_t *m = f.payload.method.decoded;
@@ -248,16 +165,16 @@ static int fill(const struct opts *o)
 {
 	int rc = -1;
 	uint32_t n = 0;
-	amqp_connection_state_t conn = connect_url(o->url);
+	amqp_connection_state_t conn = bench_rabbit_connect(o->url);
 	if (conn == NULL)
 		return -1;
 	if (declare(conn, o->queue, false, &n) != 0)
 		goto out;
-	amqp_queue_purge(conn, CHANNEL, amqp_cstring_bytes(o->queue));
-	if (reply_ok(amqp_get_rpc_reply(conn), "queue.purge") != 0)
+	amqp_queue_purge(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(o->queue));
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "queue.purge") != 0)
 		goto out;
-	amqp_confirm_select(conn, CHANNEL);
-	if (reply_ok(amqp_get_rpc_reply(conn), "confirm.select") != 0)
+	amqp_confirm_select(conn, BENCH_RABBIT_CHANNEL);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "confirm.select") != 0)
 		goto out;
 	amqp_basic_properties_t props;
 	props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
@@ -268,10 +185,11 @@ static int fill(const struct opts *o)
 	for (long done = 0; done < o->count;) {
 		long k = o->count - done < BATCH ? o->count - done : BATCH;
 		for (long j = 0; j < k; j++) {
-			int st = amqp_basic_publish(conn, CHANNEL, amqp_cstring_bytes(""),
-						    amqp_cstring_bytes(o->queue), 0, 0, &props, b);
+			int st =
+			    amqp_basic_publish(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(""),
+					       amqp_cstring_bytes(o->queue), 0, 0, &props, b);
 			if (st != AMQP_STATUS_OK) {
-				fail("basic.publish: %s", amqp_error_string2(st));
+				bench_fail("basic.publish: %s", amqp_error_string2(st));
 				goto out;
 			}
 		}
@@ -283,7 +201,7 @@ static int fill(const struct opts *o)
 	}
 	rc = 0;
 out:
-	close_conn(conn);
+	bench_rabbit_close(conn);
 	return rc;
 }
 
@@ -292,22 +210,22 @@ static int consumer(const struct opts *o, struct shared *sh, int index, int read
 {
 	int rc = 1;
 	char c = 'r', g;
-	amqp_connection_state_t conn = connect_url(o->url);
+	amqp_connection_state_t conn = bench_rabbit_connect(o->url);
 	if (conn == NULL)
 		goto out;
-	amqp_basic_qos(conn, CHANNEL, 0, (uint16_t)o->prefetch, 0);
-	if (reply_ok(amqp_get_rpc_reply(conn), "basic.qos") != 0)
+	amqp_basic_qos(conn, BENCH_RABBIT_CHANNEL, 0, (uint16_t)o->prefetch, 0);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "basic.qos") != 0)
 		goto out;
 	if (write(ready_fd, &c, 1) != 1) {
-		fail("write to the parent: %s", strerror(errno));
+		bench_fail("write to the parent: %s", strerror(errno));
 		goto out;
 	}
 	close(ready_fd); /* so that the parent sees EOF, not a hang, if another one dies first */
 	while (read(go_fd, &g, 1) < 0 && errno == EINTR)
 		; /* EOF: the parent closed the pipe, go */
-	amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(o->queue), amqp_empty_bytes, 0, 0, 0,
-			   amqp_empty_table);
-	if (reply_ok(amqp_get_rpc_reply(conn), "basic.consume") != 0)
+	amqp_basic_consume(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(o->queue),
+			   amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+	if (bench_rabbit_ok(amqp_get_rpc_reply(conn), "basic.consume") != 0)
 		goto out;
 	double idle_since = now_s();
 	long seen = atomic_load(&sh->acked);
@@ -323,18 +241,18 @@ static int consumer(const struct opts *o, struct shared *sh, int index, int read
 				seen = now_acked;
 				idle_since = now_s();
 			} else if (now_s() - idle_since > IDLE_LIMIT_MS / 1000.0) {
-				fail("no progress for %d ms at %ld of %ld acks", IDLE_LIMIT_MS,
-				     now_acked, o->count);
+				bench_fail("no progress for %d ms at %ld of %ld acks",
+					   IDLE_LIMIT_MS, now_acked, o->count);
 				goto out;
 			}
 			continue;
 		}
-		if (reply_ok(r, "consume") != 0)
+		if (bench_rabbit_ok(r, "consume") != 0)
 			goto out;
-		int st = amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
+		int st = amqp_basic_ack(conn, BENCH_RABBIT_CHANNEL, env.delivery_tag, 0);
 		amqp_destroy_envelope(&env);
 		if (st != AMQP_STATUS_OK) {
-			fail("basic.ack: %s", amqp_error_string2(st));
+			bench_fail("basic.ack: %s", amqp_error_string2(st));
 			goto out;
 		}
 		sh->last_ack[index] = now_s();
@@ -344,7 +262,7 @@ static int consumer(const struct opts *o, struct shared *sh, int index, int read
 	pause_ms(SETTLE_MS);
 	rc = 0;
 out:
-	close_conn(conn);
+	bench_rabbit_close(conn);
 	return rc;
 }
 
@@ -417,19 +335,19 @@ int main(int argc, char **argv)
 		return 1;
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (sh == MAP_FAILED) {
-		fail("mmap: %s", strerror(errno));
+		bench_fail("mmap: %s", strerror(errno));
 		return 1;
 	}
 	atomic_init(&sh->acked, 0);
 	if (pipe(ready) != 0 || pipe(go) != 0) {
-		fail("pipe: %s", strerror(errno));
+		bench_fail("pipe: %s", strerror(errno));
 		goto out;
 	}
 	for (int i = 0; i < o.consumers; i++) {
 		fflush(NULL);
 		pid_t p = fork();
 		if (p < 0) {
-			fail("fork: %s", strerror(errno));
+			bench_fail("fork: %s", strerror(errno));
 			goto out;
 		}
 		if (p == 0) {
@@ -449,7 +367,7 @@ int main(int argc, char **argv)
 		while ((r = read(ready[0], &c, 1)) < 0 && errno == EINTR)
 			;
 		if (r != 1) {
-			fail("a consumer did not get ready (%d of %d)", i, o.consumers);
+			bench_fail("a consumer did not get ready (%d of %d)", i, o.consumers);
 			goto out;
 		}
 	}
@@ -472,20 +390,21 @@ int main(int argc, char **argv)
 			last = sh->last_ack[i];
 	long acked = atomic_load(&sh->acked);
 	if (bad || acked != o.count) {
-		fail("%d consumer(s) failed; %ld of %ld acked", bad, acked, o.count);
+		bench_fail("%d consumer(s) failed; %ld of %ld acked", bad, acked, o.count);
 		goto out;
 	}
-	amqp_connection_state_t conn = connect_url(o.url);
+	amqp_connection_state_t conn = bench_rabbit_connect(o.url);
 	uint32_t left = 1;
 	if (conn == NULL || declare(conn, o.queue, true, &left) != 0) {
-		close_conn(conn);
+		bench_rabbit_close(conn);
 		goto out;
 	}
-	amqp_queue_delete(conn, CHANNEL, amqp_cstring_bytes(o.queue), 0, 0);
-	(void)reply_ok(amqp_get_rpc_reply(conn), "queue.delete");
-	close_conn(conn);
+	amqp_queue_delete(conn, BENCH_RABBIT_CHANNEL, amqp_cstring_bytes(o.queue), 0, 0);
+	(void)bench_rabbit_ok(amqp_get_rpc_reply(conn), "queue.delete");
+	bench_rabbit_close(conn);
 	if (left != 0) {
-		fail("%" PRIu32 " message(s) left in %s after %ld acks", left, o.queue, acked);
+		bench_fail("%" PRIu32 " message(s) left in %s after %ld acks", left, o.queue,
+			   acked);
 		goto out;
 	}
 	double secs = last - t0;
