@@ -632,6 +632,9 @@ def run_suite(env, cases, names, results, workers=("w1", "w2"), wrap=None):
         env.wait_queue()
     for name in names:
         results[name] = run_case(env, name, wrap(cases[name]) if wrap else cases[name])
+        if not results[name] and not workers and env.workers:
+            # a case that starts its own workers and broke midway: the next starts clean
+            print(f"     stopped what it left running: {env.stop_workers()}")
     if workers:
         codes = env.stop_workers()
         results["shutdown"] = all(c == 0 for c in codes.values())
