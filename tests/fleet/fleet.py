@@ -134,6 +134,10 @@ class Proxy:
         except (OSError, asyncio.TimeoutError):
             writer.transport.abort()
             return
+        if self.state == "cut":  # cut while this one connected upstream: it never relays
+            uw.transport.abort()
+            writer.transport.abort()
+            return
         self.connects.append(time.time())
         pair = _Pair(writer, uw)
         self.pairs.add(pair)
@@ -402,12 +406,20 @@ class Host:
         """Partitions this host from every broker node (Proxy.cut; refuse: new connections are
         reset at once, as by a host whose broker is down, instead of blackholed); sna: from the
         SNA as well (its requests go unanswered; the simulator's NBD writes are not cut)."""
-        for p in self.proxies + ([self.sna_proxy] if sna else []):
-            p.cut(drop, refuse)
+        # every proxy in one turn of the hub's loop: the partition falls at one instant, as a
+        # real one does. Cut one by one, a worker whose link the first cut reset was already
+        # reconnecting through the next proxy when that one was cut: its probe answered, and
+        # its login met the cut (a 5.00 s /healthz in CI, cluster_cut_long)
+        self._all(self.proxies + ([self.sna_proxy] if sna else []), lambda p: p._cut(drop, refuse))
 
     def heal(self):
-        for p in self.proxies + [self.sna_proxy]:
-            p.heal()
+        self._all(self.proxies + [self.sna_proxy], lambda p: p._heal())
+
+    def _all(self, proxies, step):
+        async def each():
+            for p in proxies:
+                await step(p)  # no await inside _cut/_heal yields: nothing runs in between
+        proxies[0].hub.call(each())
 
     def links(self):
         """Relayed connections per node (1-based), e.g. {1: 2, 2: 0, 3: 2}."""
