@@ -197,8 +197,7 @@ int bw_relay_step(struct bw_relay *r, struct bw_amqp *c, char *err, size_t errsi
 		 * word). The nacked events go out again on the next connection.
 		 */
 		snprintf(err, errsize, "the broker nacked %zu event(s)", r->nacked);
-		r->nacked = 0;
-		bw_relay_reset(r);
+		bw_relay_reset(r); /* the count too */
 		return BW_EAMQP;
 	}
 	if (r->n > 0 && bw_clock_mono_ms() - r->f[0].sent_ms > CONFIRM_TIMEOUT_MS) {

@@ -162,16 +162,13 @@ static int handle_delivery(struct worker *w, struct bw_delivery *d, bool may_kee
 	}
 	char *to = NULL;
 	int rc = job_receive(w, d, d->source == BW_AMQP_FROM_START ? &to : NULL);
+	bool keep = rc != 0 && bw_err_transient(rc) && may_keep; /* an invalid one never is */
 	if (rc == 0 && to)
 		forward(w, d, to); /* acked after the confirm */
-	else if (rc != 0 && rc != BW_EMESSAGE && bw_err_transient(rc) && may_keep) {
-		free(to);
-		return rc; /* kept: tried again (job_receive changed nothing) */
-	}
-	else
+	else if (!keep)
 		delivery_settle(w, d, rc); /* acked after the claim's commit (DESIGN decision 2) */
 	free(to);
-	return 0;
+	return keep ? rc : 0; /* kept: tried again (job_receive changed nothing) */
 }
 
 /*
