@@ -82,6 +82,16 @@ struct bw_amqp {
 	bool lost;
 	bool blocked;
 	uint64_t channel_epoch;
+	/*
+	 * Binds, qos and consumes are sent without waiting for their replies (a link's
+	 * connections): a cluster that holds them (a quorum leader on a frozen node, a bind
+	 * waiting for a frozen node's Mnesia) holds the broker's channel, never the caller. A
+	 * failure comes back as a channel close, which bw_amqp_poll answers and reports.
+	 */
+	bool nowait;
+	char closed_why[256];  /* the last channel close bw_amqp_poll answered; "" none */
+	int64_t registered_ms; /* monotonic: bw_amqp_poll last registered consumers again */
+	int64_t register_ms;   /* monotonic: consumers are registered again from then on */
 
 	/* consumer */
 	char *queue;
@@ -134,6 +144,13 @@ static int reopen_channel(struct bw_amqp *c, bw_amqp_confirm_cb cb, void *arg)
 	settle_all_failed(c, cb, arg, "channel closed");
 	inbound_reset(c);
 	c->channel_epoch++;
+	/* the consumers come back at once, unless the poll's last registration was a moment
+	   ago: this close is likely its failure (a queue deleted), which would come back at
+	   every poll */
+	int64_t now = bw_clock_mono_ms();
+	c->register_ms = c->registered_ms && now - c->registered_ms < CONTROL_RETRY_MS
+				 ? now + CONTROL_RETRY_MS
+				 : 0;
 	c->consuming = false;
 	c->control_consuming = false; /* its auto-delete queue went with the channel */
 	for (size_t i = 0; i < c->n_repos; i++)
@@ -446,14 +463,39 @@ int bw__amqp_reply(struct bw_amqp *c, amqp_rpc_reply_t r, const char *what, char
 
 /* ---- topology --------------------------------------------------------------------------- */
 
-static int exchange(struct bw_amqp *c, const char *name, const char *type, bool passive, char *err,
-		    size_t errsize)
+/* A method sent without waiting for a reply (c->nowait): 0, or BW_EAMQP when the socket
+ * failed. */
+static int send_nowait(struct bw_amqp *c, amqp_method_number_t id, void *m, const char *what,
+		       char *err, size_t errsize)
+{
+	int st = amqp_send_method(c->conn, CHANNEL, id, m);
+	if (st == AMQP_STATUS_OK)
+		return 0;
+	snprintf(err, errsize, "%s: %s", what, amqp_error_string2(st));
+	c->lost = true;
+	return BW_EAMQP;
+}
+
+/* Declares (passive: checks) exchange name; with nowait (and c->nowait) without waiting. */
+static int exchange_declare(struct bw_amqp *c, const char *name, const char *type, bool passive,
+			    bool nowait, char *err, size_t errsize)
 {
 	char what[300];
 	snprintf(what, sizeof(what), "exchange %s (%s)", name, type);
+	if (nowait && c->nowait) {
+		amqp_exchange_declare_t m = {0, amqp_cstring_bytes(name), amqp_cstring_bytes(type),
+					     passive, 1, 0, 0, 1, amqp_empty_table};
+		return send_nowait(c, AMQP_EXCHANGE_DECLARE_METHOD, &m, what, err, errsize);
+	}
 	amqp_exchange_declare(c->conn, CHANNEL, amqp_cstring_bytes(name), amqp_cstring_bytes(type),
 			      passive, 1, 0, 0, amqp_empty_table);
 	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
+}
+
+static int exchange(struct bw_amqp *c, const char *name, const char *type, bool passive, char *err,
+		    size_t errsize)
+{
+	return exchange_declare(c, name, type, passive, false, err, errsize);
 }
 
 static int queue(struct bw_amqp *c, const char *name, amqp_table_t args, bool passive, char *err,
@@ -470,6 +512,15 @@ static int bind_queue(struct bw_amqp *c, const char *q, const char *x, const cha
 {
 	char what[600];
 	snprintf(what, sizeof(what), "bind queue %s to %s/%s", q, x, key);
+	if (c->nowait) {
+		amqp_queue_bind_t m = {0,
+				       amqp_cstring_bytes(q),
+				       amqp_cstring_bytes(x),
+				       amqp_cstring_bytes(key),
+				       1,
+				       amqp_empty_table};
+		return send_nowait(c, AMQP_QUEUE_BIND_METHOD, &m, what, err, errsize);
+	}
 	amqp_queue_bind(c->conn, CHANNEL, amqp_cstring_bytes(q), amqp_cstring_bytes(x),
 			amqp_cstring_bytes(key), amqp_empty_table);
 	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
@@ -486,10 +537,11 @@ int bw_amqp_repo_queue(char *buf, size_t size, const char *q, const char *reposi
 /*
  * Placement (CONTRACT §2): one quorum queue per repository of this host, with the
  * arguments of backup.start (qargs: delivery limit, dead-lettering), bound to the jobs
- * exchange under its own name; passive: only checked, a missing one named in err.
+ * exchange under its own name (bind: the binds, after every declare); passive: only
+ * checked, a missing one named in err.
  */
-static int declare_repo_queues(struct bw_amqp *c, const struct bw_amqp_topology *t,
-			       amqp_table_t qargs, char *err, size_t errsize)
+static int repo_queues(struct bw_amqp *c, const struct bw_amqp_topology *t, amqp_table_t qargs,
+		       bool bind, char *err, size_t errsize)
 {
 	char name[BW_AMQP_NAME_MAX + 1];
 	int rc;
@@ -499,11 +551,10 @@ static int declare_repo_queues(struct bw_amqp *c, const struct bw_amqp_topology 
 				 t->queue, t->repositories[i], BW_AMQP_NAME_MAX);
 			return BW_ECONFIG;
 		}
-		if ((rc = queue(c, name, t->passive ? amqp_empty_table : qargs, t->passive, err,
-				errsize)) != 0)
-			return rc;
-		if (!t->passive &&
-		    (rc = bind_queue(c, name, t->jobs_exchange, name, err, errsize)) != 0)
+		rc = bind ? bind_queue(c, name, t->jobs_exchange, name, err, errsize)
+			  : queue(c, name, t->passive ? amqp_empty_table : qargs, t->passive, err,
+				  errsize);
+		if (rc != 0)
 			return rc;
 	}
 	return 0;
@@ -532,27 +583,55 @@ int bw_amqp_declare(struct bw_amqp *c, const struct bw_amqp_topology *t, char *e
 			errsize)) != 0 ||
 	    (rc = queue(c, t->queue, t->passive ? amqp_empty_table : qtable, t->passive, err,
 			errsize)) != 0 ||
-	    (rc = declare_repo_queues(c, t, qtable, err, errsize)) != 0)
+	    (rc = repo_queues(c, t, qtable, false, err, errsize)) != 0)
 		return rc;
 	if (t->passive)
 		return 0;
+	/* last: with c->nowait they are sent without waiting, and nothing after them waits */
 	if ((rc = bind_queue(c, t->queue, t->jobs_exchange, "backup.start", err, errsize)) != 0 ||
-	    (rc = bind_queue(c, t->dlq, t->dlx, "", err, errsize)) != 0)
+	    (rc = bind_queue(c, t->dlq, t->dlx, "", err, errsize)) != 0 ||
+	    (rc = repo_queues(c, t, qtable, true, err, errsize)) != 0)
 		return rc;
 	return 0;
 }
 
 /* ---- consuming -------------------------------------------------------------------------- */
 
-static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
+/*
+ * basic.qos (the prefetch of the consumers registered after it on the channel), then
+ * basic.consume of queue under tag with manual acks; with c->nowait neither waits (basic.qos
+ * has no nowait flag: its qos-ok comes later and the poll passes over it).
+ */
+static int qos_consume(struct bw_amqp *c, int prefetch, const char *queue, const char *tag,
+		       bool exclusive, const char *what, char *err, size_t errsize)
 {
 	int rc;
-	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
+	if (c->nowait) {
+		amqp_basic_qos_t q = {0, (uint16_t)prefetch, 0};
+		amqp_basic_consume_t m = {0,
+					  amqp_cstring_bytes(queue),
+					  amqp_cstring_bytes(tag),
+					  0,
+					  0,
+					  exclusive,
+					  1,
+					  amqp_empty_table};
+		if ((rc = send_nowait(c, AMQP_BASIC_QOS_METHOD, &q, "basic.qos", err, errsize)) != 0)
+			return rc;
+		return send_nowait(c, AMQP_BASIC_CONSUME_METHOD, &m, what, err, errsize);
+	}
+	amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)prefetch, 0);
 	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
 		return rc;
-	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(c->queue),
-			   amqp_cstring_bytes(START_TAG), 0, 0, 0, amqp_empty_table);
-	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume", err, errsize);
+	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes(tag), 0,
+			   0, exclusive, amqp_empty_table);
+	return reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize);
+}
+
+static int start_consumer(struct bw_amqp *c, char *err, size_t errsize)
+{
+	int rc = qos_consume(c, c->prefetch, c->queue, START_TAG, false, "basic.consume", err,
+			     errsize);
 	c->consuming = rc == 0;
 	return rc;
 }
@@ -565,14 +644,10 @@ static int start_repo_consumers(struct bw_amqp *c, char *err, size_t errsize)
 		struct repo_consumer *r = &c->repos[i];
 		if (r->consuming)
 			continue;
-		amqp_basic_qos(c->conn, CHANNEL, 0, (uint16_t)c->prefetch, 0);
-		if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
-			return rc;
 		char what[300];
 		snprintf(what, sizeof(what), "basic.consume (%s)", r->queue);
-		amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(r->queue),
-				   amqp_cstring_bytes(r->tag), 0, 0, 0, amqp_empty_table);
-		if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize)) != 0)
+		if ((rc = qos_consume(c, c->prefetch, r->queue, r->tag, false, what, err,
+				      errsize)) != 0)
 			return rc;
 		r->consuming = true;
 	}
@@ -624,17 +699,22 @@ int bw_amqp_consume(struct bw_amqp *c, const char *q, int prefetch, char *err, s
 }
 
 /*
- * The control consumer: the control exchange declared (or checked), a new exclusive,
- * auto-delete, server-named queue bound to it (fanout: the routing key is ignored), its own
- * prefetch, its own tag.
+ * The control queue: exclusive and auto-delete, declared into name. Named by the server
+ * when the reply is waited for; with c->nowait by us, "bw.control.<64 random bits>"
+ * (random per declare: the queue of a connection the broker has not yet seen die would
+ * lock a fixed name).
  */
-static int start_control(struct bw_amqp *c, char *err, size_t errsize)
+static int control_queue(struct bw_amqp *c, char name[static 256], char *err, size_t errsize)
 {
 	char what[300];
 	int rc;
-	if ((rc = exchange(c, c->control_exchange, "fanout", c->control_passive, err, errsize)) != 0)
-		return rc;
 	snprintf(what, sizeof(what), "own queue for %s", c->control_exchange);
+	if (c->nowait) {
+		snprintf(name, 256, "bw.control.%016" PRIx64, bw_rand_below_incl(UINT64_MAX));
+		amqp_queue_declare_t m = {
+			0, amqp_cstring_bytes(name), 0, 0, 1, 1, 1, amqp_empty_table};
+		return send_nowait(c, AMQP_QUEUE_DECLARE_METHOD, &m, what, err, errsize);
+	}
 	amqp_queue_declare_ok_t *ok = amqp_queue_declare(c->conn, CHANNEL, amqp_empty_bytes, 0, 0,
 							 1, 1, amqp_empty_table);
 	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), what, err, errsize)) != 0)
@@ -643,17 +723,27 @@ static int start_control(struct bw_amqp *c, char *err, size_t errsize)
 		snprintf(err, errsize, "%s: no queue name in the reply", what);
 		return BW_EAMQP;
 	}
-	char name[256];
 	memcpy(name, ok->queue.bytes, ok->queue.len);
 	name[ok->queue.len] = '\0';
-	if ((rc = bind_queue(c, name, c->control_exchange, "", err, errsize)) != 0)
+	return 0;
+}
+
+/*
+ * The control consumer: the control exchange declared (or checked), a new exclusive,
+ * auto-delete queue bound to it (fanout: the routing key is ignored), its own prefetch,
+ * its own tag.
+ */
+static int start_control(struct bw_amqp *c, char *err, size_t errsize)
+{
+	char name[256];
+	int rc;
+	if ((rc = exchange_declare(c, c->control_exchange, "fanout", c->control_passive, true, err,
+				   errsize)) != 0 ||
+	    (rc = control_queue(c, name, err, errsize)) != 0 ||
+	    (rc = bind_queue(c, name, c->control_exchange, "", err, errsize)) != 0)
 		return rc;
-	amqp_basic_qos(c->conn, CHANNEL, 0, CONTROL_PREFETCH, 0);
-	if ((rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.qos", err, errsize)) != 0)
-		return rc;
-	amqp_basic_consume(c->conn, CHANNEL, amqp_cstring_bytes(name),
-			   amqp_cstring_bytes(CONTROL_TAG), 0, 0, 1, amqp_empty_table);
-	rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.consume (control)", err, errsize);
+	rc = qos_consume(c, CONTROL_PREFETCH, name, CONTROL_TAG, true, "basic.consume (control)",
+			 err, errsize);
 	c->control_consuming = rc == 0;
 	return rc;
 }
@@ -858,10 +948,12 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 	*got = false;
 	if (c->lost)
 		return BW_EAMQP;
-	if (c->in.stage == IN_NONE) {
+	if (c->in.stage == IN_NONE)
 		amqp_maybe_release_buffers(c->conn);
+	if (c->in.stage == IN_NONE && bw_clock_mono_ms() >= c->register_ms) {
 		if (c->queue && !c->consuming) {
 			/* cancelled by the broker (queue deleted): try to register again */
+			c->registered_ms = bw_clock_mono_ms();
 			int rc = start_consumer(c, err, errsize);
 			if (c->lost)
 				return BW_EAMQP;
@@ -870,6 +962,9 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 		}
 		if (c->n_repos > 0 && bw_clock_mono_ms() >= c->repo_retry_ms) {
 			/* cancelled by the broker (queue deleted) or the channel reopened */
+			for (size_t i = 0; i < c->n_repos; i++)
+				if (!c->repos[i].consuming)
+					c->registered_ms = bw_clock_mono_ms();
 			int rc = start_repo_consumers(c, err, errsize);
 			if (c->lost)
 				return BW_EAMQP;
@@ -881,6 +976,7 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 		if (c->control_exchange && !c->control_consuming &&
 		    bw_clock_mono_ms() >= c->control_retry_ms) {
 			/* its queue went with the channel, or was deleted: a new one */
+			c->registered_ms = bw_clock_mono_ms();
 			int rc = start_control(c, err, errsize);
 			if (c->lost)
 				return BW_EAMQP;
@@ -910,6 +1006,15 @@ int bw_amqp_poll(struct bw_amqp *c, struct bw_delivery *d, bool *got, char *err,
 			return rc;
 	}
 	return 0;
+}
+
+bool bw_amqp_channel_closed(struct bw_amqp *c, char *why, size_t size)
+{
+	if (c->closed_why[0] == '\0')
+		return false;
+	snprintf(why, size, "%s", c->closed_why);
+	c->closed_why[0] = '\0';
+	return true;
 }
 
 uint64_t bw_amqp_channel_epoch(const struct bw_amqp *c)
@@ -1164,6 +1269,7 @@ static int handle_frame(struct bw_amqp *c, const amqp_frame_t *f, bw_amqp_confir
 		amqp_channel_close_t *m = f->payload.method.decoded;
 		snprintf(err, errsize, "channel closed by the broker: %u %.*s", m->reply_code,
 			 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		snprintf(c->closed_why, sizeof(c->closed_why), "%s", err);
 		return reopen_channel(c, cb, arg);
 	}
 	case AMQP_CONNECTION_CLOSE_METHOD: {
@@ -1380,8 +1486,15 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 	rc = bw_amqp_connect(&c, &o, err, errsize);
 	explicit_bzero(url, node->len); /* it holds the broker's password */
 	free(url);
+	if (rc == 0)
+		c->nowait = true; /* the restore below never waits on the cluster */
 	if (rc == 0 && link->role == BW_AMQP_PUBLISHER)
 		rc = bw_amqp_confirm_select(c, err, errsize);
+	/* what the node answers itself first (a missing control exchange is named here), then
+	   what may wait on the cluster, without waiting: nothing after a bind waits */
+	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->control_exchange)
+		rc = exchange(c, link->control_exchange, "fanout",
+			      link->topology && link->topology->passive, err, errsize);
 	if (rc == 0 && link->topology)
 		rc = bw_amqp_declare(c, link->topology, err, errsize);
 	if (rc == 0 && link->role == BW_AMQP_CONSUMER && link->queue) {

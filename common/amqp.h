@@ -121,6 +121,14 @@ struct bw_delivery {
  */
 void bw_amqp_limit_messages(struct bw_amqp *c, size_t max_bytes);
 
+/*
+ * The broker closed the channel since the last call (bw_amqp_poll answered it, opened the
+ * channel again and registers the consumers again): true and its words in why. On a link's
+ * connection, binds and consumes are sent without waiting for their replies, so this is
+ * where one that failed (a queue deleted, access refused) shows.
+ */
+bool bw_amqp_channel_closed(struct bw_amqp *c, char *why, size_t size);
+
 /* Starts consuming queue with manual acks and prefetch (basic.qos per consumer). */
 int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *err,
 		    size_t errsize) BW_MUST_CHECK;
@@ -128,7 +136,8 @@ int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *er
 /*
  * Consumes the control exchange (fanout, durable: CONTRACT §1 backup.control) next to the
  * queue of bw_amqp_consume on the same channel: declares the exchange (passive: only checks
- * that it exists), then an exclusive, auto-delete, server-named queue, binds it and consumes
+ * that it exists), then an exclusive, auto-delete queue (server-named; on a link's
+ * connection, which does not wait for the reply, "bw.control.<64 random bits>"), binds it and consumes
  * it with manual acks under a consumer tag of its own, so its deliveries come with source
  * BW_AMQP_FROM_CONTROL. The queue dies with the channel: after a channel reopen or a
  * basic.cancel, bw_amqp_poll does it all again (a reconnect does it through the link).
@@ -270,7 +279,12 @@ struct bw_amqp_node {
  * uniform wait in [0, min(cap, base * 2^n)]); one URL is a round of one node. Before the
  * blocking connect and login, a node must answer a probe (probe.h) that runs on the
  * caller's poll: a node that takes connections and says nothing fails within
- * opts.timeout_ms without ever holding the caller. Deliveries of
+ * opts.timeout_ms without ever holding the caller. The restore waits only for what the node
+ * answers on its own (channel, confirm mode, exchange and queue declares); binds, qos and
+ * consumes go without waiting for their replies, since a cluster may hold them for seconds
+ * (a bind waits for a frozen node's Mnesia, a consume for a frozen quorum leader): the
+ * broker's channel waits, not the caller. Their failures come as channel closes
+ * (bw_amqp_channel_closed). Deliveries of
  * an older connection or channel are never acked on the new one (bw_amqp_ack refuses their
  * tags). Zero the struct, then set the configuration fields.
  */
@@ -308,7 +322,7 @@ struct bw_amqp_link {
  * Connects the link when it is down and its backoff has run out, one step at a time and
  * never waiting on the network: it probes the next node of the round (or moves the probe
  * on), and once the node answered, connects and restores the link (librabbitmq's blocking
- * calls, on a node that just answered). Returns 0 when it is up (link->c usable; *fresh set
+ * calls for what the node answers itself, on a node that just answered). Returns 0 when it is up (link->c usable; *fresh set
  * when it was just (re)connected), BW_EBUSY while waiting: for the next attempt, or for the
  * probe's answer (poll bw_amqp_link_pollfd; bw_amqp_link_timeout_ms says how long: 0 when
  * the next node of the round is due at once), BW_ECONFIG for an error no retry can fix on

@@ -301,6 +301,17 @@ static void log_connected(const char *role, const struct bw_amqp_link *l, const 
 		    l->n_nodes, more);
 }
 
+/*
+ * A channel the broker closed, which the link opened again: said once, with the broker's
+ * words (binds and consumes go without waiting for replies: a failed one shows here).
+ */
+static void log_channel_closed(const char *role, const struct bw_amqp_link *l)
+{
+	char why[256];
+	if (l->c && bw_amqp_channel_closed(l->c, why, sizeof(why)))
+		bw_log_warnx("%s: %s; channel opened again", role, why);
+}
+
 static void publish(struct worker *w)
 {
 	char err[512];
@@ -326,6 +337,7 @@ static void publish(struct worker *w)
 		bw_amqp_link_lost(&w->publisher, "no confirm of a forward in time");
 		forward_lost(w);
 	}
+	log_channel_closed("publisher", &w->publisher);
 }
 
 static int min_timeout(int a, int b)
@@ -764,6 +776,7 @@ static enum turn dispatch(struct loop *lp)
 		}
 	}
 	consume(w, &lp->held);
+	log_channel_closed("consumer", &w->consumer);
 	publish(w);
 	bw_sna_perform(w->sna);
 	bw_log_set_job(NULL); /* the SNA's callbacks set the job they answer */

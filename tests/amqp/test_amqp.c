@@ -867,6 +867,134 @@ static void test_silent_node_never_holds_the_caller(void **state)
 	print_message("the silent node came first in %d of 6 rounds\n", silent_seen);
 }
 
+/*
+ * A proxy (a child process) in front of the real broker that holds a connection's
+ * client-to-broker bytes for hold_ms from its first queue.bind or basic.consume on: a
+ * broker whose channel waits in them, as a cluster's does while a quorum leader or a
+ * Mnesia peer is frozen (a bind waited 10.8 s there, a consume 7 s). One connection at a
+ * time (the link's probe, then its connection). Returns the child's pid; *port its port.
+ */
+static pid_t holding_proxy(int hold_ms, int *port)
+{
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t len = sizeof(sa);
+	int one = 1;
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	assert_int_equal(bind(ls, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(ls, 16), 0);
+	assert_int_equal(getsockname(ls, (struct sockaddr *)&sa, &len), 0);
+	*port = ntohs(sa.sin_port);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid > 0) {
+		close(ls);
+		return pid;
+	}
+	struct sockaddr_in up = {.sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)atoi(getenv("BW_TEST_AMQP_PORT"))),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	static unsigned char buf[1 << 20];
+	for (;;) {
+		int cl = accept(ls, NULL, NULL);
+		int br = socket(AF_INET, SOCK_STREAM, 0);
+		if (cl < 0 || connect(br, (struct sockaddr *)&up, sizeof(up)) != 0)
+			_exit(1);
+		size_t have = 0, sent = 0, scan = 8; /* past the protocol header: frames */
+		int64_t hold_until = 0;
+		for (bool open = true; open;) {
+			int64_t now = now_ms();
+			struct pollfd p[2] = {{cl, POLLIN, 0}, {br, POLLIN, 0}};
+			int wait = hold_until > now ? (int)(hold_until - now) : -1;
+			if (poll(p, 2, wait > 0 ? wait : 100) < 0)
+				_exit(1);
+			if (p[1].revents) { /* broker to client: always relayed */
+				unsigned char b[65536];
+				ssize_t n = read(br, b, sizeof(b));
+				open = n > 0 && write(cl, b, (size_t)n) == n;
+			}
+			if (open && p[0].revents) {
+				ssize_t n = read(cl, buf + have, sizeof(buf) - have);
+				open = n > 0;
+				have += n > 0 ? (size_t)n : 0;
+			}
+			/* whole frames: type, channel, size, payload (class, method, ...), end */
+			while (hold_until == 0 && scan + 7 <= have) {
+				const unsigned char *f = buf + scan;
+				size_t size = (size_t)f[3] << 24 | (size_t)f[4] << 16 | f[5] << 8 | f[6];
+				if (scan + 8 + size > have)
+					break;
+				unsigned id = (unsigned)f[7] << 24 | f[8] << 16 | f[9] << 8 | f[10];
+				if (f[0] == 1 && (id == 0x00320014 || id == 0x003C0014))
+					hold_until = now_ms() + hold_ms; /* queue.bind, basic.consume */
+				else
+					scan += 8 + size;
+			}
+			size_t upto = hold_until && now_ms() < hold_until ? scan : have;
+			if (open && upto > sent) {
+				ssize_t n = write(br, buf + sent, upto - sent);
+				open = n > 0;
+				sent += n > 0 ? (size_t)n : 0;
+			}
+		}
+		close(cl);
+		close(br);
+	}
+}
+
+/*
+ * A broker whose channel holds binds and consumes for 2 s (the proxy above): the link's
+ * restore does not wait for them. It is up within a fraction of the hold, and the
+ * consumer it registered without waiting takes a message once the broker's channel moves
+ * on. Before, the restore waited for every bind-ok and consume-ok: the hold, in one call.
+ */
+static void test_restore_never_waits_for_binds_and_consumes(void **state)
+{
+	(void)state;
+	char names[5][64], proxied[700], err[512];
+	struct bw_amqp_topology t = topo("t18", names);
+	const char *repos[] = {"r1"};
+	t.repositories = repos;
+	t.n_repositories = 1;
+	int port = 0;
+	pid_t proxy = holding_proxy(2000, &port);
+	snprintf(proxied, sizeof(proxied), "amqp://guest:guest@127.0.0.1:%d", port);
+
+	/* first declared and bound the usual way, so that the held restore only re-binds */
+	struct bw_amqp_link pub = link_of(BW_AMQP_PUBLISHER, &t, 10);
+	link_up(&pub, 10000);
+
+	struct bw_amqp_link l = link_of(BW_AMQP_CONSUMER, &t, 10);
+	l.opts.url = proxied;
+	l.control_exchange = "t18.control";
+	bool fresh = false;
+	int64_t start = now_ms();
+	int rc = attempt(&l, &fresh, err, sizeof(err));
+	int64_t took = now_ms() - start;
+	if (rc != 0)
+		print_message("link_up: %s\n", err);
+	assert_int_equal(rc, 0);
+	print_message("link up through a 2 s hold of binds and consumes in %" PRId64 " ms\n", took);
+	assert_true(took < 1000);
+
+	struct confirms s = {0, 0, ""};
+	publish(pub.c, t.jobs_exchange, "backup.start", "held-1", "{}");
+	settle_all(pub.c, &s);
+	assert_int_equal(s.ok, 1);
+	struct bw_delivery d;
+	assert_true(next_delivery(l.c, &d, 10000));
+	print_message("first delivery %" PRId64 " ms after the link_up call\n", now_ms() - start);
+	assert_true(now_ms() - start >= 1900); /* the broker's channel did hold them */
+	assert_int_equal(d.source, BW_AMQP_FROM_START);
+	assert_int_equal(bw_amqp_ack(l.c, &d), 0);
+	bw_delivery_free(&d);
+	assert_false(bw_amqp_channel_closed(l.c, err, sizeof(err)));
+	bw_amqp_link_down(&l);
+	bw_amqp_link_down(&pub);
+	kill(proxy, SIGKILL);
+	waitpid(proxy, NULL, 0);
+}
+
 static void test_memory_flat_over_100k_messages(void **state)
 {
 	(void)state;
@@ -1199,6 +1327,7 @@ int main(void)
 		cmocka_unit_test(test_first_node_down_connects_to_the_next_at_once),
 		cmocka_unit_test(test_backoff_only_after_a_whole_round),
 		cmocka_unit_test(test_silent_node_never_holds_the_caller),
+		cmocka_unit_test(test_restore_never_waits_for_binds_and_consumes),
 		cmocka_unit_test(test_memory_flat_over_100k_messages),
 		cmocka_unit_test(test_never_acked_message_ends_in_dlq),
 		cmocka_unit_test(test_busy_loop_recovers_cleanly),
