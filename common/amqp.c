@@ -1533,6 +1533,9 @@ void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why)
 		char where[BW_AMQP_NODE_NAME_MAX + 48];
 		node_text(link, link->order[link->pos], where, sizeof(where));
 		snprintf(link->why, sizeof(link->why), "%s: %s", where, why);
+		/* given up (a confirm 30 s late: a channel a cluster holds): no Connection.Close
+		   to wait for either, the broker sees the socket close */
+		link->c->lost = true;
 	}
 	bw_amqp_link_down(link);
 }

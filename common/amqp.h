@@ -335,7 +335,11 @@ int bw_amqp_link_up(struct bw_amqp_link *link, bool *fresh, char *err, size_t er
 /* The link's connection failed: close it; the next bw_amqp_link_up reconnects. */
 void bw_amqp_link_down(struct bw_amqp_link *link);
 
-/* The same, keeping why (for monitoring: link->why until it is up again). */
+/*
+ * The same for a connection given up, keeping why (for monitoring: link->why until it is up
+ * again): its socket is closed without the Connection.Close handshake, which a broker that
+ * holds the connection's channel would keep the caller waiting for.
+ */
 void bw_amqp_link_lost(struct bw_amqp_link *link, const char *why);
 
 /*
