@@ -284,6 +284,16 @@ def case_mixed_stream(env, failures):
     for jid, r in jobs + [("pl-direct-b", "b")]:
         ends_on(env, jid, r, failures)
     rejected_unknown(env, "pl-mix-x", failures)
+    # what the checks above found, for the reader: which host's events each repository's jobs have
+    ended = {}
+    for jid, r in jobs + [("pl-direct-b", "b")]:
+        evs = env.job_events(jid)
+        key = f"repo-{r} on {','.join(sorted({e['host'] for e in evs}))}, {evs[-1]['event'] if evs else 'no event'}"
+        ended[key] = ended.get(key, 0) + 1
+    rej = sorted({(e["event_id"], e.get("reason")) for e in env.events
+                  if e["event"] == "backup.rejected" and e.get("job_id") == "pl-mix-x"})
+    print(f"     jobs by repository, the host of their events and their last event: {ended}; repo-x: "
+          f"backup.rejected {rej}")
     fw = {}
     for wid in ("wa1", "wa2", "wb1", "wb2"):
         for k, v in env.forwarded(wid).items():
