@@ -234,13 +234,13 @@ def partition(run, tag, cut_s, refuse=False, sna=False, jobs=None, conf=None):
     cut, heal = times["cut"], times["heal"]
     mine = run.jobs_of(a.name)
     # every job A had running at the cut ended, and ended while A was cut off
-    done_in_cut, late = 0, 0
+    done_in_cut, late = set(), 0  # jobs, not events: an event may come twice (re-sent)
     for at, e in fl.collector.since(0):
         if e.get("host") != a.name:
             continue
         if e.get("event") in checker.TERMINALS and e["job_id"] in times["victims"]:
             if cut <= occurred(e) <= heal:
-                done_in_cut += 1
+                done_in_cut.add(e["job_id"])
         if occurred(e) < heal <= at:
             late += 1
     after = [at for at, e in fl.collector.since(heal) if e.get("host") == a.name]
@@ -264,7 +264,7 @@ def partition(run, tag, cut_s, refuse=False, sna=False, jobs=None, conf=None):
     if late == 0:
         run.failures.append("no event of host-a written during the cut arrived after the heal")
     run.notes.append(
-        f"host-a: {len(mine)} jobs, {len(times['victims'])} transferring at the cut, {done_in_cut} of them "
+        f"host-a: {len(mine)} jobs, {len(times['victims'])} transferring at the cut, {len(done_in_cut)} of them "
         f"ended during the {cut_s} s cut (by occurred_at); {late} events written before the heal arrived "
         f"after it; its first event arrived "
         f"{(min(after) - heal) if after else float('nan'):.1f} s after the heal, its last terminal "
