@@ -761,16 +761,25 @@ int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange_name, bool p
 	return start_control(c, err, errsize);
 }
 
+/* basic.cancel of the consumer tag; with c->nowait without waiting for cancel-ok. */
+static int cancel_consumer(struct bw_amqp *c, const char *tag, char *err, size_t errsize)
+{
+	if (c->nowait) {
+		amqp_basic_cancel_t m = {amqp_cstring_bytes(tag), 1};
+		return send_nowait(c, AMQP_BASIC_CANCEL_METHOD, &m, "basic.cancel", err, errsize);
+	}
+	amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(tag));
+	return reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
+}
+
 /* The per-repository consumers go with the start consumer: cancelled, forgotten. */
 static int stop_repo_consumers(struct bw_amqp *c, char *err, size_t errsize)
 {
 	int rc = 0;
 	for (size_t i = 0; i < c->n_repos; i++) {
 		struct repo_consumer *r = &c->repos[i];
-		if (r->consuming && rc == 0 && !c->lost) {
-			amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(r->tag));
-			rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
-		}
+		if (r->consuming && rc == 0 && !c->lost)
+			rc = cancel_consumer(c, r->tag, err, errsize);
 		free(r->queue);
 		free(r->tag);
 	}
@@ -789,10 +798,8 @@ int bw_amqp_stop_start_consumer(struct bw_amqp *c, char *err, size_t errsize)
 	if (c->lost)
 		return BW_EAMQP;
 	int rc = 0;
-	if (was) {
-		amqp_basic_cancel(c->conn, CHANNEL, amqp_cstring_bytes(START_TAG));
-		rc = reply_err(c, amqp_get_rpc_reply(c->conn), "basic.cancel", err, errsize);
-	}
+	if (was)
+		rc = cancel_consumer(c, START_TAG, err, errsize);
 	return rc == 0 ? stop_repo_consumers(c, err, errsize) : rc;
 }
 

@@ -867,14 +867,20 @@ static void test_silent_node_never_holds_the_caller(void **state)
 	print_message("the silent node came first in %d of 6 rounds\n", silent_seen);
 }
 
+/* Method ids (class << 16 | method) the holding proxy holds from. */
+#define QUEUE_BIND 0x00320014u
+#define BASIC_CONSUME 0x003C0014u
+#define BASIC_CANCEL 0x003C001Eu
+
 /*
  * A proxy (a child process) in front of the real broker that holds a connection's
- * client-to-broker bytes for hold_ms from its first queue.bind or basic.consume on: a
+ * client-to-broker bytes for hold_ms from its first method frame of id id_a or id_b on: a
  * broker whose channel waits in them, as a cluster's does while a quorum leader or a
- * Mnesia peer is frozen (a bind waited 10.8 s there, a consume 7 s). One connection at a
- * time (the link's probe, then its connection). Returns the child's pid; *port its port.
+ * Mnesia peer is frozen (freeze_rpcs.py: a bind waited 10 s there, a consume 7 s). One
+ * connection at a time (the link's probe, then its connection). Returns the child's pid;
+ * *port its port.
  */
-static pid_t holding_proxy(int hold_ms, int *port)
+static pid_t holding_proxy(int hold_ms, unsigned id_a, unsigned id_b, int *port)
 {
 	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -925,8 +931,8 @@ static pid_t holding_proxy(int hold_ms, int *port)
 				if (scan + 8 + size > have)
 					break;
 				unsigned id = (unsigned)f[7] << 24 | f[8] << 16 | f[9] << 8 | f[10];
-				if (f[0] == 1 && (id == 0x00320014 || id == 0x003C0014))
-					hold_until = now_ms() + hold_ms; /* queue.bind, basic.consume */
+				if (f[0] == 1 && (id == id_a || id == id_b))
+					hold_until = now_ms() + hold_ms;
 				else
 					scan += 8 + size;
 			}
@@ -944,7 +950,7 @@ static pid_t holding_proxy(int hold_ms, int *port)
 
 /*
  * A broker whose channel holds binds and consumes for 2 s (the proxy above): the link's
- * restore does not wait for them. It is up within a fraction of the hold, and the
+ * restore does not wait for them, nor does a drain's basic.cancel. It is up within a fraction of the hold, and the
  * consumer it registered without waiting takes a message once the broker's channel moves
  * on. Before, the restore waited for every bind-ok and consume-ok: the hold, in one call.
  */
@@ -957,7 +963,7 @@ static void test_restore_never_waits_for_binds_and_consumes(void **state)
 	t.repositories = repos;
 	t.n_repositories = 1;
 	int port = 0;
-	pid_t proxy = holding_proxy(2000, &port);
+	pid_t proxy = holding_proxy(2000, QUEUE_BIND, BASIC_CONSUME, &port);
 	snprintf(proxied, sizeof(proxied), "amqp://guest:guest@127.0.0.1:%d", port);
 
 	/* first declared and bound the usual way, so that the held restore only re-binds */
@@ -990,6 +996,22 @@ static void test_restore_never_waits_for_binds_and_consumes(void **state)
 	bw_delivery_free(&d);
 	assert_false(bw_amqp_channel_closed(l.c, err, sizeof(err)));
 	bw_amqp_link_down(&l);
+	kill(proxy, SIGKILL);
+	waitpid(proxy, NULL, 0);
+
+	/* a draining worker's basic.cancel, held the same way: the call does not wait either */
+	proxy = holding_proxy(2000, BASIC_CANCEL, BASIC_CANCEL, &port);
+	snprintf(proxied, sizeof(proxied), "amqp://guest:guest@127.0.0.1:%d", port);
+	struct bw_amqp_link drain = link_of(BW_AMQP_CONSUMER, &t, 10);
+	drain.opts.url = proxied;
+	assert_int_equal(attempt(&drain, &fresh, err, sizeof(err)), 0);
+	start = now_ms();
+	rc = bw_amqp_stop_start_consumer(drain.c, err, sizeof(err));
+	took = now_ms() - start;
+	print_message("start consumers cancelled through a 2 s hold in %" PRId64 " ms\n", took);
+	assert_int_equal(rc, 0);
+	assert_true(took < 1000);
+	bw_amqp_link_down(&drain);
 	bw_amqp_link_down(&pub);
 	kill(proxy, SIGKILL);
 	waitpid(proxy, NULL, 0);
