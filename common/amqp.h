@@ -137,10 +137,10 @@ int bw_amqp_consume(struct bw_amqp *c, const char *queue, int prefetch, char *er
  * Consumes the control exchange (fanout, durable: CONTRACT §1 backup.control) next to the
  * queue of bw_amqp_consume on the same channel: declares the exchange (passive: only checks
  * that it exists), then an exclusive, auto-delete queue (server-named; on a link's
- * connection, which does not wait for the reply, "bw.control.<64 random bits>"), binds it and consumes
- * it with manual acks under a consumer tag of its own, so its deliveries come with source
- * BW_AMQP_FROM_CONTROL. The queue dies with the channel: after a channel reopen or a
- * basic.cancel, bw_amqp_poll does it all again (a reconnect does it through the link).
+ * connection, which does not wait for the reply, "bw.control.<64 random bits>"), binds it
+ * and consumes it with manual acks under a consumer tag of its own, so its deliveries come
+ * with source BW_AMQP_FROM_CONTROL. The queue dies with the channel: after a channel reopen
+ * or a basic.cancel, bw_amqp_poll does it all again (a reconnect does it through the link).
  * Consuming the same exchange again changes nothing. BW_EAMQP/BW_ECONFIG as bw_amqp_declare.
  */
 int bw_amqp_consume_control(struct bw_amqp *c, const char *exchange, bool passive, char *err,
@@ -158,9 +158,11 @@ int bw_amqp_consume_repos(struct bw_amqp *c, const struct bw_amqp_topology *t, i
 			  char *err, size_t errsize) BW_MUST_CHECK;
 
 /*
- * Stops the consumer of bw_amqp_consume (and those of bw_amqp_consume_repos) for good (basic.cancel; it is never registered
- * again), keeping the connection and the control consumer: a draining worker still hears
- * cancels. Deliveries of that queue already on their way still arrive: give them back
+ * Stops the consumer of bw_amqp_consume (and those of bw_amqp_consume_repos) for good
+ * (basic.cancel; it is never registered again), keeping the connection and the control
+ * consumer: a draining worker still hears cancels. Deliveries of that queue already on their
+ * way still arrive (on a link's connection the basic.cancel goes without waiting for
+ * cancel-ok): give them back
  * (bw_amqp_requeue). Returns 0, or BW_EAMQP/BW_ECONFIG with the reason in err (close the
  * connection then).
  */
@@ -322,10 +324,11 @@ struct bw_amqp_link {
  * Connects the link when it is down and its backoff has run out, one step at a time and
  * never waiting on the network: it probes the next node of the round (or moves the probe
  * on), and once the node answered, connects and restores the link (librabbitmq's blocking
- * calls for what the node answers itself, on a node that just answered). Returns 0 when it is up (link->c usable; *fresh set
- * when it was just (re)connected), BW_EBUSY while waiting: for the next attempt, or for the
- * probe's answer (poll bw_amqp_link_pollfd; bw_amqp_link_timeout_ms says how long: 0 when
- * the next node of the round is due at once), BW_ECONFIG for an error no retry can fix on
+ * calls for what the node answers itself, on a node that just answered). Returns 0 when it
+ * is up (link->c usable; *fresh set when it was just (re)connected), BW_EBUSY while
+ * waiting: for the next attempt, or for the probe's answer (poll bw_amqp_link_pollfd;
+ * bw_amqp_link_timeout_ms says how long: 0 when the next node of the round is due at once),
+ * BW_ECONFIG for an error no retry can fix on
  * that node (bad credentials, topology mismatch, an amqp.url the client cannot read), with
  * err set.
  */

@@ -950,9 +950,10 @@ static pid_t holding_proxy(int hold_ms, unsigned id_a, unsigned id_b, int *port)
 
 /*
  * A broker whose channel holds binds and consumes for 2 s (the proxy above): the link's
- * restore does not wait for them, nor does a drain's basic.cancel. It is up within a fraction of the hold, and the
- * consumer it registered without waiting takes a message once the broker's channel moves
- * on. Before, the restore waited for every bind-ok and consume-ok: the hold, in one call.
+ * restore does not wait for them. It is up within a fraction of the hold, and the consumer
+ * it registered without waiting takes a message once the broker's channel moves on. Nor
+ * does a drain's basic.cancel wait, held the same way. Before, the restore waited for every
+ * bind-ok and consume-ok, and the drain for cancel-ok: the hold, in one call.
  */
 static void test_restore_never_waits_for_binds_and_consumes(void **state)
 {
