@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -897,6 +898,9 @@ static pid_t holding_proxy(int hold_ms, unsigned id_a, unsigned id_b, int *port)
 		close(ls);
 		return pid;
 	}
+	/* a test that fails before its kill must not leave the proxy behind */
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	alarm(120);
 	struct sockaddr_in up = {.sin_family = AF_INET,
 				 .sin_port = htons((uint16_t)atoi(getenv("BW_TEST_AMQP_PORT"))),
 				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
